@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from diagnostics.errors import DiagnosticsError
+from diagnostics.lazy import lazy_import
+
+pd = lazy_import("pandas")
 
 COLUMNS = ["checkpoint", "step", "analyzer", "metric", "value", "stderr", "index", "group"]
 OUTPUT_SUFFIXES = (".json", ".csv", ".parquet", ".md")
