@@ -94,6 +94,7 @@ def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
     from diag_cli.common import emit, progress_bar
+    from diag_cli.resume import resume_store
     from diagnostics import distributed
     from diagnostics.runner import open_context, run_analyzer
 
@@ -106,16 +107,18 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     rank = distributed.init_from_env()
     trust = project_opts.trust_checkpoint_factories
     contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
-    with progress_bar(out.quiet or not rank.is_main) as progress:
-        result = run_analyzer(
-            analyzer,
-            config,
-            contexts[0],
-            progress,
-            others=contexts[1:],
-            replicates=binding.replicates,
-            replicate_samples=binding.samples,
-        )
-    if rank.is_main:
-        emit(result, out.format, out.out, out.quiet)
-        write_files(analyzer, result, config, files)
+    with resume_store(analyzer, values, files, inputs, out.force) as resume:
+        with progress_bar(out.quiet or not rank.is_main) as progress:
+            result = run_analyzer(
+                analyzer,
+                config,
+                contexts[0],
+                progress,
+                others=contexts[1:],
+                resume=resume,
+                replicates=binding.replicates,
+                replicate_samples=binding.samples,
+            )
+        if rank.is_main:
+            emit(result, out.format, out.out, out.quiet)
+            write_files(analyzer, result, config, files)
