@@ -142,5 +142,5 @@ def resume_store(
         else:
             err("interrupted (pass --cache PATH to keep finished work and continue it later)")
         raise typer.Exit(130) from None
-    if implicit and store is not None and store.path.exists():
-        store.path.unlink()
+    if implicit and store is not None:
+        store.path.unlink(missing_ok=True)
