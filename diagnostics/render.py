@@ -30,6 +30,15 @@ def rank_spectrum(result: Result, config: Any) -> dict[str, bytes]:
     return {".spectrum.png": _png(fig)}
 
 
+def hessian_density(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag hessian --density-out PREFIX``: the SLQ density as CSV and as a figure."""
+    from diagnostics.plots import density_figure
+
+    df = result.artifacts["density"]
+    fig = density_figure(df, _title(result, "Hessian spectral density"))
+    return {".csv": df.to_csv(index=False).encode(), ".png": _png(fig)}
+
+
 def landscape_grid(result: Result, config: Any) -> dict[str, bytes]:
     """``diag landscape --grid-out FILE.csv``: the grid artifact (coordinates, loss, accuracy[, chord]) as CSV."""
     return {"": result.artifacts["grid"].to_csv(index=False).encode()}
