@@ -52,88 +52,6 @@ DPI = 110
 MAX_RECORD_ROWS = 2000  # the full records table is embedded in the HTML up to this many rows
 KEY_COLUMN_LIMIT = 10
 
-# ---------------------------------------------------------------------------------------------------------
-# TRANSITIONAL: the Hessian analyzer does not declare its metrics and sections yet (it is still an
-# ``AnalyzerSpec``). Until it does, the report takes them from here, keyed by analyzer name; an analyzer that
-# declares itself (``Analyzer``) is never looked up here. Delete this table when ``hessian`` declares
-# ``metrics=`` and ``sections=`` (paste these there).
-_EIG_GROUP = "null for the whole model; a module name with --per-layer; class=<c> with --per-class"
-TRANSITIONAL_METRICS: dict[str, tuple[Metric, ...]] = {
-    "hessian": (
-        Metric(
-            "eigenvalue",
-            "top-k eigenvalues of the loss Hessian by Lanczos with full reorthogonalisation; stderr = the error "
-            "bound of each eigenvalue",
-            headline=True,
-            index="0 = the largest (lambda_max, the sharpness)",
-            group=_EIG_GROUP,
-        ),
-        Metric(
-            "eos_threshold",
-            "edge-of-stability threshold of the optimizer: 2/lr (GD), (2+2 beta)/lr (heavy-ball momentum), "
-            "(2+2 beta)/((1+2 beta) lr) (Nesterov)",
-            reference="Cohen et al. 2021",
-        ),
-        Metric(
-            "eos_ratio",
-            "eigenvalue_0 / eos_threshold (lambda_max * lr / 2 for GD); 1 = the edge of stability",
-            headline=True,
-            reference="Cohen et al. 2021",
-        ),
-        Metric(
-            "trace",
-            "Hutch++ estimate of the trace of the loss Hessian; stderr over probes",
-            headline=True,
-            group=_EIG_GROUP,
-            reference="Meyer et al. 2021",
-        ),
-        Metric(
-            "bottom_eigenvalue",
-            "smallest eigenvalues of the loss Hessian by Lanczos; negative values mean negative curvature",
-            headline=True,
-            index="0 = the smallest",
-            group=_EIG_GROUP,
-        ),
-        Metric(
-            "negative_mass",
-            "SLQ quadrature weight on eigenvalues below -negative_tol * |lambda_max|; stderr over probes",
-            headline=True,
-            group=_EIG_GROUP,
-        ),
-    )
-}
-TRANSITIONAL_SECTIONS: dict[str, tuple[Section, ...]] = {
-    "hessian": (
-        Section(
-            "Sharpness and the edge of stability",
-            ("eigenvalue", "eos_ratio"),
-            "Top Hessian eigenvalues (eigenvalue_0 = λ_max; band = the Lanczos error bound) against the training "
-            "step, with the optimizer's stability threshold dashed: under full-batch gradient descent with step "
-            "size η, λ_max rises to 2/η and hovers there ((2+2β)/η with heavy-ball momentum β; Cohen et al. "
-            "2021). Right: eos_ratio = λ_max / threshold (1 = edge of stability).",
-            thresholds=(Threshold("eos_threshold", "{rule} = {value}"),),
-        ),
-        Section("Hessian trace", ("trace",), "Trace of the loss Hessian (Hutch++; band = ±1 standard error)."),
-        Section(
-            "Bottom Hessian eigenvalues",
-            ("bottom_eigenvalue",),
-            "Smallest Hessian eigenvalues (index 0 = smallest); negative values mean negative curvature (a saddle).",
-        ),
-        Section(
-            "Negative spectral mass",
-            ("negative_mass",),
-            "Fraction of the SLQ spectral density below -tol·|λ_max| (band = ±1 standard error over probes).",
-        ),
-        Section(
-            "Hessian spectral density over training",
-            text="Spectral density of the loss Hessian at each checkpoint by stochastic Lanczos quadrature "
-            "(Gaussian-smoothed, log colour scale); lines: eigenvalue_0 and bottom_eigenvalue_0.",
-            figure="diagnostics.plots:density_section",
-        ),
-    )
-}
-# ------------------------------------------------------------------------------------ end of TRANSITIONAL
-
 
 @dataclass(frozen=True)
 class Declared:
@@ -160,8 +78,8 @@ def declarations(specs: Mapping[str, Any] | None = None) -> dict[str, Declared]:
         specs: ``{name: Analyzer}`` (or a legacy spec, which declares nothing) overriding/adding to the registry.
 
     Returns:
-        ``{name: Declared}``; an analyzer that is not an :class:`~diagnostics.spec.Analyzer` gets the
-        transitional table's entries (see above) or nothing.
+        ``{name: Declared}``; an analyzer that is not an :class:`~diagnostics.spec.Analyzer` (a legacy spec)
+        declares nothing, so each of its metrics gets a generic panel.
     """
     from diagnostics.analyzers.registry import all_analyzers
 
@@ -171,7 +89,7 @@ def declarations(specs: Mapping[str, Any] | None = None) -> dict[str, Declared]:
         if isinstance(spec, Analyzer):
             out[name] = Declared(name, tuple(spec.metrics), tuple(spec.sections))
         else:
-            out[name] = Declared(name, TRANSITIONAL_METRICS.get(name, ()), TRANSITIONAL_SECTIONS.get(name, ()))
+            out[name] = Declared(name)
     return out
 
 
