@@ -83,14 +83,14 @@ class ResumeStore:
 
 
 def cache_path(
-    analyzer: Analyzer, values: Mapping[str, Any], files: Mapping[str, Sequence[Path]]
+    analyzer: Analyzer, values: Mapping[str, Any], files: Mapping[str, Mapping[str, Path]]
 ) -> tuple[Path | None, bool]:
     """The file of partial work and whether it is implicit (removed when done).
 
     Args:
         analyzer: the declaration.
         values: the command's parameter values (``cache``).
-        files: the planned output files ``{output name: [paths]}``.
+        files: the planned output files ``{output name: {suffix: path}}``.
 
     Returns:
         ``(--cache PATH, False)``, or ``(FILE.partial.json, True)`` for the first requested output written to a
@@ -99,9 +99,9 @@ def cache_path(
     if values.get("cache") is not None:
         return Path(values["cache"]), False
     for fo in analyzer.outputs:
-        paths = files.get(fo.name) or []
-        if len(paths) == 1 and fo.suffixes == ("",):
-            return paths[0].with_name(paths[0].name + IMPLICIT_SUFFIX), True
+        path = (files.get(fo.name) or {}).get("")
+        if path is not None and fo.suffixes == ("",):
+            return path.with_name(path.name + IMPLICIT_SUFFIX), True
     return None, False
 
 
@@ -109,7 +109,7 @@ def cache_path(
 def resume_store(
     analyzer: Analyzer,
     values: Mapping[str, Any],
-    files: Mapping[str, Sequence[Path]],
+    files: Mapping[str, Mapping[str, Path]],
     inputs: Sequence[Path],
     force: bool,
 ) -> Iterator[ResumeStore | None]:

@@ -51,7 +51,7 @@ def analyzer_config(analyzer: Analyzer, values: dict[str, Any], project: Project
 
 def planned_files(
     analyzer: Analyzer, values: dict[str, Any], config: Any, inputs: list[Path], out: OutputOptions
-) -> dict[str, list[Path]]:
+) -> dict[str, dict[str, Path]]:
     """Every file the command will write, decided before anything is computed (see :mod:`diagnostics.outputs`)."""
     try:
         from diagnostics.outputs import plan_outputs
@@ -70,19 +70,21 @@ def planned_files(
         if fo.require_suffix and path.suffix.lower() != fo.require_suffix:
             raise DiagnosticsError(f"--{name.replace('_', '-')} '{path}' must end in {fo.require_suffix}")
     records = [out.out] if out.out is not None else []
-    plan_outputs(records=records, files=[p for ps in files.values() for p in ps], inputs=inputs, force=out.force)
+    plan_outputs(
+        records=records, files=[p for ps in files.values() for p in ps.values()], inputs=inputs, force=out.force
+    )
     return files
 
 
-def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, list[Path]]) -> None:
+def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, dict[str, Path]]) -> None:
     """Render and write the extra output files (after the records were printed)."""
     from diagnostics.results import atomic_write_bytes
 
     for name, paths in files.items():
         fo = next(f for f in analyzer.outputs if f.name == name)
         rendered = load_callable(fo.render)(result, config)
-        for path, data in zip(paths, rendered.values()):
-            atomic_write_bytes(path, data)
+        for suffix, data in rendered.items():
+            atomic_write_bytes(paths[suffix], data)
 
 
 def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:

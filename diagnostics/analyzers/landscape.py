@@ -655,6 +655,7 @@ ANALYZER = Analyzer(
     "al. 2018). With two: on (1-alpha) w_a + alpha w_b and the loss barrier "
     "max_{alpha in [0,1]} L(alpha) - [(1-alpha) L(w_a) + alpha L(w_b)].",
     config=LandscapeConfig,
+    order=30,
     run=run_landscape,
     checkpoints=(1, 2),
     resumable=True,

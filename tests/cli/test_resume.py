@@ -42,17 +42,17 @@ def test_a_file_that_is_not_a_store_is_refused_unless_forced(tmp_path: Path, con
 
 def test_the_implicit_file_sits_next_to_a_single_file_output(tmp_path: Path) -> None:
     grid = tmp_path / "grid.csv"
-    files = {"grid_out": [grid], "plot": [tmp_path / "p.png"]}
+    files = {"grid_out": {"": grid}, "plot": {".png": tmp_path / "p.png"}}
     assert cache_path(LANDSCAPE, {"cache": None}, files) == (tmp_path / "grid.csv.partial.json", True)
     assert cache_path(LANDSCAPE, {"cache": tmp_path / "c.json"}, files) == (tmp_path / "c.json", False)
-    assert cache_path(LANDSCAPE, {}, {"plot": [tmp_path / "p.png"]}) == (None, False)  # a prefix: no file
+    assert cache_path(LANDSCAPE, {}, {"plot": {".png": tmp_path / "p.png"}}) == (None, False)  # a prefix: no file
 
 
 def test_the_scope_removes_an_implicit_file_and_explains_an_interrupt(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     grid = tmp_path / "grid.csv"
-    with resume_store(LANDSCAPE, {}, {"grid_out": [grid]}, [], force=False) as store:
+    with resume_store(LANDSCAPE, {}, {"grid_out": {"": grid}}, [], force=False) as store:
         store.save("k", {"points": {}})
         assert store.path.exists()
     assert not store.path.exists()  # done: the implicit file goes
