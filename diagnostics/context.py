@@ -367,7 +367,8 @@ def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str)
 def build_model(checkpoint: Checkpoint, binding: Binding, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Call the model factory, load the checkpoint's weights strictly, move to device/dtype, eval mode."""
     assert binding.model is not None
-    model = call_factory(binding.model, binding.model_kwargs, "model factory")
+    from_ck = binding.sources.get("model") == "checkpoint"
+    model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=from_ck)
     if not isinstance(model, nn.Module):
         raise DiagnosticsError(
             f"model factory '{binding.model}' returned a {type(model).__name__}, not a torch.nn.Module"
@@ -438,9 +439,11 @@ def build_context(
     if batch_size_ is not None and batch_size_ <= 0:
         raise DiagnosticsError(f"--batch-size must be positive, got {batch_size_}")
     model = build_model(checkpoint, binding, dev, dt)
-    loss_fn, loss_name = resolve_loss(binding.loss)
+    loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
     assert binding.data is not None
-    raw = call_factory(binding.data, binding.data_kwargs, "data factory")
+    raw = call_factory(
+        binding.data, binding.data_kwargs, "data factory", from_checkpoint=binding.sources.get("data") == "checkpoint"
+    )
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 % (2**63 - 1))
     prepared = prepare_batches(
         raw, batch_size_=batch_size_, samples=samples, generator=gen, where=f"data '{binding.data}'"

@@ -41,7 +41,7 @@ import pandas as pd
 
 from diagnostics import distributed
 from diagnostics.binding import resolve_binding
-from diagnostics.checkpoint import file_sha256, load_checkpoint, step_from_name
+from diagnostics.checkpoint import load_checkpoint, read_checkpoint_file, step_from_name
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.progress import ProgressFn
@@ -175,7 +175,7 @@ def discover_checkpoints(
     cache = None if cache_dir is None else Path(cache_dir)
     out = []
     for path in checkpoint_files(run, pattern, exclude):
-        sha = file_sha256(path)
+        sha = read_checkpoint_file(path).sha256
         name = path.relative_to(run).as_posix()
         step = _metadata_step(path, sha, cache)
         source = "metadata"
