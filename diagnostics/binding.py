@@ -262,6 +262,27 @@ def load_config(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
+def input_files(config: str | Path | None = None, *specs: str | None) -> list[Path]:
+    """Files a command reads besides its checkpoints: the project file and ``file.py`` factories.
+
+    Args:
+        config: ``--config`` (else ``./diag.toml`` when present).
+        specs: the ``--model``/``--data``/``--loss`` flags; the specs of ``diag.toml`` are added.
+
+    Returns:
+        Paths that no output may overwrite (see :func:`diagnostics.outputs.plan_outputs`).
+    """
+    path = find_config(config)
+    cfg = load_config(path) if path is not None else {}
+    found = [path] if path is not None else []
+    for spec in (*specs, cfg.get("model"), cfg.get("data"), cfg.get("loss")):
+        if isinstance(spec, str) and ":" in spec:
+            module = spec.rpartition(":")[0]
+            if module.endswith(".py"):
+                found.append(Path(module))
+    return found
+
+
 # ------------------------------------------------------------------------------------- binding
 @dataclass
 class Binding:

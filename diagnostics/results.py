@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +23,10 @@ from typing import Any
 import pandas as pd
 
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import RECORD_SUFFIXES, atomic_write_bytes
 
 COLUMNS = ["checkpoint", "step", "analyzer", "metric", "value", "stderr", "index", "group"]
-OUTPUT_SUFFIXES = (".json", ".csv", ".parquet", ".md")
+OUTPUT_SUFFIXES = RECORD_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -226,21 +225,6 @@ def format_markdown(records: Sequence[Record], metadata: dict[str, Any] | None =
         lines.append(json.dumps(metadata, indent=2, default=_json_default))
         lines += ["```", "", "</details>"]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_result(result: Result, path: str | Path) -> Path:

@@ -44,6 +44,7 @@ from diagnostics.binding import resolve_binding
 from diagnostics.checkpoint import load_checkpoint, read_checkpoint_file, step_from_name
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import plan_outputs
 from diagnostics.progress import ProgressFn
 from diagnostics.results import (
     COLUMNS,
@@ -60,6 +61,16 @@ MANIFEST_NAME = "diag-run.json"
 MANIFEST_FORMAT = "diagnostics-run/1"
 CACHE_DIR = "cache"
 CACHE_VERSION = 1
+# files a sweep (write_sweep) and a report (write_report) put in the output folder
+FOLDER_FILES = (
+    MANIFEST_NAME,
+    "records.parquet",
+    "records.csv",
+    "records.csv.meta.json",
+    "hessian_density.csv",
+    "index.html",
+    "report.md",
+)
 DEFAULT_ANALYZERS = ("hessian",)
 # Top-level keys of diag.toml that bind checkpoints to code (part of the cache key).
 _BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs")
@@ -709,23 +720,21 @@ def is_ours(out: Path) -> bool:
 
 
 def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Path] = ()) -> Path:
-    """Check that ``out`` may receive a sweep/report: absent, empty, or one of ours (or ``force``).
+    """Check that ``out`` may receive a sweep/report (:func:`diagnostics.outputs.plan_outputs`), then create it.
 
+    ``out`` must be absent, empty, or one of ours (or ``force``), never an input (``protected``: the run
+    folder, diag.toml); the files a sweep and a report write there must be absent or regular files.
     Nothing is deleted: ``force`` only allows writing our files into a folder we did not create.
     """
     out = Path(out)
-    for p in protected:
-        if out.resolve() == Path(p).resolve():
-            raise DiagnosticsError(
-                f"--out '{out}' is the run folder itself; choose another folder (e.g. reports/<run>)"
-            )
-    if out.exists() and not out.is_dir():
-        raise DiagnosticsError(f"--out '{out}' is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out) and not force:
-        raise DiagnosticsError(
-            f"'{out}' is not empty and was not written by diag (no {MANIFEST_NAME}); "
-            "choose another --out or pass --force to write into it anyway"
-        )
+    plan_outputs(
+        inputs=protected,
+        force=force,
+        folder=("--out", out),
+        folder_owner=(MANIFEST_NAME, MANIFEST_FORMAT),
+        folder_files=FOLDER_FILES,
+        folder_dirs=(CACHE_DIR, "figures"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     return out
 

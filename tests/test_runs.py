@@ -263,7 +263,7 @@ def test_output_folder_rules_and_files(run_copy: Path, tmp_path: Path) -> None:
     (foreign / "keep.txt").write_text("user data")
     with pytest.raises(DiagnosticsError, match="not empty and was not written by diag"):
         prepare_out_dir(foreign)
-    with pytest.raises(DiagnosticsError, match="run folder itself"):
+    with pytest.raises(DiagnosticsError, match="input folder itself"):
         prepare_out_dir(run_copy, protected=[run_copy])
     prepare_out_dir(foreign, force=True)
     out = prepare_out_dir(tmp_path / "reports" / "run")

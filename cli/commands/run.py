@@ -29,6 +29,7 @@ from diag_cli.common import (
     warn,
 )
 from diagnostics import distributed
+from diagnostics.binding import input_files
 from diagnostics.errors import DiagnosticsError
 from diagnostics.report import summary_table
 from diagnostics.results import format_markdown, frame_to_records, records_to_json
@@ -100,11 +101,17 @@ def merge_invocation(flags: dict[str, Any], stored: dict[str, Any] | None) -> di
     return merged
 
 
+def run_inputs(flags: dict[str, Any]) -> list[Path]:
+    """diag.toml and file.py factories named by the flags: inputs no output may overwrite."""
+    config = flags.get("config")
+    return input_files(Path(config) if config else None, flags.get("model"), flags.get("data"), flags.get("loss"))
+
+
 def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_fast: bool, quiet: bool) -> SweepResult:
     """Validate the output folder, sweep (cached) and write the table and the manifest."""
     if not run.is_dir():
         raise DiagnosticsError(f"no such run folder: '{run}'" if not run.exists() else f"'{run}' is not a folder")
-    prepare_out_dir(out, force=force, protected=[run])
+    prepare_out_dir(out, force=force, protected=[run, *run_inputs(flags)])
     distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
     config_path = flags.get("config")
     cfg = project_config(Path(config_path) if config_path else None)

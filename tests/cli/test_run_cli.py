@@ -89,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir: Path, tmp_path: Path) -> None
     assert forced.exit_code == 0, forced.output
     assert (foreign / "thesis.tex").read_text() == "precious"
     into_run = diag("run", run_dir, "--out", run_dir, "--force")
-    assert into_run.exit_code == 2 and "run folder itself" in into_run.stderr
+    assert into_run.exit_code == 2 and "input folder itself" in into_run.stderr
 
 
 def test_list_analyzers() -> None:
