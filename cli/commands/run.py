@@ -40,6 +40,7 @@ from diagnostics.runs import (
     prepare_out_dir,
     read_manifest,
     resolve_settings,
+    start_manifest,
     sweep,
     write_sweep,
 )
@@ -131,6 +132,8 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_
         params=flags.get("params"),
         pattern=flags.get("pattern"),
     )
+    if distributed.is_main():  # before the first result: a killed first sweep resumes with the same command
+        start_manifest(out, run, settings, invocation=flags)
     with progress_bar(quiet) as progress:
         log = None if quiet or progress is not None else (lambda line: typer.echo(f"diag: {line}", err=True))
         try:
@@ -150,6 +153,10 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_
         raise typer.Exit(0)
     write_sweep(out, result, invocation=flags)
     if not quiet:
+        for line in result.warnings:
+            warn(line)
+        for s in result.skipped:
+            warn(f"{s.checkpoint} skipped: {s.reason}")
         for f in result.failures:
             warn(f"{f.checkpoint} [{f.analyzer}] failed: {f.message}")
     return result
