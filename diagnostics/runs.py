@@ -45,6 +45,8 @@ import hashlib
 import json
 import re
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -341,6 +343,68 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Whether a TOML/--set value fits the annotation ``tp`` of a config field (unknown annotations: yes)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple))
+    if tp is dict or origin in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _expected(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + (
+            " (or omitted)" if type(None) in args else ""
+        )
+    if tp in _TYPE_WORDS:
+        return _TYPE_WORDS[tp]
+    if tp in (list, tuple) or origin in (list, tuple, Sequence):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _value_words(value: Any) -> str:
+    kind = {str: "the string", bool: "the boolean", int: "the integer", float: "the number"}.get(type(value), "")
+    return f"{kind} {value!r}".strip() if kind else f"a {type(value).__name__} {value!r:.60}"
+
+
+def check_option_types(analyzer: str, config_cls: type, options: Mapping[str, Any], source: str) -> None:
+    """Each option's value fits its config field's type, else one line naming option, type and source.
+
+    Args:
+        source: where the options come from, e.g. ``"--set"`` or ``"[hessian] in diag.toml"``.
+    """
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError):  # pragma: no cover - unresolvable annotations: leave it to the config
+        return
+    for option, value in options.items():
+        if option in hints and not _accepts(value, hints[option]):
+            raise DiagnosticsError(
+                f"{analyzer}.{option} must be {_expected(hints[option])}, got {_value_words(value)} (from {source})"
+            )
+
+
 def resolve_settings(
     config: Mapping[str, Any] | None = None,
     *,
@@ -368,13 +432,20 @@ def resolve_settings(
     def pick(flag: Any, key: str, default: Any = None) -> Any:
         return flag if flag is not None else cfg.get(key, default)
 
+    from diagnostics.analyzers.registry import all_analyzers
+
+    registered = all_analyzers()
     names = parse_analyzer_list(analyzers) or parse_analyzer_list(cfg.get("analyzers")) or list(DEFAULT_ANALYZERS)
     options: dict[str, dict[str, Any]] = {}
     for name in names:
         table = cfg.get(name) or {}
         if not isinstance(table, Mapping):
             raise DiagnosticsError(f"'{name}' in {cfg.get('_path', 'diag.toml')} must be a table of options")
-        options[name] = {**dict(table), **dict((overrides or {}).get(name) or {})}
+        given = dict((overrides or {}).get(name) or {})
+        if name in registered:
+            check_option_types(name, registered[name].config_cls, table, f"[{name}] in {cfg.get('_path', 'diag.toml')}")
+            check_option_types(name, registered[name].config_cls, given, "--set")
+        options[name] = {**dict(table), **given}
     stray = sorted(set(overrides or {}) - set(names))
     if stray:
         raise DiagnosticsError(
@@ -691,6 +762,8 @@ def sweep(
             f"available: {', '.join(sorted(available)) or '(none)'}"
         )
     chosen = {a: available[a] for a in settings.analyzers}
+    for a, spec in chosen.items():
+        check_option_types(a, spec.config_cls, settings.options.get(a) or {}, "the sweep's options")
     configs = {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
     stray_options = sorted(set(settings.options) - set(chosen))
     if stray_options:
