@@ -31,8 +31,14 @@ from diagnostics.errors import DiagnosticsError
 
 FORMAT_TAG = "diagnostics-checkpoint/1"
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module")
-STEP_KEYS = ("step", "global_step", "iteration", "iter", "epoch")
-_STEP_IN_NAME = re.compile(r"(?:step|iter|it|epoch|ckpt|checkpoint)[_\-=]?(\d+)", re.IGNORECASE)
+# metadata keys holding the training step (an epoch is not a step)
+STEP_KEYS = ("step", "global_step", "iteration", "iter")
+# a step token in a name: 'step_2000', 'step=120', 'global_step1200', 'iter_250', 'checkpoint-500'; it must
+# start the name or follow a separator, and its digits must end the token
+_STEP_IN_NAME = re.compile(
+    r"(?:(?<=[_\-.=\s])|^)(?:(?:global_step|step|iteration|iter)[_=\-]?(\d+)|checkpoint-(\d+))(?![0-9A-Za-z])",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -135,13 +141,28 @@ def read_checkpoint_file(path: str | Path) -> FileBytes:
 
 
 def step_from_name(name: str) -> int | None:
-    """``step_2000.pt`` -> 2000, ``epoch=3-step=120.ckpt`` -> 120, ``ckpt_00050.pt`` -> 50."""
-    matches = _STEP_IN_NAME.findall(name)
-    if matches:
-        # Lightning names 'epoch=3-step=120': prefer the last (step) match.
-        return int(matches[-1])
-    digits = re.findall(r"\d+", Path(name).stem)
-    return int(digits[-1]) if digits else None
+    """The training step a file name states, or None: only recognised patterns count.
+
+    Recognised (case-insensitive): ``step``, ``global_step``, ``iteration`` or ``iter``, an optional
+    ``_``, ``-`` or ``=``, then digits (``step_2000``, ``step=120``, ``global_step1200``, ``iter_250``), and
+    ``checkpoint-N`` (Hugging Face Trainer folders). The token must start the name or follow a separator
+    (``_ - . =`` or a space) and its digits must end it; of several (Lightning's ``epoch=3-step=120``),
+    the last wins. Any other number is not a step: ``quad2.pt``, ``resnet50.pt``, ``ckpt_00050.pt`` (it
+    counts checkpoints) and ``epoch=3.ckpt`` (an epoch) give None. ``name`` may be a relative path: the
+    file name (without suffix) is tried first, then its folders from the innermost
+    (``checkpoint-500/model.safetensors`` -> 500).
+
+    Examples: ``step_02000.pt`` -> 2000, ``epoch=3-step=120.ckpt`` -> 120, ``checkpoint-500`` -> 500.
+    """
+    parts = PurePosixPath(str(name).replace("\\", "/")).parts
+    if not parts:
+        return None
+    last = parts[-1]
+    for part in (last.rsplit(".", 1)[0] if "." in last else last, *reversed(parts[:-1])):
+        found = [int(a or b) for a, b in _STEP_IN_NAME.findall(part)]
+        if found:
+            return found[-1]
+    return None
 
 
 def _check_zip(data: bytes, path: Path) -> None:
@@ -369,7 +390,7 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
         if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
             meta.pop(key)
     if meta.get("step") is None:
-        guessed = step_from_name(path.name)
+        guessed = step_from_name(f"{path.parent.name}/{path.name}")
         if guessed is not None:
             meta["step"] = guessed
             meta["step_source"] = "file name"

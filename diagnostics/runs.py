@@ -2,8 +2,9 @@
 
 A *run* is a folder of checkpoints (``.pt .pth .ckpt .safetensors``, searched recursively; hidden
 folders and the output folder are skipped). Each checkpoint's step comes from its metadata
-(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else its file name
-(``step_00200.pt``, ``epoch=3-step=120.ckpt``).
+(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else a recognised
+pattern of its name (``step_00200.pt``, ``epoch=3-step=120.ckpt``, ``checkpoint-500/``; see
+:func:`diagnostics.checkpoint.step_from_name`), else it is null: ``quad2.pt`` has no step.
 
 A *sweep* runs the chosen analyzers (looked up in :mod:`diagnostics.analyzers.registry`, never a
 hard-coded list) on every checkpoint and gathers one tidy table of all records. With a cache folder,
@@ -262,7 +263,7 @@ def discover_checkpoints(
         step = None if content is None else _metadata_step(content, cache, warn)
         source = "metadata"
         if step is None:
-            step = step_from_name(name)
+            step = step_from_name(name)  # relative to the run: 'checkpoint-500/model.safetensors' too
             source = "unknown" if step is None else "file name"
         sha = "" if content is None else content.sha256
         out.append(RunCheckpoint(path=path, name=name, sha256=sha, step=step, step_source=source))
