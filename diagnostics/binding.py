@@ -141,7 +141,11 @@ def cwd_searched_last() -> Iterator[None]:
     would shadow scikit-learn; the ``diag`` script does not put it on the path at all, where a user's
     ``mymodels.py`` would not be found. Factories are imported and called inside this context.
     """
-    cwd = os.path.realpath(os.getcwd())
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was removed: nothing to import from it
+        yield
+        return
     saved = list(sys.path)
     sys.path[:] = [p for p in saved if not _is_cwd_entry(p, cwd)] + [cwd]
     try:
