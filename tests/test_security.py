@@ -370,15 +370,17 @@ def test_working_directory_never_shadows_an_installed_module(tmp_path: Path, mon
 
 
 def test_sklearn_py_in_the_working_directory_is_not_imported(tmp_path: Path) -> None:
-    """Issue 10.2, end to end with the ``diag`` script: the digits data factory imports scikit-learn."""
+    """Issue 10.2 in a fresh interpreter whose path starts with the working directory (``python -c``, as
+    ``python -m diag_cli.main`` and ``torchrun`` have it): the digits data factory imports scikit-learn
+    lazily, inside the call, and gets the installed package, not ``./sklearn.py``."""
     marker = tmp_path / "pwned"
     (tmp_path / "sklearn.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
-    ckpt = save_checkpoint(
-        tmp_path / "m.pt", _model(), model_factory=DIGITS_MLP, model_kwargs={"width": 4}, data_factory=DIGITS_DATA
+    code = (
+        "from diagnostics.binding import call_factory\n"
+        f"x, y = call_factory({DIGITS_DATA!r}, {{'n': 5}}, 'data factory')\n"
+        "print(tuple(x.shape))\n"
     )
-    diag_script = Path(sys.executable).parent / "diag"  # the console script, as a user runs it
-    args = [str(diag_script), "hessian", str(ckpt), "--samples", "50", "-q", "-f", "json"]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert not marker.exists(), proc.stderr
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)[0]["metric"] == "eigenvalue"
+    assert proc.stdout.strip() == "(5, 64)"
