@@ -15,7 +15,7 @@ next to the first single-file output (e.g. ``--grid-out FILE.csv``), removed whe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.spec import Analyzer
 
 FORMAT = "diagnostics-partial-work/1"
-IMPLICIT_SUFFIX = ".partial.json"
 
 
 class ResumeStore:
@@ -82,44 +81,13 @@ class ResumeStore:
         self.saves += 1
 
 
-def cache_path(
-    analyzer: Analyzer, values: Mapping[str, Any], files: Mapping[str, Mapping[str, Path]]
-) -> tuple[Path | None, bool]:
-    """The file of partial work and whether it is implicit (removed when done).
-
-    Args:
-        analyzer: the declaration.
-        values: the command's parameter values (``cache``).
-        files: the planned output files ``{output name: {suffix: path}}``.
-
-    Returns:
-        ``(--cache PATH, False)``, or ``(FILE.partial.json, True)`` for the first requested output written to a
-        single given path, or ``(None, False)``.
-    """
-    if values.get("cache") is not None:
-        return Path(values["cache"]), False
-    for fo in analyzer.outputs:
-        path = (files.get(fo.name) or {}).get("")
-        if path is not None and fo.suffixes == ("",):
-            return path.with_name(path.name + IMPLICIT_SUFFIX), True
-    return None, False
-
-
 @contextmanager
-def resume_store(
-    analyzer: Analyzer,
-    values: Mapping[str, Any],
-    files: Mapping[str, Mapping[str, Path]],
-    inputs: Sequence[Path],
-    force: bool,
-) -> Iterator[ResumeStore | None]:
+def resume_store(analyzer: Analyzer, path: Path | None, implicit: bool, force: bool) -> Iterator[ResumeStore | None]:
     """The store of a resumable analyzer's command (None for other analyzers, or with nowhere to keep it).
 
-    On success an implicit file is removed; on Ctrl-C the command exits 130 with one line saying where the
-    finished work is and that rerunning the same command continues it.
-
-    Raises:
-        DiagnosticsError: the file is one of the input checkpoints.
+    ``path`` was planned and checked with the command's other outputs (``--cache PATH``, kept when done, or
+    ``FILE.partial.json`` next to the first single-file output, ``implicit`` and removed on success). On Ctrl-C
+    the command exits 130 with one line saying where the finished work is and that rerunning continues it.
     """
     if not analyzer.resumable:
         yield None
@@ -128,11 +96,6 @@ def resume_store(
 
     from diag_cli.errors import err
 
-    path, implicit = cache_path(analyzer, values, files)
-    if path is not None:
-        for q in inputs:
-            if path.exists() and q.exists() and path.resolve() == Path(q).resolve():
-                raise DiagnosticsError(f"--cache '{path}' is an input file; choose another path")
     store = None if path is None else ResumeStore(path, analyzer.name, force=force)
     try:
         yield store

@@ -5,6 +5,7 @@ Imported only when a command runs (never for ``--help``), so it may import the n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +50,64 @@ def analyzer_config(analyzer: Analyzer, values: dict[str, Any], project: Project
     )
 
 
+@dataclass
+class Planned:
+    """Every file a command will write: ``{output name: {suffix: path}}`` and the partial-work cache."""
+
+    files: dict[str, dict[str, Path]]
+    cache: Path | None = None
+    cache_is_temporary: bool = False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def planned_files(
-    analyzer: Analyzer, values: dict[str, Any], config: Any, inputs: list[Path], out: OutputOptions
-) -> dict[str, dict[str, Path]]:
-    """Every file the command will write, decided before anything is computed (see :mod:`diagnostics.outputs`)."""
-    try:
-        from diagnostics.outputs import plan_outputs
-    except ImportError:  # until the output planner lands
-        from diag_cli.common import check_out
+    analyzer: Analyzer,
+    values: dict[str, Any],
+    config: Any,
+    inputs: list[Path],
+    out: OutputOptions,
+    project_opts: ProjectOptions,
+    binding: BindingOptions,
+) -> Planned:
+    """Every file the command will write, decided and checked before anything is computed.
 
-        def plan_outputs(records, files, inputs, force):  # type: ignore[no-redef]
-            for r in records:
-                check_out(r, force, inputs)
-            for f in files:
-                if f.exists() and not force:
-                    raise DiagnosticsError(f"'{f}' exists; pass --force to overwrite it")
+    See :func:`diagnostics.outputs.plan_outputs`: inputs (checkpoints, the project file, ``file.py`` factories)
+    are never outputs, existing files need ``--force``, non-regular files are refused even with it, two outputs
+    never share a path, and a partial-work cache is only ever one diag wrote.
+    """
+    from diag_cli.resume import FORMAT
+    from diagnostics.binding import input_files
+    from diagnostics.outputs import plan_outputs
 
-    files = {name: fo.paths(path, config) for name, (fo, path) in requested_files(analyzer, values).items()}
-    for name, (fo, path) in requested_files(analyzer, values).items():
-        if fo.require_suffix and path.suffix.lower() != fo.require_suffix:
-            raise DiagnosticsError(f"--{name.replace('_', '-')} '{path}' must end in {fo.require_suffix}")
-    records = [out.out] if out.out is not None else []
-    plan_outputs(
-        records=records, files=[p for ps in files.values() for p in ps.values()], inputs=inputs, force=out.force
+    asked = requested_files(analyzer, values)
+    single = {
+        _flag(n): (p, (fo.require_suffix,) if fo.require_suffix else ())
+        for n, (fo, p) in asked.items()
+        if fo.paths(p, config).keys() == {""}
+    }
+    prefixes = {_flag(n): (p, tuple(fo.paths(p, config))) for n, (fo, p) in asked.items() if _flag(n) not in single}
+    resumable = None
+    if analyzer.resumable:
+        base = next((p for p, _ in single.values()), None)
+        resumable = {"--cache": (values.get("cache"), base, FORMAT)}
+    plan = plan_outputs(
+        inputs=[*inputs, *input_files(project_opts.config, binding.model, binding.data, binding.loss)],
+        force=out.force,
+        out=out.out,
+        files=single,
+        prefixes=prefixes,
+        resumable=resumable,
     )
-    return files
+    files = {n: plan.paths(_flag(n)) for n in asked}
+    return Planned(files, plan.path("--cache"), plan.temporary("--cache"))
 
 
 def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, dict[str, Path]]) -> None:
     """Render and write the extra output files (after the records were printed)."""
-    from diagnostics.results import atomic_write_bytes
+    from diagnostics.outputs import atomic_write_bytes
 
     for name, paths in files.items():
         fo = next(f for f in analyzer.outputs if f.name == name)
@@ -104,11 +133,11 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     binding = project.binding(split_values(values, BindingOptions))
     config = analyzer_config(analyzer, values, project)
     inputs = checkpoint_list(analyzer, values["checkpoints"])
-    files = planned_files(analyzer, values, config, inputs, out)
+    planned = planned_files(analyzer, values, config, inputs, out, project_opts, binding)
     rank = distributed.init_from_env()
     trust = project_opts.trust_checkpoint_factories
     contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
-    with resume_store(analyzer, values, files, inputs, out.force) as resume:
+    with resume_store(analyzer, planned.cache, planned.cache_is_temporary, out.force) as resume:
         with progress_bar(out.quiet or not rank.is_main) as progress:
             result = run_analyzer(
                 analyzer,
@@ -122,4 +151,4 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
             )
         if rank.is_main:
             emit(result, out.format, out.out, out.quiet)
-            write_files(analyzer, result, config, files)
+            write_files(analyzer, result, config, planned.files)

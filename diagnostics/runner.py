@@ -113,7 +113,7 @@ def run_analyzer(
     Returns:
         The :class:`~diagnostics.results.Result`; its metadata reads back with :meth:`RunInfo.from_metadata`.
     """
-    lo, hi = analyzer.checkpoints
+    lo, hi = getattr(analyzer, "checkpoints", (1, 1))
     if not lo <= 1 + len(others) <= hi:
         raise DiagnosticsError(f"{analyzer.name} takes {lo} to {hi} checkpoints, got {1 + len(others)}")
     if replicates > 1:
@@ -121,7 +121,7 @@ def run_analyzer(
     extras: dict[str, Any] = {}
     if hi > 1:
         extras["others"] = list(others)
-    if analyzer.resumable:
+    if getattr(analyzer, "resumable", False):
         extras["resume"] = resume
     t0 = time.perf_counter()
     result = analyzer.run(config, ctx, progress, **extras)
@@ -239,15 +239,18 @@ def open_context(
     *,
     trust: bool = False,
     need_targets: bool = True,
+    content: Any = None,
 ) -> Context:
     """A checkpoint file (or model folder) bound to code and data -> :class:`~diagnostics.context.Context`.
 
     Args:
         path: the checkpoint.
         binding: :class:`~diagnostics.options.BindingOptions` (flags merged with ``diag.toml``).
-        project: the parsed :class:`~diagnostics.options.Project` (factory kwargs, trusted factories).
+        project: the parsed :class:`~diagnostics.options.Project` (or its flat dict): factory kwargs,
+            trusted factories.
         trust: import factories named in the checkpoint (``--trust-checkpoint-factories``).
         need_targets: the data must carry targets.
+        content: the checkpoint's bytes when already read (a sweep analyses the bytes it hashed).
 
     Returns:
         The context; with ``binding.replicates > 1`` it holds all the data (the replicates draw subsets).
@@ -256,13 +259,13 @@ def open_context(
     from diagnostics.checkpoint import load_checkpoint
     from diagnostics.context import build_context
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, content=content)
     bound = resolve_binding(
         ck.factories,
         model=binding.model,
         data=binding.data,
         loss=binding.loss,
-        config=project.as_dict(),
+        config=project.as_dict() if hasattr(project, "as_dict") else dict(project or {}),
         trust_checkpoint=trust,
     )
     return build_context(

@@ -294,6 +294,7 @@ def resolve_config(
     table: Mapping[str, Any] | None = None,
     table_name: str = "",
     fixed: Mapping[str, Any] | None = None,
+    source: str = "",
 ) -> Any:
     """Build a config: a flag given on the command line wins over ``diag.toml``, which wins over the default.
 
@@ -303,6 +304,7 @@ def resolve_config(
         table: the analyzer's ``diag.toml`` table merged with ``--set`` values.
         table_name: the table's name for messages (``hessian``).
         fixed: values set by the caller after the user's (e.g. an output flag that implies an option).
+        source: where the table came from, named in errors about its values (``[hessian] in diag.toml``).
 
     Returns:
         The config instance, validated (declared bounds/choices, then its own ``validate()``).
@@ -313,14 +315,19 @@ def resolve_config(
     params = params_of(config_cls)
     by_name = {p.name: p for p in params}
     table = dict(table or {})
-    check_keys(table, [p.name for p in params if p.info.toml], f"[{table_name}]" if table_name else "the table")
+    where = source or (f"[{table_name}]" if table_name else "the table")
+    check_keys(table, [p.name for p in params if p.info.toml], where)
+    suffix = f" (from {source})" if source else ""
     values: dict[str, Any] = {}
     for p in params:
         given = (flags or {}).get(p.name)
         if given is not None:
             values[p.name] = p.coerce(given, p.flag)
         elif p.name in table:
-            values[p.name] = p.coerce(table[p.name], f"{table_name}.{p.name}" if table_name else p.name)
+            try:
+                values[p.name] = p.coerce(table[p.name], f"{table_name}.{p.name}" if table_name else p.name)
+            except DiagnosticsError as exc:
+                raise DiagnosticsError(f"{exc}{suffix}") from None
         else:
             values[p.name] = p.default
     for name, value in (fixed or {}).items():

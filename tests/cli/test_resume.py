@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from diag_cli.resume import FORMAT, ResumeStore, cache_path, resume_store
+from diag_cli.resume import FORMAT, ResumeStore, resume_store
 from diagnostics.analyzers.landscape import ANALYZER as LANDSCAPE
 from diagnostics.errors import DiagnosticsError
 
@@ -40,30 +40,17 @@ def test_a_file_that_is_not_a_store_is_refused_unless_forced(tmp_path: Path, con
     assert ResumeStore(path, "landscape", force=True).load("k") is None
 
 
-def test_the_implicit_file_sits_next_to_a_single_file_output(tmp_path: Path) -> None:
-    grid = tmp_path / "grid.csv"
-    files = {"grid_out": {"": grid}, "plot": {".png": tmp_path / "p.png"}}
-    assert cache_path(LANDSCAPE, {"cache": None}, files) == (tmp_path / "grid.csv.partial.json", True)
-    assert cache_path(LANDSCAPE, {"cache": tmp_path / "c.json"}, files) == (tmp_path / "c.json", False)
-    assert cache_path(LANDSCAPE, {}, {"plot": {".png": tmp_path / "p.png"}}) == (None, False)  # a prefix: no file
-
-
 def test_the_scope_removes_an_implicit_file_and_explains_an_interrupt(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     grid = tmp_path / "grid.csv"
-    with resume_store(LANDSCAPE, {}, {"grid_out": {"": grid}}, [], force=False) as store:
+    with resume_store(LANDSCAPE, grid.with_name("grid.csv.partial.json"), True, force=False) as store:
         store.save("k", {"points": {}})
         assert store.path.exists()
     assert not store.path.exists()  # done: the implicit file goes
     explicit = tmp_path / "keep.json"
-    with pytest.raises(typer.Exit) as info, resume_store(LANDSCAPE, {"cache": explicit}, {}, [], force=False) as store:
+    with pytest.raises(typer.Exit) as info, resume_store(LANDSCAPE, explicit, False, force=False) as store:
         store.save("k", {"points": {"0": [1.0, None]}})
         raise KeyboardInterrupt
     assert info.value.exit_code == 130 and explicit.exists()
     assert "rerun the same command to continue" in capsys.readouterr().err
-    with (
-        pytest.raises(DiagnosticsError, match="is an input file"),
-        resume_store(LANDSCAPE, {"cache": explicit}, {}, [explicit], force=True),
-    ):
-        pass
