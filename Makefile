@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diag-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test lint format bench clean-venv readme
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -43,3 +43,6 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+readme: $(STAMP)
+	$(PY) -m diag_cli.docs

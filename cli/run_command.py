@@ -87,9 +87,8 @@ def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, l
 
 def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
     """Run ``diag NAME`` with the parsed command-line ``values``."""
-    out = resolve_config(OutputOptions, flags=split_values(values, OutputOptions))
-    with cli_errors(out.debug):
-        _run(analyzer, values, out)
+    with cli_errors(bool(values.get("debug"))):
+        _run(analyzer, values, resolve_config(OutputOptions, flags=split_values(values, OutputOptions)))
 
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:

@@ -73,3 +73,12 @@ def bos_fit(result: Result, config: Any) -> dict[str, bytes]:
         xlabel=metric,
     )
     return {"": _png(fig)}
+
+
+def hessian_density(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag hessian --density-out PREFIX``: the SLQ density as CSV and as a figure."""
+    from diagnostics.plots import density_figure
+
+    df = result.artifacts["density"]
+    fig = density_figure(df, _title(result, "Hessian spectral density"))
+    return {".csv": df.to_csv(index=False).encode(), ".png": _png(fig)}

@@ -120,7 +120,7 @@ class Param:
     @property
     def type_name(self) -> str:
         """The type as a user reads it (for error messages)."""
-        names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+        names = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string", Path: "a path"}
         return "a list of strings" if self.kind is list else names[self.kind]
 
     def coerce(self, value: Any, where: str) -> Any:
@@ -174,7 +174,7 @@ class Param:
             if isinstance(value, bool):
                 raise TypeError
             out = float(value)
-            if math.isnan(out):
+            if not math.isfinite(out):
                 raise ValueError
             return out
         if kind is Path:

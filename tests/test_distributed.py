@@ -135,7 +135,7 @@ def _scenarios(rank: int, size: int) -> dict[str, Any]:
     out["tiny_local"] = len(op.batches)
     out["tiny_HV"] = op.matmat(torch.eye(op.dim, dtype=torch.float64)[:, :5])
     # the analyzer end to end (records identical on every rank)
-    cfg = HessianConfig(top_k=3, tol=1e-10, trace=True, trace_rtol=0.0, trace_max_samples=12)
+    cfg = HessianConfig(top_k=3, tol=1e-10, trace=True, trace_rtol=0.0, trace_samples=12)
     result = analyze_hessian(cfg, ctx)
     out["records"] = [(r.metric, r.index, r.value) for r in result.records]
     # inside local_only nothing is sharded or reduced (a sweep's per-checkpoint analysis)

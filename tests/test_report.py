@@ -224,7 +224,7 @@ def test_report_renders_in_a_headless_browser(digits_run: list[Path], tmp_path: 
     run.mkdir()
     for p in digits_run:
         shutil.copy2(p, run / p.name)
-    options = {"top_k": 2, "bottom_k": 1, "trace": True, "trace_max_samples": 20, "trace_rtol": 0.05}
+    options = {"top_k": 2, "bottom_k": 1, "trace": True, "trace_samples": 20, "trace_rtol": 0.05}
     options.update(density=True, density_probes=2, density_steps=20, density_points=128)
     res = sweep(run, SweepSettings(options={"hessian": options}, samples=300), cache_dir=tmp_path / "cache")
     from diagnostics.report import report_from_sweep

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 import tinymodels as tm
-from diagnostics.analyzers.hessian import HessianConfig, analyze_hessian, class_batches
+from diagnostics.analyzers.hessian import ANALYZER, HessianConfig, analyze_hessian, class_batches
 from diagnostics.binding import Binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import build_context
 from diagnostics.linalg.operator import HessianOperator, dense_hessian
+from diagnostics.runner import run_analyzer
 
 
 def tiny_ctx(tmp_path: Path, optimizer=None, lr=None, data="tinymodels:tiny_data", seed=0):
@@ -38,7 +39,7 @@ def values(result, metric, group=None):
 def test_top_and_bottom_match_dense_eigenvalues(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
     exact = np.linalg.eigvalsh(dense_hessian(HessianOperator.from_context(ctx)).numpy())
-    res = analyze_hessian(HessianConfig(top_k=3, bottom_k=2, tol=1e-8), ctx)
+    res = run_analyzer(ANALYZER, HessianConfig(top_k=3, bottom_k=2, tol=1e-8), ctx)
     np.testing.assert_allclose(values(res, "eigenvalue"), exact[::-1][:3], rtol=1e-6)
     np.testing.assert_allclose(values(res, "bottom_eigenvalue"), exact[:2], rtol=1e-6)
     assert exact[0] < 0  # the tiny random model sits at a saddle: bottom eigenvalues are negative
@@ -94,8 +95,8 @@ def test_quadratic_with_known_spectrum(tmp_path: Path) -> None:
 def test_trace_converges_to_the_exact_trace(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
     exact = float(torch.trace(dense_hessian(HessianOperator.from_context(ctx))))
-    coarse = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.2, trace_max_samples=200), ctx)
-    fine = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.01, trace_max_samples=5000), ctx)
+    coarse = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.2, trace_samples=200), ctx)
+    fine = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.01, trace_samples=5000), ctx)
     t_c = next(r for r in coarse.records if r.metric == "trace")
     t_f = next(r for r in fine.records if r.metric == "trace")
     assert t_f.stderr < t_c.stderr

@@ -25,6 +25,7 @@ from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import Context, build_context
 from diagnostics.examples.digits import build_mlp, train_data, train_gd
 from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian
+from diagnostics.spec import check_config
 
 F64 = torch.float64
 
@@ -312,7 +313,7 @@ def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     from diagnostics.errors import DiagnosticsError
 
     with pytest.raises(DiagnosticsError, match=message) as info:
-        SharpnessConfig(**kwargs).validate()
+        check_config(SharpnessConfig(**kwargs))
     assert "\n" not in str(info.value)
 
 
