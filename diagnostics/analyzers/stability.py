@@ -1,8 +1,9 @@
 """Stability under feature dropout: box stability (BoS) for detectors, prediction stability for classifiers.
 
 Both analyzers compare one *clean* pass of the eval-mode model with several *dropout* passes in which
-the output of one or more named modules is multiplied element-wise by ``m / (1 - p)``,
-``m ~ Bernoulli(1 - p)`` (inverted dropout, so the expected activation is unchanged). Dropout is
+the output of one or more named modules (the input, for a name ``'module:input'``; by default the input
+of the last ``nn.Linear``) is multiplied element-wise by ``m / (1 - p)``, ``m ~ Bernoulli(1 - p)``
+(inverted dropout, so the expected activation is unchanged). Dropout is
 applied by forward hooks only: the model stays in eval mode, so BatchNorm keeps its running
 statistics and the model's own dropout layers stay off. Masks are drawn on the CPU from an explicit
 ``torch.Generator`` (stream ``k`` of the run's seed for pass ``k``) and then moved to the model's
@@ -68,9 +69,11 @@ torch = lazy_import("torch")
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 boxes_lib = lazy_import("diagnostics.boxes")
+features = lazy_import("diagnostics.features")
 
 BOS = "bos"
 STABILITY = "stability"
+INPUT_SUFFIX = ":input"  # = diagnostics.features.INPUT_SUFFIX
 CORRELATE = "bos_correlate"
 OUTPUT_TYPES = ("logits", "probs")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")  # = diagnostics.boxes.BOX_FORMATS (a test checks), without importing torch
@@ -85,7 +88,8 @@ class DropoutOptions:
     """Where and how features are dropped: the options ``bos`` and ``stability`` share.
 
     Attributes:
-        modules: names of the modules whose outputs get dropout (``model.named_modules()`` names).
+        modules: names of the modules whose outputs get dropout (``model.named_modules()`` names;
+            ``'name:input'`` drops the module's input); empty: the input of the last ``nn.Linear``.
         p: element-wise dropout rate.
         passes: number of seeded dropout passes (the interval comes from their spread).
         confidence: level of the t-interval over passes.
@@ -93,7 +97,8 @@ class DropoutOptions:
 
     modules: list[str] = option(
         default_factory=list,
-        help="module whose output gets dropout, e.g. backbone.layer2",
+        help="module whose output gets dropout, e.g. backbone.layer2; 'name:input' drops its input instead "
+        "(default: the input of the last nn.Linear)",
         panel=PANEL_DROPOUT,
         short="-m",
         aliases=("--module",),
@@ -112,14 +117,6 @@ class DropoutOptions:
         min_open=True,
         max_open=True,
     )
-
-    def validate(self) -> None:
-        """An empty list of modules (no declaration bound says "non-empty")."""
-        if not self.modules:
-            raise DiagnosticsError(
-                "name at least one module to drop features at: --modules NAME (or --module, repeatable; "
-                "e.g. backbone.layer2)"
-            )
 
 
 @dataclass
@@ -162,10 +159,7 @@ class BosConfig(DropoutOptions):
     adapter_fn: Callable[[Any], Any] | None = None
 
     def validate(self) -> None:
-        """Modules given, a finite score threshold (not a bound), one adapter."""
-        super().validate()
-        if not math.isfinite(self.score_threshold):
-            raise DiagnosticsError(f"--score-threshold must be a finite number, got {self.score_threshold}")
+        """One adapter, not two."""
         if self.adapter is not None and self.adapter_fn is not None:
             raise DiagnosticsError("give the adapter once: as --adapter 'pkg.module:fn' or as adapter_fn, not both")
 
@@ -188,20 +182,42 @@ class StabilityConfig(DropoutOptions):
 
 
 # ---------------------------------------------------------------------------- feature dropout
+def _base(name: str) -> str:
+    """The module name of ``name`` (``'head:input'`` -> ``'head'``)."""
+    return name[: -len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+
+
+def default_module(model: nn.Module) -> str:
+    """The dropout site when none is named: the input of the last ``nn.Linear`` (``'<name>:input'``).
+
+    Raises:
+        DiagnosticsError: the model has no ``nn.Linear``; the message asks for ``--modules``.
+    """
+    found = features.find_classifier(model)
+    if found is None:
+        raise DiagnosticsError(
+            "name at least one module to drop features at: --modules NAME (or --module, repeatable; e.g. "
+            "backbone.layer2); the default, the input of the last nn.Linear, does not exist in this model"
+        )
+    return found[0] + INPUT_SUFFIX
+
+
 def resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """``{name: module}`` for each name; an unknown name is an error that lists close candidates."""
+    """``{name: module}`` for each name (``'name:input'``: the module whose input gets dropout); no names: the
+    :func:`default_module`. An unknown name is an error that lists close candidates."""
     named = dict(model.named_modules())
     out = {}
-    for name in names:
-        if name in named and name != "":
-            out[name] = named[name]
+    for name in list(names) or [default_module(model)]:
+        base = _base(name)
+        if base in named and base != "":
+            out[name] = named[base]
             continue
         candidates = [n for n in named if n]
-        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(base, candidates, n=5, cutoff=0.5)
         shown = close or candidates[:15]
         more = "" if close or len(candidates) <= 15 else f" ... ({len(candidates)} in all)"
         raise DiagnosticsError(
-            f"the model has no module '{name}'; {'did you mean' if close else 'modules'}: {', '.join(shown)}{more}"
+            f"the model has no module '{base}'; {'did you mean' if close else 'modules'}: {', '.join(shown)}{more}"
         )
     return out
 
@@ -227,21 +243,29 @@ def _apply_mask(obj: Any, p: float, generator: torch.Generator) -> Any:
 
 @contextmanager
 def feature_dropout(modules: Mapping[str, nn.Module], p: float, generator: torch.Generator) -> Iterator[dict[str, int]]:
-    """Apply inverted dropout of rate ``p`` to the outputs of ``modules`` while the context is open.
+    """Apply inverted dropout of rate ``p`` to the outputs of ``modules`` while the context is open (to the
+    positional inputs for a name ending in ``':input'``).
 
     Yields a dict counting how often each module's hook fired (a module that never runs is a mistake).
     The model's train/eval state is not touched.
     """
     calls = {name: 0 for name in modules}
 
-    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], Any]:
+    def make_hook(name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             calls[name] += 1
             return _apply_mask(output, p, generator)
 
-        return hook
+        def pre_hook(module: nn.Module, inputs: Any) -> Any:
+            calls[name] += 1
+            return _apply_mask(inputs, p, generator)
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+        return pre_hook if name.endswith(INPUT_SUFFIX) else hook
+
+    handles = [
+        m.register_forward_pre_hook(make_hook(n)) if n.endswith(INPUT_SUFFIX) else m.register_forward_hook(make_hook(n))
+        for n, m in modules.items()
+    ]
     try:
         yield calls
     finally:
@@ -259,7 +283,7 @@ def _check_fired(calls: Mapping[str, int]) -> None:
 
 
 def _nested_modules(names: Sequence[str]) -> list[str]:
-    return [a for a in names for b in names if a != b and a.startswith(b + ".")]
+    return [a for a in names for b in names if a != b and _base(a).startswith(_base(b) + ".")]
 
 
 # --------------------------------------------------------------------------------- statistics
@@ -619,7 +643,9 @@ def analyze_bos(config: BosConfig, ctx: Context, progress: ProgressFn | None = N
         _check_fired(calls)
         passes.add(k, _pass_scores(clean, drop, config), clean_boxes)
     progress("bos dropout passes", config.passes, config.passes)
-    return _bos_result(ctx, config, clean, passes, notes)
+    result = _bos_result(ctx, config, clean, passes, notes)
+    result.metadata["modules"] = list(modules)
+    return result
 
 
 # ------------------------------------------------------------------------ prediction stability
@@ -707,6 +733,7 @@ def analyze_stability(config: StabilityConfig, ctx: Context, progress: ProgressF
     rows = [("prediction_agreement", a.mean, a.stderr), ("prediction_kl", d.mean, d.stderr)]
     metadata = {
         "samples": n,
+        "modules": list(modules),
         "prediction_agreement": _summary_meta(a),
         "prediction_kl": _summary_meta(d),
         "definition": "agreement = mean 1[argmax clean == argmax dropout]; kl = mean KL(p_clean || p_dropout)",

@@ -291,8 +291,9 @@ def test_bos_registered():
     with pytest.raises(DiagnosticsError, match=r"unknown option 'module' in \[bos\]; did you mean 'modules'\?"):
         specs["bos"].make_config({"module": "a"})
     assert specs["stability"].make_config({"modules": "a,b"}).modules == ["a", "b"]
-    with pytest.raises(DiagnosticsError, match="at least one module"):
-        BosConfig().validate()
+    assert specs["bos"].make_config({}).modules == []  # empty: the input of the last nn.Linear
+    with pytest.raises(DiagnosticsError, match="at least one module.*the input of the last nn.Linear, does not exist"):
+        analyze_bos(BosConfig(), make_ctx(WidthDetector(), [(images(2), None)]))
     with pytest.raises(DiagnosticsError, match="--score-threshold must be a finite number"):
         check_config(BosConfig(modules=["a"], score_threshold=float("inf")))
     with pytest.raises(DiagnosticsError, match="give the adapter once"):
@@ -366,6 +367,22 @@ def test_prediction_stability_matches_masks_exactly(binary):
         assert res.metadata["prediction_agreement"]["per_pass"][k] == pytest.approx(agree, abs=1e-15)
         assert res.metadata["prediction_kl"]["per_pass"][k] == pytest.approx(kl, rel=1e-6)
     assert [r.metric for r in res.records] == ["prediction_agreement", "prediction_kl"]
+
+
+def test_default_site_is_the_input_of_the_last_linear():
+    """``head:input`` (a pre-hook on the head) and ``features`` (the Identity feeding it) drop the same tensor
+    with the same masks, so the passes agree exactly; the default is ``head:input``."""
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ctx = make_ctx(LinearClassifier().double(), [(x[:20], None), (x[20:], None)])
+    by_output = analyze_stability(StabilityConfig(modules=["features"], p=0.3, passes=3), ctx)
+    for modules in ([], ["head:input"]):
+        res = analyze_stability(StabilityConfig(modules=modules, p=0.3, passes=3), ctx)
+        assert res.metadata["modules"] == ["head:input"]
+        for metric in ("prediction_agreement", "prediction_kl"):
+            assert res.metadata[metric]["per_pass"] == by_output.metadata[metric]["per_pass"]
+    assert 0.0 < by_output.records[0].value < 1.0
+    with pytest.raises(DiagnosticsError, match="no module 'haed'.*did you mean: head"):
+        analyze_stability(StabilityConfig(modules=["haed:input"]), ctx)
 
 
 def test_prediction_stability_p_zero_and_probs():
