@@ -15,10 +15,11 @@ import torch
 from scipy import stats
 from torch import nn
 
-from diagnostics import boxes
+from diagnostics import boxes, features
 from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.stability import (
     BOX_FORMATS,
+    INPUT_SUFFIX,
     BosConfig,
     StabilityConfig,
     analyze_bos,
@@ -298,7 +299,8 @@ def test_bos_registered():
         check_config(BosConfig(modules=["a"], score_threshold=float("inf")))
     with pytest.raises(DiagnosticsError, match="give the adapter once"):
         check_config(BosConfig(modules=["a"], adapter="m:f", adapter_fn=tuple_adapter))
-    assert BOX_FORMATS == boxes.BOX_FORMATS  # the declaration's copy, kept without importing torch
+    assert BOX_FORMATS == boxes.BOX_FORMATS  # the declaration's copies, kept without importing torch
+    assert INPUT_SUFFIX == features.INPUT_SUFFIX
 
 
 def test_every_metric_is_declared_and_the_interval_is_a_note():
