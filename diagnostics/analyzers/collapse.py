@@ -822,6 +822,7 @@ ANALYZER = Analyzer(
     needs_targets=True,
     uses_loss=False,
     metrics=METRIC_DECLARATIONS,
+    order=45,
     outputs=(
         FileOutput(
             "plot",

@@ -950,6 +950,7 @@ BOS_ANALYZER = Analyzer(
     run=analyze_bos,
     needs_targets=False,
     uses_loss=False,
+    order=70,
     metrics=(
         Metric(
             "bos",
@@ -1001,6 +1002,7 @@ STABILITY_ANALYZER = Analyzer(
     run=analyze_stability,
     needs_targets=False,
     uses_loss=False,
+    order=72,
     metrics=(
         Metric(
             "prediction_agreement",

@@ -245,6 +245,7 @@ ANALYZER = Analyzer(
     run=analyze_weights,
     needs_targets=False,
     uses_loss=False,
+    order=48,
     metrics=(
         Metric(
             "spectral_norm",
