@@ -86,6 +86,42 @@ def class_cosine_figure(cosines: dict[str, pd.DataFrame], title: str = "Cosines 
     return fig
 
 
+def cosine_matrices(cosine: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tidy ``cosine`` artifact of ``diag collapse`` (``group, class, other, cosine``) as one ``C x C`` matrix
+    per layer (rows and columns labelled by class), in the order the layers appear."""
+    out = {}
+    for group, sub in cosine.groupby("group", sort=False):
+        matrix = sub.pivot(index="class", columns="other", values="cosine")
+        matrix.index.name = matrix.columns.name = None
+        out[str(group)] = matrix
+    return out
+
+
+def collapse_cosine_section(frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame | None]) -> list[tuple]:
+    """Report figure of the collapse analyzer: the class-mean cosines of the last checkpoint, per layer.
+
+    Args:
+        frame: the run's records (unused: the figure comes from the artifact).
+        artifacts: the collapse analyzer's artifacts over the run, ``{name: frame}``; ``cosine`` holds the tidy
+            cosines of every checkpoint with ``checkpoint`` and ``step`` columns in front.
+
+    Returns:
+        ``[(name, title, Figure)]``; empty when no cosines were kept.
+    """
+    cosine = artifacts.get("cosine")
+    if cosine is None or not len(cosine):
+        return []
+    title = "Cosines between centred class means"
+    if "checkpoint" in cosine.columns:
+        last = list(dict.fromkeys(cosine["checkpoint"]))[-1]
+        if "step" in cosine.columns and cosine["step"].notna().all():
+            last = cosine.loc[cosine["step"].astype(float).idxmax(), "checkpoint"]
+        cosine = cosine[cosine["checkpoint"] == last]
+        step = cosine["step"].iloc[0] if "step" in cosine.columns else None
+        title += f" at {last}" + ("" if step is None or pd.isna(step) else f" (step {int(step)})")
+    return [("collapse-cosines", title, class_cosine_figure(cosine_matrices(cosine), title=title))]
+
+
 def layer_metrics_figure(
     records: pd.DataFrame,
     metrics: list[str] | None = None,

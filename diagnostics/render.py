@@ -30,6 +30,51 @@ def rank_spectrum(result: Result, config: Any) -> dict[str, bytes]:
     return {".spectrum.png": _png(fig)}
 
 
+def collapse_figures(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag collapse --plot PREFIX``: the class-mean cosines per layer and, with several layers asked for, the
+    metrics against the layer (the suffixes of :func:`diagnostics.analyzers.collapse._plot_suffixes`)."""
+    from diagnostics.analyzers.collapse import LAYER_PLOT_METRICS
+    from diagnostics.plots import class_cosine_figure, cosine_matrices, layer_metrics_figure
+
+    cosines = cosine_matrices(result.artifacts["cosine"])
+    out = {".cosine.png": _png(class_cosine_figure(cosines, title=_title(result, "Cosines between class means")))}
+    if config.layers and len(config.layers) > 1:
+        fig = layer_metrics_figure(
+            result.frame(), list(LAYER_PLOT_METRICS), title=_title(result, "Neural collapse per layer")
+        )
+        out[".layers.png"] = _png(fig)
+    return out
+
+
+def weights_spectrum(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag weights --plot PREFIX``: the singular values of every weight matrix, one curve per layer."""
+    from diagnostics.plots import singular_value_figure
+
+    fig = singular_value_figure(result.artifacts["spectrum"], title=_title(result, "Singular values of the weights"))
+    return {".spectrum.png": _png(fig)}
+
+
+def bos_per_image(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag bos --per-image FILE.csv``: the per-image, per-pass scores."""
+    return {"": result.artifacts["per_image"].to_csv(index=False).encode()}
+
+
+def bos_fit(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag bos-correlate --plot FILE.png``: the stability metric against mAP with the least-squares line."""
+    from diagnostics.plots import bos_map_figure
+
+    metric = result.metadata.get("metric", "bos")
+    records = {r.metric: r.value for r in result.records if r.group is None}
+    fig = bos_map_figure(
+        result.artifacts["points"],
+        slope=records["fit_slope"],
+        intercept=records["fit_intercept"],
+        title=f"{metric} vs mAP: Spearman {records['spearman_rho']:.3f}, Pearson {records['pearson_r']:.3f}",
+        xlabel=metric,
+    )
+    return {"": _png(fig)}
+
+
 def hessian_density(result: Result, config: Any) -> dict[str, bytes]:
     """``diag hessian --density-out PREFIX``: the SLQ density as CSV and as a figure."""
     from diagnostics.plots import density_figure
