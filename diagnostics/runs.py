@@ -512,6 +512,30 @@ class SweepResult:
         }
 
 
+def fill_references(
+    chosen: Mapping[str, Any], configs: Mapping[str, Any], checkpoints: Sequence[RunCheckpoint]
+) -> dict[str, dict[str, str]]:
+    """Point each analyzer's declared reference option (``Analyzer.reference``) at the run's first checkpoint
+    when the user left it unset.
+
+    Returns:
+        ``{analyzer: {"reference_sha256": hash}}`` with the reference file's content hash, for the cache key
+        (``{}`` for analyzers without a reference file).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for a, spec in chosen.items():
+        name = getattr(spec, "reference", None)
+        out[a] = {}
+        if not name:
+            continue
+        if getattr(configs[a], name) is None:
+            setattr(configs[a], name, checkpoints[0].path)
+            out[a] = {"reference_sha256": checkpoints[0].sha256}
+        elif Path(getattr(configs[a], name)).is_file():
+            out[a] = {"reference_sha256": file_sha256(Path(getattr(configs[a], name)))}
+    return out
+
+
 def _config_of(results: Mapping[tuple[str, str], Result], analyzer: str) -> Any:
     for (_, a), res in results.items():
         if a == analyzer and "config" in res.metadata:
@@ -580,6 +604,7 @@ def sweep(
         raise DiagnosticsError(f"options given for analyzers that are not run: {stray_options}")
 
     checkpoints = discover_checkpoints(run, pattern=settings.pattern, exclude=exclude, cache_dir=cache)
+    references = fill_references(chosen, configs, checkpoints)
     results: dict[tuple[str, str], Result] = {}
     computed: list[tuple[str, str]] = []
     cached: list[tuple[str, str]] = []
@@ -596,7 +621,7 @@ def sweep(
         for i, rc in enumerate(checkpoints, start=1):
             if mine is not None and i - 1 not in mine:
                 continue
-            inputs = {a: cache_inputs(rc.sha256, a, configs[a], settings) for a in chosen}
+            inputs = {a: {**cache_inputs(rc.sha256, a, configs[a], settings), **references[a]} for a in chosen}
             missing = []
             for a in chosen:
                 hit = load_cached(cache, inputs[a]) if cache is not None else None

@@ -475,6 +475,9 @@ class Analyzer:
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--resume-file``, where partial work is kept until it is done.
         sweep: whether ``diag run`` can run it over a run's checkpoints.
+        reference: the name of a path option that ``diag run`` sets to the run's first checkpoint (by step)
+            when the user left it unset, e.g. the initial weights of ``dynamics``' ``init``; the content hash
+            of that file joins the cache key.
     """
 
     name: str
@@ -490,6 +493,7 @@ class Analyzer:
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False
     sweep: bool = True
+    reference: str | None = None
 
     def params(self) -> list[Param]:
         """The config's options."""
