@@ -5,8 +5,9 @@ no estimator is involved. With ``w`` the analysed parameters (``--params``; all 
 ``L`` the mean loss over the analysed data and ``g = grad L(w)`` the full-batch gradient:
 
 * ``softmax_collapse_fraction`` (group = dtype): the fraction of samples whose floating-point softmax output
-  for the true class is exactly 1 in that dtype, so that their cross-entropy gradient ``softmax - onehot``
-  underflows (Prieto, Barsbey, Mediano, Birdal 2025, "Grokking at the edge of numerical stability"). It is
+  for the true class is exactly 1 in that dtype, so that the true-class entry of their cross-entropy gradient
+  ``softmax - onehot`` is exactly 0 and the sample stops pulling its logit up (Prieto, Barsbey, Mediano, Birdal
+  2025, "Grokking at the edge of numerical stability"). It is
   computed in the analysis dtype (``--dtype``) and in every dtype of ``--softmax-dtypes`` (the whole forward
   pass re-run with weights, buffers and inputs cast to it), and in float32 when the analysis runs in a
   lower precision.
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
-from diagnostics.options import FeatureOptions
+from diagnostics.options import POOLS, FeatureOptions
 from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
 from diagnostics.spec import Analyzer, Metric, Section, check_config, option
@@ -92,6 +93,9 @@ class DynamicsConfig(FeatureOptions):
         aliases=("--layer",),
         metavar="MODULE",
     )
+    pool: str | None = option(
+        None, help="how feature maps at --kernel-layer with more than two dimensions become vectors", choices=POOLS
+    )
     tau: float = option(
         0.025, help="a unit is dormant when its mean |activation| over the layer's mean is <= tau", min=0
     )
@@ -121,8 +125,8 @@ def softmax_collapsed(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Which samples' softmax output for the true class is exactly 1 in the dtype of ``logits``.
 
     ``p = softmax(z)`` is evaluated in ``logits.dtype`` (Prieto et al. 2025: the true class's probability
-    rounds to 1 once ``sum_{j != y} exp(z_j - z_y)`` falls below half an ulp of 1, and the cross-entropy
-    gradient of that sample underflows).
+    rounds to 1 once ``sum_{j != y} exp(z_j - z_y)`` falls below half an ulp of 1, and the true-class entry
+    of that sample's cross-entropy gradient ``p - onehot`` is exactly 0).
 
     Args:
         logits: ``[B, C]`` floating outputs.
@@ -719,8 +723,8 @@ ANALYZER = Analyzer(
     metrics=(
         Metric(
             "softmax_collapse_fraction",
-            "fraction of samples whose floating-point softmax output for the true class is exactly 1, so their "
-            "cross-entropy gradient underflows",
+            "fraction of samples whose floating-point softmax output for the true class is exactly 1, so the "
+            "true-class entry of their cross-entropy gradient softmax - onehot is exactly 0",
             higher_is_better=False,
             headline=True,
             group=_DTYPE,
