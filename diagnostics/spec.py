@@ -409,10 +409,10 @@ class FileOutput:
     require_suffix: str | None = None
     enables: str | None = None
 
-    def paths(self, given: Path, config: Any) -> list[Path]:
-        """The files written for ``--NAME given``."""
+    def paths(self, given: Path, config: Any) -> dict[str, Path]:
+        """The files that may be written for ``--NAME given``, by suffix (the renderer's keys)."""
         suffixes = self.suffixes(config) if callable(self.suffixes) else self.suffixes
-        return [given if not s else given.with_name(given.name + s) for s in suffixes]
+        return {s: given if not s else given.with_name(given.name + s) for s in suffixes}
 
 
 @dataclass(frozen=True)
@@ -437,9 +437,9 @@ class Section:
         title: the section heading.
         metrics: metrics drawn (one line per index/group; stderr as a band).
         text: one or two sentences saying what to look for.
-        thresholds: reference lines.
-        figure: ``"module:function"`` drawing custom figures instead of (or besides) the lines:
-            ``function(frame, artifacts) -> list[(name, title, Figure)]``.
+        thresholds: reference lines, drawn on the panel of the section's first metric.
+        figure: ``"module:function"`` drawing the section's figure instead of the line panels (then
+            ``metrics`` names what that figure shows, and they get no generic panel).
         log_y: logarithmic value axis.
         max_series: at most this many index/group lines per metric (the most important first).
     """
@@ -475,6 +475,8 @@ class Analyzer:
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--resume-file``, where partial work is kept until it is done.
         sweep: whether ``diag run`` can run it over a run's checkpoints.
+        order: position in ``diag --help``, ``diag run --list``, the README and the report (lower first;
+            ties by name).
         reference: the name of a path option that ``diag run`` sets to the run's first checkpoint (by step)
             when the user left it unset, e.g. the initial weights of ``dynamics``' ``init``; the content hash
             of that file joins the cache key.
@@ -493,6 +495,7 @@ class Analyzer:
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False
     sweep: bool = True
+    order: int = 50
     reference: str | None = None
 
     def params(self) -> list[Param]:
