@@ -771,7 +771,9 @@ ANALYZER = Analyzer(
             reference="Cortes et al. 2012; Kumar et al. 2024",
         ),
         Metric("train_accuracy", "training accuracy logged at this step, " + _LOGGED, higher_is_better=True),
-        Metric("val_accuracy", "validation accuracy logged at this step, " + _LOGGED, higher_is_better=True),
+        Metric(
+            "val_accuracy", "validation accuracy logged at this step, " + _LOGGED, higher_is_better=True, headline=True
+        ),
         Metric("train_loss", "training loss logged at this step, " + _LOGGED, unit="loss", higher_is_better=False),
         Metric("val_loss", "validation loss logged at this step, " + _LOGGED, unit="loss", higher_is_better=False),
     ),
