@@ -337,15 +337,12 @@ class _UnitScores:
 
 
 # ------------------------------------------------------------------------------------ analyzer
-def _labels(targets: Any, classes: int | None) -> torch.Tensor | None:
+def _labels(targets: Any) -> torch.Tensor | None:
     """Integer class labels of a batch's targets, or None when they are not class labels."""
     try:
-        y = features.class_labels(targets)
+        return features.class_labels(targets)
     except DiagnosticsError:
         return None
-    if classes is not None and y.numel() and int(y.max()) >= classes:
-        return None
-    return y
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -489,7 +486,7 @@ def analyze_dynamics(config: DynamicsConfig, ctx: Context, progress: ProgressFn 
     # --- one pass: gradient, logits, hooks
     n_total = ctx.n_samples
     classes: int | None = None
-    all_labels: list[torch.Tensor | None] = [_labels(b[1], None) for b in ctx.batches]
+    all_labels: list[torch.Tensor | None] = [_labels(b[1]) for b in ctx.batches]
     have_labels = all(y is not None for y in all_labels)
     if have_labels:
         classes = max(int(y.max()) for y in all_labels if y is not None and y.numel()) + 1
@@ -656,6 +653,8 @@ def _add_kernel_rows(
                     f"over the {config.max_bytes / 1024**3:.1f} GiB budget; use --pool mean or another --kernel-layer"
                 )
             acc = CoMoments(dim)
+        elif acc.m.shape[0] != int(z.shape[1]) + classes:
+            raise DiagnosticsError(f"layer '{layer}' changes its number of features between batches")
         y = torch.nn.functional.one_hot(labels, classes).to(torch.float64)
         acc.update(torch.cat([z.cpu(), y], 1))
         return acc, None
