@@ -58,6 +58,9 @@ EXAMPLE_FACTORIES = frozenset(
         "diagnostics.examples.detector:build_detector",
         "diagnostics.examples.detector:train_images",
         "diagnostics.examples.detector:test_images",
+        "diagnostics.examples.grokking:build_model",
+        "diagnostics.examples.grokking:train_data",
+        "diagnostics.examples.grokking:val_data",
     }
 )
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")

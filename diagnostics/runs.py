@@ -88,6 +88,7 @@ FOLDER_FILES = (
     "report.md",
 )
 DEFAULT_ANALYZERS = ("hessian",)
+SWEEP_WITH = (None, "first", "previous")
 # Top-level keys of diag.toml that bind checkpoints to code (part of the cache key).
 _BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs")
 
@@ -617,7 +618,9 @@ class SweepResult:
                 return "failed"
             if (name, analyzer) in computed:
                 return "computed"
-            return "skipped" if name in skipped else "cached"
+            if name in skipped:
+                return "skipped"
+            return "cached" if (name, analyzer) in self.results else "none"
 
         return {
             "format": MANIFEST_FORMAT,
@@ -715,6 +718,11 @@ def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[d
     if stray:
         raise DiagnosticsError(f"options given for analyzers that are not run: {stray}")
     chosen = {a: available[a] for a in settings.analyzers}
+    odd = {a: w for a, spec in chosen.items() if (w := getattr(spec, "sweep_with", None)) not in SWEEP_WITH}
+    if odd:
+        raise DiagnosticsError(
+            f"analyzer(s) {sorted(odd)} declare sweep_with {sorted(odd.values())}; known: first, previous"
+        )
     return chosen, {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
 
 
@@ -743,18 +751,63 @@ def _scoped(progress: ProgressFn | None, analyzer: str) -> ProgressFn | None:
     return lambda task, done, total: progress(f"{analyzer}: {task}", done, total)
 
 
-def _analyze(
-    rc: RunCheckpoint,
-    missing: list[str],
-    job: _Job,
-    tally: _Tally,
-    progress: ProgressFn | None,
-) -> list[str]:
-    """Compute the ``missing`` analyzers of one checkpoint (cache filled as each finishes) -> those done."""
+@dataclass
+class _Job:
+    """A sweep's fixed inputs: settings, analyzers and configs, cache folder, the run's checkpoints."""
+
+    settings: SweepSettings
+    chosen: dict[str, Any]
+    configs: dict[str, Any]
+    cache: Path | None
+    keep_going: bool
+    checkpoints: list[RunCheckpoint] = field(default_factory=list)
+    opened: dict[str, Any] = field(default_factory=dict)  # the last contexts, reused as references
+
+    def reference(self, analyzer: str, i: int) -> RunCheckpoint | None:
+        """The checkpoint that ``sweep_with`` pairs with checkpoint ``i`` (None: none)."""
+        kind = getattr(self.chosen[analyzer], "sweep_with", None)
+        if kind == "first":
+            return self.checkpoints[0]
+        if kind == "previous" and i > 0:
+            return self.checkpoints[i - 1]
+        return None
+
+    def wants_reference(self, analyzer: str) -> bool:
+        return getattr(self.chosen[analyzer], "sweep_with", None) is not None
+
+    def config(self, analyzer: str, i: int) -> Any:
+        """The config, with the reference checkpoint's path in the declared option when the user left it unset."""
+        cfg, option = self.configs[analyzer], getattr(self.chosen[analyzer], "reference_option", None)
+        ref = self.reference(analyzer, i)
+        if option and ref is not None and getattr(cfg, option) is None:
+            cfg = replace(cfg, **{option: ref.path})
+        return cfg
+
+    def inputs(self, i: int, analyzer: str) -> dict[str, Any]:
+        """The cache key's inputs of one result (the reference's content hash included)."""
+        rc, ref = self.checkpoints[i], self.reference(analyzer, i)
+        out = cache_inputs(rc.sha256, analyzer, self.config(analyzer, i), self.settings)
+        if ref is not None:
+            out["reference_sha256"] = ref.sha256
+        return out
+
+    def context(self, rc: RunCheckpoint, need_targets: bool) -> Any:
+        """The context of a checkpoint, reusing the one opened last (a reference is usually the previous one)."""
+        key = f"{rc.sha256}|{need_targets}"
+        if key not in self.opened:
+            while len(self.opened) >= 2:
+                self.opened.pop(next(iter(self.opened)))
+            self.opened[key] = _open(rc, self.settings, need_targets)
+        return self.opened[key]
+
+
+def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: ProgressFn | None) -> list[str]:
+    """Compute the ``missing`` analyzers of checkpoint ``i`` (the cache filled as each finishes) -> those done."""
     from diagnostics.runner import run_analyzer
 
+    rc = job.checkpoints[i]
     try:
-        ctx = _open(rc, job.settings, any(job.chosen[a].needs_targets for a in missing))
+        ctx = job.context(rc, any(job.chosen[a].needs_targets for a in missing))
     except CheckpointChanged as exc:
         tally.skipped.append(SweepSkip(rc.name, str(exc)))
         return []
@@ -765,12 +818,17 @@ def _analyze(
         return []
     done = []
     for a in missing:
+        spec, ref = job.chosen[a], job.reference(a, i)
         try:
+            others = (
+                [job.context(ref, spec.needs_targets)] if ref and not getattr(spec, "reference_option", None) else []
+            )
             res = run_analyzer(
-                job.chosen[a],
-                job.configs[a],
+                spec,
+                job.config(a, i),
                 ctx,
                 _scoped(progress, a),
+                others=others,
                 replicates=job.settings.replicates,
                 replicate_samples=job.settings.samples,
             )
@@ -780,39 +838,23 @@ def _analyze(
             tally.failures.append(SweepFailure(rc.name, a, _one_line(exc)))
             continue
         if job.cache is not None:
-            store_cached(job.cache, job.inputs(rc, a), res)
+            store_cached(job.cache, job.inputs(i, a), res)
         tally.results[(rc.name, a)] = _relabel(res, rc)
         tally.computed.append((rc.name, a))
         done.append(a)
     return done
 
 
-@dataclass
-class _Job:
-    """A sweep's fixed inputs: settings, analyzers and configs, cache folder."""
-
-    settings: SweepSettings
-    chosen: dict[str, Any]
-    configs: dict[str, Any]
-    cache: Path | None
-    keep_going: bool
-
-    def inputs(self, rc: RunCheckpoint, analyzer: str) -> dict[str, Any]:
-        return cache_inputs(rc.sha256, analyzer, self.configs[analyzer], self.settings)
-
-
 def _one_checkpoint(
-    label: str,
-    rc: RunCheckpoint,
-    job: _Job,
-    tally: _Tally,
-    progress: ProgressFn | None,
-    log: Callable[[str], None] | None,
+    i: int, job: _Job, tally: _Tally, progress: ProgressFn | None, log: Callable[[str], None] | None
 ) -> None:
-    """Cached results of one checkpoint, then the missing ones computed; one log line."""
+    """Cached results of checkpoint ``i``, then the missing ones computed; one log line."""
+    rc, label = job.checkpoints[i], f"[{i + 1}/{len(job.checkpoints)}]"
     missing = []
     for a in job.chosen:
-        hit = load_cached(job.cache, job.inputs(rc, a), tally.warn) if job.cache is not None and rc.sha256 else None
+        if job.wants_reference(a) and job.reference(a, i) is None:
+            continue  # paired with the previous checkpoint: the first one has none
+        hit = load_cached(job.cache, job.inputs(i, a), tally.warn) if job.cache is not None and rc.sha256 else None
         if hit is None:
             missing.append(a)
         else:
@@ -823,7 +865,7 @@ def _one_checkpoint(
             log(f"{label} {rc.name} (step {rc.step}): cached")
         return
     t0 = time.perf_counter()
-    done = _analyze(rc, missing, job, tally, progress)
+    done = _analyze(i, missing, job, tally, progress)
     if log is None:
         return
     failed = [f.analyzer for f in tally.failures if f.checkpoint == rc.name]
@@ -879,7 +921,7 @@ def sweep(
     chosen, configs = _choose(settings, specs)
     job = _Job(settings, chosen, configs, None if cache_dir is None else Path(cache_dir), keep_going)
     tally = _Tally()
-    checkpoints = discover_checkpoints(
+    checkpoints = job.checkpoints = discover_checkpoints(
         Path(run_dir),
         pattern=settings.pattern,
         exclude=exclude,
@@ -895,9 +937,9 @@ def sweep(
     group = distributed.world()
     mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else set(range(total))
     with distributed.local_only() if group.active else contextlib.nullcontext():
-        for i, rc in enumerate(checkpoints):
+        for i in range(total):
             if i in mine:
-                _one_checkpoint(f"[{i + 1}/{total}]", rc, job, tally, progress, log)
+                _one_checkpoint(i, job, tally, progress, log)
             if progress is not None:
                 progress("checkpoints", i + 1, total)
     if group.active:

@@ -480,10 +480,15 @@ class Analyzer:
         needs_targets: whether the data must carry targets.
         uses_loss: whether ``--loss`` applies.
         checkpoints: (fewest, most) checkpoints the command takes.
-        resumable: the command gets ``--resume-file``, where partial work is kept until it is done.
+        resumable: the command gets ``--cache PATH``, where partial work is kept until it is done.
         sweep: whether ``diag run`` can run it over a run's checkpoints.
         order: position in ``diag --help``, ``diag run --list``, the README and the report (lower first;
             ties by name).
+        sweep_with: which other checkpoint of the run ``diag run`` gives each checkpoint: None (each alone),
+            ``"first"`` (the run's first checkpoint by step, e.g. the initial weights) or ``"previous"`` (the
+            one before it; the first checkpoint then gets no result). Its content hash joins the cache key.
+        reference_option: with ``sweep_with``, the name of a path option that receives that checkpoint's path
+            when the user left it unset; without it the analyzer gets the checkpoint as ``others=[ctx]``.
     """
 
     name: str
@@ -500,6 +505,8 @@ class Analyzer:
     resumable: bool = False
     sweep: bool = True
     order: int = 50
+    sweep_with: str | None = None
+    reference_option: str | None = None
 
     def params(self) -> list[Param]:
         """The config's options."""

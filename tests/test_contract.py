@@ -86,13 +86,16 @@ def test_analyzer_modules_import_nothing_heavy() -> None:
 
 def _records(text: str) -> list[tuple]:
     rows = json.loads(text)
-    return sorted((r["metric"], r["index"], r["group"], r["value"], r["stderr"]) for r in rows)
+    rows = [(r["metric"], r["index"], r["group"], r["value"], r["stderr"]) for r in rows]
+    return sorted(rows, key=lambda row: [(v is not None, v if v is not None else 0) for v in row])
 
 
 @pytest.mark.parametrize("analyzer", [a for a in ANALYZERS if a.sweep and a.name not in NOT_ON_DIGITS], ids=ids)
 def test_command_and_sweep_give_the_same_records(analyzer: Analyzer, digits_run: list[Path], tmp_path: Path) -> None:
-    quick = QUICK.get(analyzer.name, [])
     ck = digits_run[-1]
+    quick = QUICK.get(analyzer.name, [])
+    if analyzer.reference_option:  # diag run fills the reference with the run's first checkpoint: name it for both
+        quick = [*quick, "--" + analyzer.reference_option.replace("_", "-"), str(ck)]
     single = CliRunner().invoke(app, [analyzer.name, str(ck), *quick, "--samples", "300", "-f", "json", "-q"])
     assert single.exit_code == 0, single.output
     run_dir = tmp_path / "run"

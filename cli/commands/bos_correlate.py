@@ -67,8 +67,8 @@ def bos_correlate(**values: Any) -> None:
     """Run the command with its parsed ``values`` (errors become one line and exit code 2)."""
     from diag_cli.common import emit
     from diagnostics.analyzers.stability import correlate_files
-    from diagnostics.render import bos_fit
     from diagnostics.outputs import atomic_write_bytes
+    from diagnostics.render import bos_fit
 
     out = resolve_config(OutputOptions, flags=split_values(values, OutputOptions))
     opts = resolve_config(CorrelateOptions, flags=split_values(values, CorrelateOptions))
