@@ -104,6 +104,12 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     files = planned_files(analyzer, values, config, inputs, out)
     rank = distributed.init_from_env()
     trust = project_opts.trust_checkpoint_factories
+    if len(inputs) == 2 and all(p.is_dir() for p in inputs) and _holds_checkpoints(inputs):
+        result = _run_pairs(analyzer, config, inputs, binding, project, trust, values, out)
+        if rank.is_main:
+            emit(result, out.format, out.out, out.quiet)
+            write_files(analyzer, result, config, files)
+        return
     contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
     with progress_bar(out.quiet or not rank.is_main) as progress:
         result = run_analyzer(
@@ -118,3 +124,76 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     if rank.is_main:
         emit(result, out.format, out.out, out.quiet)
         write_files(analyzer, result, config, files)
+
+
+def _holds_checkpoints(folders: list[Path]) -> bool:
+    from diagnostics.runs import checkpoint_files
+
+    try:
+        return all(checkpoint_files(f) for f in folders)
+    except DiagnosticsError:
+        return False
+
+
+def _run_pairs(
+    analyzer: Analyzer,
+    config: Any,
+    runs: list[Path],
+    binding: BindingOptions,
+    project: Project,
+    trust: bool,
+    values: dict[str, Any],
+    out: OutputOptions,
+) -> Any:
+    """Two run folders: the analyzer on every pair of checkpoints with the same step, one table of records.
+
+    Records carry the first run's checkpoint (relative to its folder) and the step; table artifacts are
+    concatenated with a ``step`` column; the metadata lists the pairs and each pair's own metadata.
+    """
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from diag_cli.common import progress_bar
+    from diagnostics.results import Result
+    from diagnostics.runner import open_context, run_analyzer
+    from diagnostics.runs import paired_checkpoints
+
+    asked = [fo for fo, _ in requested_files(analyzer, values).values() if fo.enables]
+    if asked:  # such a file holds the state of one pair of checkpoints
+        flags = ", ".join("--" + fo.name.replace("_", "-") for fo in asked)
+        raise DiagnosticsError(f"{flags} describes one pair of checkpoints; give two checkpoint files, not run folders")
+    pairs, notes = paired_checkpoints(runs[0], runs[1])
+    records, parts, tables = [], [], {}
+    with progress_bar(out.quiet) as progress:
+        for i, (a, b) in enumerate(pairs):
+            ctx_a = open_context(a.path, binding, project, trust=trust, need_targets=analyzer.needs_targets)
+            ctx_b = open_context(b.path, binding, project, trust=trust, need_targets=analyzer.needs_targets)
+            res = run_analyzer(
+                analyzer,
+                config,
+                ctx_a,
+                progress,
+                others=[ctx_b],
+                replicates=binding.replicates,
+                replicate_samples=binding.samples,
+            )
+            records += [replace(r, checkpoint=a.name, step=a.step) for r in res.records]
+            meta = {k: v for k, v in res.metadata.items() if k not in ("versions", "binding", "config")}
+            parts.append({"step": a.step, "a": a.name, "b": b.name, **meta})
+            for name, df in res.artifacts.items():
+                if isinstance(df, pd.DataFrame):
+                    tables.setdefault(name, []).append(df.assign(step=a.step))
+            if progress is not None:
+                progress("pairs", i + 1, len(pairs))
+    first = dict(res.metadata)
+    metadata = {
+        **{k: first[k] for k in ("analyzer", "config", "versions", "binding", "seed", "dtype", "device") if k in first},
+        "runs": [str(r) for r in runs],
+        "pairs": parts,
+        "seconds": sum(float(p.get("seconds") or 0.0) for p in parts),
+        "hvp_count": sum(int(p.get("hvp_count") or 0) for p in parts),
+        "notes": list(dict.fromkeys([*notes, *(n for p in parts for n in p.get("notes") or [])])),
+    }
+    artifacts = {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
+    return Result(records, metadata, artifacts)

@@ -186,6 +186,56 @@ def discover_checkpoints(
     return sorted(out, key=_sort_key)
 
 
+def paired_checkpoints(
+    run_a: str | Path, run_b: str | Path, pattern: str | None = None
+) -> tuple[list[tuple[RunCheckpoint, RunCheckpoint]], list[str]]:
+    """The checkpoints of two runs that share a step (e.g. two seeds of one recipe), ordered by step.
+
+    Args:
+        run_a, run_b: the run folders.
+        pattern: a glob selecting the checkpoint files in both.
+
+    Returns:
+        (pairs ``(checkpoint of A, checkpoint of B)``, notes naming the steps only one run has).
+
+    Raises:
+        DiagnosticsError: a folder without checkpoints, or no step in common.
+    """
+    a = discover_checkpoints(run_a, pattern=pattern)
+    b = discover_checkpoints(run_b, pattern=pattern)
+    by_step: dict[int, RunCheckpoint] = {}
+    for rc in b:
+        if rc.step is not None:
+            by_step.setdefault(rc.step, rc)
+    pairs: list[tuple[RunCheckpoint, RunCheckpoint]] = []
+    for rc in a:
+        if rc.step in by_step and all(p[0].step != rc.step for p in pairs):
+            pairs.append((rc, by_step[rc.step]))
+    steps_a = [rc.step for rc in a if rc.step is not None]
+    steps_b = list(by_step)
+    if not pairs:
+        raise DiagnosticsError(
+            f"runs '{run_a}' (steps {_steps_text(steps_a)}) and '{run_b}' (steps {_steps_text(steps_b)}) share no "
+            "step; checkpoints are paired by their step"
+        )
+    notes = []
+    for name, own, other in (("first", steps_a, steps_b), ("second", steps_b, steps_a)):
+        alone = sorted(set(own) - set(other))
+        if alone:
+            notes.append(f"steps only in the {name} run are left out: {_steps_text(alone)}")
+    unknown = [rc.name for rc in [*a, *b] if rc.step is None]
+    if unknown:
+        notes.append(f"checkpoints without a step are left out: {', '.join(unknown[:5])}")
+    return pairs, notes
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = sorted(steps)
+    if not steps:
+        return "none known"
+    return ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
+
+
 # ------------------------------------------------------------------------------------- settings
 @dataclass
 class SweepSettings:
@@ -333,11 +383,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default)
 
 
-def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: SweepSettings) -> dict[str, Any]:
-    """Everything that determines one cached result."""
+def cache_inputs(
+    checkpoint_sha256: str, analyzer: str, config: Any, settings: SweepSettings, others: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Everything that determines one cached result (``others``: the hashes of further checkpoints it compares)."""
     from diagnostics import __version__
 
-    return {
+    out = {
         "cache_version": CACHE_VERSION,
         "package_version": __version__,
         "checkpoint_sha256": checkpoint_sha256,
@@ -353,6 +405,9 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
         "dtype": settings.dtype or "float32",
         "params": settings.params,
     }
+    if others:
+        out["others_sha256"] = list(others)
+    return out
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
@@ -490,7 +545,13 @@ class SweepResult:
                     "step_source": rc.step_source,
                     "sha256": rc.sha256,
                     "status": {
-                        a: "failed" if (rc.name, a) in failed else "computed" if (rc.name, a) in computed else "cached"
+                        a: "failed"
+                        if (rc.name, a) in failed
+                        else "computed"
+                        if (rc.name, a) in computed
+                        else "cached"
+                        if (rc.name, a) in self.results
+                        else "none"
                         for a in self.settings.analyzers
                     },
                 }
@@ -574,6 +635,10 @@ def sweep(
             f"available: {', '.join(sorted(available)) or '(none)'}"
         )
     chosen = {a: available[a] for a in settings.analyzers}
+    pairing = {a: getattr(spec, "sweep_with", None) for a, spec in chosen.items()}
+    odd = {a: p for a, p in pairing.items() if p not in (None, "previous")}
+    if odd:
+        raise DiagnosticsError(f"analyzer(s) {sorted(odd)} declare sweep_with {sorted(odd.values())}; known: previous")
     configs = {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
     stray_options = sorted(set(settings.options) - set(chosen))
     if stray_options:
@@ -592,13 +657,46 @@ def sweep(
     group = distributed.world()
     mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else None
     scope = distributed.local_only() if group.active else contextlib.nullcontext()
+    opened: dict[str, Any] = {}  # the contexts of the current and the previous checkpoint
+
+    def open_ctx(rc: RunCheckpoint, need_targets: bool) -> Any:
+        if rc.name not in opened:
+            ck = load_checkpoint(rc.path)
+            binding = resolve_binding(
+                ck.factories,
+                model=settings.model,
+                data=settings.data,
+                loss=settings.loss,
+                config=settings.config,
+                trust_checkpoint=settings.trust_checkpoint,
+            )
+            opened[rc.name] = build_context(
+                ck,
+                binding,
+                device=settings.device,
+                dtype=settings.dtype,
+                seed=settings.seed,
+                samples=settings.samples,
+                batch_size_=settings.batch_size,
+                params=settings.params,
+                need_targets=need_targets,
+            )
+            while len(opened) > 2:
+                opened.pop(next(iter(opened)))
+        return opened[rc.name]
+
     with scope:
         for i, rc in enumerate(checkpoints, start=1):
             if mine is not None and i - 1 not in mine:
                 continue
-            inputs = {a: cache_inputs(rc.sha256, a, configs[a], settings) for a in chosen}
+            prev = checkpoints[i - 2] if i > 1 else None
+            here = [a for a in chosen if pairing[a] is None or prev is not None]  # "previous": not the first
+            inputs = {
+                a: cache_inputs(rc.sha256, a, configs[a], settings, others=[prev.sha256] if pairing[a] else ())
+                for a in here
+            }
             missing = []
-            for a in chosen:
+            for a in here:
                 hit = load_cached(cache, inputs[a]) if cache is not None else None
                 if hit is None:
                     missing.append(a)
@@ -609,26 +707,7 @@ def sweep(
             if missing:
                 t_ck = time.perf_counter()
                 try:
-                    ck = load_checkpoint(rc.path)
-                    binding = resolve_binding(
-                        ck.factories,
-                        model=settings.model,
-                        data=settings.data,
-                        loss=settings.loss,
-                        config=settings.config,
-                        trust_checkpoint=settings.trust_checkpoint,
-                    )
-                    ctx = build_context(
-                        ck,
-                        binding,
-                        device=settings.device,
-                        dtype=settings.dtype,
-                        seed=settings.seed,
-                        samples=settings.samples,
-                        batch_size_=settings.batch_size,
-                        params=settings.params,
-                        need_targets=any(chosen[a].needs_targets for a in missing),
-                    )
+                    ctx = open_ctx(rc, need_targets=any(chosen[a].needs_targets for a in missing))
                 except Exception as exc:
                     if not keep_going:
                         raise
@@ -642,7 +721,8 @@ def sweep(
                             progress(f"{_a}: {task}", done, tot)
 
                     try:
-                        res = chosen[a].run(configs[a], ctx, inner)
+                        extra = {"others": [open_ctx(prev, chosen[a].needs_targets)]} if pairing[a] and prev else {}
+                        res = chosen[a].run(configs[a], ctx, inner, **extra)
                     except Exception as exc:
                         if not keep_going:
                             raise

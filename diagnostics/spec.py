@@ -475,6 +475,10 @@ class Analyzer:
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--resume-file``, where partial work is kept until it is done.
         sweep: whether ``diag run`` can run it over a run's checkpoints.
+        sweep_with: how a sweep gives an analyzer taking several checkpoints its ``others``: None (each
+            checkpoint alone) or ``"previous"`` (each checkpoint with the one before it in the run,
+            ``run(config, checkpoint, others=[previous])``; the first checkpoint gets no result). Given two run
+            folders, its command pairs their checkpoints by step.
     """
 
     name: str
@@ -490,6 +494,7 @@ class Analyzer:
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False
     sweep: bool = True
+    sweep_with: str | None = None
 
     def params(self) -> list[Param]:
         """The config's options."""
