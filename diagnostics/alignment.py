@@ -736,11 +736,13 @@ class _Deriver:
                     self.D.fix(d)
 
     def block(self, node: fx.Node) -> None:
-        """An operation no rule covers: fine while its dimensions hold no hidden units (checked at the end)."""
+        """An operation no rule covers: fine while its inputs hold no hidden units (checked at the end); its outputs,
+        a function of unpermuted inputs, are held fixed."""
         where = self.where(node)
-        for t in [*self.tensors_in(node.args, node.kwargs), *_flatten_tds(self.vals.get(node))]:
+        for t in self.tensors_in(node.args, node.kwargs):
             for d in t.dims:
                 self.blocked.append((d, where))
+        self.fix_all(self.vals.get(node))
 
     def tensor_axes(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         if name not in self.axes:
@@ -1494,7 +1496,7 @@ class _Deriver:
             PermGroup(
                 index=g,
                 size=sizes[g],
-                label=f"{members[g][0][0]}[{members[g][0][1]}]" if members[g] else f"g{g}",
+                label=_label(g, members[g], layouts),
                 parent=parents.get(g),
                 members=tuple(members[g]),
             )
@@ -1553,6 +1555,26 @@ class _Deriver:
                     candidate[g] = None
         nested = {g: p for g, p in candidate.items() if p is not None}
         return {g: p for g, p in nested.items() if p not in nested}
+
+
+def _label(g: int, members: Sequence[tuple[str, int]], layouts: Mapping[str, tuple[Layout | None, ...]]) -> str:
+    """``fc1.weight[0]``, or ``blocks.0.q.weight[0] factor 2/2`` for a factor of a product (the dimensions within
+    each attention head)."""
+    if not members:
+        return f"g{g}"
+    name, axis = members[0]
+    lay = layouts[name][axis]
+    todo = [lay]
+    while todo:
+        node = todo.pop()
+        if node is None:
+            continue
+        if node.kind == "prod":
+            for k, part in enumerate(node.parts):
+                if part.kind == "perm" and part.group == g:
+                    return f"{name}[{axis}] factor {k + 1}/{len(node.parts)}"
+        todo += list(node.parts)
+    return f"{name}[{axis}]"
 
 
 def _preceding_factor(lay: Layout, g: int) -> int | None:

@@ -86,18 +86,24 @@ def test_analyzer_modules_import_nothing_heavy() -> None:
 
 def _records(text: str) -> list[tuple]:
     rows = json.loads(text)
-    return sorted((r["metric"], r["index"], r["group"], r["value"], r["stderr"]) for r in rows)
+    return sorted(
+        ((r["metric"], r["index"], r["group"], r["value"], r["stderr"]) for r in rows),
+        key=lambda t: (t[0], -1 if t[1] is None else t[1], "" if t[2] is None else t[2]),
+    )
 
 
 @pytest.mark.parametrize("analyzer", [a for a in ANALYZERS if a.sweep and a.name not in NOT_ON_DIGITS], ids=ids)
 def test_command_and_sweep_give_the_same_records(analyzer: Analyzer, digits_run: list[Path], tmp_path: Path) -> None:
     quick = QUICK.get(analyzer.name, [])
     ck = digits_run[-1]
-    single = CliRunner().invoke(app, [analyzer.name, str(ck), *quick, "--samples", "300", "-f", "json", "-q"])
+    # an analyzer swept with the previous checkpoint: "diag NAME CHECKPOINT PREVIOUS" is what the sweep computes
+    given = [ck, digits_run[-2]] if analyzer.sweep_with == "previous" else [ck]
+    single = CliRunner().invoke(app, [analyzer.name, *map(str, given), *quick, "--samples", "300", "-f", "json", "-q"])
     assert single.exit_code == 0, single.output
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / ck.name).write_bytes(ck.read_bytes())
+    for path in given:
+        (run_dir / path.name).write_bytes(path.read_bytes())
     sets = [
         f"--set={analyzer.name}.{flag[2:].replace('-', '_')}={value}" for flag, value in zip(quick[::2], quick[1::2])
     ]
