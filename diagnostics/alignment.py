@@ -14,7 +14,8 @@ one permutation at a time: with the others held fixed, each is a linear assignme
 ``max_pi sum_i C[i, pi(i)]``, ``C = sum_W A_W B'_W^T`` (``A_W``, ``B'_W``: the tensors with the permuted
 axis first, flattened; ``B'`` with every other permutation applied), solved exactly by
 ``scipy.optimize.linear_sum_assignment``. Permutations are visited in a seeded random order, sweep after
-sweep, until a whole sweep changes none (each step cannot lower the objective).
+sweep, until a whole sweep changes none (each step cannot lower the objective); the first sweep starts from an
+anchored pass in data-flow order (see :func:`weight_matching`).
 
 **The permutation specification is derived from the model**, not written by hand: :func:`derive_spec`
 traces ``model.forward`` with ``torch.fx`` (the modules below are leaves, everything else is traced
@@ -1840,14 +1841,27 @@ def _lsa(cost: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _tensor_groups(spec: PermutationSpec, name: str) -> set[int]:
+    return set().union(*(lay.groups() for lay in spec.layouts[name] if lay is not None))
+
+
+def _anchored(spec: PermutationSpec, g: int, solved: set[int]) -> bool:
+    """Whether some parameter holding ``g`` involves no other group that is not solved yet."""
+    allowed = solved | {g, *spec.children(g)}
+    return any(g in (gs := _tensor_groups(spec, n)) and gs <= allowed for n in spec.parameters)
+
+
 def _step(
     spec: PermutationSpec,
     g: int,
     perms: Permutations,
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
+    solved: set[int] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], float, float]:
     """Best permutation of group ``g`` (and its nested groups) with the others fixed.
+
+    With ``solved``, only the parameters whose other groups are all solved count (the initial pass).
 
     Returns:
         (perm of g, {child: per-parent perms}, new value, value of the current permutations) of the terms
@@ -1861,8 +1875,11 @@ def _step(
     ident = identity_permutations(spec)
     for c in (g, *children):
         free[c] = ident[c]
+    allowed = None if solved is None else solved | {g, *children}
     for name in spec.parameters:
         if name not in a or name not in b:
+            continue
+        if allowed is not None and not _tensor_groups(spec, name) <= allowed:
             continue
         lays = spec.layouts[name]
         slot_axes = [
@@ -1924,6 +1941,14 @@ def weight_matching(
     maximiser given the others (:func:`scipy.optimize.linear_sum_assignment`); a change is kept only when
     it raises the objective by more than rounding. Stops after a sweep that changes nothing.
 
+    Without ``init`` the sweeps start from an *anchored* pass instead of the identity: the groups are solved one
+    after another, each from only the parameters whose other permuted axes are already solved (the embedding
+    and the head anchor a residual stream, the first layer anchors its hidden units, and so on, in the order of
+    the data flow). Starting from the identity, a group solved first sees every tensor it shares with groups
+    that are still scrambled as noise, and on transformers the ascent then stalls far from the optimum (a test
+    shows it on a permuted copy of a 3-block model); the anchored pass recovers such copies exactly. It is kept
+    only when it is no worse than the identity.
+
     Args:
         spec: from :func:`derive_spec`.
         a: A's tensors ``{name: tensor}``.
@@ -1939,6 +1964,25 @@ def weight_matching(
     perms = {k: v.cpu().clone() for k, v in (init or identity_permutations(spec)).items()}
     history = [objective(spec, perms, a, b)]
     top = spec.top_level()
+    if init is None and top:  # anchored start: each group from the tensors whose other axes are settled
+        start = {k: v.clone() for k, v in perms.items()}
+        solved: set[int] = set()
+        todo = list(top)
+        while todo:
+            g = next((g for g in todo if _anchored(spec, g, solved)), None)
+            pi, kids, _, _ = _step(
+                spec, g if g is not None else todo[0], perms, a, b, solved if g is not None else None
+            )
+            g = g if g is not None else todo[0]
+            perms[g] = pi
+            perms.update(kids)
+            solved |= {g, *kids}
+            todo.remove(g)
+        anchored = objective(spec, perms, a, b)
+        if anchored < history[0]:  # never start below the identity
+            perms = start
+        else:
+            history.append(anchored)
     converged = not top
     sweeps = 0
     while top and sweeps < max_sweeps:

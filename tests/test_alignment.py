@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from diagnostics import alignment as al
 from diagnostics.errors import DiagnosticsError
+from diagnostics.examples.digits import build_cnn
 
 F64 = torch.float64
 
@@ -124,6 +125,8 @@ CASES = {
         lambda g: torch.randn(3, 4, 5, generator=g, dtype=F64),
     ),
     "multihead_attention": (lambda: TorchMHA(), lambda g: torch.randn(3, 4, 5, generator=g, dtype=F64)),
+    # shape-dependent Python in forward (x.dim()), AdaptiveAvgPool2d and nn.Flatten in an nn.Sequential
+    "digits_cnn": (lambda: build_cnn(channels=3), lambda g: torch.randn(4, 64, generator=g, dtype=F64)),
 }
 
 
@@ -240,6 +243,44 @@ def test_per_head_permutations_differ_between_heads_and_keep_the_function() -> N
         torch.cat([state["blocks.0.k.weight"][4:][[2, 0, 3, 1]], state["blocks.0.k.weight"][:4][[1, 3, 0, 2]]]),
     )
     assert torch.allclose(functional_call(model, permuted, (x,)), model(x), rtol=0, atol=1e-12)
+
+
+class Stack(nn.Module):
+    """Three blocks of width 64 with 4 heads: many groups share the residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(6, 64)
+        self.blocks = nn.ModuleList([Block(64, 4) for _ in range(3)])
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def test_the_anchored_start_recovers_a_deeper_transformer_where_the_identity_start_stalls() -> None:
+    model = _randomise(Stack(), 0)
+    x = torch.randn(3, 5, 6, dtype=F64)
+    spec = al.derive_spec(model, x)
+    state = _state(model)
+    permuted = al.apply_permutations(spec, al.random_permutations(spec, torch.Generator().manual_seed(0)), state)
+    best = al.objective(spec, al.identity_permutations(spec), state, state)
+    match = al.weight_matching(spec, state, permuted)
+    aligned = al.apply_permutations(spec, match.perms, permuted)
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+    stalled = al.weight_matching(spec, state, permuted, init=al.identity_permutations(spec))
+    assert stalled.converged and stalled.objective[-1] < 0.5 * best
+
+
+def test_matching_two_different_networks_never_ends_below_the_identity() -> None:
+    a, b = _randomise(Transformer(), 1), _randomise(Transformer(), 2)
+    spec = al.derive_spec(a, torch.randn(2, 4, 5, dtype=F64))
+    match = al.weight_matching(spec, _state(a), _state(b))
+    assert match.converged and match.objective[-1] >= match.objective[0]
+    assert match.objective[1:] == sorted(match.objective[1:])
 
 
 def test_a_model_without_hidden_units_is_left_unchanged() -> None:
