@@ -51,7 +51,7 @@ def analyzer_config(analyzer: Analyzer, values: dict[str, Any], project: Project
 
 def planned_files(
     analyzer: Analyzer, values: dict[str, Any], config: Any, inputs: list[Path], out: OutputOptions
-) -> dict[str, list[Path]]:
+) -> dict[str, dict[str, Path]]:
     """Every file the command will write, decided before anything is computed (see :mod:`diagnostics.outputs`)."""
     try:
         from diagnostics.outputs import plan_outputs
@@ -70,19 +70,21 @@ def planned_files(
         if fo.require_suffix and path.suffix.lower() != fo.require_suffix:
             raise DiagnosticsError(f"--{name.replace('_', '-')} '{path}' must end in {fo.require_suffix}")
     records = [out.out] if out.out is not None else []
-    plan_outputs(records=records, files=[p for ps in files.values() for p in ps], inputs=inputs, force=out.force)
+    plan_outputs(
+        records=records, files=[p for ps in files.values() for p in ps.values()], inputs=inputs, force=out.force
+    )
     return files
 
 
-def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, list[Path]]) -> None:
+def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, dict[str, Path]]) -> None:
     """Render and write the extra output files (after the records were printed)."""
     from diagnostics.results import atomic_write_bytes
 
     for name, paths in files.items():
         fo = next(f for f in analyzer.outputs if f.name == name)
         rendered = load_callable(fo.render)(result, config)
-        for path, data in zip(paths, rendered.values()):
-            atomic_write_bytes(path, data)
+        for suffix, data in rendered.items():
+            atomic_write_bytes(paths[suffix], data)
 
 
 def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
@@ -93,6 +95,7 @@ def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
     from diag_cli.common import emit, progress_bar
+    from diag_cli.resume import resume_store
     from diagnostics import distributed
     from diagnostics.runner import open_context, run_analyzer
 
@@ -111,19 +114,21 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
             write_files(analyzer, result, config, files)
         return
     contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
-    with progress_bar(out.quiet or not rank.is_main) as progress:
-        result = run_analyzer(
-            analyzer,
-            config,
-            contexts[0],
-            progress,
-            others=contexts[1:],
-            replicates=binding.replicates,
-            replicate_samples=binding.samples,
-        )
-    if rank.is_main:
-        emit(result, out.format, out.out, out.quiet)
-        write_files(analyzer, result, config, files)
+    with resume_store(analyzer, values, files, inputs, out.force) as resume:
+        with progress_bar(out.quiet or not rank.is_main) as progress:
+            result = run_analyzer(
+                analyzer,
+                config,
+                contexts[0],
+                progress,
+                others=contexts[1:],
+                resume=resume,
+                replicates=binding.replicates,
+                replicate_samples=binding.samples,
+            )
+        if rank.is_main:
+            emit(result, out.format, out.out, out.quiet)
+            write_files(analyzer, result, config, files)
 
 
 def _holds_checkpoints(folders: list[Path]) -> bool:

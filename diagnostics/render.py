@@ -39,6 +39,33 @@ def hessian_density(result: Result, config: Any) -> dict[str, bytes]:
     return {".csv": df.to_csv(index=False).encode(), ".png": _png(fig)}
 
 
+def landscape_grid(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag landscape --grid-out FILE.csv``: the grid artifact (coordinates, loss, accuracy[, chord]) as CSV."""
+    return {"": result.artifacts["grid"].to_csv(index=False).encode()}
+
+
+def landscape_plot(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag landscape --plot PREFIX``: ``PREFIX.png`` (the curve along a direction or the line between two
+    checkpoints, or the contours of a plane) and, for a plane, ``PREFIX_surface.png``."""
+    from diagnostics.plots import landscape_contour_figure, landscape_curve_figure, landscape_surface_figure
+
+    grid = result.artifacts["grid"]
+    meta = result.metadata
+    if meta.get("mode") == "interpolation":
+        a, b = (meta.get("checkpoints") or ["", ""])[:2]
+        title = f"{a} -> {b}: barrier {meta['barrier']['value']:.4g}"
+        return {".png": _png(landscape_curve_figure(grid, title))}
+    info = meta.get("directions") or {}
+    kind = info.get("kind", "random")
+    if "y" not in grid.columns:
+        return {".png": _png(landscape_curve_figure(grid, _title(result, f"{kind} direction")))}
+    title = _title(result, f"{kind} plane ({info.get('normalize', '')}-normalised)")
+    return {
+        ".png": _png(landscape_contour_figure(grid, title)),
+        "_surface.png": _png(landscape_surface_figure(grid, title)),
+    }
+
+
 def compare_aligned_checkpoint(result: Result, config: Any) -> dict[str, bytes]:
     """``diag compare --align weights --save-aligned FILE.pt``: B with its hidden units permuted to match A.
 

@@ -409,10 +409,10 @@ class FileOutput:
     require_suffix: str | None = None
     enables: str | None = None
 
-    def paths(self, given: Path, config: Any) -> list[Path]:
-        """The files written for ``--NAME given``."""
+    def paths(self, given: Path, config: Any) -> dict[str, Path]:
+        """The files that may be written for ``--NAME given``, by suffix (the renderer's keys)."""
         suffixes = self.suffixes(config) if callable(self.suffixes) else self.suffixes
-        return [given if not s else given.with_name(given.name + s) for s in suffixes]
+        return {s: given if not s else given.with_name(given.name + s) for s in suffixes}
 
 
 @dataclass(frozen=True)
@@ -437,9 +437,9 @@ class Section:
         title: the section heading.
         metrics: metrics drawn (one line per index/group; stderr as a band).
         text: one or two sentences saying what to look for.
-        thresholds: reference lines.
-        figure: ``"module:function"`` drawing custom figures instead of (or besides) the lines:
-            ``function(frame, artifacts) -> list[(name, title, Figure)]``.
+        thresholds: reference lines, drawn on the panel of the section's first metric.
+        figure: ``"module:function"`` drawing the section's figure instead of the line panels (then
+            ``metrics`` names what that figure shows, and they get no generic panel).
         log_y: logarithmic value axis.
         max_series: at most this many index/group lines per metric (the most important first).
     """
@@ -479,6 +479,8 @@ class Analyzer:
             checkpoint alone) or ``"previous"`` (each checkpoint with the one before it in the run,
             ``run(config, checkpoint, others=[previous])``; the first checkpoint gets no result). Given two run
             folders, its command pairs their checkpoints by step.
+        order: position in ``diag --help``, ``diag run --list``, the README and the report (lower first;
+            ties by name).
     """
 
     name: str
@@ -495,6 +497,7 @@ class Analyzer:
     resumable: bool = False
     sweep: bool = True
     sweep_with: str | None = None
+    order: int = 50
 
     def params(self) -> list[Param]:
         """The config's options."""

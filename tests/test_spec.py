@@ -72,9 +72,9 @@ def test_unknown_table_key_is_an_error_with_did_you_mean() -> None:
 
 def test_file_output_paths_from_a_prefix() -> None:
     fo = FileOutput("density_out", "x", "m:f", suffixes=(".csv", ".png"))
-    assert fo.paths(Path("d/run"), None) == [Path("d/run.csv"), Path("d/run.png")]
+    assert fo.paths(Path("d/run"), None) == {".csv": Path("d/run.csv"), ".png": Path("d/run.png")}
     dyn = FileOutput("plot", "x", "m:f", suffixes=lambda cfg: (".png",) if cfg.top_k == 1 else ("_a.png", "_b.png"))
-    assert dyn.paths(Path("p"), ToyConfig(top_k=2)) == [Path("p_a.png"), Path("p_b.png")]
+    assert list(dyn.paths(Path("p"), ToyConfig(top_k=2)).values()) == [Path("p_a.png"), Path("p_b.png")]
 
 
 def test_project_file_keys_are_all_checked(tmp_path: Path) -> None:

@@ -756,6 +756,7 @@ ANALYZER = Analyzer(
     "hidden units to match A's first (Git Re-Basin weight matching; structure derived by torch.fx) and also "
     "reports the raw values as *_unaligned. Given two run folders, the checkpoints of equal step are compared.",
     config=CompareConfig,
+    order=60,
     run=analyze_compare,
     checkpoints=(2, 2),
     sweep_with="previous",
@@ -785,6 +786,7 @@ ANALYZER = Analyzer(
         Section(
             "Checkpoint to checkpoint",
             (
+                "weight_distance",
                 "relative_distance",
                 "weight_cosine",
                 "eigenspace_overlap",

@@ -328,6 +328,7 @@ ANALYZER = Analyzer(
     summary="top/bottom Hessian eigenvalues, trace, spectral density, edge of stability",
     description="Hessian spectrum of the loss at a checkpoint: eigenvalues, trace, density, edge of stability.",
     config=HessianConfig,
+    order=10,
     run=analyze_hessian,
     metrics=(
         Metric(
@@ -351,6 +352,7 @@ ANALYZER = Analyzer(
             "trace",
             "tr(H) by Hutch++ (low-rank sketch plus Hutchinson on the rest), with its standard error",
             unit="loss / weight^2",
+            headline=True,
             group=_GROUP,
             reference="Meyer et al. 2021",
         ),
@@ -369,6 +371,7 @@ ANALYZER = Analyzer(
         Metric(
             "eos_ratio",
             "eigenvalue_0 / eos_threshold (= λ_max η / 2 for GD); about 1 at the edge of stability",
+            headline=True,
             reference="Cohen et al. 2021",
         ),
     ),

@@ -306,6 +306,7 @@ ANALYZER = Analyzer(
     name=NAME,
     summary="RankMe, effective rank, stable rank, participation ratio, alpha-ReQ of layer features",
     config=RankConfig,
+    order=40,
     run=analyze_rank,
     needs_targets=False,
     uses_loss=False,

@@ -71,7 +71,7 @@ def _all() -> tuple[Any, ...]:
     out: list[Any] = []
     for name in analyzer_modules():
         out += declared_in(name)
-    return tuple(out)
+    return tuple(sorted(out, key=lambda a: (getattr(a, "order", 50), a.name)))
 
 
 def all_analyzers() -> dict[str, Analyzer]:

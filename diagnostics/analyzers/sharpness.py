@@ -529,6 +529,7 @@ ANALYZER = Analyzer(
     summary="worst-case (SAM), adaptive (ASAM) and average-case sharpness; edge-of-stability figures",
     description="Sharpness at a checkpoint: max_{||e||<=rho} L(w+e) - L(w) (solved), ASAM, Gaussian; EoS thresholds.",
     config=SharpnessConfig,
+    order=20,
     run=analyze_sharpness,
     metrics=(
         Metric(
