@@ -1642,13 +1642,25 @@ def _get_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+TRACE_ROWS = 4  # samples the model is traced on (every activation of the trace is kept)
+
+
+def _first_rows(x: Any, k: int) -> Any:
+    """The first ``k`` samples of a model argument (a tensor's rows, a list's items); anything else as is."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x[:k]
+    if isinstance(x, list):
+        return x[:k]
+    return x
+
+
 def derive_spec(model: nn.Module, inputs: Any) -> PermutationSpec:
     """The permutation symmetries of ``model``, derived by tracing it (see the module docstring).
 
     Args:
         model: the network (eval mode); its weights are not changed.
-        inputs: one batch of inputs (a tensor, or a tuple of the forward's positional arguments) used to
-            learn the shapes of every intermediate tensor.
+        inputs: one batch of inputs (a tensor, or a tuple of the forward's positional arguments); its first
+            :data:`TRACE_ROWS` samples are run through the model to learn the shapes of every intermediate tensor.
 
     Returns:
         The :class:`PermutationSpec`.
@@ -1658,6 +1670,7 @@ def derive_spec(model: nn.Module, inputs: Any) -> PermutationSpec:
             units (the message names its module).
     """
     args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
+    args = tuple(_first_rows(x, TRACE_ROWS) for x in args)
     gm, _ = _trace(model, args)
     deriver = _Deriver(model, gm)
     deriver.run()
@@ -1887,8 +1900,8 @@ def _step(
         ]
         if not slot_axes:
             continue
-        A = a[name].detach().double().cpu()
-        B = b[name].detach().double().cpu()
+        A = a[name].detach().to("cpu", torch.float64)
+        B = b[name].detach().to("cpu", torch.float64)
         for axis, slots in slot_axes:
             Bp = B
             for ax2, lay2 in enumerate(lays):
@@ -1961,6 +1974,8 @@ def weight_matching(
         The :class:`MatchResult` (apply it with :func:`apply_permutations`).
     """
     gen = generator or torch.Generator().manual_seed(0)
+    a = {n: a[n].detach().to("cpu", torch.float64) for n in spec.parameters if n in a and n in b}
+    b = {n: b[n].detach().to("cpu", torch.float64) for n in a}
     perms = {k: v.cpu().clone() for k, v in (init or identity_permutations(spec)).items()}
     history = [objective(spec, perms, a, b)]
     top = spec.top_level()

@@ -480,7 +480,7 @@ def _permute_vectors(spec: Any, perms: Any, ctx: Context, U: torch.Tensor) -> to
     space = FlatSpace.of(ctx.params)
     cols = []
     for j in range(U.shape[1]):
-        tensors = space.unflatten(U[:, j].to(space.dtype if space.dtype == torch.float64 else torch.float64))
+        tensors = space.unflatten(U[:, j].double())
         cols.append(torch.cat([t.reshape(-1) for t in alignment.apply_permutations(spec, perms, tensors).values()]))
     return torch.stack(cols, 1).double()
 
