@@ -283,12 +283,16 @@ def _summary(x: Any) -> Any:
     return None
 
 
+def _names(text: str) -> list[str]:
+    return text.split()
+
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
 _CONVS = (nn.modules.conv._ConvNd,)
 _POOLS = (
-    *tuple(
+    *(
         getattr(nn, f"{kind}{d}d")
         for kind in ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool")
         for d in (1, 2, 3)
@@ -297,33 +301,10 @@ _POOLS = (
 )
 _ELEMENTWISE_MODULES = tuple(
     getattr(nn, n)
-    for n in [
-        "ReLU",
-        "ReLU6",
-        "GELU",
-        "SiLU",
-        "Tanh",
-        "Sigmoid",
-        "LeakyReLU",
-        "ELU",
-        "SELU",
-        "CELU",
-        "Softplus",
-        "Mish",
-        "Hardswish",
-        "Hardsigmoid",
-        "Hardtanh",
-        "Softsign",
-        "Tanhshrink",
-        "Identity",
-        "Dropout",
-        "Dropout1d",
-        "Dropout2d",
-        "Dropout3d",
-        "AlphaDropout",
-        "Softmax",
-        "LogSoftmax",
-    ]
+    for n in _names(
+        "ReLU ReLU6 GELU SiLU Tanh Sigmoid LeakyReLU ELU SELU CELU Softplus Mish Hardswish Hardsigmoid Hardtanh "
+        "Softsign Tanhshrink Identity Dropout Dropout1d Dropout2d Dropout3d AlphaDropout Softmax LogSoftmax"
+    )
 )
 _LEAVES = (
     nn.Linear,
@@ -511,132 +492,29 @@ def _norm_dim(d: int, ndim: int) -> int:
 
 
 _ELEMENTWISE_FUNCTIONS: set[Any] = (
-    {
-        getattr(operator, n)
-        for n in ["add", "sub", "mul", "truediv", "neg", "pos", "pow", "iadd", "isub", "imul", "itruediv"]
-    }
+    {getattr(operator, n) for n in _names("add sub mul truediv neg pos pow iadd isub imul itruediv")}
     | {
         getattr(torch, n)
-        for n in [
-            "add",
-            "sub",
-            "subtract",
-            "mul",
-            "multiply",
-            "div",
-            "divide",
-            "true_divide",
-            "neg",
-            "pow",
-            "square",
-            "sqrt",
-            "rsqrt",
-            "exp",
-            "log",
-            "log1p",
-            "expm1",
-            "abs",
-            "tanh",
-            "sigmoid",
-            "relu",
-            "erf",
-            "sin",
-            "cos",
-            "clamp",
-            "clip",
-            "maximum",
-            "minimum",
-            "where",
-            "softmax",
-            "log_softmax",
-            "zeros_like",
-            "ones_like",
-            "full_like",
-            "empty_like",
-            "reciprocal",
-            "sign",
-            "nan_to_num",
-        ]
+        for n in _names(
+            "add sub subtract mul multiply div divide true_divide neg pow square sqrt rsqrt exp log log1p expm1 abs "
+            "tanh sigmoid relu erf sin cos clamp clip maximum minimum where softmax log_softmax zeros_like ones_like "
+            "full_like empty_like reciprocal sign nan_to_num"
+        )
     }
     | {
         getattr(F, n)
-        for n in [
-            "relu",
-            "relu6",
-            "gelu",
-            "silu",
-            "elu",
-            "selu",
-            "celu",
-            "leaky_relu",
-            "softplus",
-            "mish",
-            "hardswish",
-            "hardsigmoid",
-            "hardtanh",
-            "tanh",
-            "sigmoid",
-            "softsign",
-            "dropout",
-            "dropout1d",
-            "dropout2d",
-            "dropout3d",
-            "alpha_dropout",
-            "softmax",
-            "log_softmax",
-            "normalize",
-        ]
+        for n in _names(
+            "relu relu6 gelu silu elu selu celu leaky_relu softplus mish hardswish hardsigmoid hardtanh tanh sigmoid "
+            "softsign dropout dropout1d dropout2d dropout3d alpha_dropout softmax log_softmax normalize"
+        )
     }
 )
 _ELEMENTWISE_METHODS = set(
-    [
-        "add",
-        "add_",
-        "sub",
-        "sub_",
-        "mul",
-        "mul_",
-        "div",
-        "div_",
-        "neg",
-        "pow",
-        "square",
-        "sqrt",
-        "rsqrt",
-        "exp",
-        "log",
-        "abs",
-        "tanh",
-        "sigmoid",
-        "relu",
-        "erf",
-        "clamp",
-        "clamp_min",
-        "clamp_max",
-        "clip",
-        "maximum",
-        "minimum",
-        "softmax",
-        "log_softmax",
-        "masked_fill",
-        "masked_fill_",
-        "where",
-        "contiguous",
-        "clone",
-        "detach",
-        "float",
-        "double",
-        "half",
-        "bfloat16",
-        "to",
-        "type",
-        "type_as",
-        "cpu",
-        "cuda",
-        "requires_grad_",
-        "reciprocal",
-        "sign",
-    ]
+    _names(
+        "add add_ sub sub_ mul mul_ div div_ neg pow square sqrt rsqrt exp log abs tanh sigmoid relu erf clamp "
+        "clamp_min clamp_max clip maximum minimum softmax log_softmax masked_fill masked_fill_ where contiguous clone "
+        "detach float double half bfloat16 to type type_as cpu cuda requires_grad_ reciprocal sign"
+    )
 )
 _REDUCTIONS_F = {
     torch.mean: "mean",
