@@ -134,7 +134,7 @@ class CompareConfig(FeatureOptions):
         max_open=True,
     )
     max_iter: int = option(300, help="Lanczos iteration cap per checkpoint", min=1)
-    steps: int = option(11, help="interpolation grid points between (and including) A and B", min=2)
+    steps: int = option(11, help="interpolation grid points between (and including) A and B", min=3)
     refine_steps: int = option(16, help="golden-section steps refining the barrier (0: grid maximum only)", min=0)
     bn_recompute: bool = option(False, help="recompute BatchNorm statistics at every interpolated point")
     align_sweeps: int = option(100, help="most sweeps over all permutations in weight matching", min=1)
