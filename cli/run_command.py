@@ -127,6 +127,7 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     from diag_cli.resume import resume_store
     from diagnostics import distributed
     from diagnostics.runner import open_context, run_analyzer
+    from diagnostics.runs import sweep_pairs
 
     project_opts = resolve_config(ProjectOptions, flags=split_values(values, ProjectOptions))
     project = load_project(project_opts.config)
@@ -136,6 +137,14 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     planned = planned_files(analyzer, values, config, inputs, out, project_opts, binding)
     rank = distributed.init_from_env()
     trust = project_opts.trust_checkpoint_factories
+    if len(inputs) == 2 and all(p.is_dir() for p in inputs):  # two runs: every pair of checkpoints of one step
+        _refuse_pair_files(analyzer, values)
+        with progress_bar(out.quiet or not rank.is_main) as progress:
+            result = sweep_pairs(analyzer, config, inputs, binding, project.as_dict(), trust=trust, progress=progress)
+        if rank.is_main:
+            emit(result, out.format, out.out, out.quiet)
+            write_files(analyzer, result, config, planned.files)
+        return
     contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
     with resume_store(analyzer, planned.cache, planned.cache_is_temporary, out.force) as resume:
         with progress_bar(out.quiet or not rank.is_main) as progress:
@@ -152,3 +161,11 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
         if rank.is_main:
             emit(result, out.format, out.out, out.quiet)
             write_files(analyzer, result, config, planned.files)
+
+
+def _refuse_pair_files(analyzer: Analyzer, values: dict[str, Any]) -> None:
+    """An output file that holds the state of one pair (e.g. ``--save-aligned``) makes no sense for two runs."""
+    asked = [fo for fo, _ in requested_files(analyzer, values).values() if fo.enables]
+    if asked:
+        flags = ", ".join("--" + fo.name.replace("_", "-") for fo in asked)
+        raise DiagnosticsError(f"{flags} describes one pair of checkpoints; give two checkpoint files, not run folders")

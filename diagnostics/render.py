@@ -109,3 +109,70 @@ def landscape_plot(result: Result, config: Any) -> dict[str, bytes]:
         ".png": _png(landscape_contour_figure(grid, title)),
         "_surface.png": _png(landscape_surface_figure(grid, title)),
     }
+
+
+def compare_aligned_checkpoint(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag compare --align weights --save-aligned FILE.pt``: B with its hidden units permuted to match A.
+
+    The file is a checkpoint of :func:`diagnostics.save_checkpoint`'s format (tensors and plain metadata only, so
+    it loads with ``weights_only=True``): B's state dict in the analysis dtype, B's step/lr/factories, and
+    ``aligned_to`` naming A.
+    """
+    import io
+
+    import torch
+
+    from diagnostics.checkpoint import FORMAT_TAG
+    from diagnostics.errors import DiagnosticsError
+
+    saved = result.artifacts.get("aligned_checkpoint")
+    if not saved:
+        raise DiagnosticsError("--save-aligned needs --align weights and two checkpoint files")
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_TAG, "model": saved["state"], "metadata": saved["metadata"]}, buf)
+    return {"": buf.getvalue()}
+
+
+def compare_plot(result: Result, config: Any) -> dict[str, bytes]:
+    """``diag compare --plot PREFIX``: PREFIX.png.
+
+    One pair of checkpoints with ``--metrics barrier``: the loss (and accuracy) on ``(1-alpha) w_A + alpha w_B``
+    with the chord, aligned and raw. Otherwise (two runs): every comparison against the step.
+    """
+    from diagnostics.plots import metric_panels_figure
+
+    frame = result.frame()
+    grid = result.artifacts.get("interpolation")
+    steps = frame["step"].nunique(dropna=False) if len(frame) else 0
+    if grid is not None and steps <= 1 and "step" not in grid:
+        fig = _interpolation_figure(grid, _title(result, "Loss between the checkpoints"))
+    else:
+        from diagnostics.analyzers.compare import ANALYZER
+
+        metrics = [m.name for m in ANALYZER.metrics]
+        fig = metric_panels_figure(frame, metrics, title="Checkpoint comparisons against the step")
+    return {".png": _png(fig)}
+
+
+def _interpolation_figure(grid: Any, title: str) -> Any:
+    from matplotlib.figure import Figure
+
+    has_acc = bool(grid["accuracy"].notna().any())
+    fig = Figure(figsize=(9.5 if has_acc else 5.2, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+    for aligned, part in grid.groupby("aligned", sort=False):
+        label = "after weight matching" if aligned else "raw"
+        style = "-" if aligned else "--"
+        axes[0].plot(part["alpha"], part["loss"], style, marker="o", ms=3, label=f"loss, {label}")
+        axes[0].plot(part["alpha"], part["chord"], ":", color="grey", lw=1)
+        if has_acc:
+            axes[1].plot(part["alpha"], part["accuracy"], style, marker="o", ms=3, label=label)
+    axes[0].set_xlabel("alpha: (1 - alpha) w_A + alpha w_B")
+    axes[0].set_ylabel("loss")
+    axes[0].set_title(title, fontsize="medium")
+    axes[0].legend(fontsize="small")
+    if has_acc:
+        axes[1].set_xlabel("alpha")
+        axes[1].set_ylabel("accuracy")
+        axes[1].legend(fontsize="small")
+    return fig

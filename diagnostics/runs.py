@@ -269,6 +269,56 @@ def discover_checkpoints(
     return sorted(out, key=_sort_key)
 
 
+def paired_checkpoints(
+    run_a: str | Path, run_b: str | Path, pattern: str | None = None
+) -> tuple[list[tuple[RunCheckpoint, RunCheckpoint]], list[str]]:
+    """The checkpoints of two runs that share a step (e.g. two seeds of one recipe), ordered by step.
+
+    Args:
+        run_a, run_b: the run folders.
+        pattern: a glob selecting the checkpoint files in both.
+
+    Returns:
+        (pairs ``(checkpoint of A, checkpoint of B)``, notes naming the steps only one run has).
+
+    Raises:
+        DiagnosticsError: a folder without checkpoints, or no step in common.
+    """
+    a = discover_checkpoints(run_a, pattern=pattern)
+    b = discover_checkpoints(run_b, pattern=pattern)
+    by_step: dict[int, RunCheckpoint] = {}
+    for rc in b:
+        if rc.step is not None:
+            by_step.setdefault(rc.step, rc)
+    pairs: list[tuple[RunCheckpoint, RunCheckpoint]] = []
+    for rc in a:
+        if rc.step in by_step and all(p[0].step != rc.step for p in pairs):
+            pairs.append((rc, by_step[rc.step]))
+    steps_a = [rc.step for rc in a if rc.step is not None]
+    steps_b = list(by_step)
+    if not pairs:
+        raise DiagnosticsError(
+            f"runs '{run_a}' (steps {_steps_text(steps_a)}) and '{run_b}' (steps {_steps_text(steps_b)}) share no "
+            "step; checkpoints are paired by their step"
+        )
+    notes = []
+    for name, own, other in (("first", steps_a, steps_b), ("second", steps_b, steps_a)):
+        alone = sorted(set(own) - set(other))
+        if alone:
+            notes.append(f"steps only in the {name} run are left out: {_steps_text(alone)}")
+    unknown = [rc.name for rc in [*a, *b] if rc.step is None]
+    if unknown:
+        notes.append(f"checkpoints without a step are left out: {', '.join(unknown[:5])}")
+    return pairs, notes
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = sorted(steps)
+    if not steps:
+        return "none known"
+    return ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
+
+
 # ------------------------------------------------------------------------------------- settings
 @dataclass
 class SweepSettings:
@@ -449,7 +499,7 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
     """Everything that determines one cached result."""
     from diagnostics import __version__
 
-    return {
+    out = {
         "cache_version": CACHE_VERSION,
         "package_version": __version__,
         "checkpoint_sha256": checkpoint_sha256,
@@ -466,6 +516,7 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
         "params": settings.params,
         "replicates": settings.replicates,
     }
+    return out
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
@@ -966,6 +1017,64 @@ def sweep(
         skipped=tally.skipped,
         warnings=tally.warnings,
     )
+
+
+def sweep_pairs(
+    analyzer: Any,
+    config: Any,
+    runs: Sequence[Path],
+    binding: BindingOptions,
+    project: Mapping[str, Any],
+    *,
+    trust: bool = False,
+    progress: ProgressFn | None = None,
+) -> Result:
+    """Two runs (e.g. two seeds of one recipe): a two-checkpoint analyzer on every pair with the same step.
+
+    Records carry the first run's checkpoint (relative to its folder) and the step; table artifacts are
+    concatenated with a ``step`` column; the metadata lists the pairs (and each pair's own metadata).
+
+    Returns:
+        One :class:`~diagnostics.results.Result` over all pairs.
+
+    Raises:
+        DiagnosticsError: the runs share no step.
+    """
+    from diagnostics.runner import open_context, run_analyzer
+
+    pairs, notes = paired_checkpoints(runs[0], runs[1])
+    records, parts, tables = [], [], {}
+    for i, (a, b) in enumerate(pairs):
+        ctx_a, ctx_b = (
+            open_context(c.path, binding, project, trust=trust, need_targets=analyzer.needs_targets) for c in (a, b)
+        )
+        res = run_analyzer(
+            analyzer,
+            config,
+            ctx_a,
+            progress,
+            others=[ctx_b],
+            replicates=binding.replicates,
+            replicate_samples=binding.samples,
+        )
+        records += [replace(r, checkpoint=a.name, step=a.step) for r in res.records]
+        meta = {k: v for k, v in res.metadata.items() if k not in ("versions", "binding", "config")}
+        parts.append({"step": a.step, "a": a.name, "b": b.name, **meta})
+        for name, df in res.artifacts.items():
+            if isinstance(df, pd.DataFrame):
+                tables.setdefault(name, []).append(df.assign(step=a.step))
+        if progress is not None:
+            progress("pairs", i + 1, len(pairs))
+    first = dict(res.metadata)
+    metadata = {
+        **{k: first[k] for k in ("analyzer", "config", "versions", "binding", "seed", "dtype", "device") if k in first},
+        "runs": [str(r) for r in runs],
+        "pairs": parts,
+        "seconds": sum(float(p.get("seconds") or 0.0) for p in parts),
+        "hvp_count": sum(int(p.get("hvp_count") or 0) for p in parts),
+        "notes": list(dict.fromkeys([*notes, *(n for p in parts for n in p.get("notes") or [])])),
+    }
+    return Result(records, metadata, {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()})
 
 
 # ------------------------------------------------------------------------------- output folders

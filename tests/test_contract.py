@@ -96,11 +96,14 @@ def test_command_and_sweep_give_the_same_records(analyzer: Analyzer, digits_run:
     quick = QUICK.get(analyzer.name, [])
     if analyzer.reference_option:  # diag run fills the reference with the run's first checkpoint: name it for both
         quick = [*quick, "--" + analyzer.reference_option.replace("_", "-"), str(ck)]
-    single = CliRunner().invoke(app, [analyzer.name, str(ck), *quick, "--samples", "300", "-f", "json", "-q"])
+    # an analyzer swept with the previous checkpoint: "diag NAME CHECKPOINT PREVIOUS" is what the sweep computes
+    given = [ck, digits_run[-2]] if analyzer.sweep_with == "previous" else [ck]
+    single = CliRunner().invoke(app, [analyzer.name, *map(str, given), *quick, "--samples", "300", "-f", "json", "-q"])
     assert single.exit_code == 0, single.output
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / ck.name).write_bytes(ck.read_bytes())
+    for path in given:
+        (run_dir / path.name).write_bytes(path.read_bytes())
     sets = [
         f"--set={analyzer.name}.{flag[2:].replace('-', '_')}={value}" for flag, value in zip(quick[::2], quick[1::2])
     ]
