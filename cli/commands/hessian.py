@@ -133,6 +133,14 @@ def hessian(
             "--accumulate-dtype", help="accumulate HVPs over batches in float32 | float64", rich_help_panel="Scale"
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the per-batch HVP (falls back to eager with a note when it cannot compile)",
+            rich_help_panel="Scale",
+        ),
+    ] = False,
     seed: SeedOpt = None,
     samples: SamplesOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -171,6 +179,7 @@ def hessian(
         micro_batch=pick(micro_batch, d, "micro_batch"),
         autocast=pick(autocast, d, "autocast"),
         accumulate_dtype=pick(accumulate_dtype, d, "accumulate_dtype"),
+        compile=compile or bool(d.get("compile", False)),
     )
     if backend not in BACKENDS:
         raise DiagnosticsError(f"unknown --backend '{backend}'; use {', '.join(BACKENDS)}")
