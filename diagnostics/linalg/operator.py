@@ -287,6 +287,9 @@ class HessianOperator(LinearOperator):
     ) -> None:
         if not params:
             raise ValueError("HessianOperator needs at least one parameter")
+        unknown = sorted(set(loop_options) - {"weights", "micro_batch", "accumulate_dtype", "reduce"})
+        if unknown:
+            raise TypeError(f"HessianOperator got unexpected keyword argument(s) {unknown}")
         if isinstance(data, DataLoop) and loop_options:
             raise ValueError(f"pass {sorted(loop_options)} to the DataLoop, not to the operator")
         self.loop = data if isinstance(data, DataLoop) else DataLoop(data, **loop_options)  # type: ignore[arg-type]
