@@ -26,6 +26,7 @@ note when compilation fails.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -257,10 +258,22 @@ class CachedGraph:
         return _backward_products(leaves, grads, V, retain=True)
 
 
+def _own_copy(fn: ProductFn) -> ProductFn:
+    """``fn`` with a code object of its own: dynamo keeps its compiled graphs (and its recompile budget)
+    per code object, so every operator compiles its product for its own shapes without evicting, or
+    being evicted by, another operator's (e.g. the per-layer operators of one analysis)."""
+    code = fn.__code__.replace()  # type: ignore[attr-defined]
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)  # type: ignore[attr-defined]
+    copy.__kwdefaults__ = fn.__kwdefaults__  # type: ignore[attr-defined]
+    return copy
+
+
 class Compiled:
     """``torch.compile`` of a product, with a clean fallback to eager.
 
-    The first call runs the compiled function; if that raises, the eager function is tried: if it
+    Compiled with static shapes (``dynamic=False``: one graph per batch size and block width, which
+    an operator has few of; symbolic shapes fail on forward-mode convolutions in current PyTorch). The
+    first call runs the compiled function; if that raises, the eager function is tried: if it
     succeeds, compilation is given up for good and :attr:`note` says why; if it fails too, its error is
     raised (the problem is not compilation).
     """
@@ -277,7 +290,7 @@ class Compiled:
         if not self._failed:
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.eager)
+                    self._compiled = torch.compile(_own_copy(self.eager), dynamic=False)
                 return self._compiled(*args, **kwargs)
             except Exception as exc:  # any compiler failure: decided below by trying eager
                 reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
@@ -311,6 +324,12 @@ class Product:
         self.backend = backend
         self.compile = bool(compile)
         self._cached = CachedGraph() if backend == "cached" else None
+        self._notes: list[str] = []
+        if self.compile and backend == "cached":
+            self._notes.append(
+                "--compile has no effect with the cached backend (its products are backward passes through "
+                "a kept graph); use --backend forward to compile forward-over-reverse products"
+            )
         self._forward = self._wrap(forward_over_reverse, "forward-over-reverse")
         self._reverse = self._wrap(reverse_over_reverse, "double-backward")
 
@@ -321,7 +340,7 @@ class Product:
     def notes(self) -> list[str]:
         """Notes for the user (e.g. why compilation was given up)."""
         fns = (self._forward, self._reverse)
-        return [f.note for f in fns if isinstance(f, Compiled) and f.note is not None]
+        return self._notes + [f.note for f in fns if isinstance(f, Compiled) and f.note is not None]
 
     @property
     def cached_graphs(self) -> int:

@@ -391,6 +391,12 @@ def test_compile_falls_back_to_eager_with_a_note(data, monkeypatch) -> None:
     assert len(op.notes) == 1
 
 
+def test_compile_says_it_cannot_compile_the_cached_graph(data) -> None:
+    X, y = data
+    op = hessian_operator(make_ctx([(X, y)]), backend="cached", compile=True)
+    assert op.backend == "cached" and len(op.notes) == 1 and "no effect with the cached backend" in op.notes[0]
+
+
 @pytest.mark.slow
 def test_compiled_products_equal_eager(data) -> None:
     X, y = data
