@@ -119,7 +119,7 @@ def test_gate_applies_the_scale_options_it_is_given(tmp_path: Path, monkeypatch)
 
 # ----------------------------------------------------------------------------------- compile
 def test_compile_fallback_note_reaches_the_analyzer_metadata(tmp_path: Path, monkeypatch) -> None:
-    ctx = tiny_ctx(tmp_path)
+    ctx = tiny_ctx(tmp_path, batch_size=10)  # several batches: auto is forward-over-reverse, which compiles
     eager = analyze_hessian(HessianConfig(top_k=2, tol=1e-8, per_layer=True), ctx)
     monkeypatch.setattr(torch, "compile", failing_compile)
     res = analyze_hessian(HessianConfig(top_k=2, tol=1e-8, per_layer=True, compile=True), ctx)
@@ -141,4 +141,8 @@ def test_cli_compile_flag(tmp_path: Path, monkeypatch) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert doc["metadata"]["config"]["compile"] is True
-    assert any("--compile" in n for n in doc["metadata"]["notes"])
+    assert any("--compile does not apply to the cached backend" in n for n in doc["metadata"]["notes"])
+    r = CliRunner().invoke(app, [*args, "--compile", "--backend", "forward", "--out", str(out), "--force", "-q"])
+    assert r.exit_code == 0, r.output
+    notes = json.loads(out.read_text())["metadata"]["notes"]
+    assert any("RuntimeError: inductor unavailable" in n for n in notes)

@@ -307,10 +307,13 @@ class Product:
     Args:
         backend: ``"auto"`` (cached graph for one batch, else forward-over-reverse falling back to
             double backward on the first product that fails), ``"cached"``, ``"forward"`` or
-            ``"reverse"``. With ``compile``, ``"auto"`` never picks the cached graph (it cannot be
-            compiled) but forward-over-reverse.
+            ``"reverse"``.
         n_batches: how many batches the operator's data loop holds (for ``"auto"``).
-        compile: wrap the product in ``torch.compile`` (see :class:`Compiled`).
+        compile: wrap the forward-over-reverse and double-backward products in ``torch.compile`` (see
+            :class:`Compiled`). The cached graph is not compiled (its products are backward passes
+            through a kept graph), and ``"auto"`` keeps it for one batch: on CPU one backward pass per
+            vector costs 1.2-1.5 gradients, compiled forward-over-reverse 2.2-2.6 at one vector
+            (``benchmarks/bench_compile.py``); a note says so.
 
     Attributes:
         backend: the backend in use (``"auto"`` until a fallback to ``"reverse"`` happens).
@@ -319,7 +322,7 @@ class Product:
     def __init__(self, backend: str = "auto", *, n_batches: int = 1, compile: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if backend == "auto" and n_batches == 1 and not compile:
+        if backend == "auto" and n_batches == 1:
             backend = "cached"
         self.backend = backend
         self.compile = bool(compile)
@@ -327,8 +330,10 @@ class Product:
         self._notes: list[str] = []
         if self.compile and backend == "cached":
             self._notes.append(
-                "--compile has no effect with the cached backend (its products are backward passes through "
-                "a kept graph); use --backend forward to compile forward-over-reverse products"
+                "--compile does not apply to the cached backend (the choice of --backend auto for one batch; "
+                "its products are backward passes through a kept graph, cheaper on CPU than compiled "
+                "forward-over-reverse at one vector, see benchmarks/bench_compile.py); pass --backend forward "
+                "to compile forward-over-reverse products"
             )
         self._forward = self._wrap(forward_over_reverse, "forward-over-reverse")
         self._reverse = self._wrap(reverse_over_reverse, "double-backward")
