@@ -46,7 +46,11 @@ __all__ = [
 
 
 class LinearOperator:
-    """Base of symmetric linear operators: subclasses implement ``_matmat(V: [n, k]) -> [n, k]``.
+    """Base of symmetric linear operators.
+
+    A subclass calls ``super().__init__(dim, dtype, device)`` and implements ``_matmat(V: [n, k]) ->
+    [n, k]``; :meth:`matmat` checks the shape, moves ``V`` to the operator's dtype and device and counts
+    the columns. An operator whose products are summed over processes overrides :attr:`reduce`.
 
     Args:
         dim: ``n``; the operator is ``n x n``.
@@ -270,6 +274,8 @@ class HessianOperator(LinearOperator):
         memory_check: before the first product of each block width, estimate its memory from the
             activations autograd saves for the largest (micro-)batch and raise ``DiagnosticsError``
             with the requirement and a fix when it clearly exceeds the free memory of the device.
+        **loop_options: ``weights``, ``micro_batch``, ``accumulate_dtype``, ``reduce`` of the
+            :class:`DataLoop` built from a list of batches.
     """
 
     def __init__(
