@@ -208,19 +208,6 @@ def check_format(fmt: str) -> None:
         raise DiagnosticsError(f"unknown --format '{fmt}'; use one of {', '.join(FORMATS)}")
 
 
-def check_out(out: Path | None, force: bool, protected: list[Path] | None = None) -> None:
-    """Refuse to overwrite an existing file (or an input) unless --force."""
-    if out is None:
-        return
-    for p in protected or []:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise DiagnosticsError(f"--out '{out}' is an input file; choose another path")
-    if out.exists() and not force:
-        raise DiagnosticsError(f"'{out}' exists; pass --force to overwrite it or choose another --out")
-    if out.suffix.lower() not in (".json", ".csv", ".parquet", ".md"):
-        raise DiagnosticsError(f"--out '{out}': unknown suffix; use .json, .csv, .parquet or .md")
-
-
 def emit(result: Result, fmt: str, out: Path | None, quiet: bool = False) -> None:
     """Print results to stdout in ``fmt``, write ``--out``, and warnings (notes) to stderr."""
     if not quiet:

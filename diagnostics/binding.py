@@ -6,19 +6,32 @@ Sources, highest priority first:
 2. a project file ``diag.toml`` (found in the working directory or given with ``--config``);
 3. the factory names stored in a checkpoint by :func:`diagnostics.save_checkpoint`.
 
-Security: names found *inside a checkpoint* are imported only when they belong to this package's own
-examples (``diagnostics.examples``), are also named in ``diag.toml``, or ``trust_checkpoint=True``
-(``--trust-checkpoint-factories``). A checkpoint from a stranger cannot make the tool import anything.
+A spec is ``"package.module:callable"`` or, from flags and ``diag.toml`` only, ``"path/to/file.py:callable"``.
 
-A spec is ``"package.module:callable"`` or ``"path/to/file.py:callable"``.
+Security. A name found *inside a checkpoint* is imported only when
+
+* it is an exact ``module:callable`` name: a dotted module path of identifiers, one identifier after the
+  colon (no attribute path such as ``digits:torch.load``, no ``file.py``, no relative module);
+* it is trusted: one of this package's example factories (the explicit list :data:`EXAMPLE_FACTORIES`,
+  not a prefix), named in ``diag.toml`` (``model``/``data``/``loss`` or ``trusted_factories``), or the
+  user passes ``trust_checkpoint=True`` (``--trust-checkpoint-factories``);
+* the object found is *defined* in that module (``obj.__module__ == module``), so names a module merely
+  imports (``digits:os``, ``mod:system`` after ``from os import system``) are refused.
+
+The working directory is importable (a user's ``mymodels.py`` works with ``--model mymodels:build``) but
+is searched *after* the installed packages while factories are imported and called, so a ``sklearn.py``
+or ``torch.py`` lying in it never shadows the real package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,22 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TRUSTED_PREFIXES = ("diagnostics.examples.", "diagnostics.examples:")
+# The example factories a checkpoint may name without being trusted otherwise: an explicit list of the
+# model/data callables (never a prefix: the same modules also hold helpers such as train_gd that write files).
+EXAMPLE_FACTORIES = frozenset(
+    {
+        "diagnostics.examples.digits:build_mlp",
+        "diagnostics.examples.digits:build_cnn",
+        "diagnostics.examples.digits:train_data",
+        "diagnostics.examples.digits:test_data",
+        "diagnostics.examples.digits:train_loader",
+        "diagnostics.examples.detector:build_detector",
+        "diagnostics.examples.detector:train_images",
+        "diagnostics.examples.detector:test_images",
+    }
+)
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_NAME = "diag.toml"
 LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits")
 
@@ -77,9 +105,67 @@ def _split_spec(spec: str, what: str) -> tuple[str, str]:
     return module, attr
 
 
-def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
-    """Import ``"pkg.mod:attr"`` (the working directory is importable) or ``"file.py:attr"``."""
-    module_name, attr = _split_spec(spec, what)
+def check_checkpoint_spec(spec: Any, what: str = "factory") -> tuple[str, str]:
+    """The ``(module, callable)`` of a name read from a checkpoint, or a one-line refusal.
+
+    Only ``dotted.module:identifier``: no attribute path after the colon, no ``file.py``, no relative
+    module, nothing but ASCII identifiers (so no look-alike or whitespace tricks).
+    """
+    if not isinstance(spec, str):
+        raise DiagnosticsError(f"the checkpoint names a {what} that is a {type(spec).__name__}, not 'module:callable'")
+    module, sep, attr = spec.partition(":")
+    bad_module = not _MODULE_NAME.fullmatch(module) or module.endswith(".py")  # 'x.py' is a file, never a module
+    if not sep or bad_module or not _IDENTIFIER.fullmatch(attr):
+        raise DiagnosticsError(
+            f"the checkpoint names the {what} '{spec}', which is not an exact 'package.module:callable' name "
+            "(attribute paths, file paths and relative modules are never imported from a checkpoint); "
+            f"pass --{what.split()[0]} yourself if you know the code"
+        )
+    return module, attr
+
+
+def _is_cwd_entry(entry: str, cwd: str) -> bool:
+    if entry in ("", "."):
+        return True
+    try:
+        return os.path.realpath(entry) == cwd
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def cwd_searched_last() -> Iterator[None]:
+    """While active, the working directory is on ``sys.path`` but *after* every other entry.
+
+    ``python -m``, ``python -c`` and REPLs put the working directory first, where a stray ``sklearn.py``
+    would shadow scikit-learn; the ``diag`` script does not put it on the path at all, where a user's
+    ``mymodels.py`` would not be found. Factories are imported and called inside this context.
+    """
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was removed: nothing to import from it
+        yield
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not _is_cwd_entry(p, cwd)] + [cwd]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool = False) -> Callable[..., Any]:
+    """Import ``"pkg.mod:attr"`` (the working directory is searched last) or ``"file.py:attr"``.
+
+    Args:
+        from_checkpoint: the name was read from a checkpoint: only an exact ``module:callable`` name
+            (:func:`check_checkpoint_spec`) whose object is defined in that module is accepted. The caller
+            has already checked that the name is trusted (:func:`resolve_binding`).
+    """
+    if from_checkpoint:
+        module_name, attr = check_checkpoint_spec(spec, what)
+    else:
+        module_name, attr = _split_spec(spec, what)
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
@@ -95,10 +181,8 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
                 sys.modules[mod_key] = module
                 s.loader.exec_module(module)
         else:
-            cwd = str(Path.cwd())
-            if cwd not in sys.path:
-                sys.path.insert(0, cwd)
-            module = importlib.import_module(module_name)
+            with cwd_searched_last():
+                module = importlib.import_module(module_name)
     except DiagnosticsError:
         raise
     except ModuleNotFoundError as exc:
@@ -110,7 +194,7 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
         raise DiagnosticsError(
             f"{what} '{spec}': importing '{module_name}' raised {type(exc).__name__}: {exc}"
         ) from exc
-    obj = module
+    obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -121,13 +205,27 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise DiagnosticsError(f"{what} '{spec}' is a {type(obj).__name__}, not a callable")
+    if from_checkpoint:
+        defined_in = getattr(obj, "__module__", None)
+        if defined_in != module_name:
+            raise DiagnosticsError(
+                f"the checkpoint names the {what} '{spec}', but that object is defined in '{defined_in}', not in "
+                f"'{module_name}' (only what a module defines is imported from a checkpoint); "
+                f"pass --{what.split()[0]} yourself if you know the code"
+            )
     return obj
 
 
 def resolve_loss(
     spec: str | Callable | None,
+    *,
+    from_checkpoint: bool = False,
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
-    """A loss name of :data:`LOSS_NAMES`, a ``module:fn`` spec, or a callable -> ``(fn, name)``."""
+    """A loss name of :data:`LOSS_NAMES`, a ``module:fn`` spec, or a callable -> ``(fn, name)``.
+
+    Args:
+        from_checkpoint: the spec was read from a checkpoint (see :func:`import_callable`).
+    """
     if spec is None:
         return LOSSES["cross_entropy"], "cross_entropy"
     if callable(spec):
@@ -136,7 +234,8 @@ def resolve_loss(
         return LOSSES[spec], spec
     if ":" not in spec:
         raise DiagnosticsError(f"unknown loss '{spec}'; use one of {', '.join(LOSS_NAMES)} or 'package.module:fn'")
-    return import_callable(spec, "loss"), spec
+    with cwd_searched_last():
+        return import_callable(spec, "loss", from_checkpoint=from_checkpoint), spec
 
 
 # -------------------------------------------------------------------------------------- config
@@ -167,6 +266,27 @@ def load_config(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
+def input_files(config: str | Path | None = None, *specs: str | None) -> list[Path]:
+    """Files a command reads besides its checkpoints: the project file and ``file.py`` factories.
+
+    Args:
+        config: ``--config`` (else ``./diag.toml`` when present).
+        specs: the ``--model``/``--data``/``--loss`` flags; the specs of ``diag.toml`` are added.
+
+    Returns:
+        Paths that no output may overwrite (see :func:`diagnostics.outputs.plan_outputs`).
+    """
+    path = find_config(config)
+    cfg = load_config(path) if path is not None else {}
+    found = [path] if path is not None else []
+    for spec in (*specs, cfg.get("model"), cfg.get("data"), cfg.get("loss")):
+        if isinstance(spec, str) and ":" in spec:
+            module = spec.rpartition(":")[0]
+            if module.endswith(".py"):
+                found.append(Path(module))
+    return found
+
+
 # ------------------------------------------------------------------------------------- binding
 @dataclass
 class Binding:
@@ -191,12 +311,14 @@ class Binding:
 
 
 def _is_trusted(spec: str, config: Mapping[str, Any], trust_checkpoint: bool) -> bool:
-    if trust_checkpoint:
-        return True
-    if spec.startswith(TRUSTED_PREFIXES):
+    """Exact-name trust: the example list, diag.toml's names, or the user's trust flag."""
+    if trust_checkpoint or spec in EXAMPLE_FACTORIES:
         return True
     listed = {config.get("model"), config.get("data"), config.get("loss")}
-    listed |= set(config.get("trusted_factories") or [])
+    trusted = config.get("trusted_factories") or []
+    if isinstance(trusted, str):
+        trusted = [trusted]
+    listed |= {t for t in trusted if isinstance(t, str)}
     return spec in listed
 
 
@@ -226,24 +348,30 @@ def resolve_binding(
             spec, source = config[part], f"config {config.get('_path', CONFIG_NAME)}"
         elif ck.get(part):
             spec, source = ck[part], "checkpoint"
-            if (part != "loss" or spec not in LOSSES) and not _is_trusted(spec, config, trust_checkpoint):
-                raise DiagnosticsError(
-                    f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
-                    f"pass --{part} {spec} yourself, list it in diag.toml, "
-                    "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
-                )
+            is_loss_name = part == "loss" and isinstance(spec, str) and spec in LOSSES
+            if not is_loss_name:
+                if not isinstance(spec, str) or not _is_trusted(spec, config, trust_checkpoint):
+                    raise DiagnosticsError(
+                        f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
+                        f"pass --{part} {spec} yourself, list it in diag.toml, "
+                        "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
+                    )
+                check_checkpoint_spec(spec, "loss" if part == "loss" else f"{part} factory")
         setattr(b, part, spec)
         if source:
             b.sources[part] = source
         kw_key = f"{part}_kwargs"
         if part in ("model", "data") and spec:
             if source == "flag":
-                kwargs = dict(config.get(kw_key) or {}) if config.get(part) == spec else {}
+                raw = config.get(kw_key) if config.get(part) == spec else None
             elif source and source.startswith("config"):
-                kwargs = dict(config.get(kw_key) or {})
+                raw = config.get(kw_key)
             else:
-                kwargs = dict(ck.get(kw_key) or {})
-            setattr(b, kw_key, kwargs)
+                raw = ck.get(kw_key)
+            if raw is not None and not isinstance(raw, Mapping):
+                where = "the checkpoint" if source == "checkpoint" else "diag.toml"
+                raise DiagnosticsError(f"{kw_key} in {where} must be a table of keyword arguments, got {raw!r:.80}")
+            setattr(b, kw_key, dict(raw or {}))
     for part in require:
         if not getattr(b, part):
             raise DiagnosticsError(
@@ -254,11 +382,18 @@ def resolve_binding(
     return b
 
 
-def call_factory(spec: str, kwargs: Mapping[str, Any], what: str) -> Any:
-    """Import and call a factory, turning any failure into a one-line :class:`DiagnosticsError`."""
-    fn = import_callable(spec, what)
+def call_factory(spec: str, kwargs: Mapping[str, Any], what: str, *, from_checkpoint: bool = False) -> Any:
+    """Import and call a factory, turning any failure into a one-line :class:`DiagnosticsError`.
+
+    The call runs with the working directory searched last (:func:`cwd_searched_last`), so imports
+    the factory makes lazily (e.g. scikit-learn inside a data function) find the installed packages.
+    """
+    fn = import_callable(spec, what, from_checkpoint=from_checkpoint)
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise DiagnosticsError(f"{what} '{spec}': keyword arguments must be a table of names, got {kwargs!r:.80}")
     try:
-        return fn(**dict(kwargs))
+        with cwd_searched_last():
+            return fn(**dict(kwargs))
     except DiagnosticsError:
         raise
     except Exception as exc:

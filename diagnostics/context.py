@@ -9,6 +9,7 @@ turning curvature estimates into noise.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -286,7 +287,7 @@ class Context:
         if names is not None:
             keep = [n for n in everything if n in set(names)]
         elif pattern:
-            rx = re.compile(pattern)
+            rx = compile_params(pattern)
             keep = [n for n in everything if rx.search(n)]
         else:
             return self
@@ -301,6 +302,16 @@ class Context:
 
     def with_batches(self, batches: list[Batch]) -> Context:
         return replace(self, batches=batches)
+
+
+def compile_params(pattern: str) -> re.Pattern[str]:
+    """``--params REGEX`` compiled, or a one-line error naming what is wrong with it."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise DiagnosticsError(
+            f"--params '{pattern}' is not a valid regular expression ({exc}); e.g. --params '^fc' or 'layer[12]'"
+        ) from exc
 
 
 def parameter_groups(names: Iterable[str]) -> dict[str, list[str]]:
@@ -344,13 +355,22 @@ def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str)
                 f"the checkpoint does not fit the model built by '{spec}': '{k}' has shape "
                 f"{tuple(state[k].shape)} in the checkpoint but {tuple(t.shape)} in the model"
             )
+        got = state[k]
+        if t.is_floating_point() and not got.is_floating_point():
+            # load_state_dict would cast silently (complex: the imaginary part dropped with only a warning)
+            raise DiagnosticsError(
+                f"tensor '{k}' is {str(got.dtype).replace('torch.', '')} in the checkpoint but the model's is "
+                f"{str(t.dtype).replace('torch.', '')}: only floating-point weights are analysed; "
+                "save the real floating-point weights"
+            )
     return state
 
 
 def build_model(checkpoint: Checkpoint, binding: Binding, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Call the model factory, load the checkpoint's weights strictly, move to device/dtype, eval mode."""
     assert binding.model is not None
-    model = call_factory(binding.model, binding.model_kwargs, "model factory")
+    from_ck = binding.sources.get("model") == "checkpoint"
+    model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=from_ck)
     if not isinstance(model, nn.Module):
         raise DiagnosticsError(
             f"model factory '{binding.model}' returned a {type(model).__name__}, not a torch.nn.Module"
@@ -421,14 +441,17 @@ def build_context(
     if batch_size_ is not None and batch_size_ <= 0:
         raise DiagnosticsError(f"--batch-size must be positive, got {batch_size_}")
     model = build_model(checkpoint, binding, dev, dt)
-    loss_fn, loss_name = resolve_loss(binding.loss)
+    loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
     assert binding.data is not None
-    raw = call_factory(binding.data, binding.data_kwargs, "data factory")
+    raw = call_factory(
+        binding.data, binding.data_kwargs, "data factory", from_checkpoint=binding.sources.get("data") == "checkpoint"
+    )
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 % (2**63 - 1))
     prepared = prepare_batches(
         raw, batch_size_=batch_size_, samples=samples, generator=gen, where=f"data '{binding.data}'"
     )
     batches = [to_device(b, dev, dt) for b in prepared.batches]
+    check_data(batches, f"data '{binding.data}'")
     if need_targets and any(b[1] is None for b in batches):
         raise DiagnosticsError(f"data '{binding.data}' gives inputs only; this analysis needs (inputs, targets)")
     named = dict(model.named_parameters())
@@ -463,15 +486,254 @@ def build_context(
     return ctx
 
 
+# ------------------------------------------------------------------------------- data and loss checks
+def _count_nonfinite(obj: Any) -> tuple[int, int]:
+    """(NaN count, Inf count) over every floating tensor in ``obj`` (nested tuples/lists/dicts)."""
+    if isinstance(obj, torch.Tensor):
+        if not (obj.is_floating_point() or obj.is_complex()):
+            return 0, 0
+        t = obj.detach()
+        return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if isinstance(obj, (list, tuple)):
+        counts = [_count_nonfinite(o) for o in obj]
+    elif isinstance(obj, Mapping):
+        counts = [_count_nonfinite(o) for o in obj.values()]
+    else:
+        return 0, 0
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def check_data(batches: Sequence[Batch], where: str) -> None:
+    """Every floating value of every batch is finite; else name the first bad batch.
+
+    A NaN or Inf in the data does not always make the loss NaN (``tanh(inf) = 1``), but it makes
+    gradients and Hessian-vector products NaN, so it is refused before any analysis.
+    """
+    for i, (x, y) in enumerate(batches):
+        for part, obj in (("inputs", x), ("targets", y)):
+            n_nan, n_inf = _count_nonfinite(obj)
+            if n_nan or n_inf:
+                raise DiagnosticsError(
+                    f"{where}: batch {i} ({batch_size((x, y))} samples) has {n_nan} NaN and {n_inf} Inf values in "
+                    f"its {part}; clean the data or drop those samples"
+                )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"shape {tuple(obj.shape)}, {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)}"
+    return type(obj).__name__
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+_DTYPE_WORDS = re.compile(r"dtype|scalar type|Long|Int|Byte|Bool|not implemented for", re.IGNORECASE)
+
+
+def _forward_error(ctx: Context, inputs: Any, exc: Exception) -> DiagnosticsError:
+    """A one-line explanation of why the model cannot take the data's inputs."""
+    msg = " ".join(str(exc).split())[:240]
+    model, data = ctx.binding.get("model"), ctx.binding.get("data")
+    ints = [t for t in _tensors(inputs) if not (t.is_floating_point() or t.is_complex())]
+    if ints and _DTYPE_WORDS.search(msg):
+        kind = str(ints[0].dtype).replace("torch.", "")
+        return DiagnosticsError(
+            f"data '{data}' gives {kind} inputs but model '{model}' computes in {str(ctx.dtype).replace('torch.', '')} "
+            f"({msg}); return floating-point inputs from the data callable (e.g. X.float())"
+        )
+    shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else None
+    m = re.search(r"shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", msg)
+    if m:
+        return DiagnosticsError(
+            f"model '{model}' expects {m.group(3)} input features but data '{data}' gives inputs of shape {shape} "
+            f"({m.group(2)} features; {msg}); check --data, --model and its model_kwargs"
+        )
+    m = re.search(r"expected input\[([^\]]*)\] to have (\d+) channels, but got (\d+) channels", msg)
+    if m:
+        return DiagnosticsError(
+            f"model '{model}' expects {m.group(2)} input channels but data '{data}' gives inputs of shape {shape} "
+            f"({m.group(3)} channels); check --data, --model and its model_kwargs"
+        )
+    return DiagnosticsError(
+        f"model '{model}' fails on the first batch of data '{data}' (inputs: {_describe(inputs)}): "
+        f"{type(exc).__name__}: {msg}"
+    )
+
+
+def _check_labels(ctx: Context, outputs: Any) -> None:
+    """Integer labels of the built-in classification losses must index the model's outputs."""
+    name = ctx.loss_name
+    if name not in ("cross_entropy", "nll", "mse") or not isinstance(outputs, torch.Tensor) or outputs.dim() < 2:
+        return
+    classes = int(outputs.shape[1])
+    for i, (_, y) in enumerate(ctx.batches):
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.numel() == 0:
+            continue
+        if name == "mse" and not (outputs.dim() == 2 and y.dim() == 1):
+            continue  # integer regression targets, not labels
+        counted = y != -100 if name != "mse" else torch.ones_like(y, dtype=torch.bool)  # -100: ignore_index
+        bad = ((y < 0) | (y >= classes)) & counted
+        if bool(bad.any()):
+            raise DiagnosticsError(
+                f"data '{ctx.binding.get('data')}': batch {i} has label {int(y[bad][0])}, but the model has {classes} "
+                f"outputs, so loss '{name}' needs labels 0..{classes - 1} ({classes} classes); fix the labels or "
+                "the model's output size"
+            )
+
+
+def _checked_loss(ctx: Context, i: int, outputs: Any, targets: Any) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``, or a one-line error when it raises or returns something else than a
+    scalar tensor."""
+    name = ctx.loss_name
+    try:
+        value = ctx.loss_fn(outputs, targets)
+    except DiagnosticsError:
+        raise
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise DiagnosticsError(
+            f"loss '{name}' raised {type(exc).__name__}: {msg} on batch {i} (outputs: {_describe(outputs)}; "
+            f"targets: {_describe(targets)})"
+        ) from exc
+    if not isinstance(value, torch.Tensor):
+        raise DiagnosticsError(
+            f"loss '{name}' returned a {type(value).__name__}, not a tensor: compute it from the outputs with torch "
+            "operations, so that it can be differentiated"
+        )
+    if value.numel() != 1:
+        raise DiagnosticsError(
+            f"loss '{name}' returned a tensor of shape {tuple(value.shape)}, not a scalar: return the mean over the "
+            "batch (e.g. .mean())"
+        )
+    return value.reshape(())
+
+
+def _check_loss(ctx: Context) -> None:
+    """The loss is a differentiable scalar on every batch and finite on the whole data."""
+    x0, y0 = ctx.batches[0]
+    params = {n: p.detach().requires_grad_(True) for n, p in ctx.params.items()}
+    with torch.enable_grad():
+        first = _checked_loss(ctx, 0, ctx.forward(params, x0), y0)
+    if not first.requires_grad:
+        raise DiagnosticsError(
+            f"loss '{ctx.loss_name}' does not depend on the model outputs through torch operations (the value it "
+            "returns carries no gradient): no .item(), float() or torch.tensor(...) inside the loss"
+        )
+    total = first.detach().to(ctx.dtype) * batch_size(ctx.batches[0])
+    with torch.no_grad():
+        for i, (x, y) in enumerate(ctx.batches[1:], start=1):
+            total = total + _checked_loss(ctx, i, ctx.forward(ctx.params, x), y).to(ctx.dtype) * batch_size((x, y))
+    value = total / ctx.n_samples
+    if not torch.isfinite(value):
+        raise DiagnosticsError(
+            f"the loss at checkpoint '{ctx.checkpoint}' is {float(value)}; check the data, the loss "
+            "('--loss') and whether training diverged"
+        )
+
+
+# -------------------------------------------------------------------------------- determinism check
+ROUNDING_ULPS = 1024
+
+
+@dataclass(frozen=True)
+class OutputDifference:
+    """How far two evaluations are apart: the worst floating output tensor.
+
+    Attributes:
+        agree: every tensor within ``allowed``, integer outputs equal, structure equal.
+        max_abs: ``max |a - b|`` of the worst tensor (``inf`` when shapes or structure differ).
+        scale: ``max(|a|, |b|)`` over that tensor (the output magnitude).
+        allowed: ``ROUNDING_ULPS * eps(dtype) * scale``: what float re-association may change.
+    """
+
+    agree: bool
+    max_abs: float = 0.0
+    scale: float = 0.0
+    allowed: float = 0.0
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
+
+
+def compare_outputs(a: Any, b: Any) -> OutputDifference:
+    """Compare two evaluations of the same input up to float rounding.
+
+    Floating tensors agree when ``max |a - b| <= 1024 * eps(dtype) * max(|a|, |b|)``: parallel reductions
+    (multi-threaded BLAS, GPU kernels) sum in varying orders, which moves results by a few units of
+    roundoff of the magnitudes involved; dropout or injected noise moves them by a sizeable fraction of
+    the output. NaN in the same places counts as equal. Integer tensors and other values must be equal.
+
+    Returns:
+        The :class:`OutputDifference` of the tensor furthest from its allowance.
+    """
+    mismatch = OutputDifference(False, math.inf, math.nan, 0.0)
+    worst, worst_ratio = OutputDifference(True), -1.0
+    pairs: list[tuple[Any, Any]] = [(a, b)]
+    while pairs:
+        x, y = pairs.pop()
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+                return mismatch
+            if not (x.is_floating_point() or x.is_complex()):
+                if not torch.equal(x, y):
+                    return mismatch
+                continue
+            wide = torch.complex128 if x.is_complex() else torch.float64
+            xd, yd = x.detach().to(wide), y.detach().to(wide)
+            diff = (xd - yd).abs()
+            diff = torch.where(torch.isnan(xd) & torch.isnan(yd), torch.zeros_like(diff), diff)
+            mags = torch.cat([xd.abs().flatten(), yd.abs().flatten()])
+            mags = mags[torch.isfinite(mags)]
+            scale = float(mags.max()) if mags.numel() else 0.0
+            d = float(diff.max()) if diff.numel() else 0.0
+            d = math.inf if math.isnan(d) else d
+            info = torch.finfo(x.dtype)
+            allowed = ROUNDING_ULPS * info.eps * scale + info.tiny
+            if d / allowed > worst_ratio:
+                worst, worst_ratio = OutputDifference(True, d, scale, allowed), d / allowed
+        elif isinstance(x, (list, tuple)):
+            if not isinstance(y, (list, tuple)) or len(x) != len(y):
+                return mismatch
+            pairs += list(zip(x, y))
+        elif isinstance(x, Mapping):
+            if not isinstance(y, Mapping) or x.keys() != y.keys():
+                return mismatch
+            pairs += [(x[k], y[k]) for k in x]
+        elif x != y:
+            return mismatch
+    return replace(worst, agree=worst_ratio <= 1.0)
+
+
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(o) for o in obj) if not hasattr(obj, "_fields") else [_detached(o) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
 def _random_modules(model: nn.Module, batch: Batch, forward: Callable[[Any], Any]) -> list[str]:
-    """Names of the first modules whose outputs differ between two passes on the same input."""
+    """Names of the modules whose outputs differ (beyond rounding) between two passes on the same input."""
     records: list[dict[str, Any]] = [{}, {}]
     handles = []
     current = {"i": 0}
 
     def hook(name):
         def fn(mod, inp, out):
-            records[current["i"]][name] = (_fingerprint(inp), _fingerprint(out), type(mod).__name__)
+            records[current["i"]][name] = (_detached(inp), _detached(out), type(mod).__name__)
 
         return fn
 
@@ -489,20 +751,23 @@ def _random_modules(model: nn.Module, batch: Batch, forward: Callable[[Any], Any
     culprits = []
     for name, (inp, out, kind) in records[0].items():
         other = records[1].get(name)
-        if other is not None and other[0] == inp and other[1] != out:
+        if other is not None and compare_outputs(inp, other[0]).agree and not compare_outputs(out, other[1]).agree:
             culprits.append(f"'{name}' ({kind})")
     return culprits
 
 
 def check_determinism(ctx: Context, need_loss: bool = True) -> list[str]:
-    """Two evaluations of the same batch must agree; name the culprit when they do not.
+    """Two evaluations of the same batch must agree up to float rounding (:func:`compare_outputs`); name
+    the culprit and say by how much when they do not. Also checks that the model takes the data's
+    inputs, that integer labels fit its outputs and, with ``need_loss``, that the loss is a
+    differentiable, finite scalar on every batch.
 
     Returns:
         notes (warnings) that do not stop the analysis, e.g. BatchNorm without running statistics.
 
     Raises:
-        DiagnosticsError: modules stuck in training mode, random layers in eval mode, or a
-            non-finite loss.
+        DiagnosticsError: modules stuck in training mode, random layers in eval mode, inputs the model
+            cannot take, labels out of range, a loss that raises or is not a scalar, or a non-finite loss.
     """
     notes: list[str] = []
     training = [n for n, m in ctx.model.named_modules() if m.training]
@@ -518,40 +783,34 @@ def check_determinism(ctx: Context, need_loss: bool = True) -> list[str]:
                 "even in eval mode: the results depend on --batch-size"
             )
     batch = ctx.batches[0]
+    try:
+        with torch.no_grad():
+            out1 = ctx.forward(ctx.params, batch[0])
+    except DiagnosticsError:
+        raise
+    except Exception as exc:
+        raise _forward_error(ctx, batch[0], exc) from exc
     with torch.no_grad():
-        out1 = ctx.forward(ctx.params, batch[0])
         out2 = ctx.forward(ctx.params, batch[0])
-    if not _outputs_agree(out1, out2):
+    diff = compare_outputs(out1, out2)
+    if not diff.agree:
         culprits = _random_modules(ctx.model, batch, lambda x: ctx.forward(ctx.params, x))
         where = f" at {', '.join(culprits[:3])}" if culprits else ""
+        by = (
+            f"max abs difference {diff.max_abs:.3g} (relative {diff.relative:.3g} to the largest output "
+            f"{diff.scale:.3g}; rounding allows {ROUNDING_ULPS} x eps = {diff.allowed / diff.scale if diff.scale else 0:.2g})"
+            if math.isfinite(diff.max_abs)
+            else "the outputs differ in shape, type or integer values"
+        )
         raise DiagnosticsError(
-            f"the model gives different outputs for the same batch in eval mode{where} (dropout applied "
-            "with training=True, or random noise in forward()); curvature estimates would be noise. "
+            f"the model gives different outputs for the same batch in eval mode{where}: {by}; dropout applied "
+            "with training=True, or random noise in forward(), would make curvature estimates noise. "
             "Make forward() deterministic in eval mode"
         )
     if need_loss:
-        value = ctx.loss()
-        if not torch.isfinite(value):
-            raise DiagnosticsError(
-                f"the loss at checkpoint '{ctx.checkpoint}' is {float(value)}; check the data, the loss "
-                "('--loss') and whether training diverged"
-            )
+        _check_labels(ctx, out1)
+        _check_loss(ctx)
     return notes
-
-
-def _outputs_agree(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return False
-        if a.is_floating_point():
-            tol = 1e-5 if a.dtype == torch.float32 else 1e-12
-            return bool(torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True))
-        return bool(torch.equal(a, b))
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_outputs_agree, a, b))
-    if isinstance(a, Mapping):
-        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_outputs_agree(a[k], b[k]) for k in a)
-    return a == b
 
 
 def describe_context(ctx: Context) -> dict[str, Any]:

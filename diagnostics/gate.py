@@ -8,7 +8,10 @@ Lanczos start vector, both from random stream 0 of ``s_i`` -- exactly what
 
 **Baseline.** :func:`make_baseline` stores every replicate measurement with its settings: seeds,
 the SHA-256 of each replicate's data subset, sample counts, dtype, Lanczos tolerance, the parameter
-layout and the package versions.
+layout and the package versions, plus ``checksum``, the SHA-256 of the canonical JSON of everything
+else (:func:`baseline_checksum`). :func:`read_baseline` refuses a file whose content no longer matches
+it: a baseline edited by hand (e.g. halved, which would make any model look 2x sharper) is refused
+with a line saying how to regenerate it, instead of failing or passing the gate.
 
 **Check (paired).** :func:`check_against_baseline` measures the candidate with the *same* seeds, so
 replicate ``i`` of the candidate sees the same data subset and start vector as replicate ``i`` of the
@@ -76,6 +79,22 @@ class GateSettings:
     backend: str = "auto"
 
     def validate(self) -> None:
+        kinds = {
+            "replicates": (int,),
+            "seed": (int,),
+            "samples": (int, type(None)),
+            "batch_size": (int, type(None)),
+            "tol": (int, float),
+            "max_iter": (int,),
+            "backend": (str,),
+        }
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                what = "a string" if allowed == (str,) else "a whole number" if int in allowed else "a number"
+                if type(None) in allowed:
+                    what += " or null"
+                raise DiagnosticsError(f"settings.{name} is {value!r}, expected {what}")
         if self.replicates < 2:
             raise DiagnosticsError(f"--replicates must be at least 2 for a confidence bound, got {self.replicates}")
         if self.samples is not None and self.samples < 1:
@@ -207,6 +226,17 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------- baseline
+def baseline_checksum(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of a baseline without its ``checksum`` key.
+
+    Canonical JSON is independent of indentation and key order, and Python's float repr round-trips
+    exactly through JSON, so re-serialising an unchanged baseline keeps its checksum.
+    """
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def make_baseline(
     ctx: Context,
     settings: GateSettings,
@@ -222,7 +252,7 @@ def make_baseline(
     notes = list(info.get("notes") or [])
     if not all(r.converged for r in reps):
         notes.append(f"Lanczos did not reach tol={settings.tol} in every replicate; raise --max-iter")
-    return {
+    doc = {
         "format": BASELINE_FORMAT,
         "metric": METRIC,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -246,6 +276,9 @@ def make_baseline(
         "notes": notes,
         "versions": package_versions(),
     }
+    doc = json.loads(json.dumps(doc))  # exactly what a reader of the file will see
+    doc["checksum"] = baseline_checksum(doc)
+    return doc
 
 
 def _bad(path: str, why: str) -> DiagnosticsError:
@@ -270,7 +303,7 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
     try:
         GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}).validate()
     except (TypeError, DiagnosticsError) as exc:
-        raise _bad(path, f"bad settings: {exc}") from exc
+        raise _bad(path, str(exc)) from exc
     seeds = settings.get("seeds")
     if not isinstance(seeds, list) or len(seeds) != len(reps) or len(reps) != settings.get("replicates"):
         raise _bad(path, "the seeds, replicates and their count disagree")
@@ -284,6 +317,13 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
             raise _bad(path, f"replicate {i} lacks its seed or data-subset hash")
     if not isinstance(doc.get("parameters"), dict) or not isinstance(doc.get("data"), dict):
         raise _bad(path, "no 'parameters' or 'data' section")
+    params = doc["parameters"]
+    digest = params.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise _bad(path, "no parameters.sha256, the hash of the analysed parameters' names and shapes")
+    for key in ("n_params", "n_tensors"):
+        if not isinstance(params.get(key), int) or isinstance(params.get(key), bool):
+            raise _bad(path, f"parameters.{key} is not a whole number")
     return doc
 
 
@@ -294,9 +334,19 @@ def read_baseline(path: str | Path) -> dict[str, Any]:
         raise DiagnosticsError(f"no such baseline file: '{path}'; create it with 'diag baseline ... --out {path}'")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _bad(str(path), f"not JSON: {exc}") from exc
-    return validate_baseline(doc, str(path))
+    validate_baseline(doc, str(path))
+    regenerate = f"regenerate it with 'diag baseline CKPT ... --out {path} --force'"
+    recorded = doc.get("checksum")
+    if not isinstance(recorded, str):
+        raise DiagnosticsError(f"'{path}' has no checksum (written by an older diag, or edited): {regenerate}")
+    if recorded != baseline_checksum(doc):
+        raise DiagnosticsError(
+            f"'{path}' was modified after 'diag baseline' wrote it (its checksum does not match its content): "
+            f"{regenerate}"
+        )
+    return doc
 
 
 def baseline_settings(doc: Mapping[str, Any]) -> GateSettings:
@@ -513,10 +563,20 @@ def check_against_baseline(
     layout = parameter_layout(ctx)
     base_layout = doc["parameters"]
     if base_layout.get("sha256") != layout["sha256"]:
+        same_counts = (base_layout.get("n_params"), base_layout.get("n_tensors")) == (
+            layout["n_params"],
+            layout["n_tensors"],
+        )
+        how = (
+            f"have the same size ({layout['n_params']} in {layout['n_tensors']} tensors) but other names or shapes "
+            "than the baseline's"
+            if same_counts
+            else f"({layout['n_params']} in {layout['n_tensors']} tensors) differ from the baseline's "
+            f"({base_layout.get('n_params')} in {base_layout.get('n_tensors')})"
+        )
         raise DiagnosticsError(
-            f"the candidate's analysed parameters ({layout['n_params']} in {layout['n_tensors']} tensors) differ "
-            f"from the baseline's ({base_layout.get('n_params')} in {base_layout.get('n_tensors')}); "
-            "sharpness is only compared between models of the same architecture: recreate the baseline"
+            f"the candidate's analysed parameters {how}; sharpness is only compared between models of the same "
+            "architecture: recreate the baseline"
         )
     data = doc["data"]
     if data.get("loss") not in (None, ctx.loss_name):

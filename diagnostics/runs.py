@@ -2,13 +2,14 @@
 
 A *run* is a folder of checkpoints (``.pt .pth .ckpt .safetensors``, searched recursively; hidden
 folders and the output folder are skipped). Each checkpoint's step comes from its metadata
-(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else its file name
-(``step_00200.pt``, ``epoch=3-step=120.ckpt``).
+(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else a recognised
+pattern of its name (``step_00200.pt``, ``epoch=3-step=120.ckpt``, ``checkpoint-500/``; see
+:func:`diagnostics.checkpoint.step_from_name`), else it is null: ``quad2.pt`` has no step.
 
 A *sweep* runs the chosen analyzers (looked up in :mod:`diagnostics.analyzers.registry`, never a
 hard-coded list) on every checkpoint and gathers one tidy table of all records. With a cache folder,
 each ``(checkpoint content, analyzer, config, binding/seed/samples/dtype)`` result is stored as a
-results JSON (plus its table artifacts as CSV) written atomically right after it is computed, so a
+results JSON (plus its table artifacts as Parquet) written atomically right after it is computed, so a
 rerun computes only what is new and an interrupted sweep loses nothing it finished. The cache key is
 the SHA-256 of the canonical JSON of::
 
@@ -17,9 +18,22 @@ the SHA-256 of the canonical JSON of::
 
 The device is not part of the key (results agree across devices to floating-point accuracy).
 
+Nothing read back from disk is trusted blindly:
+
+* every cache file (result JSON, its Parquet tables, the per-checkpoint step/lr summary) has a checksum
+  sidecar ``<file>.sha256`` written after it; a file that no longer matches (a value or a step edited
+  by hand) is recomputed, with a warning naming it;
+* a checkpoint is read once into memory and hashed from those bytes
+  (:func:`diagnostics.checkpoint.read_checkpoint_file`); when it is analysed, the bytes analysed must
+  hash to the value recorded when the run was scanned. A file that changes while being read, or
+  between the scan and its analysis (a trainer still writing it), is skipped with a note and picked up
+  by the next run, never recorded under the wrong hash or step.
+
 Output folder layout (:func:`write_sweep`; only the CLI and the examples call the writers)::
 
-    <out>/diag-run.json       manifest: settings, checkpoints, what was computed/cached/failed
+    <out>/diag-run.json       manifest: settings, checkpoints, what was computed/cached/failed/skipped;
+                              written with status "in progress" before the first result (so a killed
+                              first sweep resumes with the same command), "complete" at the end
     <out>/records.parquet     every record of every checkpoint (metadata in the file)
     <out>/records.csv         the same table (+ records.csv.meta.json)
     <out>/cache/...           the per-result cache
@@ -32,6 +46,8 @@ import hashlib
 import json
 import re
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -41,17 +57,19 @@ import pandas as pd
 
 from diagnostics import distributed
 from diagnostics.binding import resolve_binding
-from diagnostics.checkpoint import file_sha256, load_checkpoint, step_from_name
+from diagnostics.checkpoint import CheckpointChanged, FileBytes, load_checkpoint, read_checkpoint_file, step_from_name
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import plan_outputs
 from diagnostics.progress import ProgressFn
 from diagnostics.results import (
     COLUMNS,
     Result,
     atomic_write_bytes,
     package_versions,
-    read_result,
     records_to_frame,
+    result_from_json_bytes,
+    result_json_bytes,
     write_result,
 )
 
@@ -59,7 +77,18 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 MANIFEST_NAME = "diag-run.json"
 MANIFEST_FORMAT = "diagnostics-run/1"
 CACHE_DIR = "cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cache files carry checksum sidecars
+CHECKSUM_SUFFIX = ".sha256"
+# files a sweep (write_sweep) and a report (write_report) put in the output folder
+FOLDER_FILES = (
+    MANIFEST_NAME,
+    "records.parquet",
+    "records.csv",
+    "records.csv.meta.json",
+    "hessian_density.csv",
+    "index.html",
+    "report.md",
+)
 DEFAULT_ANALYZERS = ("hessian",)
 # Top-level keys of diag.toml that bind checkpoints to code (part of the cache key).
 _BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs")
@@ -130,29 +159,67 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
     return sorted(files, key=lambda p: _natural_key(p.relative_to(run).as_posix()))
 
 
+# ------------------------------------------------------------------------------ checked cache files
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checked(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically, then its SHA-256 in the sidecar ``<path>.sha256`` (written last)."""
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(_checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
+
+
+def read_checked(path: Path, warn: Callable[[str], None] | None = None) -> bytes | None:
+    """The bytes of a cache file when they match their checksum sidecar, else None.
+
+    A missing file or sidecar (a write that was interrupted) is a silent miss; a file that does not
+    match its checksum (edited by hand, or damaged) is a miss reported through ``warn``.
+    """
+    try:
+        data = path.read_bytes()
+        recorded = _checksum_path(path).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if warn is not None:
+            warn(f"cannot read cache file '{path}' ({exc.strerror or exc}); recomputing it")
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        if warn is not None:
+            warn(f"cache file '{path}' does not match its checksum (edited by hand?); recomputing it")
+        return None
+    return data
+
+
+# ------------------------------------------------------------------------------------ discovery
 def _info_path(cache_dir: Path, sha: str) -> Path:
     return cache_dir / "checkpoints" / f"{sha}.json"
 
 
-def _metadata_step(path: Path, sha: str, cache_dir: Path | None) -> int | None:
-    """The step stored in a checkpoint's metadata (not guessed from its name); cached by content hash."""
+def _metadata_step(content: FileBytes, cache_dir: Path | None, warn: Callable[[str], None] | None = None) -> int | None:
+    """The step stored in a checkpoint's metadata (not guessed from its name), from the bytes read.
+
+    Remembered by content hash in ``cache_dir`` (checksummed), so reruns do not parse the file again.
+    """
+    sha = content.sha256
     if cache_dir is not None:
-        info_file = _info_path(cache_dir, sha)
-        if info_file.is_file():
+        raw = read_checked(_info_path(cache_dir, sha), warn)
+        if raw is not None:
             try:
-                info = json.loads(info_file.read_text())
-                if info.get("sha256") == sha:
-                    return None if info.get("step") is None else int(info["step"])
-            except (json.JSONDecodeError, TypeError, ValueError, OSError):
-                pass  # unreadable cache entry: read the checkpoint again and rewrite it
+                info = json.loads(raw)
+                if info.get("sha256") == sha and (info.get("step") is None or isinstance(info["step"], int)):
+                    return info.get("step")
+            except (ValueError, AttributeError):
+                pass  # unreadable: parse the checkpoint again and rewrite it
     try:
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(content.path, content=content)
     except DiagnosticsError:
         return None  # unreadable: the sweep reports it for this checkpoint; the file name gives the step
     step = None if ck.metadata.get("step_source") == "file name" else ck.step
     if cache_dir is not None:
         info = {"sha256": sha, "step": step, "lr": ck.lr, "keys": len(ck.state_dict)}
-        atomic_write_bytes(_info_path(cache_dir, sha), json.dumps(info, indent=2).encode())
+        write_checked(_info_path(cache_dir, sha), json.dumps(info, indent=2).encode())
     return step
 
 
@@ -162,26 +229,43 @@ def discover_checkpoints(
     pattern: str | None = None,
     exclude: Sequence[Path] = (),
     cache_dir: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> list[RunCheckpoint]:
     """The checkpoints of a run with their content hash and step, ordered by step then name.
 
-    The step is read from the checkpoint's metadata (the file is loaded once; with ``cache_dir`` the
-    answer is remembered by content hash, so reruns do not load it again), else from its file name.
+    Each file is read once into memory; its hash and its step come from those bytes. The step is read
+    from the checkpoint's metadata (with ``cache_dir`` the answer is remembered by content hash, so
+    reruns do not parse it again), else from its file name (:func:`diagnostics.checkpoint.step_from_name`).
+
+    Args:
+        warn: ``warn(line)`` for cache files that fail their checksum.
+        on_skip: ``on_skip(name, reason)`` for a file that changed while it was read; it is left out
+            (without ``on_skip`` the :class:`~diagnostics.checkpoint.CheckpointChanged` error is raised).
 
     Raises:
-        DiagnosticsError: a missing/empty run folder or an unreadable checkpoint.
+        DiagnosticsError: a missing/empty run folder.
     """
     run = Path(run_dir)
     cache = None if cache_dir is None else Path(cache_dir)
     out = []
     for path in checkpoint_files(run, pattern, exclude):
-        sha = file_sha256(path)
         name = path.relative_to(run).as_posix()
-        step = _metadata_step(path, sha, cache)
+        try:
+            content = read_checkpoint_file(path)
+        except CheckpointChanged as exc:
+            if on_skip is None:
+                raise
+            on_skip(name, str(exc))
+            continue
+        except DiagnosticsError:
+            content = None  # unreadable: analysing it reports why, as a failure of this checkpoint
+        step = None if content is None else _metadata_step(content, cache, warn)
         source = "metadata"
         if step is None:
-            step = step_from_name(path.name)
+            step = step_from_name(name)  # relative to the run: 'checkpoint-500/model.safetensors' too
             source = "unknown" if step is None else "file name"
+        sha = "" if content is None else content.sha256
         out.append(RunCheckpoint(path=path, name=name, sha256=sha, step=step, step_source=source))
     return sorted(out, key=_sort_key)
 
@@ -260,6 +344,68 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Whether a TOML/--set value fits the annotation ``tp`` of a config field (unknown annotations: yes)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple))
+    if tp is dict or origin in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _expected(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + (
+            " (or omitted)" if type(None) in args else ""
+        )
+    if tp in _TYPE_WORDS:
+        return _TYPE_WORDS[tp]
+    if tp in (list, tuple) or origin in (list, tuple, Sequence):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _value_words(value: Any) -> str:
+    kind = {str: "the string", bool: "the boolean", int: "the integer", float: "the number"}.get(type(value), "")
+    return f"{kind} {value!r}".strip() if kind else f"a {type(value).__name__} {value!r:.60}"
+
+
+def check_option_types(analyzer: str, config_cls: type, options: Mapping[str, Any], source: str) -> None:
+    """Each option's value fits its config field's type, else one line naming option, type and source.
+
+    Args:
+        source: where the options come from, e.g. ``"--set"`` or ``"[hessian] in diag.toml"``.
+    """
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError):  # pragma: no cover - unresolvable annotations: leave it to the config
+        return
+    for option, value in options.items():
+        if option in hints and not _accepts(value, hints[option]):
+            raise DiagnosticsError(
+                f"{analyzer}.{option} must be {_expected(hints[option])}, got {_value_words(value)} (from {source})"
+            )
+
+
 def resolve_settings(
     config: Mapping[str, Any] | None = None,
     *,
@@ -287,13 +433,20 @@ def resolve_settings(
     def pick(flag: Any, key: str, default: Any = None) -> Any:
         return flag if flag is not None else cfg.get(key, default)
 
+    from diagnostics.analyzers.registry import all_analyzers
+
+    registered = all_analyzers()
     names = parse_analyzer_list(analyzers) or parse_analyzer_list(cfg.get("analyzers")) or list(DEFAULT_ANALYZERS)
     options: dict[str, dict[str, Any]] = {}
     for name in names:
         table = cfg.get(name) or {}
         if not isinstance(table, Mapping):
             raise DiagnosticsError(f"'{name}' in {cfg.get('_path', 'diag.toml')} must be a table of options")
-        options[name] = {**dict(table), **dict((overrides or {}).get(name) or {})}
+        given = dict((overrides or {}).get(name) or {})
+        if name in registered:
+            check_option_types(name, registered[name].config_cls, table, f"[{name}] in {cfg.get('_path', 'diag.toml')}")
+            check_option_types(name, registered[name].config_cls, given, "--set")
+        options[name] = {**dict(table), **given}
     stray = sorted(set(overrides or {}) - set(names))
     if stray:
         raise DiagnosticsError(
@@ -379,30 +532,39 @@ def _table_bytes(df: pd.DataFrame) -> bytes:
 
 
 def store_cached(cache_dir: Path, inputs: Mapping[str, Any], result: Result) -> Path:
-    """Write one result (and its DataFrame artifacts) to the cache; the JSON is written last."""
+    """Write one result (and its DataFrame artifacts) to the cache, each file with its checksum; JSON last."""
     key = cache_key(inputs)
     entry = _entry_path(cache_dir, str(inputs["analyzer"]), str(inputs["checkpoint_sha256"]), key)
     tables = {k: v for k, v in result.artifacts.items() if isinstance(v, pd.DataFrame)}
     for name, df in tables.items():
-        atomic_write_bytes(_artifact_path(entry, name), _table_bytes(df))
+        write_checked(_artifact_path(entry, name), _table_bytes(df))
     meta = {**result.metadata, "cache": {"key": key, "inputs": dict(inputs), "artifacts": sorted(tables)}}
-    write_result(Result(result.records, meta), entry)
+    write_checked(entry, result_json_bytes(Result(result.records, meta)))
     return entry
 
 
-def load_cached(cache_dir: Path, inputs: Mapping[str, Any]) -> Result | None:
-    """The cached result for ``inputs``, or None when absent, unreadable or written for other inputs."""
+def load_cached(cache_dir: Path, inputs: Mapping[str, Any], warn: Callable[[str], None] | None = None) -> Result | None:
+    """The cached result for ``inputs``, or None when absent, unreadable, written for other inputs or
+    not matching its checksum (then ``warn`` says so: it is recomputed)."""
+    import io
+
     key = cache_key(inputs)
     entry = _entry_path(cache_dir, str(inputs["analyzer"]), str(inputs["checkpoint_sha256"]), key)
     if not entry.is_file():
         return None
+    raw = read_checked(entry, warn)
+    if raw is None:
+        return None
     try:
-        result = read_result(entry)
+        result = result_from_json_bytes(raw, entry)
         info = result.metadata.get("cache") or {}
         if info.get("key") != key:
             return None
         for name in info.get("artifacts") or []:
-            result.artifacts[name] = pd.read_parquet(_artifact_path(entry, name))
+            table = read_checked(_artifact_path(entry, name), warn)
+            if table is None:
+                return None
+            result.artifacts[name] = pd.read_parquet(io.BytesIO(table))
     except (DiagnosticsError, OSError, ValueError):
         return None
     return result
@@ -414,6 +576,14 @@ class SweepFailure:
     checkpoint: str
     analyzer: str
     message: str
+
+
+@dataclass(frozen=True)
+class SweepSkip:
+    """A checkpoint left for the next run: it changed while (or since) it was read."""
+
+    checkpoint: str
+    reason: str
 
 
 @dataclass
@@ -428,6 +598,8 @@ class SweepResult:
         failures: results that could not be computed (bad checkpoint, diverged weights, ...).
         settings: what was run.
         seconds: wall time of the sweep.
+        skipped: checkpoints that changed while being read (still being written): analysed next run.
+        warnings: what the user should know (cache files that failed their checksum and were recomputed).
     """
 
     frame: pd.DataFrame
@@ -439,6 +611,8 @@ class SweepResult:
     settings: SweepSettings
     run_dir: Path
     seconds: float = 0.0
+    skipped: list[SweepSkip] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def artifact_frame(self, analyzer: str, name: str) -> pd.DataFrame | None:
         """One table artifact (e.g. hessian's ``density``) of every checkpoint, with ``checkpoint`` and
@@ -475,8 +649,20 @@ class SweepResult:
                     notes.append(line)
         computed = set(self.computed)
         failed = {(f.checkpoint, f.analyzer) for f in self.failures}
+        skipped = {s.checkpoint for s in self.skipped}
+        notes += [f"{s.checkpoint}: skipped, {s.reason}" for s in self.skipped]
+        notes += [w for w in self.warnings if w not in notes]
+
+        def status(name: str, analyzer: str) -> str:
+            if (name, analyzer) in failed:
+                return "failed"
+            if (name, analyzer) in computed:
+                return "computed"
+            return "skipped" if name in skipped else "cached"
+
         return {
             "format": MANIFEST_FORMAT,
+            "status": "complete",
             "run": str(self.run_dir),
             "run_name": self.run_dir.resolve().name,
             "settings": self.settings.describe(),
@@ -489,10 +675,7 @@ class SweepResult:
                     "step": rc.step,
                     "step_source": rc.step_source,
                     "sha256": rc.sha256,
-                    "status": {
-                        a: "failed" if (rc.name, a) in failed else "computed" if (rc.name, a) in computed else "cached"
-                        for a in self.settings.analyzers
-                    },
+                    "status": {a: status(rc.name, a) for a in self.settings.analyzers},
                 }
                 for rc in self.checkpoints
             ],
@@ -501,9 +684,11 @@ class SweepResult:
                 "computed": len(self.computed),
                 "cached": len(self.cached),
                 "failed": len(self.failures),
+                "skipped": len(self.skipped),
                 "records": len(self.frame),
             },
             "failures": [asdict(f) for f in self.failures],
+            "skipped": [asdict(s) for s in self.skipped],
             "results": per,
             "notes": notes,
             "seconds": self.seconds,
@@ -553,6 +738,10 @@ def sweep(
             :class:`SweepFailure` and go on; otherwise raise.
         log: ``log(line)`` for one line per checkpoint (the CLI prints it when no bar is drawn).
 
+    A checkpoint is analysed from the bytes it is hashed from; one that changed while it was read or
+    since the run was scanned is skipped (:attr:`SweepResult.skipped`) and analysed by the next run.
+    Cache files that fail their checksum are recomputed (:attr:`SweepResult.warnings`).
+
     Raises:
         DiagnosticsError: unknown analyzer or option, no checkpoints, or (with ``keep_going``) every
             result failed.
@@ -574,12 +763,28 @@ def sweep(
             f"available: {', '.join(sorted(available)) or '(none)'}"
         )
     chosen = {a: available[a] for a in settings.analyzers}
+    for a, spec in chosen.items():
+        check_option_types(a, spec.config_cls, settings.options.get(a) or {}, "the sweep's options")
     configs = {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
     stray_options = sorted(set(settings.options) - set(chosen))
     if stray_options:
         raise DiagnosticsError(f"options given for analyzers that are not run: {stray_options}")
 
-    checkpoints = discover_checkpoints(run, pattern=settings.pattern, exclude=exclude, cache_dir=cache)
+    warnings: list[str] = []
+    skipped: list[SweepSkip] = []
+
+    def warn(line: str) -> None:
+        if line not in warnings:
+            warnings.append(line)
+
+    checkpoints = discover_checkpoints(
+        run,
+        pattern=settings.pattern,
+        exclude=exclude,
+        cache_dir=cache,
+        warn=warn,
+        on_skip=lambda name, why: skipped.append(SweepSkip(name, why)),
+    )
     results: dict[tuple[str, str], Result] = {}
     computed: list[tuple[str, str]] = []
     cached: list[tuple[str, str]] = []
@@ -599,7 +804,7 @@ def sweep(
             inputs = {a: cache_inputs(rc.sha256, a, configs[a], settings) for a in chosen}
             missing = []
             for a in chosen:
-                hit = load_cached(cache, inputs[a]) if cache is not None else None
+                hit = load_cached(cache, inputs[a], warn) if cache is not None and rc.sha256 else None
                 if hit is None:
                     missing.append(a)
                 else:
@@ -609,7 +814,13 @@ def sweep(
             if missing:
                 t_ck = time.perf_counter()
                 try:
-                    ck = load_checkpoint(rc.path)
+                    content = read_checkpoint_file(rc.path)
+                    if content.sha256 != rc.sha256:
+                        raise CheckpointChanged(
+                            f"'{rc.name}' changed since the run was scanned (still being written?); "
+                            "it is analysed by the next run"
+                        )
+                    ck = load_checkpoint(rc.path, content=content)
                     binding = resolve_binding(
                         ck.factories,
                         model=settings.model,
@@ -629,6 +840,9 @@ def sweep(
                         params=settings.params,
                         need_targets=any(chosen[a].needs_targets for a in missing),
                     )
+                except CheckpointChanged as exc:
+                    skipped.append(SweepSkip(rc.name, str(exc)))
+                    missing = []
                 except Exception as exc:
                     if not keep_going:
                         raise
@@ -662,19 +876,24 @@ def sweep(
                         parts.append("rest cached")
                     if failed_here:
                         parts.append(f"FAILED {','.join(failed_here)}")
+                    if any(s.checkpoint == rc.name for s in skipped):
+                        parts.append("skipped (changed while reading; analysed next run)")
                     log(f"[{i}/{total}] {rc.name} (step {rc.step}): {'; '.join(parts)}")
             elif log is not None:
                 log(f"[{i}/{total}] {rc.name} (step {rc.step}): cached")
             if progress is not None:
                 progress("checkpoints", i, total)
     if group.active:
-        shares = distributed.gather_items([(group.rank, (results, computed, cached, failures))], n_items=group.size)
-        results, computed, cached, failures = {}, [], [], []
-        for r, c, h, f in shares:
+        local = (results, computed, cached, failures, skipped, warnings)
+        shares = distributed.gather_items([(group.rank, local)], n_items=group.size)
+        results, computed, cached, failures, skipped, warnings = {}, [], [], [], list(skipped), list(warnings)
+        for r, c, h, f, sk, w in shares:
             results.update(r)
             computed += c
             cached += h
             failures += f
+            skipped += [x for x in sk if x not in skipped]
+            warnings += [x for x in w if x not in warnings]
 
     if not results and failures:
         first = failures[0]
@@ -693,6 +912,8 @@ def sweep(
         settings=settings,
         run_dir=run,
         seconds=time.perf_counter() - t0,
+        skipped=skipped,
+        warnings=warnings,
     )
 
 
@@ -709,23 +930,21 @@ def is_ours(out: Path) -> bool:
 
 
 def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Path] = ()) -> Path:
-    """Check that ``out`` may receive a sweep/report: absent, empty, or one of ours (or ``force``).
+    """Check that ``out`` may receive a sweep/report (:func:`diagnostics.outputs.plan_outputs`), then create it.
 
+    ``out`` must be absent, empty, or one of ours (or ``force``), never an input (``protected``: the run
+    folder, diag.toml); the files a sweep and a report write there must be absent or regular files.
     Nothing is deleted: ``force`` only allows writing our files into a folder we did not create.
     """
     out = Path(out)
-    for p in protected:
-        if out.resolve() == Path(p).resolve():
-            raise DiagnosticsError(
-                f"--out '{out}' is the run folder itself; choose another folder (e.g. reports/<run>)"
-            )
-    if out.exists() and not out.is_dir():
-        raise DiagnosticsError(f"--out '{out}' is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out) and not force:
-        raise DiagnosticsError(
-            f"'{out}' is not empty and was not written by diag (no {MANIFEST_NAME}); "
-            "choose another --out or pass --force to write into it anyway"
-        )
+    plan_outputs(
+        inputs=protected,
+        force=force,
+        folder=("--out", out),
+        folder_owner=(MANIFEST_NAME, MANIFEST_FORMAT),
+        folder_files=FOLDER_FILES,
+        folder_dirs=(CACHE_DIR, "figures"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -742,6 +961,32 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise DiagnosticsError(f"'{path}' is not a diag run manifest; choose another --out")
     return data
+
+
+def start_manifest(
+    out: str | Path, run_dir: str | Path, settings: SweepSettings, invocation: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the manifest with status ``"in progress"`` before the first result is computed.
+
+    The output folder is then recognised as diag's (:func:`is_ours`) however the sweep ends (Ctrl-C,
+    ``kill -9``, a crash), so the same command resumes from the cache; :func:`write_sweep` replaces it
+    with the complete manifest at the end. Call :func:`prepare_out_dir` first.
+    """
+    run = Path(run_dir)
+    meta: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "status": "in progress",
+        "run": str(run),
+        "run_name": run.resolve().name,
+        "settings": settings.describe(),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if invocation is not None:
+        meta["invocation"] = dict(invocation)
+    path = Path(out) / MANIFEST_NAME
+    atomic_write_bytes(path, json.dumps(meta, indent=2, default=str).encode())
+    return path
 
 
 def write_sweep(out: str | Path, result: SweepResult, invocation: Mapping[str, Any] | None = None) -> dict[str, Path]:

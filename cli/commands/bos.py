@@ -26,7 +26,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -34,7 +33,9 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.stability import BosConfig, analyze_bos, correlate_bos
+from diagnostics.binding import input_files
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import plan_outputs
 from diagnostics.results import Result, atomic_write_bytes, read_result
 
 ModuleOpt = Annotated[
@@ -59,15 +60,6 @@ ConfidenceOpt = Annotated[
     float | None,
     typer.Option("--confidence", help="level of the t-interval over passes (default 0.95)", rich_help_panel="Dropout"),
 ]
-
-
-def _check_new(path: Path | None, force: bool, suffixes: tuple[str, ...], flag: str) -> None:
-    if path is None:
-        return
-    if path.suffix.lower() not in suffixes:
-        raise DiagnosticsError(f"{flag} '{path}': use a {' or '.join(suffixes)} file")
-    if path.exists() and not force:
-        raise DiagnosticsError(f"'{path}' exists; pass --force to overwrite it or choose another {flag}")
 
 
 def interval_line(result: Result, metric: str) -> str | None:
@@ -149,8 +141,12 @@ def bos(
     sum(matched IoU) / min(n, n'). Higher = more stable; across test sets it tracks mAP (see bos-correlate).
     """
     check_format(format)
-    check_out(out, force, [checkpoint])
-    _check_new(per_image, force, (".csv",), "--per-image")
+    plan = plan_outputs(
+        inputs=[checkpoint, *input_files(config, model, data)],
+        force=force,
+        out=out,
+        files={"--per-image": (per_image, (".csv",))},
+    )
     d = analyzer_defaults(config, "bos")
     modules = list(module) if module else d.get("modules", d.get("module"))
     cfg = BosConfig(
@@ -188,8 +184,8 @@ def bos(
     line = interval_line(result, "bos")
     if line and not quiet:
         typer.echo(f"diag: {line}", err=True)
-    if per_image is not None:
-        atomic_write_bytes(per_image, result.artifacts["per_image"].to_csv(index=False).encode())
+    if (per_image_path := plan.path("--per-image")) is not None:
+        atomic_write_bytes(per_image_path, result.artifacts["per_image"].to_csv(index=False).encode())
 
 
 # -------------------------------------------------------------------------------- bos-correlate
@@ -277,8 +273,7 @@ def bos_correlate(
     each name with its mAP.
     """
     check_format(format)
-    check_out(out, force, [*results, map_table])
-    _check_new(plot, force, (".png",), "--plot")
+    plan = plan_outputs(inputs=[*results, map_table], force=force, out=out, files={"--plot": (plot, (".png",))})
     table = read_map_table(map_table, map_column)
     names, xs, ses, ys = [], [], [], []
     for path in results:
@@ -309,7 +304,7 @@ def bos_correlate(
             title=f"{metric} vs mAP: Spearman {records['spearman_rho']:.3f}, Pearson {records['pearson_r']:.3f}",
             xlabel=metric,
         )
-        atomic_write_bytes(plot, figure_png(fig))
+        atomic_write_bytes(plan.path("--plot"), figure_png(fig))
 
 
 def register(app: typer.Typer) -> None:

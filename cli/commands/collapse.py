@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from diag_cli.commands.rankme import LayerOpt, PlotOpt, PoolOpt, plot_paths
+from diag_cli.commands.rankme import LayerOpt, PlotOpt, PoolOpt, plot_endings, plot_paths
 from diag_cli.common import (
     BatchSizeOpt,
     CheckpointArg,
@@ -25,7 +25,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -33,7 +32,9 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.collapse import CollapseConfig, analyze_collapse
+from diagnostics.binding import input_files
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import plan_outputs
 from diagnostics.plots import class_cosine_figure, figure_png, layer_metrics_figure
 from diagnostics.results import atomic_write_bytes
 
@@ -72,7 +73,6 @@ def collapse(
     """Neural collapse (Papyan et al. 2020): NC1, NC2 (equinorm, equiangularity), NC3, NC4 and CDNV at one
     or more layers, with the global mean taken as the unweighted mean of the class means."""
     check_format(format)
-    check_out(out, force, [checkpoint])
     d = analyzer_defaults(config, "collapse")
     cfg = CollapseConfig(
         layers=list(layer) if layer else d.get("layers"),
@@ -83,7 +83,13 @@ def collapse(
     )
     cfg.validate()
     kinds = ["cosine"] + (["layers"] if cfg.layers and len(cfg.layers) > 1 else [])
-    plots = plot_paths(plot, kinds, force)
+    plan = plan_outputs(
+        inputs=[checkpoint, *input_files(config, model, data)],
+        force=force,
+        out=out,
+        prefixes={"--plot": (plot, plot_endings(kinds))},
+    )
+    plots = plot_paths(plan)
     _, ctx = load_context(
         checkpoint,
         model=model,

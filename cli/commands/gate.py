@@ -37,7 +37,7 @@ from diag_cli.common import (
     project_config,
     warn,
 )
-from diagnostics.binding import resolve_binding
+from diagnostics.binding import input_files, resolve_binding
 from diagnostics.checkpoint import Checkpoint, load_checkpoint
 from diagnostics.context import Context, build_context
 from diagnostics.errors import DiagnosticsError, GateFailed
@@ -49,6 +49,7 @@ from diagnostics.gate import (
     read_baseline,
     running_in_github_actions,
 )
+from diagnostics.outputs import plan_outputs
 from diagnostics.results import atomic_write_bytes
 
 GATE_TABLE = "gate"
@@ -97,18 +98,6 @@ def _full_context(
     return ck, ctx
 
 
-def _refuse_existing(path: Path | None, force: bool, protected: list[Path]) -> None:
-    if path is None:
-        return
-    for p in protected:
-        if path.exists() and p.exists() and path.resolve() == p.resolve():
-            raise DiagnosticsError(f"'{path}' is an input file; choose another output path")
-    if path.exists() and not force:
-        raise DiagnosticsError(f"'{path}' exists; pass --force to overwrite it or choose another path")
-    if path.exists() and path.is_dir():
-        raise DiagnosticsError(f"'{path}' is a folder; pass a file path")
-
-
 @handle_errors
 def baseline(
     checkpoint: CheckpointArg,
@@ -143,7 +132,7 @@ def baseline(
     """
     if format not in ("table", "json"):
         raise DiagnosticsError(f"unknown --format '{format}'; use table or json")
-    _refuse_existing(out, force, [checkpoint])
+    plan_outputs(inputs=[checkpoint, *input_files(config, model, data, loss)], force=force, files={"--out": (out, ())})
     d = _gate_defaults(config)
     settings = GateSettings(
         replicates=int(_pick(replicates, d, "replicates", 5)),
@@ -218,10 +207,11 @@ def check(
     """
     if format not in ("table", "json"):
         raise DiagnosticsError(f"unknown --format '{format}'; use table or json")
-    for target in (out, junit):
-        _refuse_existing(target, force, [checkpoint, baseline_file])
-    if out is not None and junit is not None and out.resolve() == junit.resolve():
-        raise DiagnosticsError("--out and --junit name the same file")
+    plan_outputs(
+        inputs=[checkpoint, baseline_file, *input_files(config, model, data, loss)],
+        force=force,
+        files={"--out": (out, ()), "--junit": (junit, ())},
+    )
     d = _gate_defaults(config)
     tol_value = float(_pick(tolerance, d, "tolerance", 0.10))
     conf_value = float(_pick(confidence, d, "confidence", 0.95))

@@ -27,7 +27,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -35,9 +34,11 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.hessian import HessianConfig, analyze_hessian
+from diagnostics.binding import input_files
 from diagnostics.distributed import init_from_env
 from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg.operator import BACKENDS
+from diagnostics.outputs import plan_outputs
 from diagnostics.plots import density_figure, figure_png
 from diagnostics.results import atomic_write_bytes
 
@@ -155,7 +156,12 @@ def hessian(
 ) -> None:
     """Hessian spectrum of the loss at a checkpoint: eigenvalues, trace, density, edge of stability."""
     check_format(format)
-    check_out(out, force, [checkpoint])
+    plan = plan_outputs(
+        inputs=[checkpoint, *input_files(config, model, data, loss)],
+        force=force,
+        out=out,
+        prefixes={"--density-out": (density_out, (".csv", ".png"))},
+    )
     d = analyzer_defaults(config, "hessian")
     cfg = HessianConfig(
         top_k=pick(top_k, d, "top_k", 1),
@@ -184,11 +190,6 @@ def hessian(
     if backend not in BACKENDS:
         raise DiagnosticsError(f"unknown --backend '{backend}'; use {', '.join(BACKENDS)}")
     cfg.validate()
-    if density_out is not None:
-        for suffix in (".csv", ".png"):
-            target = density_out.with_name(density_out.name + suffix)
-            if target.exists() and not force:
-                raise DiagnosticsError(f"'{target}' exists; pass --force to overwrite it")
     rank = init_from_env()  # under torchrun: data sharded over ranks, every HVP all-reduced
     _, ctx = load_context(
         checkpoint,
@@ -211,9 +212,10 @@ def hessian(
     emit(result, format, out, quiet)
     if density_out is not None and "density" in result.artifacts:
         df = result.artifacts["density"]
-        atomic_write_bytes(density_out.with_name(density_out.name + ".csv"), df.to_csv(index=False).encode())
+        written = plan.paths("--density-out")
+        atomic_write_bytes(written[".csv"], df.to_csv(index=False).encode())
         fig = density_figure(df, f"Hessian spectral density: {ctx.checkpoint}")
-        atomic_write_bytes(density_out.with_name(density_out.name + ".png"), figure_png(fig))
+        atomic_write_bytes(written[".png"], figure_png(fig))
 
 
 def register(app: typer.Typer) -> None:

@@ -28,7 +28,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     err,
     handle_errors,
@@ -43,20 +42,17 @@ from diagnostics.analyzers.landscape import (
     analyze_landscape,
     landscape_key,
 )
+from diagnostics.binding import input_files
 from diagnostics.errors import DiagnosticsError
+from diagnostics.outputs import plan_outputs
 from diagnostics.results import atomic_write_bytes
 
 CACHE_FORMAT = "diagnostics-landscape-cache/1"
 
 
-def plot_paths(prefix: Path, two_d: bool) -> dict[str, Path]:
-    """Files ``--plot PREFIX`` writes: ``PREFIX.png`` (curve) or ``PREFIX_contour.png`` + ``PREFIX_surface.png``."""
-    if two_d:
-        return {
-            "contour": prefix.with_name(prefix.name + "_contour.png"),
-            "surface": prefix.with_name(prefix.name + "_surface.png"),
-        }
-    return {"curve": prefix.with_name(prefix.name + ".png")}
+def plot_endings(two_d: bool) -> dict[str, str]:
+    """What ``--plot PREFIX`` appends: ``PREFIX.png`` (curve) or ``PREFIX_contour.png`` + ``PREFIX_surface.png``."""
+    return {"contour": "_contour.png", "surface": "_surface.png"} if two_d else {"curve": ".png"}
 
 
 def read_cache(path: Path, key: str, force: bool) -> dict[int, tuple[float, float | None]]:
@@ -89,15 +85,6 @@ def read_cache(path: Path, key: str, force: bool) -> dict[int, tuple[float, floa
 def write_cache(path: Path, key: str, points: dict[int, tuple[float, float | None]]) -> None:
     payload = {"format": CACHE_FORMAT, "key": key, "points": {str(i): list(v) for i, v in sorted(points.items())}}
     atomic_write_bytes(path, json.dumps(payload).encode())
-
-
-def _refuse_existing(paths: list[Path], force: bool, inputs: list[Path]) -> None:
-    for p in paths:
-        for q in inputs:
-            if p.exists() and q.exists() and p.resolve() == q.resolve():
-                raise DiagnosticsError(f"'{p}' is an input file; choose another output path")
-        if p.exists() and not force:
-            raise DiagnosticsError(f"'{p}' exists; pass --force to overwrite it or choose another path")
 
 
 @handle_errors
@@ -189,7 +176,6 @@ def landscape(
     """
     check_format(format)
     inputs = [checkpoint] + ([other] if other is not None else [])
-    check_out(out, force, inputs)
     d = analyzer_defaults(config, "landscape")
     two = other is not None
     if two and direction is not None:
@@ -211,22 +197,18 @@ def landscape(
         backend=pick(backend, d, "backend", "auto"),
     )
     cfg.validate()
-    outputs: list[Path] = []
-    if grid_out is not None:
-        if grid_out.suffix.lower() != ".csv":
-            raise DiagnosticsError(f"--grid-out '{grid_out}' must end in .csv")
-        outputs.append(grid_out)
-    plots = plot_paths(plot, cfg.dims == 2) if plot is not None else {}
-    outputs += list(plots.values())
-    _refuse_existing(outputs, force, inputs)
-    implicit_cache = cache is None and grid_out is not None
-    cache_path = (
-        cache if cache is not None else (grid_out.with_name(grid_out.name + ".partial.json") if grid_out else None)
+    endings = plot_endings(cfg.dims == 2)
+    plan = plan_outputs(
+        inputs=[*inputs, *input_files(config, model, data, loss)],
+        force=force,
+        out=out,
+        files={"--grid-out": (grid_out, (".csv",))},
+        prefixes={"--plot": (plot, tuple(endings.values()))},
+        resumable={"--cache": (cache, grid_out, CACHE_FORMAT)},
     )
-    if cache_path is not None:
-        for q in inputs:
-            if cache_path.exists() and cache_path.resolve() == q.resolve():
-                raise DiagnosticsError(f"--cache '{cache_path}' is an input file; choose another path")
+    plots = {name: path for name, e in endings.items() if (path := plan.path("--plot", e)) is not None}
+    cache_path = plan.path("--cache")
+    implicit_cache = plan.temporary("--cache")  # the command's own partial file: removed when the grid is done
 
     binding: dict[str, Any] = dict(
         model=model,

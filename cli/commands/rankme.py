@@ -24,7 +24,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -32,7 +31,8 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.rank import RankConfig, analyze_rank
-from diagnostics.errors import DiagnosticsError
+from diagnostics.binding import input_files
+from diagnostics.outputs import OutputPlan, plan_outputs
 from diagnostics.plots import figure_png, singular_value_figure
 from diagnostics.results import atomic_write_bytes
 
@@ -55,15 +55,14 @@ PlotOpt = Annotated[
 ]
 
 
-def plot_paths(prefix: Path | None, kinds: list[str], force: bool) -> dict[str, Path]:
-    """``{kind: PREFIX.kind.png}``; refuses to overwrite an existing file without --force."""
-    if prefix is None:
-        return {}
-    paths = {kind: prefix.with_name(f"{prefix.name}.{kind}.png") for kind in kinds}
-    for path in paths.values():
-        if path.exists() and not force:
-            raise DiagnosticsError(f"'{path}' exists; pass --force to overwrite it or choose another --plot prefix")
-    return paths
+def plot_endings(kinds: list[str]) -> tuple[str, ...]:
+    """What ``--plot PREFIX`` appends for each figure: ``PREFIX.<kind>.png``."""
+    return tuple(f".{kind}.png" for kind in kinds)
+
+
+def plot_paths(plan: OutputPlan) -> dict[str, Path]:
+    """``{kind: path}`` of the planned ``--plot`` figures."""
+    return {ending[1:].removesuffix(".png"): path for ending, path in plan.paths("--plot").items()}
 
 
 @handle_errors
@@ -101,7 +100,6 @@ def rankme(
     """RankMe (Garrido et al. 2023), effective rank, stable rank, participation ratio and alpha-ReQ of the
     features at one or more layers."""
     check_format(format)
-    check_out(out, force, [checkpoint])
     d = analyzer_defaults(config, "rankme")
     cfg = RankConfig(
         layers=list(layer) if layer else d.get("layers"),
@@ -112,7 +110,13 @@ def rankme(
         alpha_kmax=pick(alpha_kmax, d, "alpha_kmax"),
     )
     cfg.validate()
-    plots = plot_paths(plot, ["spectrum"], force)
+    plan = plan_outputs(
+        inputs=[checkpoint, *input_files(config, model, data)],
+        force=force,
+        out=out,
+        prefixes={"--plot": (plot, plot_endings(["spectrum"]))},
+    )
+    plots = plot_paths(plan)
     _, ctx = load_context(
         checkpoint,
         model=model,

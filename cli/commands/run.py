@@ -29,6 +29,7 @@ from diag_cli.common import (
     warn,
 )
 from diagnostics import distributed
+from diagnostics.binding import input_files
 from diagnostics.errors import DiagnosticsError
 from diagnostics.report import summary_table
 from diagnostics.results import format_markdown, frame_to_records, records_to_json
@@ -39,6 +40,7 @@ from diagnostics.runs import (
     prepare_out_dir,
     read_manifest,
     resolve_settings,
+    start_manifest,
     sweep,
     write_sweep,
 )
@@ -100,11 +102,17 @@ def merge_invocation(flags: dict[str, Any], stored: dict[str, Any] | None) -> di
     return merged
 
 
+def run_inputs(flags: dict[str, Any]) -> list[Path]:
+    """diag.toml and file.py factories named by the flags: inputs no output may overwrite."""
+    config = flags.get("config")
+    return input_files(Path(config) if config else None, flags.get("model"), flags.get("data"), flags.get("loss"))
+
+
 def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_fast: bool, quiet: bool) -> SweepResult:
     """Validate the output folder, sweep (cached) and write the table and the manifest."""
     if not run.is_dir():
         raise DiagnosticsError(f"no such run folder: '{run}'" if not run.exists() else f"'{run}' is not a folder")
-    prepare_out_dir(out, force=force, protected=[run])
+    prepare_out_dir(out, force=force, protected=[run, *run_inputs(flags)])
     distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
     config_path = flags.get("config")
     cfg = project_config(Path(config_path) if config_path else None)
@@ -124,6 +132,8 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_
         params=flags.get("params"),
         pattern=flags.get("pattern"),
     )
+    if distributed.is_main():  # before the first result: a killed first sweep resumes with the same command
+        start_manifest(out, run, settings, invocation=flags)
     with progress_bar(quiet) as progress:
         log = None if quiet or progress is not None else (lambda line: typer.echo(f"diag: {line}", err=True))
         try:
@@ -143,6 +153,10 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, fail_
         raise typer.Exit(0)
     write_sweep(out, result, invocation=flags)
     if not quiet:
+        for line in result.warnings:
+            warn(line)
+        for s in result.skipped:
+            warn(f"{s.checkpoint} skipped: {s.reason}")
         for f in result.failures:
             warn(f"{f.checkpoint} [{f.analyzer}] failed: {f.message}")
     return result

@@ -26,7 +26,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -34,6 +33,8 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.sharpness import SharpnessConfig, analyze_sharpness
+from diagnostics.binding import input_files
+from diagnostics.outputs import plan_outputs
 
 
 @handle_errors
@@ -92,7 +93,7 @@ def sharpness(
 ) -> None:
     """Sharpness at a checkpoint: max_{||e||<=rho} L(w+e) - L(w) (solved), ASAM, Gaussian; EoS thresholds."""
     check_format(format)
-    check_out(out, force, [checkpoint])
+    plan_outputs(inputs=[checkpoint, *input_files(config, model, data, loss)], force=force, out=out)
     d = analyzer_defaults(config, "sharpness")
     cfg = SharpnessConfig(
         kind=pick(kind, d, "kind", "worst"),

@@ -25,7 +25,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -33,6 +32,8 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.stability import StabilityConfig, analyze_stability
+from diagnostics.binding import input_files
+from diagnostics.outputs import plan_outputs
 
 
 @handle_errors
@@ -67,7 +68,7 @@ def stability(
     KL(clean || dropout) of the class probabilities; both averaged over --passes seeded passes.
     """
     check_format(format)
-    check_out(out, force, [checkpoint])
+    plan_outputs(inputs=[checkpoint, *input_files(config, model, data)], force=force, out=out)
     d = analyzer_defaults(config, "stability")
     modules = list(module) if module else d.get("modules", d.get("module"))
     cfg = StabilityConfig(

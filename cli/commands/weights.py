@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 import typer
 
-from diag_cli.commands.rankme import PlotOpt, plot_paths
+from diag_cli.commands.rankme import PlotOpt, plot_endings, plot_paths
 from diag_cli.common import (
     CheckpointArg,
     ConfigOpt,
@@ -21,7 +21,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     pick,
@@ -29,9 +28,10 @@ from diag_cli.common import (
     project_config,
 )
 from diagnostics.analyzers.weights import WeightsConfig, analyze_weights
-from diagnostics.binding import resolve_binding
+from diagnostics.binding import input_files, resolve_binding
 from diagnostics.checkpoint import load_checkpoint
 from diagnostics.context import build_model
+from diagnostics.outputs import plan_outputs
 from diagnostics.plots import figure_png, singular_value_figure
 from diagnostics.results import atomic_write_bytes
 
@@ -56,11 +56,16 @@ def weights(
     """Spectral norm, stable rank, effective rank and power-law alpha (WeightWatcher-style) of every weight
     matrix, from the checkpoint alone (no data)."""
     check_format(format)
-    check_out(out, force, [checkpoint])
     d = analyzer_defaults(config, "weights")
     cfg = WeightsConfig(params=pick(params, d, "params"), min_evals=int(pick(min_evals, d, "min_evals", 10)))
     cfg.validate()
-    plots = plot_paths(plot, ["spectrum"], force)
+    plan = plan_outputs(
+        inputs=[checkpoint, *input_files(config, model)],
+        force=force,
+        out=out,
+        prefixes={"--plot": (plot, plot_endings(["spectrum"]))},
+    )
+    plots = plot_paths(plan)
     project = project_config(config)
     ck = load_checkpoint(checkpoint)
     # only the model factory matters here: an untrusted data factory in the checkpoint is never imported

@@ -291,6 +291,27 @@ def class_batches(batches: list[Batch]) -> dict[Any, list[Batch]]:
     return out
 
 
+def check_k(config: HessianConfig, dim: int) -> list[str]:
+    """Refuse ``--top-k``/``--bottom-k`` above the Hessian's dimension (before any HVP); note an overlap.
+
+    A ``dim x dim`` Hessian has ``dim`` eigenvalues: asking for more would run Lanczos to the whole
+    spectrum and quietly return fewer values than asked. When top and bottom together exceed ``dim``,
+    the bottom ones are the ``dim - top_k`` that are not top ones (a note says so).
+    """
+    for flag, k in (("--top-k", config.top_k), ("--bottom-k", config.bottom_k)):
+        if k > dim:
+            raise DiagnosticsError(
+                f"{flag} {k} asks for more eigenvalues than the Hessian has: it is {dim} x {dim} ({dim} analysed "
+                f"parameters); use {flag} {dim} for the whole spectrum, or --density"
+            )
+    if config.top_k + config.bottom_k > dim:
+        return [
+            f"--top-k {config.top_k} and --bottom-k {config.bottom_k} overlap on a {dim} x {dim} Hessian: "
+            f"the {max(dim - config.top_k, 0)} bottom eigenvalues that are not top ones are reported"
+        ]
+    return []
+
+
 def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tuple], dict[str, Any]]:
     """Edge-of-stability rows (threshold, ratio) and their metadata."""
     rows: list[tuple] = []
@@ -333,6 +354,7 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
     ``density`` (a DataFrame ``group, eigenvalue, density`` when asked).
     """
     config.validate()
+    dim_notes = check_k(config, ctx.n_params)  # before any HVP
     t0 = time.perf_counter()
     op = build_operator(ctx, config)
     full = _spectrum(op, config, ctx, None, 0, progress)
@@ -368,6 +390,7 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
     artifacts: dict[str, Any] = {"lanczos": full.lanczos}
     if densities:
         artifacts["density"] = pd.concat(densities, ignore_index=True)
+    metadata["notes"] = dim_notes + metadata["notes"]
     if not full.lanczos.converged:
         metadata["notes"].append(
             f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
