@@ -6,6 +6,9 @@ Python ``list`` is a leaf holding one item per sample (e.g. detector images of d
 subsetting a list picks items while subsetting a tensor indexes its first axis.
 
 Typical batches: ``(inputs, targets)``, ``((ids, mask), targets)``, ``{"input_ids": ..., "labels": ...}``.
+
+This is a bottom-layer module (it imports only the errors, and torch when used): the numerical core
+(:mod:`diagnostics.linalg`, micro-batching), the context and data sharding all use it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from diagnostics.errors import DiagnosticsError
 
 if TYPE_CHECKING:
     import torch
+
+Batch = Any  # a tree of tensors with the sample axis first; usually (inputs, targets), targets may be None
 
 
 def _is_leaf(obj: Any) -> bool:
@@ -71,6 +76,25 @@ def size(batch: Any) -> int:
         if isinstance(leaf, list) and leaf:
             return len(leaf)
     raise DiagnosticsError("cannot tell the batch size: no tensor with a sample axis in the batch")
+
+
+def batch_size(batch: Batch) -> int:
+    """The number of samples of a batch (see :func:`size`)."""
+    return size(batch)
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start:stop`` of every leaf with a sample axis (views, no copies)."""
+    import torch
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf[start:stop]
+        if isinstance(leaf, list):
+            return leaf[start:stop]
+        return leaf
+
+    return map_leaves(cut, batch)
 
 
 def take(batch: Any, index: torch.Tensor) -> Any:

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from diagnostics.batches import Batch, batch_size
 from diagnostics.binding import Binding, call_factory, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
 from diagnostics.errors import DiagnosticsError
 
-Batch = tuple[Any, Any]  # (inputs, targets); targets may be None for unlabelled data
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.")
 
@@ -40,23 +40,6 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(obj, Mapping):
         return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
-
-
-def batch_size(batch: Batch) -> int:
-    """Number of samples in a batch: rows of the targets, else of the inputs.
-
-    A tuple of inputs is several model arguments (rows of the first count); a list of inputs is a
-    list of samples (e.g. detector images of different sizes).
-    """
-    x, y = batch
-    for t in (y, x):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-        if isinstance(t, tuple) and t and isinstance(t[0], torch.Tensor) and t[0].dim() > 0:
-            return int(t[0].shape[0])
-        if isinstance(t, list) and t:
-            return len(t)
-    raise DiagnosticsError("cannot tell the batch size: a batch's inputs/targets are not tensors or lists")
 
 
 def _fingerprint(obj: Any) -> tuple:

@@ -219,9 +219,9 @@ def hessian_directions(
         (directions ``[{name: tensor}] * k``, eigenvalues (descending), Lanczos info).
     """
     from diagnostics.linalg.lanczos import lanczos
-    from diagnostics.linalg.operator import HessianOperator
+    from diagnostics.operators import hessian_operator
 
-    op = HessianOperator.from_context(ctx)
+    op = hessian_operator(ctx)
     if k > op.dim:
         raise DiagnosticsError(f"asked for {k} Hessian directions of a {op.dim}-parameter model")
     res = lanczos(op, k_top=k, tol=tol, max_iter=max_iter, generator=generator, progress=progress)

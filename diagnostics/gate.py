@@ -43,12 +43,13 @@ from typing import Any
 
 import torch
 
+from diagnostics.analyzers.hessian import SCALE_OPTIONS, HessianConfig, build_operator, run_lanczos
 from diagnostics.context import Batch, Context, describe_context, prepare_batches
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.lanczos import lanczos
-from diagnostics.linalg.operator import BACKENDS, HessianOperator
+from diagnostics.linalg.operator import BACKENDS
 from diagnostics.progress import ProgressFn
 from diagnostics.results import package_versions
+from diagnostics.spec import check_config
 
 BASELINE_FORMAT = "diagnostics-sharpness-baseline/1"
 METRIC = "eigenvalue_0 (lambda_max of the loss Hessian, Lanczos)"
@@ -185,15 +186,22 @@ def measure_sharpness(
     settings: GateSettings,
     progress: ProgressFn | None = None,
 ) -> list[Replicate]:
-    """``K`` seeded sharpness replicates of the model in ``ctx`` (``ctx`` holds all the data)."""
+    """``K`` seeded sharpness replicates of the model in ``ctx`` (``ctx`` holds all the data).
+
+    Each replicate is ``lambda_max`` measured exactly as ``diag hessian --top-k 1`` measures it
+    (:func:`diagnostics.analyzers.hessian.build_operator` and ``run_lanczos``), so the scale options
+    of ``settings`` that ``diag hessian`` has (``SCALE_OPTIONS``: backend, max_vectors, micro_batch,
+    autocast, accumulate_dtype, compile, basis_device, block_size) apply the same way.
+    """
     settings.validate()
+    scale = {name: getattr(settings, name) for name in SCALE_OPTIONS if hasattr(settings, name)}
+    config = check_config(HessianConfig(top_k=1, tol=settings.tol, max_iter=settings.max_iter, **scale))
     out = []
     seeds = settings.seeds
     for i, seed in enumerate(seeds):
         batches = replicate_batches(ctx, seed, settings)
         sub = ctx.with_batches(batches)
-        op = HessianOperator.from_context(sub, backend=settings.backend)
-        res = lanczos(op, k_top=1, tol=settings.tol, max_iter=settings.max_iter, generator=_stream_generator(seed, 0))
+        res = run_lanczos(build_operator(sub, config), config, _stream_generator(seed, 0))
         out.append(
             Replicate(
                 seed=seed,

@@ -47,17 +47,28 @@ if TYPE_CHECKING:
 
 torch = lazy_import("torch")
 pd = lazy_import("pandas")
-describe_context, parameter_groups = lazy_from("diagnostics.context", "describe_context", "parameter_groups")
+parameter_groups = lazy_from("diagnostics.context", "parameter_groups")
 world = lazy_from("diagnostics.distributed", "world")
 default_grid, gaussian_density, negative_mass, slq = lazy_from(
     "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "slq"
 )
 lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
-HessianOperator = lazy_from("diagnostics.linalg.operator", "HessianOperator")
 hutchpp = lazy_from("diagnostics.linalg.trace", "hutchpp")
+hessian_operator = lazy_from("diagnostics.operators", "hessian_operator")
 
 NAME = "hessian"
 HVP_BACKENDS = ("auto", "cached", "forward", "reverse")
+# how the Hessian is computed, not what is measured: the gate takes these from its own settings
+SCALE_OPTIONS = (
+    "backend",
+    "max_vectors",
+    "micro_batch",
+    "autocast",
+    "accumulate_dtype",
+    "compile",
+    "basis_device",
+    "block_size",
+)
 
 
 @dataclass
@@ -117,13 +128,21 @@ class HessianConfig:
         None, help="accumulate HVPs over batches in this dtype", choices=("float32", "float64"), panel=PANEL_SCALE
     )
     block_size: int = option(1, help="block Lanczos / lockstep SLQ: vectors per data pass", min=1, panel=PANEL_SCALE)
+    compile: bool = option(
+        False,
+        help="torch.compile the per-batch HVP (pays off on long runs; falls back to eager with a note)",
+        panel=PANEL_SCALE,
+    )
 
-    def scale_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``HessianOperator`` for micro-batching and mixed precision."""
+    def operator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`diagnostics.operators.hessian_operator` (backend and scale)."""
         return {
+            "backend": self.backend,
+            "max_vectors": self.max_vectors,
             "micro_batch": self.micro_batch,
             "autocast": self.autocast,
             "accumulate_dtype": self.accumulate_dtype,
+            "compile": self.compile,
         }
 
     def validate(self) -> None:
@@ -132,6 +151,70 @@ class HessianConfig:
             raise DiagnosticsError("ask for at least one eigenvalue: --top-k >= 1 or --bottom-k >= 1")
         if self.basis_device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.basis_device):
             raise DiagnosticsError(f"unknown --basis-device '{self.basis_device}'; use cpu, cuda or cuda:N")
+
+
+def build_operator(
+    ctx: Context,
+    config: HessianConfig,
+    *,
+    names: list[str] | None = None,
+    batches: list[Batch] | None = None,
+    backend: str | None = None,
+) -> HessianOperator:
+    """The Hessian operator ``diag hessian`` measures, with ``config``'s backend and scale options.
+
+    Args:
+        ctx: the context.
+        config: the settings (``backend``, ``max_vectors``, ``micro_batch``, ``autocast``,
+            ``accumulate_dtype``, ``compile`` apply).
+        names: restrict to these parameters (a layer's block).
+        batches: use these batches (a class's samples).
+        backend: override ``config.backend`` (e.g. the one the whole-model operator settled on).
+
+    Returns:
+        The operator (sharded over the process group by default; see ``hessian_operator``).
+    """
+    options = config.operator_options()
+    if backend is not None:
+        options["backend"] = backend
+    return hessian_operator(ctx, names=names, batches=batches, **options)
+
+
+def run_lanczos(
+    op: HessianOperator,
+    config: HessianConfig,
+    generator: torch.Generator,
+    progress: ProgressFn | None = None,
+) -> LanczosResult:
+    """Top-``top_k`` and bottom-``bottom_k`` eigenpairs of ``op`` as ``diag hessian`` computes them.
+
+    Lanczos with ``config``'s ``tol``, ``max_iter``, ``basis_device``, ``block_size`` and stopping rule
+    (``strict_residual``: the residual, else the gap-theorem error bound); the counts are clipped to
+    the operator's dimension.
+
+    Args:
+        op: the operator.
+        config: the settings.
+        generator: the start vector's random stream.
+        progress: ``progress(done, total)``.
+
+    Returns:
+        The :class:`LanczosResult`.
+    """
+    k_top = min(config.top_k, op.dim)
+    k_bot = min(config.bottom_k, max(op.dim - k_top, 0)) if op.dim > 1 else 0
+    return lanczos(
+        op,
+        k_top=k_top,
+        k_bottom=k_bot,
+        tol=config.tol,
+        max_iter=config.max_iter,
+        generator=generator,
+        basis_device=torch.device(config.basis_device) if config.basis_device else None,
+        block_size=config.block_size,
+        criterion="residual" if config.strict_residual else "bound",
+        progress=progress,
+    )
 
 
 @dataclass
@@ -154,21 +237,8 @@ def _spectrum(
     label = "" if group is None else f" [{group}]"
     rows: list[tuple] = []
     info: dict[str, Any] = {"dim": op.dim}
-    k_top = min(config.top_k, op.dim)
-    k_bot = min(config.bottom_k, max(op.dim - k_top, 0)) if op.dim > 1 else 0
     start = op.hvp_count
-    res = lanczos(
-        op,
-        k_top=k_top,
-        k_bottom=k_bot,
-        tol=config.tol,
-        max_iter=config.max_iter,
-        generator=ctx.generator(stream),
-        basis_device=torch.device(config.basis_device) if config.basis_device else None,
-        block_size=config.block_size,
-        criterion="residual" if config.strict_residual else "bound",
-        progress=bind(progress, f"lanczos{label}"),
-    )
+    res = run_lanczos(op, config, ctx.generator(stream), bind(progress, f"lanczos{label}"))
     info["lanczos"] = {
         "iterations": res.iterations,
         "converged": res.converged,
@@ -208,7 +278,9 @@ def _spectrum(
             progress=bind(progress, f"density{label}"),
             block=config.block_size,
         )
-        lam_max = abs(float(res.eigenvalues[0])) if k_top else max(abs(float(t.abs().max())) for t in q.nodes)
+        lam_max = (
+            abs(float(res.eigenvalues[0])) if len(res.eigenvalues) else max(abs(float(t.abs().max())) for t in q.nodes)
+        )
         mass, mass_se = negative_mass(q.nodes, q.weights, threshold=config.negative_tol * lam_max)
         rows.append(("negative_mass", mass, mass_se, None, group))
         grid, sigma = default_grid(q.nodes, config.density_points)
@@ -268,24 +340,9 @@ def check_k(config: HessianConfig, dim: int) -> list[str]:
     return []
 
 
-def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
-    """Hessian spectrum at ``ctx`` -> records (see module docstring) and run metadata.
-
-    Artifacts: ``lanczos`` (the :class:`LanczosResult` of the whole model, with eigenvectors) and
-    ``density`` (a DataFrame ``group, eigenvalue, density`` when asked).
-    """
-    check_config(config)
-    dim_notes = check_k(config, ctx.n_params)  # before any HVP
-    op = HessianOperator.from_context(
-        ctx, backend=config.backend, max_vectors=config.max_vectors, **config.scale_options()
-    )
-    total_hvps = 0
-    full = _spectrum(op, config, ctx, None, 0, progress)
-    total_hvps += op.hvp_count
-    rows = list(full.rows)
-    info: dict[str, Any] = {"model": full.info}
-    densities = [full.density] if full.density is not None else []
-
+def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tuple], dict[str, Any]]:
+    """Edge-of-stability rows (threshold, ratio) and their metadata."""
+    rows: list[tuple] = []
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
@@ -302,44 +359,64 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
             "Adam: the raw Hessian has no stability threshold; the preconditioned sharpness "
             f"lambda_max(P^-1 H) hovers near {thr.value:.4g} = {thr.rule} (see diag sharpness)"
         )
-    info["eos"] = eos_info
+    return rows, eos_info
 
+
+def _blocks(config: HessianConfig, ctx: Context) -> list[tuple[str, str, dict[str, Any], int, dict[str, Any]]]:
+    """The per-layer and per-class spectra asked for: ``(section, group, operator kwargs, stream, extra info)``."""
+    out = []
     if config.per_layer:
-        groups = parameter_groups(ctx.params)
-        info["per_layer"] = {}
-        for gi, (gname, names) in enumerate(groups.items()):
-            gop = HessianOperator.from_context(
-                ctx, names=names, backend=op.backend, max_vectors=config.max_vectors, **config.scale_options()
-            )
-            spec = _spectrum(gop, config, ctx, gname, 1000 * (gi + 1), progress)
-            rows += spec.rows
-            total_hvps += gop.hvp_count
-            info["per_layer"][gname] = spec.info
-            if spec.density is not None:
-                densities.append(spec.density)
+        for gi, (gname, names) in enumerate(parameter_groups(ctx.params).items()):
+            out.append(("per_layer", gname, {"names": names}, 1000 * (gi + 1), {}))
     if config.per_class:
-        info["per_class"] = {}
         for ci, (c, parts) in enumerate(class_batches(ctx.batches).items()):
-            cop = HessianOperator.from_context(
-                ctx, batches=parts, backend=op.backend, max_vectors=config.max_vectors, **config.scale_options()
-            )
-            spec = _spectrum(cop, config, ctx, f"class={c}", 100_000 * (ci + 1), progress)
-            rows += spec.rows
-            total_hvps += cop.hvp_count
-            info["per_class"][f"class={c}"] = {**spec.info, "samples": sum(int(p[1].shape[0]) for p in parts)}
-            if spec.density is not None:
-                densities.append(spec.density)
+            extra = {"samples": sum(int(p[1].shape[0]) for p in parts)}
+            out.append(("per_class", f"class={c}", {"batches": parts}, 100_000 * (ci + 1), extra))
+    return out
 
-    metadata = {"backend": op.backend, "hvp_count": total_hvps, "processes": world().size, "notes": [], **info}
-    artifacts: dict[str, Any] = {"lanczos": full.lanczos}
-    if densities:
-        artifacts["density"] = pd.concat(densities, ignore_index=True)
-    metadata["notes"] = dim_notes + metadata["notes"]
+
+def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
+    """Hessian spectrum at ``ctx`` -> records (see module docstring) and run metadata.
+
+    Artifacts: ``lanczos`` (the :class:`LanczosResult` of the whole model, with eigenvectors) and
+    ``density`` (a DataFrame ``group, eigenvalue, density`` when asked).
+    """
+    check_config(config)
+    notes = check_k(config, ctx.n_params)  # before any HVP
+    op = build_operator(ctx, config)
+    full = _spectrum(op, config, ctx, None, 0, progress)
+    total_hvps = op.hvp_count
+    notes += op.notes
+    rows = list(full.rows)
+    info: dict[str, Any] = {"model": full.info}
+    densities = [full.density] if full.density is not None else []
+    eos_rows, info["eos"] = _eos(config, ctx, full)
+    rows += eos_rows
+    for section, group, where, stream, extra in _blocks(config, ctx):
+        bop = build_operator(ctx, config, backend=op.backend, **where)
+        spec = _spectrum(bop, config, ctx, group, stream, progress)
+        rows += spec.rows
+        total_hvps += bop.hvp_count
+        notes += bop.notes
+        info.setdefault(section, {})[group] = {**spec.info, **extra}
+        if spec.density is not None:
+            densities.append(spec.density)
     if not full.lanczos.converged:
-        metadata["notes"].append(
+        notes.append(
             f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
             f"tol={config.tol}; raise --max-iter (each eigenvalue's error bound is in stderr)"
         )
+    metadata = {
+        "backend": op.backend,
+        "hvp_count": total_hvps,
+        "processes": world().size,
+        "sharded": op.loop.sharded,
+        "notes": list(dict.fromkeys(notes)),
+        **info,
+    }
+    artifacts: dict[str, Any] = {"lanczos": full.lanczos}
+    if densities:
+        artifacts["density"] = pd.concat(densities, ignore_index=True)
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 

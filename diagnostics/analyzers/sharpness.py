@@ -49,14 +49,14 @@ from diagnostics.spec import Analyzer, Metric, Section, Threshold, check_config,
 if TYPE_CHECKING:
     from diagnostics.context import Context
     from diagnostics.directions import FlatSpace, PointEvaluator
-    from diagnostics.linalg.operator import LinearOperator
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
 batch_size = lazy_from("diagnostics.context", "batch_size")
 FlatSpace, PointEvaluator = lazy_from("diagnostics.directions", "FlatSpace", "PointEvaluator")
 lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
-HessianOperator = lazy_from("diagnostics.linalg.operator", "HessianOperator")
+preconditioned = lazy_from("diagnostics.linalg.operator", "preconditioned")
+hessian_operator = lazy_from("diagnostics.operators", "hessian_operator")
 
 NAME = "sharpness"
 KINDS = ("worst", "adaptive", "average")
@@ -293,36 +293,6 @@ def average_case_sharpness(
 
 
 # --------------------------------------------------------------------------- Adam preconditioning
-class ScaledOperator:
-    """``v -> S A S v`` for a symmetric operator ``A`` and a positive diagonal ``S`` (``[n]``).
-
-    With ``S = P^-1/2`` its eigenvalues are those of ``P^-1 A`` (similar matrices).
-    """
-
-    def __init__(self, op: LinearOperator, scale: torch.Tensor) -> None:
-        self.op = op
-        self.scale = scale.to(dtype=op.dtype, device=op.device)
-        self.dim = op.dim
-        self.matvec_count = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += 1
-        return self.scale * self.op.matvec(self.scale * v)
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += int(V.shape[1])
-        s = self.scale.unsqueeze(1)
-        return s * self.op.matmat(s * V)
-
-
 def _state_index(ctx: Context, opt_state: Mapping[str, Any]) -> dict[str, Any]:
     """Optimizer state entry and param group of every analysed parameter, matched by position."""
     groups = opt_state.get("param_groups") or []
@@ -416,9 +386,8 @@ def preconditioned_sharpness(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float, dict[str, Any]]:
     """``lambda_max(P^-1 H)`` by Lanczos on ``P^-1/2 H P^-1/2``; returns (eigenvalue, error bound, info)."""
-    op = HessianOperator.from_context(ctx)
-    scaled = ScaledOperator(op, P.rsqrt())
-    res = lanczos(scaled, k_top=1, tol=tol, max_iter=max_iter, generator=generator, progress=progress)
+    op = hessian_operator(ctx)
+    res = lanczos(preconditioned(op, P), k_top=1, tol=tol, max_iter=max_iter, generator=generator, progress=progress)
     info = {
         "iterations": res.iterations,
         "converged": res.converged,
