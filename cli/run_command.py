@@ -145,7 +145,12 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
             emit(result, out.format, out.out, out.quiet)
             write_files(analyzer, result, config, planned.files)
         return
-    contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
+    contexts = [
+        open_context(
+            p, binding, project, trust=trust, need_targets=analyzer.needs_targets, need_data=analyzer.needs_data
+        )
+        for p in inputs
+    ]
     with resume_store(analyzer, planned.cache, planned.cache_is_temporary, out.force) as resume:
         with progress_bar(out.quiet or not rank.is_main) as progress:
             result = run_analyzer(

@@ -23,6 +23,7 @@ from diagnostics.batches import Batch, batch_size
 from diagnostics.binding import Binding, call_factory, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
 from diagnostics.errors import DiagnosticsError
+from diagnostics.seeding import stream_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.")
@@ -426,6 +427,7 @@ def build_context(
     params: str | None = None,
     check: bool = True,
     need_targets: bool = True,
+    need_data: bool = True,
 ) -> Context:
     """Checkpoint + binding -> :class:`Context` (model, data, loss), then the determinism check.
 
@@ -433,6 +435,8 @@ def build_context(
         params: regex restricting the analysed parameters (others are held fixed).
         samples: seeded subset size of the data (stream 0 of ``seed``).
         check: run :func:`check_determinism` (and the finite-loss check when targets exist).
+        need_data: False for data-free analyses (weight spectra): no data factory is called, the context
+            has no batches and no determinism check runs.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -442,14 +446,22 @@ def build_context(
         raise DiagnosticsError(f"--batch-size must be positive, got {batch_size_}")
     model = build_model(checkpoint, binding, dev, dt)
     loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
-    assert binding.data is not None
-    raw = call_factory(
-        binding.data, binding.data_kwargs, "data factory", from_checkpoint=binding.sources.get("data") == "checkpoint"
-    )
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 % (2**63 - 1))
-    prepared = prepare_batches(
-        raw, batch_size_=batch_size_, samples=samples, generator=gen, where=f"data '{binding.data}'"
-    )
+    prepared = PreparedData([], [], None)
+    if need_data:
+        assert binding.data is not None
+        raw = call_factory(
+            binding.data,
+            binding.data_kwargs,
+            "data factory",
+            from_checkpoint=binding.sources.get("data") == "checkpoint",
+        )
+        prepared = prepare_batches(
+            raw,
+            batch_size_=batch_size_,
+            samples=samples,
+            generator=stream_generator(seed, 0),
+            where=f"data '{binding.data}'",
+        )
     batches = [to_device(b, dev, dt) for b in prepared.batches]
     check_data(batches, f"data '{binding.data}'")
     if need_targets and any(b[1] is None for b in batches):
@@ -481,7 +493,7 @@ def build_context(
     )
     if params:
         ctx = ctx.restrict(params)
-    if check:
+    if check and need_data:
         ctx.notes.extend(check_determinism(ctx, need_loss=need_targets))
     return ctx
 

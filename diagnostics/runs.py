@@ -777,7 +777,7 @@ def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[d
     return chosen, {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
 
 
-def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any:
+def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool, need_data: bool = True) -> Any:
     """The context of one checkpoint, analysed from the very bytes the run was scanned with."""
     from diagnostics.runner import open_context
 
@@ -792,6 +792,7 @@ def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any
         settings.config,
         trust=settings.trust_checkpoint,
         need_targets=need_targets,
+        need_data=need_data,
         content=content,
     )
 
@@ -842,13 +843,13 @@ class _Job:
             out["reference_sha256"] = ref.sha256
         return out
 
-    def context(self, rc: RunCheckpoint, need_targets: bool) -> Any:
+    def context(self, rc: RunCheckpoint, need_targets: bool, need_data: bool = True) -> Any:
         """The context of a checkpoint, reusing the one opened last (a reference is usually the previous one)."""
-        key = f"{rc.sha256}|{need_targets}"
+        key = f"{rc.sha256}|{need_targets}|{need_data}"
         if key not in self.opened:
             while len(self.opened) >= 2:
                 self.opened.pop(next(iter(self.opened)))
-            self.opened[key] = _open(rc, self.settings, need_targets)
+            self.opened[key] = _open(rc, self.settings, need_targets, need_data)
         return self.opened[key]
 
 
@@ -858,7 +859,8 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
 
     rc = job.checkpoints[i]
     try:
-        ctx = job.context(rc, any(job.chosen[a].needs_targets for a in missing))
+        specs = [job.chosen[a] for a in missing]
+        ctx = job.context(rc, any(a.needs_targets for a in specs), any(getattr(a, "needs_data", True) for a in specs))
     except CheckpointChanged as exc:
         tally.skipped.append(SweepSkip(rc.name, str(exc)))
         return []

@@ -478,6 +478,7 @@ class Analyzer:
         outputs: the extra files its command can write.
         sections: its report sections.
         needs_targets: whether the data must carry targets.
+        needs_data: False for data-free analyses (weight spectra): no data factory is needed or called.
         uses_loss: whether ``--loss`` applies.
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--cache PATH``, where partial work is kept until it is done.
@@ -504,6 +505,7 @@ class Analyzer:
     outputs: tuple[FileOutput, ...] = ()
     sections: tuple[Section, ...] = ()
     needs_targets: bool = True
+    needs_data: bool = True
     uses_loss: bool = True
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False
