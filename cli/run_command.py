@@ -123,7 +123,7 @@ def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
 
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
-    from diag_cli.common import emit, progress_bar
+    from diag_cli.output import emit, progress_bar
     from diag_cli.resume import resume_store
     from diagnostics import distributed
     from diagnostics.runner import open_context, run_analyzer

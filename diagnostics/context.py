@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from diagnostics.batches import Batch, batch_size
+from diagnostics.batches import Batch, batch_size, fingerprint
 from diagnostics.binding import Binding, call_factory, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
 from diagnostics.errors import DiagnosticsError
@@ -41,17 +41,6 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(obj, Mapping):
         return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
-
-
-def _fingerprint(obj: Any) -> tuple:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().double() if obj.is_floating_point() else obj.detach().to(torch.float64)
-        return (tuple(obj.shape), float(t.sum()), float((t * t).sum()))
-    if isinstance(obj, (list, tuple)):
-        return tuple(_fingerprint(o) for o in obj)
-    if isinstance(obj, Mapping):
-        return tuple((k, _fingerprint(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
-    return (repr(obj),)
 
 
 def _as_pair(item: Any, where: str) -> Batch:
@@ -184,7 +173,7 @@ def prepare_batches(
         if iter(data) is not data:  # re-iterable: check two passes agree
             try:
                 second = _as_pair(next(iter(data)), where)
-                if _fingerprint(second) != _fingerprint(items[0]):
+                if fingerprint([second]) != fingerprint([items[0]]):
                     notes.append(
                         f"{where} gives different batches on two passes (shuffle=True or random "
                         "augmentation); one fixed pass of it is analysed"
@@ -474,6 +463,7 @@ def build_context(
     frozen.update({n: b for n, b in model.named_buffers()})
     meta = dict(checkpoint.metadata)
     meta["samples_available"] = prepared.total_available
+    meta["sha256"] = checkpoint.sha256
     ctx = Context(
         model=model,
         params=analysed,
