@@ -47,7 +47,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +364,15 @@ class SweepSettings:
             params=self.params,
             replicates=self.replicates,
         )
+
+    @classmethod
+    def from_description(cls, described: Mapping[str, Any] | None) -> SweepSettings:
+        """The settings :meth:`describe` wrote into a manifest (the config reduced to its path)."""
+        d = dict(described or {})
+        names = {f.name for f in fields(cls)} - {"config"}
+        out = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        out.config = {"_path": d["config_file"]} if d.get("config_file") else {}
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings for the manifest and the report (without the raw config)."""
