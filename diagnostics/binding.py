@@ -197,6 +197,15 @@ def _model_loss(outputs: Any, targets: Any) -> torch.Tensor:
     return value
 
 
+def causal_lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own loss written out: the logits at ``t`` predict the label at ``t + 1``,
+    ``-100`` labels are not counted, mean over the counted ones (``ForCausalLMLoss`` without
+    ``num_items_in_batch``), computed in the logits' dtype (transformers upcasts to float32 only)."""
+    logits = _prediction(outputs, MODEL_LOSS)
+    shifted = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shifted, labels[..., 1:].reshape(-1).long(), ignore_index=IGNORE_INDEX)
+
+
 LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,

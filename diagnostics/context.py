@@ -425,6 +425,7 @@ class Context:
     shifted_labels: bool = False
     token_weighted: bool = False
     counted: int | None = None
+    own_causal_loss: bool = False  # --loss model of a transformers causal LM, recomputed in float64
 
     def __post_init__(self) -> None:
         if self.token_weighted and self.counted is None:
@@ -494,6 +495,10 @@ class Context:
         x, y = batch
         if y is None:
             raise DiagnosticsError("the data gives no targets, but this analysis needs (inputs, targets)")
+        if self.own_causal_loss:
+            from diagnostics.binding import causal_lm_loss
+
+            return causal_lm_loss(self.forward(params, x), y)
         if self.loss_name == "model":
             return self.loss_fn(self.forward(params, x, **{self.label_key: y}), y)
         return self.loss_fn(self.forward(params, x), y)
@@ -933,6 +938,13 @@ def build_context(
         ctx.binding["loss"] = MODEL_LOSS
         ctx.binding.setdefault("sources", {})["loss"] = "default: the batches carry labels and the model returns a loss"
     ctx.shifted_labels = ctx.loss_name == MODEL_LOSS and is_causal_lm(model)
+    if ctx.shifted_labels and dt == torch.float64 and type(model).__module__.startswith("transformers."):
+        ctx.own_causal_loss = True
+        notes.append(
+            "--loss model: transformers computes a causal LM's loss in float32; for the float64 analysis the same "
+            "loss (labels shifted by one, -100 ignored, mean over counted tokens) is computed in float64 from the "
+            "logits"
+        )
     counts = [counted_targets(ctx.loss_name, y, shifted=ctx.shifted_labels) for _, y in batches]
     ctx.token_weighted = any(c is not None and (c != batch_size(b) or b[1].dim() >= 2) for c, b in zip(counts, batches))
     if ctx.token_weighted:
@@ -1057,13 +1069,17 @@ def _check_labels(ctx: Context, outputs: Any) -> None:
     outputs = output_tensor(outputs)
     if name not in ("cross_entropy", "nll", "mse") or not isinstance(outputs, torch.Tensor) or outputs.dim() < 2:
         return
+    y0 = ctx.batches[0][1]
+    # the outputs are of the first batch: token-level ([B, T, C] with [B, T]) is decided there
+    token_level = (
+        isinstance(y0, torch.Tensor) and outputs.dim() > 2 and tuple(outputs.shape[:-1]) == tuple(y0.shape)
+    )
+    classes = int(outputs.shape[-1] if token_level else outputs.shape[1])
     for i, (_, y) in enumerate(ctx.batches):
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.numel() == 0:
             continue
         if name == "mse" and not (outputs.dim() == 2 and y.dim() == 1):
             continue  # integer regression targets, not labels
-        token_level = outputs.dim() == y.dim() + 1 and tuple(outputs.shape[:-1]) == tuple(y.shape)
-        classes = int(outputs.shape[-1] if token_level and outputs.dim() > 2 else outputs.shape[1])
         counted = y != -100 if name != "mse" else torch.ones_like(y, dtype=torch.bool)  # -100: ignore_index
         bad = ((y < 0) | (y >= classes)) & counted
         if bool(bad.any()):
@@ -1082,7 +1098,7 @@ def _checked_loss(ctx: Context, i: int, params: Mapping[str, torch.Tensor], batc
     count, n = (ctx.batch_count(batch) if ctx.token_weighted else None), batch_size(batch)
     if count == 0:
         return sum(p.sum() for p in params.values()) * 0.0
-    extra = {ctx.label_key: y} if name == "model" else {}
+    extra = {ctx.label_key: y} if name == "model" and not ctx.own_causal_loss else {}
     try:
         outputs = ctx.forward(params, x, **extra)
     except DiagnosticsError:
@@ -1090,7 +1106,12 @@ def _checked_loss(ctx: Context, i: int, params: Mapping[str, torch.Tensor], batc
     except Exception as exc:
         raise _forward_error(ctx, x, exc) from exc
     try:
-        value = ctx.loss_fn(outputs, y)
+        if ctx.own_causal_loss:
+            from diagnostics.binding import causal_lm_loss
+
+            value = causal_lm_loss(outputs, y)
+        else:
+            value = ctx.loss_fn(outputs, y)
     except DiagnosticsError:
         raise
     except Exception as exc:
