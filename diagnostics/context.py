@@ -1071,9 +1071,7 @@ def _check_labels(ctx: Context, outputs: Any) -> None:
         return
     y0 = ctx.batches[0][1]
     # the outputs are of the first batch: token-level ([B, T, C] with [B, T]) is decided there
-    token_level = (
-        isinstance(y0, torch.Tensor) and outputs.dim() > 2 and tuple(outputs.shape[:-1]) == tuple(y0.shape)
-    )
+    token_level = isinstance(y0, torch.Tensor) and outputs.dim() > 2 and tuple(outputs.shape[:-1]) == tuple(y0.shape)
     classes = int(outputs.shape[-1] if token_level else outputs.shape[1])
     for i, (_, y) in enumerate(ctx.batches):
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.numel() == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ from diagnostics.checkpoint import load_checkpoint, read_checkpoint_file
 from diagnostics.context import build_context, compare_outputs
 from diagnostics.errors import DiagnosticsError
 
-transformers = pytest.importorskip("transformers")
+if os.environ.get("CI") == "true":  # CI installs the [hf] extra: these tests must run there, never skip
+    import transformers
+else:
+    transformers = pytest.importorskip("transformers")
 runner = CliRunner()
 F64 = torch.float64
 
@@ -85,9 +89,13 @@ def token_weighted_loss(model, batches, flat: torch.Tensor, names, shapes) -> to
         start += k
     total, count = 0.0, 0
     for b in batches:
-        logits = torch.func.functional_call(model, params, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
+        logits = torch.func.functional_call(
+            model, params, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        ).logits
         y = b["labels"][:, 1:]
-        total = total + F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+        total = total + F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         count += int((y != -100).sum())
     return total / count
 
@@ -114,13 +122,26 @@ def test_save_pretrained_folder_top2_equals_dense_token_weighted_hessian(folder:
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as fh:
-        assert "lm_head.weight" not in fh.keys()  # tied: saved once, under the embedding's name
+        stored = set(fh.keys())
+    assert "lm_head.weight" not in stored  # tied: saved once, under the embedding's name
     exact = dense_top2(folder)
     wrong = dense_top2(folder, sequence_weighted_loss)
     assert abs(wrong[0] - exact[0]) > 1e-3 * abs(exact[0])  # the weighting matters for these batches
     for path in (folder, sharded_copy(folder, tmp_path / "sharded")):
-        res = diag("hessian", path, "--data", "hfmodels:gpt_batches", "--dtype", "float64", "--top-k", "2",
-                   "--tol", "1e-10", "-f", "json")
+        res = diag(
+            "hessian",
+            path,
+            "--data",
+            "hfmodels:gpt_batches",
+            "--dtype",
+            "float64",
+            "--top-k",
+            "2",
+            "--tol",
+            "1e-10",
+            "-f",
+            "json",
+        )
         got = sorted((r["value"] for r in records(res) if r["metric"] == "eigenvalue"), reverse=True)
         assert got == pytest.approx(exact, rel=1e-7, abs=1e-9)
 
@@ -215,8 +236,18 @@ def test_trainer_run_is_swept_with_its_steps(trainer_run: Path, tmp_path: Path) 
     ]
     ck = load_checkpoint(trainer_run / "checkpoint-4")
     assert ck.lr == pytest.approx(2e-3) and ck.metadata["optimizer"]["name"] in ("Adam", "AdamW")
-    res = diag("run", trainer_run, "--data", "diagnostics.examples.tiny_gpt:zen_batches", "--analyzers", "hessian",
-               "--out", tmp_path / "out", "-f", "json")
+    res = diag(
+        "run",
+        trainer_run,
+        "--data",
+        "diagnostics.examples.tiny_gpt:zen_batches",
+        "--analyzers",
+        "hessian",
+        "--out",
+        tmp_path / "out",
+        "-f",
+        "json",
+    )
     rows = records(res)
     assert sorted({(r["checkpoint"], r["step"]) for r in rows}) == [("checkpoint-2", 2), ("checkpoint-4", 4)]
     assert not marker.exists()
@@ -237,10 +268,26 @@ def test_trainer_optimizer_state_is_matched_to_names(trainer_run: Path) -> None:
     # the Trainer's first group (weight decay) holds the embedding; biases and LayerNorms are in the second
     first = raw["param_groups"][0]["params"][0]
     assert torch.equal(state[first]["exp_avg_sq"], raw["state"][first]["exp_avg_sq"])
-    wte = next(g["params"][g["param_names"].index("transformer.wte.weight")] for g in groups if "transformer.wte.weight" in g["param_names"])
+    wte = next(
+        g["params"][g["param_names"].index("transformer.wte.weight")]
+        for g in groups
+        if "transformer.wte.weight" in g["param_names"]
+    )
     assert wte == first
-    res = diag("sharpness", trainer_run / "checkpoint-4", "--data", "diagnostics.examples.tiny_gpt:zen_batches",
-               "--kind", "worst", "--max-iter", "2", "--restarts", "1", "-f", "json")
+    res = diag(
+        "sharpness",
+        trainer_run / "checkpoint-4",
+        "--data",
+        "diagnostics.examples.tiny_gpt:zen_batches",
+        "--kind",
+        "worst",
+        "--max-iter",
+        "2",
+        "--restarts",
+        "1",
+        "-f",
+        "json",
+    )
     rows = {r["metric"]: r["value"] for r in records(res)}
     assert rows["eos_threshold"] == pytest.approx(38 / 2e-3)
     assert rows["preconditioned_eigenvalue"] > 0 and rows["eos_ratio"] == pytest.approx(
@@ -273,8 +320,20 @@ def test_token_pooled_rankme_matches_hand_computation(folder: Path, pool: str) -
     s = torch.linalg.svdvals(Z)
     p = s / s.sum() + 1e-7
     want = float(torch.exp(-(p * p.log()).sum()))
-    res = diag("rankme", folder, "--data", "hfmodels:gpt_batches", "--layer", "transformer.h.0", "--pool", pool,
-               "--dtype", "float64", "-f", "json")
+    res = diag(
+        "rankme",
+        folder,
+        "--data",
+        "hfmodels:gpt_batches",
+        "--layer",
+        "transformer.h.0",
+        "--pool",
+        pool,
+        "--dtype",
+        "float64",
+        "-f",
+        "json",
+    )
     got = {r["metric"]: r["value"] for r in records(res)}
     assert got["rankme"] == pytest.approx(want, rel=1e-9)
     assert "its first tensor" in res.output or "returns a" not in res.output
@@ -288,8 +347,22 @@ def test_token_features_without_pool_name_the_axes(folder: Path) -> None:
 # ------------------------------------------------------------------------------ the failures of the issue
 def test_model_safetensors_with_a_factory_loads_tied_weights(folder: Path) -> None:
     # was: exit 2 "missing 1 key ['lm_head.weight']"
-    res = diag("hessian", folder / "model.safetensors", "--model", "hfmodels:build_gpt", "--data",
-               "hfmodels:gpt_batches", "--dtype", "float64", "--top-k", "2", "--tol", "1e-10", "-f", "json")
+    res = diag(
+        "hessian",
+        folder / "model.safetensors",
+        "--model",
+        "hfmodels:build_gpt",
+        "--data",
+        "hfmodels:gpt_batches",
+        "--dtype",
+        "float64",
+        "--top-k",
+        "2",
+        "--tol",
+        "1e-10",
+        "-f",
+        "json",
+    )
     got = sorted((r["value"] for r in records(res) if r["metric"] == "eigenvalue"), reverse=True)
     assert got == pytest.approx(dense_top2(folder), rel=1e-7)
 
@@ -303,8 +376,16 @@ def test_dynamic_cache_is_no_false_nondeterminism(tmp_path: Path) -> None:
     assert type(a.get("cache", a.get("past_key_values"))).__name__ == "DynamicCache"
     assert compare_outputs(a, c).agree
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    res = diag("hessian", tmp_path / "plain.pt", "--model", "hfmodels:build_gpt", "--data", "hfmodels:gpt_batches",
-               "-f", "json")
+    res = diag(
+        "hessian",
+        tmp_path / "plain.pt",
+        "--model",
+        "hfmodels:build_gpt",
+        "--data",
+        "hfmodels:gpt_batches",
+        "-f",
+        "json",
+    )
     assert records(res)[0]["metric"] == "eigenvalue"
 
 
@@ -326,16 +407,48 @@ def test_dict_tuple_and_numpy_layouts(tmp_path: Path) -> None:
     res = diag("hessian", path, "--model", "tinymodels:build_tiny", "--data", "hfmodels:image_dicts", "-f", "json")
     assert records(res) and "passed positionally" in res.output
     # numpy arrays (float64 inputs, int32 labels) give what the same torch tensors give
-    np_res = diag("hessian", path, "--model", "tinymodels:build_tiny", "--data", "hfmodels:numpy_data",
-                  "--dtype", "float64", "-f", "json")
-    t_res = diag("hessian", path, "--model", "tinymodels:build_tiny", "--data", "hfmodels:torch_data",
-                 "--dtype", "float64", "-f", "json")
+    np_res = diag(
+        "hessian",
+        path,
+        "--model",
+        "tinymodels:build_tiny",
+        "--data",
+        "hfmodels:numpy_data",
+        "--dtype",
+        "float64",
+        "-f",
+        "json",
+    )
+    t_res = diag(
+        "hessian",
+        path,
+        "--model",
+        "tinymodels:build_tiny",
+        "--data",
+        "hfmodels:torch_data",
+        "--dtype",
+        "float64",
+        "-f",
+        "json",
+    )
     assert records(np_res)[0]["value"] == pytest.approx(records(t_res)[0]["value"], rel=1e-10)
     # (ids, mask) pairs are two inputs, not (inputs, targets)
     ids_path = tmp_path / "ids.pt"
     torch.save(hm.build_ids_mask_model().state_dict(), ids_path)
-    res = diag("rankme", ids_path, "--model", "hfmodels:build_ids_mask_model", "--data", "hfmodels:ids_mask_pairs",
-               "--layer", "encoder", "--pool", "mean", "-f", "json")
+    res = diag(
+        "rankme",
+        ids_path,
+        "--model",
+        "hfmodels:build_ids_mask_model",
+        "--data",
+        "hfmodels:ids_mask_pairs",
+        "--layer",
+        "encoder",
+        "--pool",
+        "mean",
+        "-f",
+        "json",
+    )
     assert records(res) and "(token ids, 0/1 mask)" in res.output
 
 
@@ -343,10 +456,29 @@ def test_dict_tuple_and_numpy_layouts(tmp_path: Path) -> None:
     "args, fragments",
     [
         (["hessian", "--data", "hfmodels:gpt_inputs_only"], ["input_ids, attention_mask", "--targets KEY"]),
-        (["hessian", "--data", "hfmodels:gpt_batches", "--inputs", "input_ids,tokens"], ["--inputs tokens", "input_ids, attention_mask, labels"]),
-        (["hessian", "--data", "hfmodels:gpt_batches", "--targets", "answer"], ["--targets 'answer'", "input_ids, attention_mask, labels"]),
+        (
+            ["hessian", "--data", "hfmodels:gpt_batches", "--inputs", "input_ids,tokens"],
+            ["--inputs tokens", "input_ids, attention_mask, labels"],
+        ),
+        (
+            ["hessian", "--data", "hfmodels:gpt_batches", "--targets", "answer"],
+            ["--targets 'answer'", "input_ids, attention_mask, labels"],
+        ),
         (["hessian", "--data", "hfmodels:gpt_batches", "--loss", "mse"], ["loss 'mse'", "[3, 6, 7]", "--loss"]),
-        (["rankme", "--data", "hfmodels:gpt_batches", "--layer", "transformer.h.0", "--pool", "first", "--inputs", "input_ids"], None),
+        (
+            [
+                "rankme",
+                "--data",
+                "hfmodels:gpt_batches",
+                "--layer",
+                "transformer.h.0",
+                "--pool",
+                "first",
+                "--inputs",
+                "input_ids",
+            ],
+            None,
+        ),
     ],
 )
 def test_bad_layouts_exit_2_with_one_line(folder: Path, args: list[str], fragments) -> None:
@@ -382,8 +514,9 @@ def test_compiled_and_ddp_state_dicts_load(tmp_path: Path, prefix: str) -> None:
     model = tm.build_tiny()
     path = tmp_path / "wrapped.pt"
     torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
-    ctx = build_context(load_checkpoint(path), Binding(model="tinymodels:build_tiny", data="tinymodels:tiny_data"),
-                        dtype="float64")
+    ctx = build_context(
+        load_checkpoint(path), Binding(model="tinymodels:build_tiny", data="tinymodels:tiny_data"), dtype="float64"
+    )
     X, y = tm.tiny_data()
     assert float(ctx.loss()) == pytest.approx(float(F.cross_entropy(model.double()(X.double()), y)), rel=1e-12)
 
