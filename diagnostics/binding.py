@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics.errors import DiagnosticsError
+from diagnostics.options import CONFIG_NAME, find_config
 
 try:  # Python 3.11+
     import tomllib
@@ -67,7 +68,7 @@ EXAMPLE_FACTORIES = frozenset(
 )
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CONFIG_NAME = "diag.toml"
+
 LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits", "model")
 
 
@@ -377,17 +378,6 @@ def resolve_loss(
 
 
 # -------------------------------------------------------------------------------------- config
-def find_config(explicit: str | Path | None = None, cwd: Path | None = None) -> Path | None:
-    """``--config PATH`` if given (must exist), else ``./diag.toml`` if present."""
-    if explicit is not None:
-        p = Path(explicit)
-        if not p.is_file():
-            raise DiagnosticsError(f"no such config file: '{p}'")
-        return p
-    p = (cwd or Path.cwd()) / CONFIG_NAME
-    return p if p.is_file() else None
-
-
 def load_config(path: Path | None) -> dict[str, Any]:
     """Parse ``diag.toml``. Top-level keys: model, data, loss, model_kwargs, data_kwargs, seed,
     samples, batch_size, dtype, trusted_factories (list of specs a checkpoint may name); tables named

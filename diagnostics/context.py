@@ -21,10 +21,11 @@ from torch import nn
 from torch.func import functional_call
 
 from diagnostics import batches as B
-from diagnostics.batches import Batch, batch_size
+from diagnostics.batches import Batch, batch_size, fingerprint
 from diagnostics.binding import Binding, call_factory, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
 from diagnostics.errors import DiagnosticsError
+from diagnostics.seeding import stream_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FEATURE_NOTES = "_diagnostics_feature_notes"  # notes diagnostics.features leaves on a model (a list)
@@ -43,17 +44,6 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(obj, Mapping):
         return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
-
-
-def _fingerprint(obj: Any) -> tuple:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().double() if obj.is_floating_point() else obj.detach().to(torch.float64)
-        return (tuple(obj.shape), float(t.sum()), float((t * t).sum()))
-    if isinstance(obj, (list, tuple)):
-        return tuple(_fingerprint(o) for o in obj)
-    if isinstance(obj, Mapping):
-        return tuple((k, _fingerprint(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
-    return (repr(obj),)
 
 
 # ------------------------------------------------------------------------------------ batch layouts
@@ -352,7 +342,7 @@ def prepare_batches(
             try:
                 first = next(iter(data))
                 second = split_item(numpy_to_torch(first) if _has_numpy(first) else first, layout, where)
-                if _fingerprint(second) != _fingerprint(items[0]):
+                if fingerprint([second]) != fingerprint([items[0]]):
                     notes.append(
                         f"{where} gives different batches on two passes (shuffle=True or random "
                         "augmentation); one fixed pass of it is analysed"
@@ -731,6 +721,8 @@ def _accepts(model: nn.Module, names: Sequence[str]) -> bool:
 def bind_inputs(model: nn.Module, batches: list[Batch], where: str, notes: list[str]) -> list[Batch]:
     """Dict inputs are passed as keyword arguments when ``model.forward`` takes those names, else
     positionally in the dict's order (``{image, label}`` for ``forward(x)``), with a note."""
+    if not batches:
+        return batches
     first = batches[0][0]
     if not isinstance(first, Mapping) or _accepts(model, [str(k) for k in first]):
         return batches
@@ -835,6 +827,8 @@ def _decay_parameter_names(model: nn.Module) -> list[str]:
 
 def _default_loss(ctx: Context, target_key: str | None) -> bool:
     """``--loss model`` by default: the batches are dicts carrying labels and the model returns a loss."""
+    if not ctx.batches:
+        return False
     x, y = ctx.batches[0]
     if target_key not in ("labels", "label") or y is None or not isinstance(x, Mapping):
         return False
@@ -860,6 +854,7 @@ def build_context(
     params: str | None = None,
     check: bool = True,
     need_targets: bool = True,
+    need_data: bool = True,
 ) -> Context:
     """Checkpoint + binding -> :class:`Context` (model, data, loss), then the determinism check.
 
@@ -867,6 +862,8 @@ def build_context(
         params: regex restricting the analysed parameters (others are held fixed).
         samples: seeded subset size of the data (stream 0 of ``seed``).
         check: run :func:`check_determinism` (and the finite-loss check when targets exist).
+        need_data: False for data-free analyses (weight spectra): no data factory is called, the context
+            has no batches and no determinism check runs.
     """
     from diagnostics.binding import MODEL_LOSS, counted_targets
     from diagnostics.hf import is_causal_lm
@@ -880,14 +877,25 @@ def build_context(
     notes: list[str] = []
     model = build_model(checkpoint, binding, dev, dt, notes)
     loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
-    assert binding.data is not None
-    raw = call_factory(
-        binding.data, binding.data_kwargs, "data factory", from_checkpoint=binding.sources.get("data") == "checkpoint"
-    )
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 % (2**63 - 1))
+    prepared = PreparedData([], [], None)
     where = f"data '{binding.data}'"
-    layout = BatchLayout.parse(binding.inputs, binding.targets)
-    prepared = prepare_batches(raw, batch_size_=batch_size_, samples=samples, generator=gen, where=where, layout=layout)
+    if need_data:
+        assert binding.data is not None
+        raw = call_factory(
+            binding.data,
+            binding.data_kwargs,
+            "data factory",
+            from_checkpoint=binding.sources.get("data") == "checkpoint",
+        )
+        layout = BatchLayout.parse(binding.inputs, binding.targets)
+        prepared = prepare_batches(
+            raw,
+            batch_size_=batch_size_,
+            samples=samples,
+            generator=stream_generator(seed, 0),
+            where=where,
+            layout=layout,
+        )
     notes.extend(prepared.notes)
     batches = [to_device(b, dev, dt) for b in prepared.batches]
     batches = bind_inputs(model, batches, where, notes)
@@ -908,6 +916,7 @@ def build_context(
     frozen.update({n: b for n, b in model.named_buffers()})
     meta = dict(checkpoint.metadata)
     meta["samples_available"] = prepared.total_available
+    meta["sha256"] = checkpoint.sha256
     if meta.get("optimizer_note"):
         notes.append(str(meta["optimizer_note"]))
     optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)
@@ -960,7 +969,7 @@ def build_context(
             )
     if params:
         ctx = ctx.restrict(params)
-    if check:
+    if check and need_data:
         ctx.notes.extend(check_determinism(ctx, need_loss=need_targets))
     return ctx
 

@@ -90,10 +90,27 @@ class BindingOptions:
 
 
 @dataclass
-class OutputOptions:
-    """What a command prints and writes; command-line only."""
+class PrintOptions:
+    """What a command prints; command-line only."""
 
     format: str = option("table", help="stdout format", panel=PANEL_OUTPUT, choices=FORMATS, short="-f", toml=False)
+    quiet: bool = option(
+        False, help="no progress bar or warnings on stderr", panel=PANEL_OUTPUT, short="-q", toml=False
+    )
+    debug: bool = option(False, help="show tracebacks", panel=PANEL_OUTPUT, toml=False)
+
+
+@dataclass
+class Overwrite:
+    """Whether existing output files may be replaced; command-line only."""
+
+    force: bool = option(False, help="overwrite existing output files", panel=PANEL_OUTPUT, toml=False)
+
+
+@dataclass
+class OutputOptions(PrintOptions, Overwrite):
+    """What a command prints, and the records file it writes; command-line only."""
+
     out: Path | None = option(
         None,
         help="also write the records to FILE (.json .csv .parquet .md)",
@@ -101,11 +118,51 @@ class OutputOptions:
         short="-o",
         toml=False,
     )
-    force: bool = option(False, help="overwrite existing output files", panel=PANEL_OUTPUT, toml=False)
-    quiet: bool = option(
-        False, help="no progress bar or warnings on stderr", panel=PANEL_OUTPUT, short="-q", toml=False
+
+
+@dataclass
+class FolderOptions(PrintOptions):
+    """What a sweep or report prints, and the folder it writes; command-line only."""
+
+    out: Path | None = option(
+        None,
+        help="output folder (default: reports/<run name>); its cache/ makes reruns cheap",
+        panel=PANEL_OUTPUT,
+        short="-o",
+        toml=False,
     )
-    debug: bool = option(False, help="show tracebacks", panel=PANEL_OUTPUT, toml=False)
+    force: bool = option(
+        False,
+        help="write into a non-empty folder that diag did not create (deletes nothing)",
+        panel=PANEL_OUTPUT,
+        toml=False,
+    )
+
+
+@dataclass
+class SweepOptions:
+    """What ``diag run`` and ``diag report`` sweep over a run's checkpoints (``analyzers`` is also a diag.toml key)."""
+
+    analyzers: list[str] | None = option(
+        None,
+        help="analyzers to run (default: 'analyzers' in diag.toml, else hessian); see 'diag run --list'",
+        short="-a",
+        metavar="NAME",
+        toml=False,
+    )
+    set: list[str] | None = option(
+        None,
+        help="an analyzer option ANALYZER.OPTION=VALUE over the [ANALYZER] table of diag.toml (repeatable)",
+        metavar="A.OPTION=VALUE",
+        separator=None,
+        toml=False,
+    )
+    pattern: str | None = option(
+        None, help="glob of checkpoint files inside the run (e.g. 'step_*.pt')", metavar="GLOB", toml=False
+    )
+    fail_fast: bool = option(
+        False, help="stop at the first checkpoint that cannot be analysed (default: go on)", toml=False
+    )
 
 
 @dataclass

@@ -49,7 +49,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +389,15 @@ class SweepSettings:
             params=self.params,
             replicates=self.replicates,
         )
+
+    @classmethod
+    def from_description(cls, described: Mapping[str, Any] | None) -> SweepSettings:
+        """The settings :meth:`describe` wrote into a manifest (the config reduced to its path)."""
+        d = dict(described or {})
+        names = {f.name for f in fields(cls)} - {"config"}
+        out = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        out.config = {"_path": d["config_file"]} if d.get("config_file") else {}
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings for the manifest and the report (without the raw config)."""
@@ -802,7 +811,7 @@ def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[d
     return chosen, {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
 
 
-def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any:
+def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool, need_data: bool = True) -> Any:
     """The context of one checkpoint, analysed from the very bytes the run was scanned with."""
     from diagnostics.runner import open_context
 
@@ -817,6 +826,7 @@ def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any
         settings.config,
         trust=settings.trust_checkpoint,
         need_targets=need_targets,
+        need_data=need_data,
         content=content,
     )
 
@@ -867,13 +877,13 @@ class _Job:
             out["reference_sha256"] = ref.sha256
         return out
 
-    def context(self, rc: RunCheckpoint, need_targets: bool) -> Any:
+    def context(self, rc: RunCheckpoint, need_targets: bool, need_data: bool = True) -> Any:
         """The context of a checkpoint, reusing the one opened last (a reference is usually the previous one)."""
-        key = f"{rc.sha256}|{need_targets}"
+        key = f"{rc.sha256}|{need_targets}|{need_data}"
         if key not in self.opened:
             while len(self.opened) >= 2:
                 self.opened.pop(next(iter(self.opened)))
-            self.opened[key] = _open(rc, self.settings, need_targets)
+            self.opened[key] = _open(rc, self.settings, need_targets, need_data)
         return self.opened[key]
 
 
@@ -883,7 +893,8 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
 
     rc = job.checkpoints[i]
     try:
-        ctx = job.context(rc, any(job.chosen[a].needs_targets for a in missing))
+        specs = [job.chosen[a] for a in missing]
+        ctx = job.context(rc, any(a.needs_targets for a in specs), any(getattr(a, "needs_data", True) for a in specs))
     except CheckpointChanged as exc:
         tally.skipped.append(SweepSkip(rc.name, str(exc)))
         return []

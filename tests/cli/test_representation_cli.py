@@ -192,11 +192,6 @@ def test_weights_with_an_explicit_model(toy):
     assert "no model given" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="structure gap: the generated command always binds data (run_command -> open_context); a data-free "
-    "analyzer needs Analyzer.needs_data=False and a model-only context (see the port's report)",
-)
 def test_weights_needs_no_data_factory(toy):
     res = invoke("weights", "toy.pt", "--model", "toy.py:build", "-f", "json")
     assert res.exit_code == 0, res.output
