@@ -374,6 +374,8 @@ class SweepSettings:
     params: str | None = None
     pattern: str | None = None
     replicates: int = 1
+    inputs: str | None = None
+    targets: str | None = None
 
     def binding(self) -> BindingOptions:
         """The binding and data options of every checkpoint's context."""
@@ -388,6 +390,8 @@ class SweepSettings:
             device=self.device,
             params=self.params,
             replicates=self.replicates,
+            inputs=self.inputs,
+            targets=self.targets,
         )
 
     @classmethod
@@ -463,6 +467,8 @@ def resolve_settings(
     params: str | None = None,
     pattern: str | None = None,
     replicates: int | None = None,
+    inputs: str | None = None,
+    targets: str | None = None,
 ) -> SweepSettings:
     """Flags + ``diag.toml`` -> :class:`SweepSettings` (a flag wins over the file).
 
@@ -510,6 +516,8 @@ def resolve_settings(
         params=pick(params, "params"),
         pattern=pattern,
         replicates=int(pick(replicates, "replicates", 1)),
+        inputs=pick(inputs, "inputs"),
+        targets=pick(targets, "targets"),
     )
 
 
@@ -540,7 +548,8 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
         "analyzer": analyzer,
         "config": json.loads(canonical_json(config)),
         "binding": {
-            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss},
+            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss}
+            | ({"inputs": settings.inputs, "targets": settings.targets} if settings.inputs or settings.targets else {}),
             "config": {k: settings.config.get(k) for k in _BINDING_CONFIG_KEYS},
         },
         "seed": settings.seed,
