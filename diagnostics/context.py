@@ -920,7 +920,9 @@ def build_context(
     if meta.get("optimizer_note"):
         notes.append(str(meta["optimizer_note"]))
     optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)
-    if opt_note:
+    if opt_note and opt_note.startswith("optimizer state matched"):
+        meta["optimizer_matching"] = opt_note  # how Adam's state was matched to names: metadata, not a warning
+    elif opt_note:
         notes.append(opt_note)
     target_key = prepared.target_key
     label_key = target_key if target_key and _accepts(model, [target_key]) else "labels"
@@ -1356,7 +1358,9 @@ def describe_context(ctx: Context) -> dict[str, Any]:
         "loss": ctx.loss_name,
         "binding": ctx.binding,
         "checkpoint_metadata": {
-            k: v for k, v in ctx.checkpoint_metadata.items() if k in ("lr", "optimizer", "step_source", "lr_source")
+            k: v
+            for k, v in ctx.checkpoint_metadata.items()
+            if k in ("lr", "optimizer", "step_source", "lr_source", "optimizer_matching")
         },
         "loss_weighting": ctx.weighting,
         "counted_targets": ctx.counted if ctx.token_weighted else None,
