@@ -903,11 +903,12 @@ def build_context(
     if need_targets and any(b[1] is None for b in batches):
         keys = list(batches[0][0]) if isinstance(batches[0][0], Mapping) else None
         hint = (
-            f" (its dicts have keys {', '.join(map(str, keys))}: name the targets with --targets KEY)"
+            f"; its dicts have keys {', '.join(map(str, keys))} and none of {', '.join(TARGET_KEYS)}: name the "
+            "targets with --targets KEY"
             if keys
-            else " (name them with --targets KEY, a dict key or tuple position)"
+            else ""
         )
-        raise DiagnosticsError(f"{where} gives inputs only{hint}; this analysis needs (inputs, targets)")
+        raise DiagnosticsError(f"{where} gives inputs only; this analysis needs (inputs, targets){hint}")
     named = dict(model.named_parameters())
     analysed = {n: p.detach() for n, p in named.items() if p.requires_grad}
     if not analysed:
