@@ -48,7 +48,24 @@ class BindingOptions:
         metavar="SPEC",
     )
     loss: str | None = option(
-        None, help="cross_entropy | mse | nll | bce_with_logits | 'pkg.module:fn'", panel=PANEL_BINDING, metavar="SPEC"
+        None,
+        help="cross_entropy | mse | nll | bce_with_logits | model (the loss the model returns) | 'pkg.module:fn'",
+        panel=PANEL_BINDING,
+        metavar="SPEC",
+    )
+    inputs: str | None = option(
+        None,
+        help="the batch's model inputs: dict keys (passed as keyword arguments) or tuple positions, e.g. "
+        "'input_ids,attention_mask' or '0,1'",
+        panel=PANEL_BINDING,
+        metavar="KEY[,KEY]",
+    )
+    targets: str | None = option(
+        None,
+        help="the batch's targets: a dict key or tuple position (default: 'labels', 'label', 'targets', 'target' or "
+        "'y' in a dict, the second item of a tuple)",
+        panel=PANEL_BINDING,
+        metavar="KEY",
     )
     seed: int = option(0, help="seed of every random draw", panel=PANEL_DATA, min=0)
     samples: int | None = option(
@@ -163,7 +180,7 @@ class ProjectOptions:
     )
 
 
-POOLS = ("mean", "flatten")
+POOLS = ("mean", "last", "first", "flatten")
 
 
 @dataclass
@@ -178,7 +195,12 @@ class FeatureOptions:
         aliases=("--layer",),
         metavar="MODULE",
     )
-    pool: str | None = option(None, help="how feature maps with more than two dimensions become vectors", choices=POOLS)
+    pool: str | None = option(
+        None,
+        help="how [B, T, D] token features and [B, C, ...] feature maps become vectors: mean (over real tokens / "
+        "positions), last or first real token, flatten",
+        choices=POOLS,
+    )
 
 
 # Top-level keys of diag.toml besides the binding options and the analyzer tables.

@@ -269,6 +269,8 @@ def open_context(
         loss=binding.loss,
         config=project.as_dict() if hasattr(project, "as_dict") else dict(project or {}),
         trust_checkpoint=trust,
+        inputs=getattr(binding, "inputs", None),
+        targets=getattr(binding, "targets", None),
         require=("model", "data") if need_data else ("model",),
     )
     return build_context(

@@ -69,7 +69,7 @@ def settings_from(flags: dict[str, Any], project: Any) -> Any:
     sweep = resolve_config(SweepOptions, flags=split_values(flags, SweepOptions))
     trust = resolve_config(ProjectOptions, flags=split_values(flags, ProjectOptions)).trust_checkpoint_factories
     fields = {k: getattr(binding, k) for k in ("model", "data", "loss", "seed", "samples", "batch_size", "dtype")}
-    fields |= {k: getattr(binding, k) for k in ("device", "params", "replicates")}
+    fields |= {k: getattr(binding, k) for k in ("device", "params", "replicates", "inputs", "targets")}
     overrides = parse_overrides(sweep.set or [])
     return resolve_settings(
         project.as_dict(),

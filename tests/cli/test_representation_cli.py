@@ -152,7 +152,7 @@ def test_collapse_bad_input_exits_2_with_one_line(digits_run, toy):
     msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-l", "pair"))
     assert "layer 'pair' gives a tuple, not a tensor" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--pool", "max"))
-    assert "--pool must be one of mean, flatten, not 'max'" in msg
+    assert "--pool must be one of mean, last, first, flatten, not 'max'" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "head", "--no-use-classifier"))
     assert "--classifier and --no-use-classifier contradict" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "features.1"))
