@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from diagnostics.errors import DiagnosticsError, GateFailed
+from diagnostics.errors import DiagnosticsError, GateFailed, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,7 +29,7 @@ def warn(message: str) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return one_line(exc, 300)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from diagnostics.spec import PANEL_OUTPUT, Analyzer, FileOutput, Param, params_of
+from diagnostics.spec import PANEL_OUTPUT, Analyzer, FileOutput, Param, params_of, resolve_config
 
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH", list: "TEXT"}
 
@@ -157,6 +157,12 @@ def split_values(values: Mapping[str, Any], config_cls: type) -> dict[str, Any]:
     """The values of ``config_cls``'s options among a command's parameter values."""
     names = {p.name for p in params_of(config_cls)}
     return {k: v for k, v in values.items() if k in names}
+
+
+def options_from(config_cls: type, values: Mapping[str, Any], **kwargs: Any) -> Any:
+    """``config_cls`` built from a command's parameter values (:func:`resolve_config`; ``kwargs`` pass the
+    diag.toml ``table`` and ``table_name``)."""
+    return resolve_config(config_cls, flags=split_values(values, config_cls), **kwargs)
 
 
 def register_analyzers(app: typer.Typer, analyzers: Iterable[Analyzer]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diag_cli.errors import cli_errors
-from diag_cli.factory import split_values
+from diag_cli.factory import options_from, split_values
 from diagnostics.errors import DiagnosticsError
 from diagnostics.options import BindingOptions, OutputOptions, Project, ProjectOptions, find_config, parse_project
 from diagnostics.spec import Analyzer, FileOutput, load_callable, resolve_config
@@ -119,53 +119,89 @@ def write_files(analyzer: Analyzer, result: Any, config: Any, files: dict[str, d
 def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
     """Run ``diag NAME`` with the parsed command-line ``values``."""
     with cli_errors(bool(values.get("debug"))):
-        _run(analyzer, values, resolve_config(OutputOptions, flags=split_values(values, OutputOptions)))
+        _run(analyzer, values, options_from(OutputOptions, values))
+
+
+@dataclass
+class _Invocation:
+    """What one ``diag NAME`` call resolved before any computation."""
+
+    analyzer: Analyzer
+    config: Any
+    inputs: list[Path]
+    binding: Any
+    project: Project
+    trust: bool
+    out: OutputOptions
+    planned: Any
+    is_main: bool
 
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
-    from diag_cli.output import emit, progress_bar
-    from diag_cli.resume import resume_store
     from diagnostics import distributed
-    from diagnostics.runner import open_context, run_analyzer
-    from diagnostics.runs import sweep_pairs
 
-    project_opts = resolve_config(ProjectOptions, flags=split_values(values, ProjectOptions))
+    project_opts = options_from(ProjectOptions, values)
     project = load_project(project_opts.config)
     binding = project.binding(split_values(values, BindingOptions))
     config = analyzer_config(analyzer, values, project)
     inputs = checkpoint_list(analyzer, values["checkpoints"])
     planned = planned_files(analyzer, values, config, inputs, out, project_opts, binding)
-    rank = distributed.init_from_env()
-    trust = project_opts.trust_checkpoint_factories
+    is_main = distributed.init_from_env().is_main
+    job = _Invocation(
+        analyzer, config, inputs, binding, project, project_opts.trust_checkpoint_factories, out, planned, is_main
+    )
     if len(inputs) == 2 and all(p.is_dir() for p in inputs):  # two runs: every pair of checkpoints of one step
         _refuse_pair_files(analyzer, values)
-        with progress_bar(out.quiet or not rank.is_main) as progress:
-            result = sweep_pairs(analyzer, config, inputs, binding, project.as_dict(), trust=trust, progress=progress)
-        if rank.is_main:
-            emit(result, out.format, out.out, out.quiet)
-            write_files(analyzer, result, config, planned.files)
-        return
-    contexts = [
-        open_context(
-            p, binding, project, trust=trust, need_targets=analyzer.needs_targets, need_data=analyzer.needs_data
+        _run_pairs(job)
+    else:
+        _run_checkpoints(job)
+
+
+def _finish(job: _Invocation, result: Any) -> None:
+    """Print or write the records and render the command's extra files (main rank only)."""
+    from diag_cli.output import emit
+
+    if job.is_main:
+        emit(result, job.out.format, job.out.out, job.out.quiet)
+        write_files(job.analyzer, result, job.config, job.planned.files)
+
+
+def _run_pairs(job: _Invocation) -> None:
+    """Two run folders: the analyzer on every pair of checkpoints of the same step."""
+    from diag_cli.output import progress_bar
+    from diagnostics.runs import sweep_pairs
+
+    with progress_bar(job.out.quiet or not job.is_main) as progress:
+        result = sweep_pairs(
+            job.analyzer, job.config, job.inputs, job.binding, job.project.as_dict(), trust=job.trust, progress=progress
         )
-        for p in inputs
+    _finish(job, result)
+
+
+def _run_checkpoints(job: _Invocation) -> None:
+    """One checkpoint (plus the others the analyzer takes), resumable through the command's cache."""
+    from diag_cli.output import progress_bar
+    from diag_cli.resume import resume_store
+    from diagnostics.runner import open_context, run_analyzer
+
+    a = job.analyzer
+    contexts = [
+        open_context(p, job.binding, job.project, trust=job.trust, need_targets=a.needs_targets, need_data=a.needs_data)
+        for p in job.inputs
     ]
-    with resume_store(analyzer, planned.cache, planned.cache_is_temporary, out.force) as resume:
-        with progress_bar(out.quiet or not rank.is_main) as progress:
+    with resume_store(a, job.planned.cache, job.planned.cache_is_temporary, job.out.force) as resume:
+        with progress_bar(job.out.quiet or not job.is_main) as progress:
             result = run_analyzer(
-                analyzer,
-                config,
+                a,
+                job.config,
                 contexts[0],
                 progress,
                 others=contexts[1:],
                 resume=resume,
-                replicates=binding.replicates,
-                replicate_samples=binding.samples,
+                replicates=job.binding.replicates,
+                replicate_samples=job.binding.samples,
             )
-        if rank.is_main:
-            emit(result, out.format, out.out, out.quiet)
-            write_files(analyzer, result, config, planned.files)
+        _finish(job, result)
 
 
 def _refuse_pair_files(analyzer: Analyzer, values: dict[str, Any]) -> None:

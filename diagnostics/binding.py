@@ -289,6 +289,21 @@ def cwd_searched_last() -> Iterator[None]:
         sys.path[:] = saved
 
 
+def _import_file(file: Path, spec: str, what: str) -> Any:
+    """Import a user's ``file.py`` once per resolved path (as module ``_diag_user_<hash>``)."""
+    if not file.is_file():
+        raise DiagnosticsError(f"{what} '{spec}': no such file '{file}'")
+    mod_key = f"_diag_user_{abs(hash(str(file.resolve())))}"
+    if mod_key in sys.modules:
+        return sys.modules[mod_key]
+    s = importlib.util.spec_from_file_location(mod_key, file)
+    assert s is not None and s.loader is not None
+    module = importlib.util.module_from_spec(s)
+    sys.modules[mod_key] = module
+    s.loader.exec_module(module)
+    return module
+
+
 def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool = False) -> Callable[..., Any]:
     """Import ``"pkg.mod:attr"`` (the working directory is searched last) or ``"file.py:attr"``.
 
@@ -303,18 +318,7 @@ def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool =
         module_name, attr = _split_spec(spec, what)
     try:
         if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise DiagnosticsError(f"{what} '{spec}': no such file '{file}'")
-            mod_key = f"_diag_user_{abs(hash(str(file.resolve())))}"
-            if mod_key in sys.modules:
-                module = sys.modules[mod_key]
-            else:
-                s = importlib.util.spec_from_file_location(mod_key, file)
-                assert s is not None and s.loader is not None
-                module = importlib.util.module_from_spec(s)
-                sys.modules[mod_key] = module
-                s.loader.exec_module(module)
+            module = _import_file(Path(module_name), spec, what)
         else:
             with cwd_searched_last():
                 module = importlib.import_module(module_name)
@@ -455,6 +459,56 @@ def _is_trusted(spec: str, config: Mapping[str, Any], trust_checkpoint: bool) ->
     return spec in listed
 
 
+def _pick_part(
+    part: str, flag: str | None, config: Mapping[str, Any], ck: Mapping[str, Any], trust_checkpoint: bool
+) -> tuple[Any, str | None]:
+    """``(spec, source)`` of one factory: the flag, else diag.toml, else the checkpoint's (if trusted).
+
+    A checkpoint's name must be trusted (:func:`_is_trusted`) and of the exact ``module:callable`` form
+    (:func:`check_checkpoint_spec`); a built-in loss name and a model folder's :data:`FOLDER_MODEL` need no
+    trust (nothing is imported).
+    """
+    if flag:
+        return flag, "flag"
+    if config.get(part):
+        return config[part], f"config {config.get('_path', CONFIG_NAME)}"
+    if not ck.get(part):
+        return None, None
+    spec = ck[part]
+    if part == "model" and spec == FOLDER_MODEL:
+        return spec, "checkpoint (config.json of the model folder)"
+    if part == "loss" and isinstance(spec, str) and spec in LOSSES:
+        return spec, "checkpoint"
+    if not isinstance(spec, str) or not _is_trusted(spec, config, trust_checkpoint):
+        raise DiagnosticsError(
+            f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
+            f"pass --{part} {spec} yourself, list it in diag.toml, "
+            "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
+        )
+    check_checkpoint_spec(spec, "loss" if part == "loss" else f"{part} factory")
+    return spec, "checkpoint"
+
+
+def _part_kwargs(
+    part: str, spec: str, source: str | None, config: Mapping[str, Any], ck: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments of the model or data factory, from where the factory itself came from.
+
+    A flag takes diag.toml's ``<part>_kwargs`` only when diag.toml names the same factory.
+    """
+    kw_key = f"{part}_kwargs"
+    if source == "flag":
+        raw = config.get(kw_key) if config.get(part) == spec else None
+    elif source and source.startswith("config"):
+        raw = config.get(kw_key)
+    else:
+        raw = ck.get(kw_key)
+    if raw is not None and not isinstance(raw, Mapping):
+        where = "the checkpoint" if source == "checkpoint" else "diag.toml"
+        raise DiagnosticsError(f"{kw_key} in {where} must be a table of keyword arguments, got {raw!r:.80}")
+    return dict(raw or {})
+
+
 def resolve_binding(
     checkpoint_factories: Mapping[str, Any] | None = None,
     *,
@@ -480,39 +534,12 @@ def resolve_binding(
     ck = dict(checkpoint_factories or {})
     b = Binding()
     for part, flag in (("model", model), ("data", data), ("loss", loss)):
-        spec, source = None, None
-        if flag:
-            spec, source = flag, "flag"
-        elif config.get(part):
-            spec, source = config[part], f"config {config.get('_path', CONFIG_NAME)}"
-        elif ck.get(part):
-            spec, source = ck[part], "checkpoint"
-            is_loss_name = part == "loss" and isinstance(spec, str) and spec in LOSSES
-            if part == "model" and spec == FOLDER_MODEL:
-                source = "checkpoint (config.json of the model folder)"
-            elif not is_loss_name:
-                if not isinstance(spec, str) or not _is_trusted(spec, config, trust_checkpoint):
-                    raise DiagnosticsError(
-                        f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
-                        f"pass --{part} {spec} yourself, list it in diag.toml, "
-                        "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
-                    )
-                check_checkpoint_spec(spec, "loss" if part == "loss" else f"{part} factory")
+        spec, source = _pick_part(part, flag, config, ck, trust_checkpoint)
         setattr(b, part, spec)
         if source:
             b.sources[part] = source
-        kw_key = f"{part}_kwargs"
         if part in ("model", "data") and spec:
-            if source == "flag":
-                raw = config.get(kw_key) if config.get(part) == spec else None
-            elif source and source.startswith("config"):
-                raw = config.get(kw_key)
-            else:
-                raw = ck.get(kw_key)
-            if raw is not None and not isinstance(raw, Mapping):
-                where = "the checkpoint" if source == "checkpoint" else "diag.toml"
-                raise DiagnosticsError(f"{kw_key} in {where} must be a table of keyword arguments, got {raw!r:.80}")
-            setattr(b, kw_key, dict(raw or {}))
+            setattr(b, f"{part}_kwargs", _part_kwargs(part, spec, source, config, ck))
     for part, flag in (("inputs", inputs), ("targets", targets)):
         value = flag if flag is not None else config.get(part)
         if value is not None and not isinstance(value, str):

@@ -27,14 +27,14 @@ import pickle
 import re
 import stat
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import DiagnosticsError, one_line
 
 FORMAT_TAG = "diagnostics-checkpoint/1"
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module")
@@ -354,7 +354,7 @@ def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor],
 
         tensors = dict(load_safetensors(data))
     except Exception as exc:
-        first = " ".join(str(exc).split())[:200]
+        first = one_line(exc)
         raise DiagnosticsError(f"'{path}' is not a readable safetensors file: {type(exc).__name__}: {first}") from exc
     raw = header.get("__metadata__") or {}
     meta: dict[str, Any] = {}
@@ -406,17 +406,18 @@ def _guess_optimizer_name(hp: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, dict | None]:
-    """Split a dict checkpoint into (state_dict, metadata, optimizer_state)."""
-    meta: dict[str, Any] = {}
-    if obj.get("format") == FORMAT_TAG:
-        meta = dict(obj.get("metadata") or {})
-        return dict(obj["model"]), meta, obj.get("optimizer")
-    weights = None
-    for key in WEIGHT_KEYS:
-        if key in obj and _is_tensor_dict(obj[key]):
-            weights = dict(obj[key])
-            break
+def _is_mapping(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _first_present(obj: Mapping[str, Any], keys: tuple[str, ...], accept: Callable[[Any], bool]) -> Any:
+    """The value under the first of ``keys`` that ``accept`` takes, or None."""
+    return next((obj[k] for k in keys if k in obj and accept(obj[k])), None)
+
+
+def _container_weights(obj: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The tensor dict under the first of :data:`WEIGHT_KEYS`; an error naming the dicts found otherwise."""
+    weights = _first_present(obj, WEIGHT_KEYS, _is_tensor_dict)
     if weights is None:
         nested = [k for k, v in obj.items() if _is_tensor_dict(v)]
         hint = f" (tensor dicts found under {nested})" if nested else ""
@@ -424,15 +425,20 @@ def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, di
             f"'{path}' holds a dict but no weights under any of {list(WEIGHT_KEYS)}{hint}; "
             "save model.state_dict() directly or under one of those keys"
         )
-    for key in STEP_KEYS:
-        if key in obj and isinstance(obj[key], (int, float)) and not isinstance(obj[key], bool):
-            meta["step"] = int(obj[key])
-            break
-    optimizer_state = None
-    for key in ("optimizer", "optimizer_state_dict", "optimizer_state"):
-        if isinstance(obj.get(key), Mapping):
-            optimizer_state = obj[key]
-            break
+    return dict(weights)
+
+
+def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, dict | None]:
+    """Split a dict checkpoint into (state_dict, metadata, optimizer_state)."""
+    meta: dict[str, Any] = {}
+    if obj.get("format") == FORMAT_TAG:
+        meta = dict(obj.get("metadata") or {})
+        return dict(obj["model"]), meta, obj.get("optimizer")
+    weights = _container_weights(obj, path)
+    step = _first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    if step is not None:
+        meta["step"] = int(step)
+    optimizer_state = _first_present(obj, ("optimizer", "optimizer_state_dict", "optimizer_state"), _is_mapping)
     if optimizer_state is None and isinstance(obj.get("optimizer_states"), (list, tuple)) and obj["optimizer_states"]:
         optimizer_state = obj["optimizer_states"][0]  # Lightning
     hp = _optimizer_meta(optimizer_state)
@@ -488,11 +494,7 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
     for key, kinds in (("step", (int,)), ("lr", (int, float))):  # metadata is data: drop values of the wrong type
         if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
             meta.pop(key)
-    if meta.get("step") is None:
-        guessed = step_from_name(f"{path.parent.name}/{path.name}")
-        if guessed is not None:
-            meta["step"] = guessed
-            meta["step_source"] = "file name"
+    _step_from_name(meta, f"{path.parent.name}/{path.name}")
     return Checkpoint(
         path=path,
         state_dict=state_dict,
@@ -540,16 +542,12 @@ def trainer_state_metadata(state: Any) -> dict[str, Any]:
     return meta
 
 
-def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
-    """A model folder (:func:`read_model_folder`) -> :class:`Checkpoint` with ``model_config`` set."""
-    files = dict(content.files or {})
-    config = _json_file(files, CONFIG_FILE, path)
-    if not isinstance(config, dict):
-        raise DiagnosticsError(f"'{path / CONFIG_FILE}' is not a JSON object of model settings")
-    state_dict: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
+def _folder_state_dict(path: Path, files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
+    """The weights of a model folder: sharded safetensors (every indexed tensor present), one safetensors
+    file, or ``pytorch_model.bin`` (read with ``weights_only``)."""
     if SAFE_INDEX in files:
         index = _json_file(files, SAFE_INDEX, path)
+        state_dict: dict[str, torch.Tensor] = {}
         for shard in _folder_weight_files(path, files[SAFE_INDEX]):
             tensors, _ = _load_safetensors(files[shard], path / shard)
             state_dict.update(tensors)
@@ -568,28 +566,49 @@ def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
         state_dict = dict(obj)
     if not state_dict:
         raise DiagnosticsError(f"'{path}' holds no tensors")
-    if TRAINER_STATE in files:
-        meta.update(trainer_state_metadata(_json_file(files, TRAINER_STATE, path)))
-    optimizer_state = None
-    if OPTIMIZER_FILE in files:
-        try:
-            loaded = _torch_load(files[OPTIMIZER_FILE], path / OPTIMIZER_FILE)
-        except DiagnosticsError as exc:
-            meta["optimizer_note"] = f"optimizer.pt not used: {exc}"
-        else:
-            if isinstance(loaded, Mapping) and isinstance(loaded.get("param_groups"), list):
-                optimizer_state = dict(loaded)
-                hp = _optimizer_meta(optimizer_state)
-                if hp:
-                    meta["optimizer"] = {"name": _guess_optimizer_name(hp), "hyperparameters": hp}
-                    if "lr" not in meta and isinstance(hp.get("lr"), (int, float)):
-                        meta["lr"] = float(hp["lr"])
-                        meta["lr_source"] = "optimizer.pt param_groups"
+    return state_dict
+
+
+def _folder_optimizer(path: Path, files: Mapping[str, bytes], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A Trainer folder's ``optimizer.pt`` (weights-only) and its hyper-parameters into ``meta``; an
+    unreadable file is a note in ``meta``, not an error."""
+    try:
+        loaded = _torch_load(files[OPTIMIZER_FILE], path / OPTIMIZER_FILE)
+    except DiagnosticsError as exc:
+        meta["optimizer_note"] = f"optimizer.pt not used: {exc}"
+        return None
+    if not (isinstance(loaded, Mapping) and isinstance(loaded.get("param_groups"), list)):
+        return None
+    hp = _optimizer_meta(loaded)
+    if hp:
+        meta["optimizer"] = {"name": _guess_optimizer_name(hp), "hyperparameters": hp}
+        if "lr" not in meta and isinstance(hp.get("lr"), (int, float)):
+            meta["lr"] = float(hp["lr"])
+            meta["lr_source"] = "optimizer.pt param_groups"
+    return dict(loaded)
+
+
+def _step_from_name(meta: dict[str, Any], name: str) -> None:
+    """Without a stored step, the step a recognised file-name pattern gives (:func:`step_from_name`)."""
     if meta.get("step") is None:
-        guessed = step_from_name(path.name)
+        guessed = step_from_name(name)
         if guessed is not None:
             meta["step"] = guessed
             meta["step_source"] = "file name"
+
+
+def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
+    """A model folder (:func:`read_model_folder`) -> :class:`Checkpoint` with ``model_config`` set."""
+    files = dict(content.files or {})
+    config = _json_file(files, CONFIG_FILE, path)
+    if not isinstance(config, dict):
+        raise DiagnosticsError(f"'{path / CONFIG_FILE}' is not a JSON object of model settings")
+    state_dict = _folder_state_dict(path, files)
+    meta: dict[str, Any] = {}
+    if TRAINER_STATE in files:
+        meta.update(trainer_state_metadata(_json_file(files, TRAINER_STATE, path)))
+    optimizer_state = _folder_optimizer(path, files, meta) if OPTIMIZER_FILE in files else None
+    _step_from_name(meta, path.name)
     meta["format"] = "transformers model folder"
     return Checkpoint(
         path=path,

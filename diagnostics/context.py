@@ -22,9 +22,9 @@ from torch.func import functional_call
 
 from diagnostics import batches as B
 from diagnostics.batches import Batch, batch_size, fingerprint
-from diagnostics.binding import Binding, call_factory, resolve_loss
+from diagnostics.binding import Binding, call_factory, describe_shape, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import DiagnosticsError, one_line
 from diagnostics.seeding import stream_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -158,60 +158,69 @@ def split_item(
             )
         return item, None
     if isinstance(item, Mapping):
-        keys = list(item)
-        if layout.targets is not None:
-            if layout.targets not in item:
-                raise DiagnosticsError(
-                    f"{where} yields dicts with keys {_keys_text(keys)}; --targets '{layout.targets}' is not one "
-                    "of them"
-                )
-            target_key: Any = layout.targets
-        else:
-            target_key = next((k for k in TARGET_KEYS if k in item), None)
-        if layout.inputs is not None:
-            missing = [k for k in layout.inputs if k not in item]
-            if missing:
-                raise DiagnosticsError(
-                    f"{where} yields dicts with keys {_keys_text(keys)}; --inputs {','.join(missing)} "
-                    f"{'is' if len(missing) == 1 else 'are'} not among them"
-                )
-            input_keys = list(layout.inputs)
-        else:
-            input_keys = [k for k in keys if k != target_key]
-        if not input_keys:
-            raise DiagnosticsError(
-                f"{where} yields dicts with keys {_keys_text(keys)} and no model inputs besides the targets "
-                f"'{target_key}'; name them with --inputs KEY[,KEY] (and the targets with --targets KEY)"
-            )
-        inputs = {k: item[k] for k in input_keys}
-        if info is not None:
-            info["target_key"] = target_key
-        return inputs, (item[target_key] if target_key is not None else None)
+        return _split_mapping(item, layout, where, info)
     if isinstance(item, (tuple, list)) and item:
-        n = len(item)
-        if layout.given:
-            t = None if layout.targets is None else _position(layout.targets, n, where, "--targets")
-            if layout.inputs is not None:
-                idx = [_position(k, n, where, "--inputs") for k in layout.inputs]
-            else:
-                idx = [0] if t != 0 else [1]
-            inputs = item[idx[0]] if len(idx) == 1 else tuple(item[i] for i in idx)
-            return inputs, (None if t is None else item[t])
-        if n == 1:
-            return item[0], None
-        if _is_mask_like(item[0], item[1]) and n == 2:
-            if notes is not None and not any("attention mask" in x for x in notes):
-                notes.append(
-                    f"{where} yields (token ids, 0/1 mask) pairs of the same shape [B, T]: taken as two model "
-                    "inputs (ids, attention mask) without targets; pass --inputs 0 --targets 1 if the second "
-                    "item is the targets"
-                )
-            return (item[0], item[1]), None
-        return item[0], item[1]
+        return _split_sequence(item, layout, where, notes)
     raise DiagnosticsError(
         f"{where} yields {type(item).__name__} items; expected (inputs, targets) pairs, dicts of tensors "
         "(map their keys with --inputs KEY[,KEY] and --targets KEY) or input tensors"
     )
+
+
+def _split_mapping(item: Mapping, layout: BatchLayout, where: str, info: dict[str, Any] | None) -> Batch:
+    """A dict batch -> ``(inputs dict, targets)``: targets under ``--targets`` or the first of
+    :data:`TARGET_KEYS`, inputs under ``--inputs`` or every other key."""
+    keys = list(item)
+    if layout.targets is not None:
+        if layout.targets not in item:
+            raise DiagnosticsError(
+                f"{where} yields dicts with keys {_keys_text(keys)}; --targets '{layout.targets}' is not one of them"
+            )
+        target_key: Any = layout.targets
+    else:
+        target_key = next((k for k in TARGET_KEYS if k in item), None)
+    if layout.inputs is not None:
+        missing = [k for k in layout.inputs if k not in item]
+        if missing:
+            raise DiagnosticsError(
+                f"{where} yields dicts with keys {_keys_text(keys)}; --inputs {','.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not among them"
+            )
+        input_keys = list(layout.inputs)
+    else:
+        input_keys = [k for k in keys if k != target_key]
+    if not input_keys:
+        raise DiagnosticsError(
+            f"{where} yields dicts with keys {_keys_text(keys)} and no model inputs besides the targets "
+            f"'{target_key}'; name them with --inputs KEY[,KEY] (and the targets with --targets KEY)"
+        )
+    if info is not None:
+        info["target_key"] = target_key
+    return {k: item[k] for k in input_keys}, (item[target_key] if target_key is not None else None)
+
+
+def _split_sequence(item: Sequence, layout: BatchLayout, where: str, notes: list[str] | None) -> Batch:
+    """A tuple/list batch -> ``(inputs, targets)`` by position (``--inputs``/``--targets`` pick them)."""
+    n = len(item)
+    if layout.given:
+        t = None if layout.targets is None else _position(layout.targets, n, where, "--targets")
+        if layout.inputs is not None:
+            idx = [_position(k, n, where, "--inputs") for k in layout.inputs]
+        else:
+            idx = [0] if t != 0 else [1]
+        inputs = item[idx[0]] if len(idx) == 1 else tuple(item[i] for i in idx)
+        return inputs, (None if t is None else item[t])
+    if n == 1:
+        return item[0], None
+    if n == 2 and _is_mask_like(item[0], item[1]):
+        if notes is not None and not any("attention mask" in x for x in notes):
+            notes.append(
+                f"{where} yields (token ids, 0/1 mask) pairs of the same shape [B, T]: taken as two model "
+                "inputs (ids, attention mask) without targets; pass --inputs 0 --targets 1 if the second "
+                "item is the targets"
+            )
+        return (item[0], item[1]), None
+    return item[0], item[1]
 
 
 def _is_tensor_like(obj: Any) -> bool:
@@ -330,41 +339,47 @@ def prepare_batches(
             batch = B.take(batch, _subset_indices(n, samples, gen))
         return PreparedData(B.split(batch, batch_size_), notes, n, info.get("target_key"))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
-        items = []
-        for item in data:
-            item = numpy_to_torch(item) if _has_numpy(item) else item
-            items.append(split_item(item, layout, where, notes, info))
-        if not items:
-            raise DiagnosticsError(f"{where} yielded no batches")
-        for b in items:
-            _check_rows(b, where)
-        if iter(data) is not data:  # re-iterable: check two passes agree
-            try:
-                first = next(iter(data))
-                second = split_item(numpy_to_torch(first) if _has_numpy(first) else first, layout, where)
-                if fingerprint([second]) != fingerprint([items[0]]):
-                    notes.append(
-                        f"{where} gives different batches on two passes (shuffle=True or random "
-                        "augmentation); one fixed pass of it is analysed"
-                    )
-            except StopIteration:
-                pass
+        items = _read_batches(data, layout, where, notes, info)
         total = sum(batch_size(b) for b in items)
         if total == 0:
             raise DiagnosticsError(f"{where} is empty (0 samples)")
         if samples is not None and samples < total:
-            whole = B.concat(items)
-            size = batch_size_ or batch_size(items[0])
-            return PreparedData(
-                B.split(B.take(whole, _subset_indices(total, samples, gen)), size), notes, total, info.get("target_key")
-            )
-        if batch_size_:
-            return PreparedData(B.split(B.concat(items), batch_size_), notes, total, info.get("target_key"))
+            subset = B.take(B.concat(items), _subset_indices(total, samples, gen))
+            items = B.split(subset, batch_size_ or batch_size(items[0]))
+        elif batch_size_:
+            items = B.split(B.concat(items), batch_size_)
         return PreparedData(items, notes, total, info.get("target_key"))
     raise DiagnosticsError(
         f"{where} returned a {type(data).__name__}; expected (inputs, targets) tensors, a dict of tensors or an "
         "iterable of batches"
     )
+
+
+def _read_batches(
+    data: Iterable, layout: BatchLayout, where: str, notes: list[str], info: dict[str, Any]
+) -> list[Batch]:
+    """One pass over an iterable of batches, split into ``(inputs, targets)``; a re-iterable whose second
+    pass differs (shuffling, random augmentation) gets a note: the first pass is what is analysed."""
+    items = []
+    for item in data:
+        item = numpy_to_torch(item) if _has_numpy(item) else item
+        items.append(split_item(item, layout, where, notes, info))
+    if not items:
+        raise DiagnosticsError(f"{where} yielded no batches")
+    for b in items:
+        _check_rows(b, where)
+    if iter(data) is not data:  # re-iterable: check two passes agree
+        try:
+            first = next(iter(data))
+        except StopIteration:
+            return items
+        second = split_item(numpy_to_torch(first) if _has_numpy(first) else first, layout, where)
+        if fingerprint([second]) != fingerprint([items[0]]):
+            notes.append(
+                f"{where} gives different batches on two passes (shuffle=True or random augmentation); one fixed "
+                "pass of it is analysed"
+            )
+    return items
 
 
 def _has_numpy(obj: Any) -> bool:
@@ -791,10 +806,20 @@ def align_optimizer_state(
             "the optimizer state's parameter order could not be matched to the model's parameter names; "
             "Adam preconditioning (diag sharpness) may refuse it"
         )
+    new_groups = _regroup(groups, ids, order, [n for n, _ in named])
+    return {**dict(state), "param_groups": new_groups}, f"optimizer state matched to parameter names by {rule}"
+
+
+def _regroup(
+    groups: list[Mapping[str, Any]], ids: list[tuple[int, Any]], order: list[str], names: list[str]
+) -> list[dict[str, Any]]:
+    """Param groups following ``names``: one group per run of consecutive parameters of the same original
+    group (``ids[i] = (group, state id)`` of the parameter ``order[i]``), hyper-parameters kept,
+    ``param_names`` added."""
     position = {name: i for i, name in enumerate(order)}
     new_groups: list[dict[str, Any]] = []
     last = None
-    for name, _ in named:
+    for name in names:
         gi, pid = ids[position[name]]
         if gi != last:
             g = {k: v for k, v in groups[gi].items() if k not in ("params", "param_names")}
@@ -802,7 +827,7 @@ def align_optimizer_state(
             last = gi
         new_groups[-1]["params"].append(pid)
         new_groups[-1]["param_names"].append(name)
-    return {**dict(state), "param_groups": new_groups}, f"optimizer state matched to parameter names by {rule}"
+    return new_groups
 
 
 def _decay_parameter_names(model: nn.Module) -> list[str]:
@@ -842,6 +867,124 @@ def _default_loss(ctx: Context, target_key: str | None) -> bool:
     return model_loss(out) is not None
 
 
+def _load_batches(
+    binding: Binding,
+    *,
+    seed: int,
+    samples: int | None,
+    batch_size_: int | None,
+    where: str,
+) -> PreparedData:
+    """Call the data factory (its source rule applies) and cut its output into seeded batches."""
+    assert binding.data is not None
+    raw = call_factory(
+        binding.data,
+        binding.data_kwargs,
+        "data factory",
+        from_checkpoint=binding.sources.get("data") == "checkpoint",
+    )
+    return prepare_batches(
+        raw,
+        batch_size_=batch_size_,
+        samples=samples,
+        generator=stream_generator(seed, 0),
+        where=where,
+        layout=BatchLayout.parse(binding.inputs, binding.targets),
+    )
+
+
+def _require_targets(batches: list[Batch], where: str) -> None:
+    """Refuse inputs-only data for an analysis that needs targets, naming ``--targets`` for dict batches."""
+    if not any(b[1] is None for b in batches):
+        return
+    keys = list(batches[0][0]) if isinstance(batches[0][0], Mapping) else None
+    hint = (
+        f"; its dicts have keys {', '.join(map(str, keys))} and none of {', '.join(TARGET_KEYS)}: name the "
+        "targets with --targets KEY"
+        if keys
+        else ""
+    )
+    raise DiagnosticsError(f"{where} gives inputs only; this analysis needs (inputs, targets){hint}")
+
+
+def _split_parameters(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(analysed, frozen)``: trainable parameters, and the other parameters plus every buffer."""
+    named = dict(model.named_parameters())
+    analysed = {n: p.detach() for n, p in named.items() if p.requires_grad}
+    if not analysed:
+        raise DiagnosticsError(f"model '{name}' has no trainable parameters")
+    frozen = {n: p.detach() for n, p in named.items() if n not in analysed}
+    frozen.update({n: b for n, b in model.named_buffers()})
+    return analysed, frozen
+
+
+def _checkpoint_metadata(
+    checkpoint: Checkpoint, model: nn.Module, available: int | None, notes: list[str]
+) -> tuple[dict[str, Any], Any]:
+    """The context's checkpoint metadata and the optimizer state matched to the model's parameter names.
+
+    How Adam's state was matched to names goes to the metadata (``optimizer_matching``), not to the notes;
+    a failed match is a note.
+    """
+    meta = dict(checkpoint.metadata)
+    meta["samples_available"] = available
+    meta["sha256"] = checkpoint.sha256
+    if meta.get("optimizer_note"):
+        notes.append(str(meta["optimizer_note"]))
+    optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)
+    if opt_note and opt_note.startswith("optimizer state matched"):
+        meta["optimizer_matching"] = opt_note
+    elif opt_note:
+        notes.append(opt_note)
+    return meta, optimizer_state
+
+
+def _use_model_loss(ctx: Context, target_key: str | None, explicit_loss: bool) -> None:
+    """Default to the model's own loss when the batches carry labels it accepts; a causal LM's float64 loss.
+
+    transformers computes a causal LM's loss in float32; for a float64 analysis the same loss (labels shifted
+    by one, -100 ignored, mean over counted tokens) is computed from the logits.
+    """
+    from diagnostics.binding import MODEL_LOSS
+    from diagnostics.hf import is_causal_lm
+
+    if not explicit_loss and _default_loss(ctx, target_key):
+        ctx.loss_fn, ctx.loss_name = resolve_loss(MODEL_LOSS)
+        ctx.binding["loss"] = MODEL_LOSS
+        ctx.binding.setdefault("sources", {})["loss"] = "default: the batches carry labels and the model returns a loss"
+    ctx.shifted_labels = ctx.loss_name == MODEL_LOSS and is_causal_lm(ctx.model)
+    if ctx.shifted_labels and ctx.dtype == torch.float64 and type(ctx.model).__module__.startswith("transformers."):
+        ctx.own_causal_loss = True
+        ctx.notes.append(
+            "--loss model: transformers computes a causal LM's loss in float32; for the float64 analysis the same "
+            "loss (labels shifted by one, -100 ignored, mean over counted tokens) is computed in float64 from the "
+            "logits"
+        )
+
+
+def _token_weighting(ctx: Context, where: str) -> None:
+    """Mark a context whose loss averages over counted tokens (not samples) and count them."""
+    from diagnostics.binding import counted_targets
+    from diagnostics.hf import is_causal_lm
+
+    counts = [counted_targets(ctx.loss_name, y, shifted=ctx.shifted_labels) for _, y in ctx.batches]
+    ctx.token_weighted = any(
+        c is not None and (c != batch_size(b) or b[1].dim() >= 2) for c, b in zip(counts, ctx.batches)
+    )
+    if not ctx.token_weighted:
+        return
+    ctx.counted = sum(int(c or 0) for c in counts)
+    if ctx.counted == 0:
+        raise DiagnosticsError(
+            f"{where}: every target is -100 (ignore_index), so the loss averages over nothing; check the labels"
+        )
+    if ctx.loss_name in ("cross_entropy", "nll") and is_causal_lm(ctx.model):
+        ctx.notes.append(
+            f"loss '{ctx.loss_name}' compares the logits at position t with the targets at position t; a causal "
+            "LM's own loss shifts the labels by one (use --loss model, or shift the targets in the data)"
+        )
+
+
 def build_context(
     checkpoint: Checkpoint,
     binding: Binding,
@@ -859,15 +1002,22 @@ def build_context(
     """Checkpoint + binding -> :class:`Context` (model, data, loss), then the determinism check.
 
     Args:
-        params: regex restricting the analysed parameters (others are held fixed).
+        checkpoint: the loaded checkpoint.
+        binding: model, data and loss factories (:func:`diagnostics.binding.resolve_binding`).
+        device: ``cpu``, ``cuda[:i]``, ``mps`` or None for the best available.
+        dtype: ``float32``/``float64``/... or None for the checkpoint's.
+        seed: seeds the data subset (stream 0) and every analyzer's streams.
         samples: seeded subset size of the data (stream 0 of ``seed``).
+        batch_size_: re-batch the data to this size.
+        params: regex restricting the analysed parameters (others are held fixed).
         check: run :func:`check_determinism` (and the finite-loss check when targets exist).
+        need_targets: refuse inputs-only data.
         need_data: False for data-free analyses (weight spectra): no data factory is called, the context
             has no batches and no determinism check runs.
-    """
-    from diagnostics.binding import MODEL_LOSS, counted_targets
-    from diagnostics.hf import is_causal_lm
 
+    Returns:
+        The :class:`Context`, restricted to ``params`` when given.
+    """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
     if samples is not None and samples <= 0:
@@ -877,56 +1027,18 @@ def build_context(
     notes: list[str] = []
     model = build_model(checkpoint, binding, dev, dt, notes)
     loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
-    prepared = PreparedData([], [], None)
     where = f"data '{binding.data}'"
+    prepared = PreparedData([], [], None)
     if need_data:
-        assert binding.data is not None
-        raw = call_factory(
-            binding.data,
-            binding.data_kwargs,
-            "data factory",
-            from_checkpoint=binding.sources.get("data") == "checkpoint",
-        )
-        layout = BatchLayout.parse(binding.inputs, binding.targets)
-        prepared = prepare_batches(
-            raw,
-            batch_size_=batch_size_,
-            samples=samples,
-            generator=stream_generator(seed, 0),
-            where=where,
-            layout=layout,
-        )
+        prepared = _load_batches(binding, seed=seed, samples=samples, batch_size_=batch_size_, where=where)
     notes.extend(prepared.notes)
-    batches = [to_device(b, dev, dt) for b in prepared.batches]
-    batches = bind_inputs(model, batches, where, notes)
+    batches = bind_inputs(model, [to_device(b, dev, dt) for b in prepared.batches], where, notes)
     check_data(batches, where)
-    if need_targets and any(b[1] is None for b in batches):
-        keys = list(batches[0][0]) if isinstance(batches[0][0], Mapping) else None
-        hint = (
-            f"; its dicts have keys {', '.join(map(str, keys))} and none of {', '.join(TARGET_KEYS)}: name the "
-            "targets with --targets KEY"
-            if keys
-            else ""
-        )
-        raise DiagnosticsError(f"{where} gives inputs only; this analysis needs (inputs, targets){hint}")
-    named = dict(model.named_parameters())
-    analysed = {n: p.detach() for n, p in named.items() if p.requires_grad}
-    if not analysed:
-        raise DiagnosticsError(f"model '{binding.model}' has no trainable parameters")
-    frozen = {n: p.detach() for n, p in named.items() if n not in analysed}
-    frozen.update({n: b for n, b in model.named_buffers()})
-    meta = dict(checkpoint.metadata)
-    meta["samples_available"] = prepared.total_available
-    meta["sha256"] = checkpoint.sha256
-    if meta.get("optimizer_note"):
-        notes.append(str(meta["optimizer_note"]))
-    optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)
-    if opt_note and opt_note.startswith("optimizer state matched"):
-        meta["optimizer_matching"] = opt_note  # how Adam's state was matched to names: metadata, not a warning
-    elif opt_note:
-        notes.append(opt_note)
+    if need_targets:
+        _require_targets(batches, where)
+    analysed, frozen = _split_parameters(model, str(binding.model))
+    meta, optimizer_state = _checkpoint_metadata(checkpoint, model, prepared.total_available, notes)
     target_key = prepared.target_key
-    label_key = target_key if target_key and _accepts(model, [target_key]) else "labels"
     ctx = Context(
         model=model,
         params=analysed,
@@ -943,33 +1055,10 @@ def build_context(
         loss_name=loss_name,
         notes=notes,
         binding=binding.describe(),
-        label_key=label_key,
+        label_key=target_key if target_key and _accepts(model, [target_key]) else "labels",
     )
-    if binding.loss is None and _default_loss(ctx, target_key):
-        ctx.loss_fn, ctx.loss_name = resolve_loss(MODEL_LOSS)
-        ctx.binding["loss"] = MODEL_LOSS
-        ctx.binding.setdefault("sources", {})["loss"] = "default: the batches carry labels and the model returns a loss"
-    ctx.shifted_labels = ctx.loss_name == MODEL_LOSS and is_causal_lm(model)
-    if ctx.shifted_labels and dt == torch.float64 and type(model).__module__.startswith("transformers."):
-        ctx.own_causal_loss = True
-        notes.append(
-            "--loss model: transformers computes a causal LM's loss in float32; for the float64 analysis the same "
-            "loss (labels shifted by one, -100 ignored, mean over counted tokens) is computed in float64 from the "
-            "logits"
-        )
-    counts = [counted_targets(ctx.loss_name, y, shifted=ctx.shifted_labels) for _, y in batches]
-    ctx.token_weighted = any(c is not None and (c != batch_size(b) or b[1].dim() >= 2) for c, b in zip(counts, batches))
-    if ctx.token_weighted:
-        ctx.counted = sum(int(c or 0) for c in counts)
-        if ctx.counted == 0:
-            raise DiagnosticsError(
-                f"{where}: every target is -100 (ignore_index), so the loss averages over nothing; check the labels"
-            )
-        if ctx.loss_name in ("cross_entropy", "nll") and is_causal_lm(model):
-            ctx.notes.append(
-                f"loss '{ctx.loss_name}' compares the logits at position t with the targets at position t; a causal "
-                "LM's own loss shifts the labels by one (use --loss model, or shift the targets in the data)"
-            )
+    _use_model_loss(ctx, target_key, explicit_loss=binding.loss is not None)
+    _token_weighting(ctx, where)
     if params:
         ctx = ctx.restrict(params)
     if check and need_data:
@@ -1010,18 +1099,6 @@ def check_data(batches: Sequence[Batch], where: str) -> None:
                 )
 
 
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"shape {list(obj.shape)}, {str(obj.dtype).replace('torch.', '')}"
-    if isinstance(obj, Mapping):
-        return "a dict of " + ", ".join(f"{k}: {_describe(v)}" for k, v in list(obj.items())[:8])
-    if isinstance(obj, (list, tuple)):
-        if obj and len(obj) <= 4 and all(isinstance(o, torch.Tensor) for o in obj):
-            return f"a {type(obj).__name__} of " + "; ".join(_describe(o) for o in obj)
-        return f"a {type(obj).__name__} of {len(obj)}"
-    return type(obj).__name__
-
-
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -1037,12 +1114,12 @@ _DTYPE_WORDS = re.compile(r"dtype|scalar type|Long|Int|Byte|Bool|not implemented
 
 def _forward_error(ctx: Context, inputs: Any, exc: Exception) -> DiagnosticsError:
     """A one-line explanation of why the model cannot take the data's inputs."""
-    msg = " ".join(str(exc).split())[:240]
+    msg = one_line(exc, 240)
     model, data = ctx.binding.get("model"), ctx.binding.get("data")
     m = re.search(r"unexpected keyword argument '([^']+)'|missing \d+ required positional argument", msg)
     if isinstance(exc, TypeError) and m:
         keys = ", ".join(map(str, inputs)) if isinstance(inputs, Mapping) else None
-        seen = f"the batches have keys {keys}" if keys else f"the inputs are {_describe(inputs)}"
+        seen = f"the batches have keys {keys}" if keys else f"the inputs are {describe_shape(inputs)}"
         return DiagnosticsError(
             f"model '{model}' cannot be called with the inputs of data '{data}' ({msg}); {seen}: choose the model "
             "inputs with --inputs KEY[,KEY] (dict keys or tuple positions) and the targets with --targets KEY"
@@ -1068,7 +1145,7 @@ def _forward_error(ctx: Context, inputs: Any, exc: Exception) -> DiagnosticsErro
             f"({m.group(3)} channels); check --data, --model and its model_kwargs"
         )
     return DiagnosticsError(
-        f"model '{model}' fails on the first batch of data '{data}' (inputs: {_describe(inputs)}): "
+        f"model '{model}' fails on the first batch of data '{data}' (inputs: {describe_shape(inputs)}): "
         f"{type(exc).__name__}: {msg}; check --data and --inputs/--targets (which parts of a batch go to the model)"
     )
 
@@ -1127,10 +1204,10 @@ def _checked_loss(ctx: Context, i: int, params: Mapping[str, torch.Tensor], batc
     except Exception as exc:
         from diagnostics.binding import describe_shape
 
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc)
         raise DiagnosticsError(
             f"loss '{name}' raised {type(exc).__name__}: {msg} on batch {i} (outputs: {describe_shape(outputs)}; "
-            f"targets: {_describe(y)}); check --loss and --targets"
+            f"targets: {describe_shape(y)}); check --loss and --targets"
         ) from exc
     if not isinstance(value, torch.Tensor):
         raise DiagnosticsError(

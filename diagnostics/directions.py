@@ -40,7 +40,8 @@ from torch import nn
 from torch.func import functional_call
 
 from diagnostics.context import Batch, Context, batch_size
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import DiagnosticsError, one_line
+from diagnostics.linalg.products import Layout
 
 NORMALIZATIONS = ("filter", "layer", "unit", "none")
 BACKENDS = ("auto", "vmap", "loop")
@@ -49,17 +50,18 @@ Params = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------ flat parameter space
 @dataclass(frozen=True)
-class FlatSpace:
-    """The flat concatenation of named tensors (in the order of ``names``)."""
+class FlatSpace(Layout):
+    """The flat concatenation of named tensors (in the order of ``names``), with their dtype and device.
 
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    numels: tuple[int, ...]
+    ``flatten``/``unflatten``/``slices``/``dim`` come from :class:`diagnostics.linalg.products.Layout`.
+    """
+
     dtype: torch.dtype
     device: torch.device
 
     @classmethod
     def of(cls, params: Mapping[str, torch.Tensor]) -> FlatSpace:
+        """The space of ``params`` (dict order); refuses an empty dict."""
         if not params:
             raise DiagnosticsError("no parameters to analyse")
         first = next(iter(params.values()))
@@ -70,26 +72,6 @@ class FlatSpace:
             dtype=first.dtype,
             device=first.device,
         )
-
-    @property
-    def dim(self) -> int:
-        return int(sum(self.numels))
-
-    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``{name: tensor}`` -> ``[dim]``."""
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, v: torch.Tensor) -> Params:
-        """``[dim]`` -> ``{name: tensor}`` (views; works under ``vmap``)."""
-        parts = torch.split(v, list(self.numels))
-        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
-
-    def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
-        for n, k in zip(self.names, self.numels):
-            out[n] = slice(start, start + k)
-            start += k
-        return out
 
 
 # ----------------------------------------------------------------------------------- normalisation
@@ -483,7 +465,7 @@ class PointEvaluator:
             if backend == "vmap" and self.requested_backend == "auto":
                 self.backend = "loop"
                 self.backend_reason = "vmap failed"
-                message = " ".join(str(exc).split())[:160]
+                message = one_line(exc, 160)
                 self.notes.append(
                     f"batched evaluation (vmap) failed ({type(exc).__name__}: {message}); "
                     "points are evaluated one at a time"

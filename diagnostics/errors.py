@@ -15,5 +15,10 @@ class DiagnosticsError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (whitespace collapsed), at most ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class GateFailed(Exception):
     """A check or gate failed (CLI exit code 1)."""

@@ -223,6 +223,42 @@ def _real_tokens(x: torch.Tensor, tokens: Tokens | None, layer: str) -> torch.Te
     return m
 
 
+def _pool_tokens(
+    x: torch.Tensor, out: torch.Tensor, layer: str, pool: str | None, tokens: Tokens | None
+) -> torch.Tensor:
+    """``[B, T, D]`` token features -> ``[B, D]`` (``mean``/``last``/``first`` over real tokens) or
+    ``[B, T*D]`` (``flatten``); see :func:`pool_features`."""
+    b, t, d = x.shape
+    if pool is None:
+        raise DiagnosticsError(
+            f"layer '{layer}' gives token features of shape {list(out.shape)}: [batch {b}, tokens {t}, "
+            f"features {d}]; pass --pool mean (over the real tokens), last or first (one token per "
+            "sequence), or flatten (all of them)"
+        )
+    if pool == "flatten":
+        return x.flatten(1)
+    m = _real_tokens(x, tokens, layer)
+    xd = x.to(torch.float64)
+    if pool == "mean":
+        return (xd * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    pos = torch.arange(t, device=x.device, dtype=torch.float64)
+    score = torch.where(m > 0, pos if pool == "last" else -pos, torch.full_like(pos, -math.inf))
+    return xd[torch.arange(b, device=x.device), score.argmax(1)]
+
+
+def _pool_positions(x: torch.Tensor, out: torch.Tensor, layer: str, pool: str | None) -> torch.Tensor:
+    """``[B, C, *spatial]`` feature maps -> ``[B, C]`` (``mean``) or ``[B, C*prod(spatial)]`` (``flatten``)."""
+    if pool is None or pool in TOKEN_POOLS:
+        why = f"--pool {pool} takes one token of a sequence, but it" if pool else "it"
+        raise DiagnosticsError(
+            f"layer '{layer}' gives shape {tuple(out.shape)}; pass --pool mean (average over the trailing "
+            "dimensions, one feature per channel) or --pool flatten (all of them); "
+            f"{why} is read as [batch, channels, positions...] with no token axis (the batch carries no "
+            "token ids or attention_mask)"
+        )
+    return x.flatten(2).mean(-1) if pool == "mean" else x.flatten(1)
+
+
 def pool_features(
     out: Any, layer: str, pool: str | None = None, *, tokens: Tokens | None = None, module: nn.Module | None = None
 ) -> torch.Tensor:
@@ -262,37 +298,9 @@ def pool_features(
     elif x.dim() > 2:
         axis = _token_axis(x, tokens, module)
         if axis is not None:
-            if axis == 2:
-                x = x.transpose(1, 2)
-            b, t, d = x.shape
-            if pool is None:
-                raise DiagnosticsError(
-                    f"layer '{layer}' gives token features of shape {list(out.shape)}: [batch {b}, tokens {t}, "
-                    f"features {d}]; pass --pool mean (over the real tokens), last or first (one token per "
-                    "sequence), or flatten (all of them)"
-                )
-            if pool == "flatten":
-                x = x.flatten(1)
-            else:
-                m = _real_tokens(x, tokens, layer)
-                xd = x.to(torch.float64)
-                if pool == "mean":
-                    x = (xd * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
-                else:
-                    pos = torch.arange(t, device=x.device, dtype=torch.float64)
-                    score = torch.where(m > 0, pos if pool == "last" else -pos, torch.full_like(pos, -math.inf))
-                    idx = score.argmax(1)
-                    x = xd[torch.arange(b, device=x.device), idx]
+            x = _pool_tokens(x.transpose(1, 2) if axis == 2 else x, out, layer, pool, tokens)
         else:
-            if pool is None or pool in TOKEN_POOLS:
-                why = f"--pool {pool} takes one token of a sequence, but it" if pool else "it"
-                raise DiagnosticsError(
-                    f"layer '{layer}' gives shape {tuple(out.shape)}; pass --pool mean (average over the trailing "
-                    "dimensions, one feature per channel) or --pool flatten (all of them); "
-                    f"{why} is read as [batch, channels, positions...] with no token axis (the batch carries no "
-                    "token ids or attention_mask)"
-                )
-            x = x.flatten(2).mean(-1) if pool == "mean" else x.flatten(1)
+            x = _pool_positions(x, out, layer, pool)
     x = x.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise DiagnosticsError(f"layer '{layer}' gives non-finite values (NaN or inf); check the checkpoint")
@@ -329,6 +337,49 @@ def _default_forward(model: nn.Module) -> Callable[[Any], Any]:
         return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
     return forward
+
+
+def _captured_value(model: nn.Module, name: str, values: list[Any]) -> Any:
+    """The one activation a hooked layer gave in a forward pass (the first tensor of a tuple/dict output,
+    with a note)."""
+    if not values:
+        raise DiagnosticsError(
+            f"layer '{name}' did not run in the model's forward pass; pick a module that forward() calls"
+        )
+    if len(values) > 1:
+        raise DiagnosticsError(
+            f"layer '{name}' runs {len(values)} times per forward pass (a shared module); capture a module that "
+            "runs once"
+        )
+    value = values[0]
+    if isinstance(value, torch.Tensor):
+        return value
+    picked = first_tensor(value)
+    if not isinstance(picked, torch.Tensor):
+        return value
+    _note(
+        model,
+        f"layer '{name}' returns a {type(value).__name__}; its first tensor {list(picked.shape)} is used as the features",
+    )
+    return picked
+
+
+def _feature_rows(feats: dict[str, torch.Tensor], y: Any) -> int:
+    """The common number of rows of the captured features, which must also match the targets'."""
+    sizes = {int(t.shape[0]) for t in feats.values()}
+    if len(sizes) != 1:
+        raise DiagnosticsError(
+            "the captured layers disagree on the batch size "
+            f"({', '.join(f'{k}: {int(v.shape[0])}' for k, v in feats.items())}); capture layers with "
+            "one row per sample"
+        )
+    size = sizes.pop()
+    if isinstance(y, torch.Tensor) and y.dim() > 0 and int(y.shape[0]) != size:
+        raise DiagnosticsError(
+            f"the captured features have {size} rows but the batch has {int(y.shape[0])} targets; "
+            "capture a layer with one row per sample"
+        )
+    return size
 
 
 def stream_features(
@@ -383,43 +434,17 @@ def stream_features(
             with torch.no_grad():
                 forward(x)
             tokens = token_info(x)
-            feats: dict[str, torch.Tensor] = {}
-            for layer in layers:
-                values = captured[layer.name]
-                if not values:
-                    raise DiagnosticsError(
-                        f"layer '{layer.name}' did not run in the model's forward pass; pick a module that "
-                        "forward() calls"
-                    )
-                if len(values) > 1:
-                    raise DiagnosticsError(
-                        f"layer '{layer.name}' runs {len(values)} times per forward pass (a shared module); "
-                        "capture a module that runs once"
-                    )
-                value = values[0]
-                if not isinstance(value, torch.Tensor):
-                    picked = first_tensor(value)
-                    if isinstance(picked, torch.Tensor):
-                        _note(
-                            model,
-                            f"layer '{layer.name}' returns a {type(value).__name__}; its first tensor "
-                            f"{list(picked.shape)} is used as the features",
-                        )
-                        value = picked
-                feats[layer.name] = pool_features(value, layer.name, pool, tokens=tokens, module=layer.module)
-            sizes = {int(t.shape[0]) for t in feats.values()}
-            if len(sizes) != 1:
-                raise DiagnosticsError(
-                    "the captured layers disagree on the batch size "
-                    f"({', '.join(f'{k}: {int(v.shape[0])}' for k, v in feats.items())}); capture layers with "
-                    "one row per sample"
+            feats = {
+                layer.name: pool_features(
+                    _captured_value(model, layer.name, captured[layer.name]),
+                    layer.name,
+                    pool,
+                    tokens=tokens,
+                    module=layer.module,
                 )
-            size = sizes.pop()
-            if isinstance(y, torch.Tensor) and y.dim() > 0 and int(y.shape[0]) != size:
-                raise DiagnosticsError(
-                    f"the captured features have {size} rows but the batch has {int(y.shape[0])} targets; "
-                    "capture a layer with one row per sample"
-                )
+                for layer in layers
+            }
+            size = _feature_rows(feats, y)
             yield FeatureBatch(feats, y, size)
     finally:
         for h in handles:

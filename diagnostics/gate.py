@@ -263,6 +263,31 @@ def _bad(path: str, why: str) -> DiagnosticsError:
     return DiagnosticsError(f"'{path}' is not a valid sharpness baseline ({why}); create one with 'diag baseline'")
 
 
+def _check_replicates(reps: list[Any], settings: dict[str, Any], path: str) -> None:
+    """Each replicate: a finite sharpness, the seed the settings list for it and its data-subset hash."""
+    seeds = settings.get("seeds")
+    if not isinstance(seeds, list) or len(seeds) != len(reps) or len(reps) != settings.get("replicates"):
+        raise _bad(path, "the seeds, replicates and their count disagree")
+    for i, r in enumerate(reps):
+        if not isinstance(r, dict):
+            raise _bad(path, f"replicate {i} is not an object")
+        value = r.get("sharpness")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise _bad(path, f"replicate {i} has no finite 'sharpness'")
+        if r.get("seed") != seeds[i] or not isinstance(r.get("subset_sha256"), str):
+            raise _bad(path, f"replicate {i} lacks its seed or data-subset hash")
+
+
+def _check_parameters(params: dict[str, Any], path: str) -> None:
+    """The ``parameters`` section: the names-and-shapes hash and whole-number counts."""
+    digest = params.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise _bad(path, "no parameters.sha256, the hash of the analysed parameters' names and shapes")
+    for key in ("n_params", "n_tensors"):
+        if not isinstance(params.get(key), int) or isinstance(params.get(key), bool):
+            raise _bad(path, f"parameters.{key} is not a whole number")
+
+
 def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
     """Check a baseline document's structure; return it. Raises :class:`DiagnosticsError` if corrupt."""
     if not isinstance(doc, dict):
@@ -282,26 +307,10 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
         check_config(GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}), "settings")
     except (TypeError, DiagnosticsError) as exc:
         raise _bad(path, str(exc)) from exc
-    seeds = settings.get("seeds")
-    if not isinstance(seeds, list) or len(seeds) != len(reps) or len(reps) != settings.get("replicates"):
-        raise _bad(path, "the seeds, replicates and their count disagree")
-    for i, r in enumerate(reps):
-        if not isinstance(r, dict):
-            raise _bad(path, f"replicate {i} is not an object")
-        value = r.get("sharpness")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise _bad(path, f"replicate {i} has no finite 'sharpness'")
-        if r.get("seed") != seeds[i] or not isinstance(r.get("subset_sha256"), str):
-            raise _bad(path, f"replicate {i} lacks its seed or data-subset hash")
+    _check_replicates(reps, settings, path)
     if not isinstance(doc.get("parameters"), dict) or not isinstance(doc.get("data"), dict):
         raise _bad(path, "no 'parameters' or 'data' section")
-    params = doc["parameters"]
-    digest = params.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise _bad(path, "no parameters.sha256, the hash of the analysed parameters' names and shapes")
-    for key in ("n_params", "n_tensors"):
-        if not isinstance(params.get(key), int) or isinstance(params.get(key), bool):
-            raise _bad(path, f"parameters.{key} is not a whole number")
+    _check_parameters(doc["parameters"], path)
     return doc
 
 
@@ -514,6 +523,68 @@ def decide(
     }
 
 
+def check_comparable(ctx: Context, doc: Mapping[str, Any], settings: GateSettings) -> None:
+    """Refuse a candidate that the paired check cannot compare with the baseline ``doc``.
+
+    Checked before any Lanczos run: the dtype, the analysed parameters' names and shapes, the loss, the
+    dataset size and every replicate's data subset (its hash).
+
+    Args:
+        ctx: the candidate's context.
+        doc: a validated baseline document.
+        settings: its settings.
+
+    Raises:
+        DiagnosticsError: naming what differs and the flag or step that fixes it.
+    """
+    base_settings = doc["settings"]
+    dtype = str(ctx.dtype).replace("torch.", "")
+    if base_settings.get("dtype") and base_settings["dtype"] != dtype:
+        raise DiagnosticsError(
+            f"the baseline was measured in {base_settings['dtype']} but the check runs in {dtype}; "
+            f"pass --dtype {base_settings['dtype']}"
+        )
+    _check_layout(parameter_layout(ctx), doc["parameters"])
+    data = doc["data"]
+    if data.get("loss") not in (None, ctx.loss_name):
+        raise DiagnosticsError(
+            f"the baseline was measured with loss '{data.get('loss')}' but the check uses '{ctx.loss_name}'; "
+            f"pass --loss {data.get('loss')}"
+        )
+    if data.get("samples_available") not in (None, ctx.n_samples):
+        raise DiagnosticsError(
+            f"the data has {ctx.n_samples} samples but the baseline's had {data.get('samples_available')}; "
+            "the paired check needs the same dataset: recreate the baseline"
+        )
+    for i, (seed, old) in enumerate(zip(settings.seeds, doc["replicates"])):
+        if subset_sha256(replicate_batches(ctx, seed, settings)) != old["subset_sha256"]:
+            raise DiagnosticsError(
+                f"replicate {i} (seed {seed}) sees a different data subset than the baseline's "
+                "(the data or its order changed); the paired check needs the same data: recreate the baseline"
+            )
+
+
+def _check_layout(layout: Mapping[str, Any], base_layout: Mapping[str, Any]) -> None:
+    """The candidate's analysed parameters must have the baseline's names and shapes (hash)."""
+    if base_layout.get("sha256") == layout["sha256"]:
+        return
+    same_counts = (base_layout.get("n_params"), base_layout.get("n_tensors")) == (
+        layout["n_params"],
+        layout["n_tensors"],
+    )
+    how = (
+        f"have the same size ({layout['n_params']} in {layout['n_tensors']} tensors) but other names or shapes "
+        "than the baseline's"
+        if same_counts
+        else f"({layout['n_params']} in {layout['n_tensors']} tensors) differ from the baseline's "
+        f"({base_layout.get('n_params')} in {base_layout.get('n_tensors')})"
+    )
+    raise DiagnosticsError(
+        f"the candidate's analysed parameters {how}; sharpness is only compared between models of the same "
+        "architecture: recreate the baseline"
+    )
+
+
 def check_against_baseline(
     ctx: Context,
     baseline: Mapping[str, Any],
@@ -532,47 +603,7 @@ def check_against_baseline(
     doc = validate_baseline(dict(baseline))
     settings = baseline_settings(doc)
     base_settings = doc["settings"]
-    dtype = str(ctx.dtype).replace("torch.", "")
-    if base_settings.get("dtype") and base_settings["dtype"] != dtype:
-        raise DiagnosticsError(
-            f"the baseline was measured in {base_settings['dtype']} but the check runs in {dtype}; "
-            f"pass --dtype {base_settings['dtype']}"
-        )
-    layout = parameter_layout(ctx)
-    base_layout = doc["parameters"]
-    if base_layout.get("sha256") != layout["sha256"]:
-        same_counts = (base_layout.get("n_params"), base_layout.get("n_tensors")) == (
-            layout["n_params"],
-            layout["n_tensors"],
-        )
-        how = (
-            f"have the same size ({layout['n_params']} in {layout['n_tensors']} tensors) but other names or shapes "
-            "than the baseline's"
-            if same_counts
-            else f"({layout['n_params']} in {layout['n_tensors']} tensors) differ from the baseline's "
-            f"({base_layout.get('n_params')} in {base_layout.get('n_tensors')})"
-        )
-        raise DiagnosticsError(
-            f"the candidate's analysed parameters {how}; sharpness is only compared between models of the same "
-            "architecture: recreate the baseline"
-        )
-    data = doc["data"]
-    if data.get("loss") not in (None, ctx.loss_name):
-        raise DiagnosticsError(
-            f"the baseline was measured with loss '{data.get('loss')}' but the check uses '{ctx.loss_name}'; "
-            f"pass --loss {data.get('loss')}"
-        )
-    if data.get("samples_available") not in (None, ctx.n_samples):
-        raise DiagnosticsError(
-            f"the data has {ctx.n_samples} samples but the baseline's had {data.get('samples_available')}; "
-            "the paired check needs the same dataset: recreate the baseline"
-        )
-    for i, (seed, old) in enumerate(zip(settings.seeds, doc["replicates"])):  # cheap: before any Lanczos
-        if subset_sha256(replicate_batches(ctx, seed, settings)) != old["subset_sha256"]:
-            raise DiagnosticsError(
-                f"replicate {i} (seed {seed}) sees a different data subset than the baseline's "
-                "(the data or its order changed); the paired check needs the same data: recreate the baseline"
-            )
+    check_comparable(ctx, doc, settings)
     reps = measure_sharpness(ctx, settings, progress)
     base_values = [float(r["sharpness"]) for r in doc["replicates"]]
     new_values = [r.sharpness for r in reps]

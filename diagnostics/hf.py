@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import DiagnosticsError, one_line
 
 EXTRA = "pip install 'training-diagnostics[hf]'"
 # config.json keys that are bookkeeping, not settings of the configuration class
@@ -104,7 +104,7 @@ def build_from_config(config: Mapping[str, Any], where: str = "the model folder"
     except DiagnosticsError:
         raise
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc)
         raise DiagnosticsError(
             f"{where}: building '{arch or model_type}' from config.json with {auto_name} failed: "
             f"{type(exc).__name__}: {msg}"

@@ -107,30 +107,23 @@ class Overwrite:
     force: bool = option(False, help="overwrite existing output files", panel=PANEL_OUTPUT, toml=False)
 
 
+def _out_option(help: str) -> Any:
+    """``--out/-o``: where a command writes (command-line only, never a diag.toml key)."""
+    return option(None, help=help, panel=PANEL_OUTPUT, short="-o", toml=False)
+
+
 @dataclass
 class OutputOptions(PrintOptions, Overwrite):
     """What a command prints, and the records file it writes; command-line only."""
 
-    out: Path | None = option(
-        None,
-        help="also write the records to FILE (.json .csv .parquet .md)",
-        panel=PANEL_OUTPUT,
-        short="-o",
-        toml=False,
-    )
+    out: Path | None = _out_option("also write the records to FILE (.json .csv .parquet .md)")
 
 
 @dataclass
 class FolderOptions(PrintOptions):
     """What a sweep or report prints, and the folder it writes; command-line only."""
 
-    out: Path | None = option(
-        None,
-        help="output folder (default: reports/<run name>); its cache/ makes reruns cheap",
-        panel=PANEL_OUTPUT,
-        short="-o",
-        toml=False,
-    )
+    out: Path | None = _out_option("output folder (default: reports/<run name>); its cache/ makes reruns cheap")
     force: bool = option(
         False,
         help="write into a non-empty folder that diag did not create (deletes nothing)",

@@ -123,6 +123,66 @@ def _is_diag_file(path: Path, format_tag: str) -> bool:
     return isinstance(head, dict) and head.get("format") == format_tag
 
 
+def _records_files(out: Path | None) -> list[PlannedFile]:
+    """``--out`` (a records suffix) and, for ``.csv``, its ``.meta.json`` sidecar."""
+    if out is None:
+        return []
+    out = Path(out)
+    if out.suffix.lower() not in RECORD_SUFFIXES:
+        raise DiagnosticsError(f"--out '{out}': unknown suffix; use {', '.join(RECORD_SUFFIXES)}")
+    planned = [PlannedFile("--out", out)]
+    if out.suffix.lower() == ".csv":
+        planned.append(PlannedFile("--out", out.with_name(out.name + ".meta.json"), ".meta.json"))
+    return planned
+
+
+def _single_files(files: Mapping[str, tuple[Path | None, Sequence[str]]]) -> list[PlannedFile]:
+    """``{flag: (path, allowed suffixes)}`` -> planned files (a wrong suffix is an error)."""
+    planned = []
+    for flag, (path, suffixes) in files.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if suffixes and path.suffix.lower() not in tuple(s.lower() for s in suffixes):
+            raise DiagnosticsError(f"{flag} '{path}': use a {' or '.join(suffixes)} file")
+        planned.append(PlannedFile(flag, path))
+    return planned
+
+
+def _prefixed_files(prefixes: Mapping[str, tuple[Path | None, Sequence[str]]]) -> list[PlannedFile]:
+    """``{flag: (PREFIX, endings)}`` -> ``PREFIX + ending`` for each ending."""
+    planned: list[PlannedFile] = []
+    for flag, (prefix, endings) in prefixes.items():
+        if prefix is None:
+            continue
+        prefix = Path(prefix)
+        if prefix.name in ("", ".", ".."):
+            raise DiagnosticsError(f"{flag} '{prefix}' must name files (a prefix such as 'results/density')")
+        planned += [PlannedFile(flag, prefix.with_name(prefix.name + e), e) for e in endings]
+    return planned
+
+
+def _check_folder_contents(
+    flag: str, out_folder: Path, ins: Sequence[Path], folder_files: Sequence[str], folder_dirs: Sequence[str]
+) -> None:
+    """Files a command writes inside its folder must not be inputs or non-regular files; its sub-folders
+    must be folders."""
+    for rel in folder_files:
+        inner = out_folder / rel
+        for q in ins:
+            if q.exists() and inner.exists() and _same_file(inner, q):
+                raise DiagnosticsError(f"{flag} '{out_folder}' would overwrite the input '{q}'; choose another folder")
+        what = non_regular(inner)
+        if what is not None:
+            raise DiagnosticsError(
+                f"'{inner}' is {what}; diag writes only regular files there: move it or choose another {flag}"
+            )
+    for rel in folder_dirs:
+        sub = out_folder / rel
+        if os.path.lexists(sub) and not sub.is_dir():
+            raise DiagnosticsError(f"'{sub}' is not a folder; diag writes its {rel}/ there: move it")
+
+
 # --------------------------------------------------------------------------------------- planner
 def plan_outputs(
     *,
@@ -160,28 +220,7 @@ def plan_outputs(
         DiagnosticsError: one line naming the option, the path and the fix.
     """
     ins = [Path(p) for p in inputs if p is not None and str(p) != ""]
-    planned: list[PlannedFile] = []
-    if out is not None:
-        out = Path(out)
-        if out.suffix.lower() not in RECORD_SUFFIXES:
-            raise DiagnosticsError(f"--out '{out}': unknown suffix; use {', '.join(RECORD_SUFFIXES)}")
-        planned.append(PlannedFile("--out", out))
-        if out.suffix.lower() == ".csv":
-            planned.append(PlannedFile("--out", out.with_name(out.name + ".meta.json"), ".meta.json"))
-    for flag, (path, suffixes) in (files or {}).items():
-        if path is None:
-            continue
-        path = Path(path)
-        if suffixes and path.suffix.lower() not in tuple(s.lower() for s in suffixes):
-            raise DiagnosticsError(f"{flag} '{path}': use a {' or '.join(suffixes)} file")
-        planned.append(PlannedFile(flag, path))
-    for flag, (prefix, endings) in (prefixes or {}).items():
-        if prefix is None:
-            continue
-        prefix = Path(prefix)
-        if prefix.name in ("", ".", ".."):
-            raise DiagnosticsError(f"{flag} '{prefix}' must name files (a prefix such as 'results/density')")
-        planned += [PlannedFile(flag, prefix.with_name(prefix.name + e), e) for e in endings]
+    planned = _records_files(out) + _single_files(files or {}) + _prefixed_files(prefixes or {})
     caches: dict[Path, str] = {}
     for flag, (explicit, base, tag) in (resumable or {}).items():
         if explicit is None and base is None:
@@ -189,31 +228,14 @@ def plan_outputs(
         path = Path(explicit) if explicit is not None else Path(base).with_name(Path(base).name + PARTIAL_SUFFIX)
         planned.append(PlannedFile(flag, path, temporary=explicit is None))
         caches[path] = tag
-
     for f in planned:
         _check_file(f, ins, force, caches.get(f.path))
     _check_collisions(planned)
-
     out_folder = None
     if folder is not None and folder[1] is not None:
         flag, out_folder = folder[0], Path(folder[1])
         _check_folder(flag, out_folder, ins, force, folder_owner)
-        for rel in folder_files:
-            inner = PlannedFile(flag, out_folder / rel)
-            for q in ins:
-                if q.exists() and inner.path.exists() and _same_file(inner.path, q):
-                    raise DiagnosticsError(
-                        f"{flag} '{out_folder}' would overwrite the input '{q}'; choose another folder"
-                    )
-            what = non_regular(inner.path)
-            if what is not None:
-                raise DiagnosticsError(
-                    f"'{inner.path}' is {what}; diag writes only regular files there: move it or choose another {flag}"
-                )
-        for rel in folder_dirs:
-            sub = out_folder / rel
-            if os.path.lexists(sub) and not sub.is_dir():
-                raise DiagnosticsError(f"'{sub}' is not a folder; diag writes its {rel}/ there: move it")
+        _check_folder_contents(flag, out_folder, ins, folder_files, folder_dirs)
     return OutputPlan(tuple(planned), out_folder)
 
 

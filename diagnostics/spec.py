@@ -96,6 +96,54 @@ def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
 _SCALARS = (bool, int, float, str, Path)
 
 
+def _to_list(value: Any, separator: str | None) -> list[str]:
+    """A string or list of strings -> stripped items, each split at ``separator``."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in items):
+        raise TypeError
+    return [s.strip() for v in items for s in (v.split(separator) if separator else [v]) if s.strip()]
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise TypeError
+
+
+def _to_int(value: Any) -> int:
+    """Whole numbers only: ``3``, ``3.0``, ``"3"``; never a bool or ``3.5``."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, float):
+        return int(value)
+    if not isinstance(value, int):
+        raise TypeError
+    return value
+
+
+def _to_float(value: Any) -> float:
+    """A finite float (never a bool)."""
+    if isinstance(value, bool):
+        raise TypeError
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+_CONVERTERS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, Path: Path}
+
+
 @dataclass(frozen=True)
 class Param:
     """One option of a config class, resolved from its field.
@@ -150,41 +198,9 @@ class Param:
         return out
 
     def _convert(self, value: Any) -> Any:
-        kind = self.kind
-        if kind is list:
-            items = [value] if isinstance(value, str) else list(value)
-            if not all(isinstance(v, str) for v in items):
-                raise TypeError
-            sep = self.info.separator
-            return [s.strip() for v in items for s in (v.split(sep) if sep else [v]) if s.strip()]
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise TypeError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            if isinstance(value, str):
-                return int(value.strip())
-            if isinstance(value, float):
-                return int(value)
-            if not isinstance(value, int):
-                raise TypeError
-            return value
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-            return out
-        if kind is Path:
-            return Path(value)
-        if not isinstance(value, str):
-            raise TypeError
-        return value
+        if self.kind is list:
+            return _to_list(value, self.info.separator)
+        return _CONVERTERS.get(self.kind, _to_str)(value)
 
     def check(self, value: Any, where: str) -> None:
         """Raise a one-line error when ``value`` is outside the declared choices or bounds."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A short full-batch GD run on digits (MSE, lr 2.0, width 16): checkpoints at steps 0, 100, 200."""
     out = tmp_path_factory.mktemp("digits_run")
     return train_gd(out, lr=2.0, steps=200, save_every=100, width=16)
+
+
+@pytest.fixture()
+def run_copy(digits_run: list[Path], tmp_path: Path) -> Path:
+    """A private copy of the session's digits run (steps 0, 100, 200) that a test may change."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in digits_run:
+        shutil.copy2(p, run / p.name)
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -6,26 +6,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from diagnostics.examples.tiny_gpt import gpt2_config
+
 VOCAB = 7
 
 
 def gpt_config(**overrides):
-    import transformers
-
-    settings = dict(
-        vocab_size=VOCAB,
-        n_positions=8,
-        n_embd=4,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    settings.update(overrides)
-    return transformers.GPT2Config(**settings)
+    return gpt2_config(**{"vocab_size": VOCAB, "n_positions": 8, "n_embd": 4, "n_layer": 1, "n_head": 2, **overrides})
 
 
 def build_gpt(seed: int = 0, use_cache: bool = True):

@@ -39,6 +39,14 @@ def diag(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+TOP2_FLOAT64 = ("--dtype", "float64", "--top-k", "2", "--tol", "1e-10", "-f", "json")
+
+
+def top_eigenvalues(result) -> list[float]:
+    """The ``eigenvalue`` records of a JSON result, largest first."""
+    return sorted((r["value"] for r in records(result) if r["metric"] == "eigenvalue"), reverse=True)
+
+
 def records(result) -> list[dict]:
     assert result.exit_code == 0, result.output
     start = result.stdout.index("[")
@@ -128,22 +136,8 @@ def test_save_pretrained_folder_top2_equals_dense_token_weighted_hessian(folder:
     wrong = dense_top2(folder, sequence_weighted_loss)
     assert abs(wrong[0] - exact[0]) > 1e-3 * abs(exact[0])  # the weighting matters for these batches
     for path in (folder, sharded_copy(folder, tmp_path / "sharded")):
-        res = diag(
-            "hessian",
-            path,
-            "--data",
-            "hfmodels:gpt_batches",
-            "--dtype",
-            "float64",
-            "--top-k",
-            "2",
-            "--tol",
-            "1e-10",
-            "-f",
-            "json",
-        )
-        got = sorted((r["value"] for r in records(res) if r["metric"] == "eigenvalue"), reverse=True)
-        assert got == pytest.approx(exact, rel=1e-7, abs=1e-9)
+        res = diag("hessian", path, "--data", "hfmodels:gpt_batches", *TOP2_FLOAT64)
+        assert top_eigenvalues(res) == pytest.approx(exact, rel=1e-7, abs=1e-9)
 
 
 def test_folder_context_states_token_weighting(folder: Path) -> None:
@@ -354,17 +348,9 @@ def test_model_safetensors_with_a_factory_loads_tied_weights(folder: Path) -> No
         "hfmodels:build_gpt",
         "--data",
         "hfmodels:gpt_batches",
-        "--dtype",
-        "float64",
-        "--top-k",
-        "2",
-        "--tol",
-        "1e-10",
-        "-f",
-        "json",
+        *TOP2_FLOAT64,
     )
-    got = sorted((r["value"] for r in records(res) if r["metric"] == "eigenvalue"), reverse=True)
-    assert got == pytest.approx(dense_top2(folder), rel=1e-7)
+    assert top_eigenvalues(res) == pytest.approx(dense_top2(folder), rel=1e-7)
 
 
 def test_dynamic_cache_is_no_false_nondeterminism(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -41,16 +40,6 @@ def settings(**options) -> SweepSettings:
     return SweepSettings(analyzers=["hessian"], options={"hessian": {**FAST["hessian"], **options}}, samples=300)
 
 
-@pytest.fixture()
-def run_copy(digits_run: list[Path], tmp_path: Path) -> Path:
-    """A private copy of the session's digits run (steps 0, 100, 200) that a test may change."""
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in digits_run:
-        shutil.copy2(p, run / p.name)
-    return run
-
-
 class Counting:
     """The registered hessian analyzer with a run() that, counting calls per checkpoint;
     ``interrupt_at=n`` raises KeyboardInterrupt on the n-th call (before computing it)."""
@@ -74,6 +63,20 @@ class Counting:
 
 
 # ---------------------------------------------------------------------------------- discovery
+def save_digits(path: Path, *, seed: int, step: int) -> Path:
+    """A self-describing digits MLP checkpoint (width 16, MSE, lr 2.0) like the run's, with other weights."""
+    return save_checkpoint(
+        path,
+        build_mlp(width=16, seed=seed),
+        step=step,
+        lr=2.0,
+        model_factory="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 16},
+        data_factory="diagnostics.examples.digits:train_data",
+        loss="mse",
+    )
+
+
 def test_discover_orders_by_step_from_metadata_then_file_name(run_copy: Path) -> None:
     model = build_mlp(width=16)
     # metadata wins over the file name
@@ -180,16 +183,7 @@ def test_changed_config_or_setting_invalidates_the_cache(run_copy: Path, tmp_pat
 def test_changed_checkpoint_is_recomputed_alone(run_copy: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     sweep(run_copy, settings(), cache_dir=cache, specs=Counting().specs)
-    save_checkpoint(
-        run_copy / "step_00100.pt",
-        build_mlp(width=16, seed=5),
-        step=100,
-        lr=2.0,
-        model_factory="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 16},
-        data_factory="diagnostics.examples.digits:train_data",
-        loss="mse",
-    )
+    save_digits(run_copy / "step_00100.pt", seed=5, step=100)
     counter = Counting()
     res = sweep(run_copy, settings(), cache_dir=cache, specs=counter.specs)
     assert counter.calls == Counter({"step_00100.pt": 1})
@@ -341,16 +335,7 @@ def test_checkpoint_completed_after_discovery_is_skipped_then_picked_up(run_copy
     recorded under the wrong hash and step. Now the bytes analysed are the bytes hashed: a file that changed
     since it was hashed is skipped with a note, and the next run analyses it."""
     cache = tmp_path / "cache"
-    src = save_checkpoint(
-        tmp_path / "src.pt",
-        build_mlp(width=16, seed=3),
-        step=250,
-        lr=2.0,
-        model_factory="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 16},
-        data_factory="diagnostics.examples.digits:train_data",
-        loss="mse",
-    )
+    src = save_digits(tmp_path / "src.pt", seed=3, step=250)
     full = src.read_bytes()
     late = run_copy / "zz_late.pt"  # no step in its name: only its metadata (step 250) can tell
     late.write_bytes(full[: len(full) // 2])  # the trainer is still writing it

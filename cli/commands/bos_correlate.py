@@ -15,10 +15,10 @@ from typing import Annotated, Any
 import typer
 
 from diag_cli.errors import handle_errors
-from diag_cli.factory import make_command, options_of, split_values, typer_parameter
+from diag_cli.factory import make_command, options_from, options_of, typer_parameter
 from diagnostics.errors import DiagnosticsError
 from diagnostics.options import OutputOptions
-from diagnostics.spec import PANEL_OUTPUT, option, resolve_config
+from diagnostics.spec import PANEL_OUTPUT, option
 
 NAME = "bos-correlate"
 SUMMARY = "fit BoS against the known mAP of several test sets (Spearman, Pearson, leave-one-out RMSE)"
@@ -70,8 +70,8 @@ def bos_correlate(**values: Any) -> None:
     from diagnostics.outputs import atomic_write_bytes
     from diagnostics.render import bos_fit
 
-    out = resolve_config(OutputOptions, flags=split_values(values, OutputOptions))
-    opts = resolve_config(CorrelateOptions, flags=split_values(values, CorrelateOptions))
+    out = options_from(OutputOptions, values)
+    opts = options_from(CorrelateOptions, values)
     results = [Path(p) for p in values["results"]]
     plot = check_files(opts, out, results)
     result = correlate_files(results, opts.map, metric=opts.metric, map_column=opts.map_column)

@@ -17,11 +17,11 @@ from typing import Any
 import typer
 
 from diag_cli.errors import cli_errors, warn
-from diag_cli.factory import checkpoint_argument, make_command, options_of, split_values, typer_parameter
+from diag_cli.factory import checkpoint_argument, make_command, options_from, options_of, split_values, typer_parameter
 from diagnostics.errors import DiagnosticsError, GateFailed
 from diagnostics.gate import CheckOptions, GateSettings
 from diagnostics.options import BindingOptions, Overwrite, PrintOptions, ProjectOptions
-from diagnostics.spec import PANEL_OUTPUT, check_keys, option, params_of, resolve_config
+from diagnostics.spec import PANEL_OUTPUT, check_keys, option, params_of
 
 TABLE = "gate"
 
@@ -54,14 +54,19 @@ def gate_table(project: Any, cls: type) -> dict[str, Any]:
     return {k: v for k, v in table.items() if k in names}
 
 
+def _gate_options(config_cls: type, values: dict[str, Any], project: Any) -> Any:
+    """Gate options: a flag wins over diag.toml's ``[gate]`` table, which wins over the default."""
+    return options_from(config_cls, values, table=gate_table(project, config_cls), table_name=TABLE)
+
+
 def _setup(values: dict[str, Any]) -> tuple[PrintOptions, Any, BindingOptions, bool]:
     """Print options (table or json), the project file, the binding options and the trust flag."""
     from diag_cli.run_command import load_project
 
-    prints = resolve_config(PrintOptions, flags=split_values(values, PrintOptions))
+    prints = options_from(PrintOptions, values)
     if prints.format not in ("table", "json"):
         raise DiagnosticsError(f"--format must be table or json for the gate, not '{prints.format}'")
-    project_opts = resolve_config(ProjectOptions, flags=split_values(values, ProjectOptions))
+    project_opts = options_from(ProjectOptions, values)
     project = load_project(project_opts.config)
     flags = {k: v for k, v in split_values(values, BindingOptions).items() if k != "replicates"}
     return prints, project, project.binding(flags), project_opts.trust_checkpoint_factories
@@ -81,7 +86,7 @@ def _plan(
     from diagnostics.outputs import plan_outputs
 
     inputs = [Path(values["checkpoint"]), *more, *input_files(project.path, binding.model, binding.data, binding.loss)]
-    force = resolve_config(Overwrite, flags=split_values(values, Overwrite)).force
+    force = options_from(Overwrite, values).force
     plan_outputs(inputs=inputs, force=force, files={k: (v, ()) for k, v in files.items()})
 
 
@@ -95,15 +100,10 @@ def baseline(values: dict[str, Any]) -> None:
 
     with cli_errors(bool(values.get("debug"))):
         prints, project, binding, trust = _setup(values)
-        out = resolve_config(BaselineFile, flags=split_values(values, BaselineFile)).out
+        out = options_from(BaselineFile, values).out
         if out is None:
             raise DiagnosticsError("--out is required: the baseline file to write, e.g. --out sharpness-baseline.json")
-        settings = resolve_config(
-            GateSettings,
-            flags=split_values(values, GateSettings),
-            table=gate_table(project, GateSettings),
-            table_name=TABLE,
-        )
+        settings = _gate_options(GateSettings, values, project)
         settings = replace(settings, seed=binding.seed, samples=binding.samples, batch_size=binding.batch_size)
         _plan(values, project, binding, {"--out": out})
         ctx = _context(values, project, binding, trust)
@@ -137,15 +137,10 @@ def check(values: dict[str, Any]) -> None:
 
     with cli_errors(bool(values.get("debug"))):
         prints, project, binding, trust = _setup(values)
-        files = resolve_config(CheckFiles, flags=split_values(values, CheckFiles))
+        files = options_from(CheckFiles, values)
         if files.baseline is None:
             raise DiagnosticsError("--baseline is required: the file written by 'diag baseline'")
-        opts = resolve_config(
-            CheckOptions,
-            flags=split_values(values, CheckOptions),
-            table=gate_table(project, CheckOptions),
-            table_name=TABLE,
-        )
+        opts = _gate_options(CheckOptions, values, project)
         _plan(values, project, binding, {"--out": files.out, "--junit": files.junit}, files.baseline)
         doc = read_baseline(files.baseline)
         settings = baseline_settings(doc)

@@ -18,9 +18,9 @@ from diag_cli.commands.run import (
     sweep_summary,
 )
 from diag_cli.errors import cli_errors
-from diag_cli.factory import make_command, split_values
+from diag_cli.factory import make_command, options_from
 from diagnostics.options import FolderOptions
-from diagnostics.spec import PANEL_OUTPUT, resolve_config
+from diagnostics.spec import PANEL_OUTPUT
 
 HELP = """Report on a whole run: OUT/index.html (one self-contained file), OUT/report.md and OUT/figures/*.png.
 
@@ -36,7 +36,7 @@ def report(values: dict[str, Any]) -> None:
     from diagnostics.runs import read_manifest, write_report
 
     with cli_errors(bool(values.get("debug"))):
-        opts = resolve_config(FolderOptions, flags=split_values(values, FolderOptions))
+        opts = options_from(FolderOptions, values)
         run_dir = Path(values["run"])
         out = opts.out or default_out(run_dir)
         flags = invocation(values)

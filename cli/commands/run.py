@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from diag_cli.errors import cli_errors, err, warn
-from diag_cli.factory import make_command, options_of, split_values, typer_parameter
+from diag_cli.factory import make_command, options_from, options_of, split_values, typer_parameter
 from diagnostics.errors import DiagnosticsError
 from diagnostics.options import BindingOptions, FolderOptions, ProjectOptions, SweepOptions
-from diagnostics.spec import resolve_config
 
 if TYPE_CHECKING:
     from diagnostics.runs import SweepResult
@@ -66,8 +65,8 @@ def settings_from(flags: dict[str, Any], project: Any) -> Any:
     from diagnostics.runs import parse_overrides, resolve_settings
 
     binding = project.binding(split_values(flags, BindingOptions))
-    sweep = resolve_config(SweepOptions, flags=split_values(flags, SweepOptions))
-    trust = resolve_config(ProjectOptions, flags=split_values(flags, ProjectOptions)).trust_checkpoint_factories
+    sweep = options_from(SweepOptions, flags)
+    trust = options_from(ProjectOptions, flags).trust_checkpoint_factories
     fields = {k: getattr(binding, k) for k in ("model", "data", "loss", "seed", "samples", "batch_size", "dtype")}
     fields |= {k: getattr(binding, k) for k in ("device", "params", "replicates", "inputs", "targets")}
     overrides = parse_overrides(sweep.set or [])
@@ -90,7 +89,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
 
     if not run.is_dir():
         raise DiagnosticsError(f"no such run folder: '{run}'" if not run.exists() else f"'{run}' is not a folder")
-    project_opts = resolve_config(ProjectOptions, flags=split_values(flags, ProjectOptions))
+    project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)
     inputs = input_files(project_opts.config, flags.get("model"), flags.get("data"), flags.get("loss"))
     prepare_out_dir(out, force=force, protected=[run, *inputs])
@@ -173,7 +172,7 @@ def run(values: dict[str, Any]) -> None:
             return
         if values.get("run") is None:
             raise DiagnosticsError("missing the run folder: diag run RUN_DIR [--analyzers hessian,...] [--out DIR]")
-        opts = resolve_config(FolderOptions, flags=split_values(values, FolderOptions))
+        opts = options_from(FolderOptions, values)
         run_dir = Path(values["run"])
         out = opts.out or default_out(run_dir)
         result = run_sweep(run_dir, out, invocation(values), force=opts.force, quiet=opts.quiet)

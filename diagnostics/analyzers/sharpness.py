@@ -397,6 +397,61 @@ def preconditioned_sharpness(
     return float(res.eigenvalues[0]), float(res.error_bounds[0]), info
 
 
+def _edge_of_stability(
+    config: SharpnessConfig, ctx: Context, rows: list[tuple], notes: list[str], progress: ProgressFn | None
+) -> dict[str, Any]:
+    """The edge-of-stability threshold of the optimizer (rows ``eos_threshold``) and, for Adam, the
+    preconditioned sharpness and its ratio to the threshold (rows ``preconditioned_eigenvalue``,
+    ``eos_ratio``).
+
+    Args:
+        config: the analyzer's options (``lr``, ``eig_tol``, ``eig_max_iter``).
+        ctx: the checkpoint's context (its learning rate and optimizer metadata).
+        rows: records are appended here.
+        notes: notes are appended here.
+        progress: progress callback.
+
+    Returns:
+        The ``eos`` metadata: learning rate, threshold, its kind and rule, preconditioner and Lanczos details.
+    """
+    lr = config.lr if config.lr is not None else ctx.lr
+    opt = ctx.checkpoint_metadata.get("optimizer") or {}
+    thr = eos_threshold(lr, opt)
+    eos_info: dict[str, Any] = {"lr": lr}
+    if thr is None:
+        eos_info["note"] = "learning rate unknown (pass --lr): no edge-of-stability threshold"
+        return eos_info
+    rows.append(("eos_threshold", thr.value))
+    eos_info.update({"threshold": thr.value, "kind": thr.kind, "rule": thr.rule})
+    if not opt:
+        eos_info["assumed"] = "no optimizer metadata: plain gradient descent assumed (threshold 2/lr)"
+    if thr.kind != "adam_preconditioned":
+        return eos_info
+    try:
+        P, pinfo = adam_preconditioner(ctx, float(lr))
+    except DiagnosticsError as exc:
+        notes.append(
+            f"Adam's preconditioned sharpness needs the optimizer's second moments: {exc}; save "
+            "checkpoints with diagnostics.save_checkpoint(..., optimizer=opt)"
+        )
+        return eos_info
+    lam, resid, linfo = preconditioned_sharpness(
+        ctx,
+        P,
+        tol=config.eig_tol,
+        max_iter=config.eig_max_iter,
+        generator=ctx.generator(40),
+        progress=bind(progress, "preconditioned lanczos"),
+    )
+    rows.append(("preconditioned_eigenvalue", lam, resid))
+    rows.append(("eos_ratio", lam / thr.value))
+    eos_info["preconditioner"] = pinfo
+    eos_info["lanczos"] = linfo
+    if not linfo["converged"]:
+        notes.append("Lanczos for the preconditioned eigenvalue did not converge; raise --eig-max-iter")
+    return eos_info
+
+
 # ------------------------------------------------------------------------------------- analyzer
 def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
     """Worst-case / adaptive / average-case sharpness and edge-of-stability figures at ``ctx``."""
@@ -454,41 +509,7 @@ def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressF
         }
         notes.extend(evaluator.notes)
     if config.eos:
-        lr = config.lr if config.lr is not None else ctx.lr
-        opt = ctx.checkpoint_metadata.get("optimizer") or {}
-        thr = eos_threshold(lr, opt)
-        eos_info: dict[str, Any] = {"lr": lr}
-        if thr is None:
-            eos_info["note"] = "learning rate unknown (pass --lr): no edge-of-stability threshold"
-        else:
-            rows.append(("eos_threshold", thr.value))
-            eos_info.update({"threshold": thr.value, "kind": thr.kind, "rule": thr.rule})
-            if not opt:
-                eos_info["assumed"] = "no optimizer metadata: plain gradient descent assumed (threshold 2/lr)"
-            if thr.kind == "adam_preconditioned":
-                try:
-                    P, pinfo = adam_preconditioner(ctx, float(lr))
-                except DiagnosticsError as exc:
-                    notes.append(
-                        f"Adam's preconditioned sharpness needs the optimizer's second moments: {exc}; save "
-                        "checkpoints with diagnostics.save_checkpoint(..., optimizer=opt)"
-                    )
-                else:
-                    lam, resid, linfo = preconditioned_sharpness(
-                        ctx,
-                        P,
-                        tol=config.eig_tol,
-                        max_iter=config.eig_max_iter,
-                        generator=ctx.generator(40),
-                        progress=bind(progress, "preconditioned lanczos"),
-                    )
-                    rows.append(("preconditioned_eigenvalue", lam, resid))
-                    rows.append(("eos_ratio", lam / thr.value))
-                    eos_info["preconditioner"] = pinfo
-                    eos_info["lanczos"] = linfo
-                    if not linfo["converged"]:
-                        notes.append("Lanczos for the preconditioned eigenvalue did not converge; raise --eig-max-iter")
-        info["eos"] = eos_info
+        info["eos"] = _edge_of_stability(config, ctx, rows, notes, progress)
     metadata = {"dim": space.dim, "notes": notes, **info}
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata)
 

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
+binding = lazy_import("diagnostics.binding")
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 boxes_lib = lazy_import("diagnostics.boxes")
@@ -335,19 +336,8 @@ def _count_images(inputs: Any, where: str) -> int:
         return len(inputs)
     raise DiagnosticsError(
         f"{where}: detector inputs must be [3, H, W] images, a list of them or an [N, 3, H, W] tensor; "
-        f"got {_describe(inputs)}"
+        f"got {binding.describe_shape(inputs)}"
     )
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a tensor of shape {tuple(obj.shape)}"
-    if isinstance(obj, Mapping):
-        return f"a dict with keys {sorted(map(str, obj))[:8]}"
-    if isinstance(obj, (list, tuple)):
-        inner = f" of {_describe(obj[0])}" if obj else ""
-        return f"a {type(obj).__name__} of length {len(obj)}{inner}"
-    return f"a {type(obj).__name__}"
 
 
 def _field(item: Any, key: str) -> Any:
@@ -381,7 +371,7 @@ def parse_detections(output: Any, n_images: int, box_format: str = "xyxy") -> li
     hint = "pass --adapter pkg.module:fn that turns it into [{'boxes', 'scores', 'labels'}, ...]"
     if not isinstance(output, (list, tuple)) or any(isinstance(item, torch.Tensor) for item in output):
         raise DiagnosticsError(
-            f"the model returned {_describe(output)}, not a list of per-image dicts with 'boxes' "
+            f"the model returned {binding.describe_shape(output)}, not a list of per-image dicts with 'boxes' "
             f"(torchvision convention); {hint}"
         )
     if len(output) != n_images:
@@ -392,9 +382,13 @@ def parse_detections(output: Any, n_images: int, box_format: str = "xyxy") -> li
             item = _detectron_instances(item) or item
         boxes = _field(item, "boxes")
         if boxes is None:
-            raise DiagnosticsError(f"detection set {i} of the model output ({_describe(item)}) has no 'boxes'; {hint}")
+            raise DiagnosticsError(
+                f"detection set {i} of the model output ({binding.describe_shape(item)}) has no 'boxes'; {hint}"
+            )
         if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise DiagnosticsError(f"detection set {i}: 'boxes' must be a [K, 4] tensor, got {_describe(boxes)}")
+            raise DiagnosticsError(
+                f"detection set {i}: 'boxes' must be a [K, 4] tensor, got {binding.describe_shape(boxes)}"
+            )
         k = int(boxes.shape[0])
         scores, labels = _field(item, "scores"), _field(item, "labels")
         for name, t in (("scores", scores), ("labels", labels)):
@@ -655,12 +649,14 @@ def _class_log_probs(output: Any, output_type: str) -> torch.Tensor:
         logits = _field(output, "logits")
         if not isinstance(logits, torch.Tensor):
             raise DiagnosticsError(
-                f"the model returned {_describe(output)}; prediction stability needs a [N, C] tensor of "
+                f"the model returned {binding.describe_shape(output)}; prediction stability needs a [N, C] tensor of "
                 "class scores (or an object with .logits)"
             )
         output = logits
     if not output.is_floating_point() or output.dim() not in (1, 2):
-        raise DiagnosticsError(f"the model returned {_describe(output)}; expected [N, C] class scores or [N] logits")
+        raise DiagnosticsError(
+            f"the model returned {binding.describe_shape(output)}; expected [N, C] class scores or [N] logits"
+        )
     x = output.detach().to(torch.float64)
     if x.dim() == 2 and x.shape[1] == 1:
         x = x[:, 0]

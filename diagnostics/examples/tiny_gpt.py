@@ -67,22 +67,30 @@ def zen_batches(batch_size: int = 20, max_len: int = 48) -> list[dict[str, torch
     return out
 
 
+def gpt2_config(**settings: Any) -> Any:
+    """A ``GPT2Config`` with dropout off and token 0 as BOS/EOS, updated by ``settings``.
+
+    Dropout off makes the loss a deterministic function of the weights (the determinism check and every
+    curvature product need that).
+    """
+    from diagnostics.hf import require_transformers
+
+    transformers = require_transformers("the tiny GPT example")
+    base = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Config(**{**base, **settings})
+
+
 def build_gpt(n_embd: int = 32, n_layer: int = 2, n_head: int = 2, seed: int = 0) -> Any:
     """A ``GPT2LMHeadModel`` over the Zen's characters (tied embeddings, dropout off), seeded weights."""
     from diagnostics.hf import require_transformers
 
     transformers = require_transformers("the tiny GPT example")
-    config = transformers.GPT2Config(
+    config = gpt2_config(
         vocab_size=len(vocabulary()),
         n_positions=64,
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
         pad_token_id=0,
         use_cache=False,
     )

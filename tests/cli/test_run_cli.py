@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +22,8 @@ def diag(*args):
 
 
 @pytest.fixture()
-def run_dir(digits_run: list[Path], tmp_path: Path) -> Path:
-    run = tmp_path / "digits"
-    run.mkdir()
-    for p in digits_run:
-        shutil.copy2(p, run / p.name)
-    return run
+def run_dir(run_copy: Path) -> Path:
+    return run_copy
 
 
 def test_run_writes_table_and_reruns_from_cache(run_dir: Path, tmp_path: Path) -> None:
