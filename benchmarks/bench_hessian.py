@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import warnings
 
@@ -20,19 +19,15 @@ import torch
 
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
-from diagnostics.examples.digits import build_mlp, train_data, train_gd
+from diagnostics.examples import digits
+from diagnostics.examples.digits import train_data
 from diagnostics.linalg import hutchpp, lanczos
 from diagnostics.linalg.operator import dense_hessian
 from diagnostics.operators import hessian_operator
 
 
 def trained_model(width: int) -> torch.nn.Module:
-    with tempfile.TemporaryDirectory() as d:
-        path = train_gd(d, lr=2.0, steps=500, save_steps=[500], width=width)[0]
-        state = torch.load(path, weights_only=True)["model"]
-    model = build_mlp(width=width)
-    model.load_state_dict(state)
-    return model.eval()
+    return digits.trained_mlp(width=width, steps=500)
 
 
 def context(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> Context:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -22,16 +21,12 @@ import torch
 from diagnostics.analyzers.landscape import LandscapeConfig, analyze_landscape
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
-from diagnostics.examples.digits import build_cnn, build_mlp, train_data, train_gd
+from diagnostics.examples import digits
+from diagnostics.examples.digits import build_cnn, train_data
 
 
 def trained_mlp(width: int) -> torch.nn.Module:
-    with tempfile.TemporaryDirectory() as d:
-        path = train_gd(d, lr=2.0, steps=300, save_steps=[300], width=width)[0]
-        state = torch.load(path, weights_only=True)["model"]
-    model = build_mlp(width=width)
-    model.load_state_dict(state)
-    return model.eval()
+    return digits.trained_mlp(width=width, steps=300)
 
 
 def trained_cnn(channels: int, steps: int = 100) -> torch.nn.Module:

@@ -397,6 +397,42 @@ def preconditioned_sharpness(
     return float(res.eigenvalues[0]), float(res.error_bounds[0]), info
 
 
+def _ascent(
+    kind: str,
+    config: SharpnessConfig,
+    ctx: Context,
+    space: FlatSpace,
+    rows: list[tuple],
+    notes: list[str],
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """Worst-case (``kind="worst"``) or adaptive (``T_w = |w| + eta`` scaling) sharpness by projected ascent.
+
+    Appends the ``sharpness_<kind>`` row and a note when an ascent run stopped at ``max_iter``.
+
+    Returns:
+        The metadata of the ascent: ``rho`` (and ``eta``, the scaling for adaptive) and the runs.
+    """
+    adaptive = kind == "adaptive"
+    scale = space.flatten(ctx.params).abs() + config.adaptive_eta if adaptive else None
+    value, runs = worst_case_sharpness(
+        ctx,
+        config.rho,
+        scale=scale,
+        restarts=config.restarts,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        stream=20 if adaptive else 10,
+        progress=bind(progress, "adaptive ascent" if adaptive else "worst-case ascent"),
+    )
+    rows.append((f"sharpness_{kind}", value))
+    if not all(r["converged"] for r in runs["runs"]):
+        label = "adaptive" if adaptive else "worst-case"
+        notes.append(f"{label} ascent hit --max-iter={config.max_iter} before converging; raise it")
+    extra = {"eta": config.adaptive_eta, "scaling": "T_w = |w| + eta"} if adaptive else {}
+    return {"rho": config.rho, **extra, **runs}
+
+
 def _edge_of_stability(
     config: SharpnessConfig, ctx: Context, rows: list[tuple], notes: list[str], progress: ProgressFn | None
 ) -> dict[str, Any]:
@@ -461,37 +497,9 @@ def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressF
     notes: list[str] = []
     space = FlatSpace.of(ctx.params)
     kinds = config.kinds
-    if "worst" in kinds:
-        value, winfo = worst_case_sharpness(
-            ctx,
-            config.rho,
-            restarts=config.restarts,
-            max_iter=config.max_iter,
-            tol=config.tol,
-            stream=10,
-            progress=bind(progress, "worst-case ascent"),
-        )
-        rows.append(("sharpness_worst", value))
-        info["worst"] = {"rho": config.rho, **winfo}
-        if not all(r["converged"] for r in winfo["runs"]):
-            notes.append(f"worst-case ascent hit --max-iter={config.max_iter} before converging; raise it")
-    if "adaptive" in kinds:
-        w = space.flatten(ctx.params)
-        T = w.abs() + config.adaptive_eta
-        value, ainfo = worst_case_sharpness(
-            ctx,
-            config.rho,
-            scale=T,
-            restarts=config.restarts,
-            max_iter=config.max_iter,
-            tol=config.tol,
-            stream=20,
-            progress=bind(progress, "adaptive ascent"),
-        )
-        rows.append(("sharpness_adaptive", value))
-        info["adaptive"] = {"rho": config.rho, "eta": config.adaptive_eta, "scaling": "T_w = |w| + eta", **ainfo}
-        if not all(r["converged"] for r in ainfo["runs"]):
-            notes.append(f"adaptive ascent hit --max-iter={config.max_iter} before converging; raise it")
+    for kind in ("worst", "adaptive"):
+        if kind in kinds:
+            info[kind] = _ascent(kind, config, ctx, space, rows, notes, progress)
     evaluator = None
     if "average" in kinds:
         sigma = config.sigma if config.sigma is not None else config.rho / math.sqrt(space.dim)

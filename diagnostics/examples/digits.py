@@ -11,7 +11,7 @@ without flags. Data is standardised with the training split's statistics; the sp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -115,6 +115,36 @@ def build_cnn(channels: int = 8, seed: int = 0) -> CNN:
     return CNN(channels=channels)
 
 
+def gd_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, loss: str = "mse") -> Iterator[int]:
+    """Full-batch training on the digits training split: yields ``step`` (0 to ``steps``) *before* the
+    update of that step, so the caller sees the weights after ``step`` updates; the last yield is ``steps``.
+
+    Args:
+        model: the MLP (or CNN with ``image`` data shapes it accepts) being trained in place.
+        opt: its optimizer.
+        steps: number of updates.
+        loss: a name of :data:`diagnostics.binding.LOSSES`.
+    """
+    X, y = train_data()
+    loss_fn = LOSSES[loss]
+    for step in range(steps + 1):
+        yield step
+        if step == steps:
+            return
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+
+
+def trained_mlp(width: int = 32, steps: int = 500, lr: float = 2.0, depth: int = 2, seed: int = 0) -> MLP:
+    """A digits MLP after ``steps`` full-batch GD steps (MSE, learning rate ``lr``), in eval mode, in memory."""
+    model = build_mlp(width=width, depth=depth, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in gd_steps(model, opt, steps):
+        pass
+    return model.eval()
+
+
 def train_gd(
     out_dir: str | Path,
     *,
@@ -135,12 +165,10 @@ def train_gd(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_mlp(width=width, depth=depth, seed=seed)
-    X, y = train_data()
-    loss_fn = LOSSES[loss]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     wanted = set(save_steps) if save_steps is not None else set(range(0, steps + 1, save_every))
     paths = []
-    for step in range(steps + 1):
+    for step in gd_steps(model, opt, steps, loss):
         if step in wanted:
             p = out / f"step_{step:05d}.pt"
             save_checkpoint(
@@ -154,9 +182,4 @@ def train_gd(
                 loss=loss,
             )
             paths.append(p)
-        if step == steps:
-            break
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
     return paths
