@@ -506,15 +506,12 @@ class Analyzer:
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--cache PATH``, where partial work is kept until it is done.
         sweep: whether ``diag run`` can run it over a run's checkpoints.
-        sweep_with: how a sweep gives an analyzer taking several checkpoints its ``others``: None (each
-            checkpoint alone) or ``"previous"`` (each checkpoint with the one before it in the run,
-            ``run(config, checkpoint, others=[previous])``; the first checkpoint gets no result). Given two run
-            folders, its command pairs their checkpoints by step.
         order: position in ``diag --help``, ``diag run --list``, the README and the report (lower first;
             ties by name).
         sweep_with: which other checkpoint of the run ``diag run`` gives each checkpoint: None (each alone),
             ``"first"`` (the run's first checkpoint by step, e.g. the initial weights) or ``"previous"`` (the
-            one before it; the first checkpoint then gets no result). Its content hash joins the cache key.
+            one before it; the first checkpoint then gets no result), as ``others=[ctx]``. Its content hash
+            joins the cache key. Given two run folders, the command pairs their checkpoints by step.
         reference_option: with ``sweep_with``, the name of a path option that receives that checkpoint's path
             when the user left it unset; without it the analyzer gets the checkpoint as ``others=[ctx]``.
     """
@@ -533,7 +530,6 @@ class Analyzer:
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False
     sweep: bool = True
-    sweep_with: str | None = None
     order: int = 50
     sweep_with: str | None = None
     reference_option: str | None = None
