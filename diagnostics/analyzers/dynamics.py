@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
-from diagnostics.options import POOLS, FeatureOptions
+from diagnostics.options import LAYERS_FLAGS, POOLS, FeatureOptions
 from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
 from diagnostics.spec import Analyzer, Metric, Section, check_config, option
@@ -89,9 +89,7 @@ class DynamicsConfig(FeatureOptions):
         None,
         help="modules whose units are checked for dormancy; 'name:input' reads a module's input (default: every "
         "nn.ReLU/nn.GELU whose input is a Linear/Conv output)",
-        short="-l",
-        aliases=("--layer",),
-        metavar="MODULE",
+        **LAYERS_FLAGS,
     )
     pool: str | None = option(
         None, help="how feature maps at --kernel-layer with more than two dimensions become vectors", choices=POOLS
