@@ -76,6 +76,7 @@ from torch import fx, nn
 from diagnostics.errors import DiagnosticsError
 
 Permutations = dict[int, torch.Tensor]
+_Tensors = Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -592,6 +593,11 @@ class _Deriver:
             return slice(self.val(a.start), self.val(a.stop), self.val(a.step))
         return a
 
+    def io(self, node: fx.Node) -> tuple[_TD, _TD] | None:
+        """The symbols of the first argument and of the output when both are single tensors, else None."""
+        x, out = self.td(node.args[0]), self.vals[node]
+        return (x, out) if x is not None and isinstance(out, _TD) else None
+
     def td(self, a: Any) -> _TD | None:
         v = self.vals.get(a) if isinstance(a, fx.Node) else None
         return v if isinstance(v, _TD) else None
@@ -640,11 +646,13 @@ class _Deriver:
         for x, y in zip(a, b):
             self.D.union(x, y)
 
-    def broadcast(self, out: _TD, *ins: _TD) -> None:
+    def broadcast(self, out: _TD, *ins: _TD) -> bool:
+        """Trailing dimensions of equal size are one symbol (numpy broadcasting); always handled (True)."""
         for t in ins:
             for k in range(1, min(len(t.dims), len(out.dims)) + 1):
                 if t.shape[-k] == out.shape[-k]:
                     self.D.union(t.dims[-k], out.dims[-k])
+        return True
 
     # -- the walk
     def run(self) -> None:
@@ -732,8 +740,7 @@ class _Deriver:
         return True
 
     def elementwise_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
-        self.broadcast(out, x)
-        return True
+        return self.broadcast(out, x)
 
     def pool_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
         if getattr(m, "return_indices", False):
@@ -743,8 +750,7 @@ class _Deriver:
         return self.channelwise(x, out, spatial)
 
     def flatten_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
-        self.reshape(x, out)
-        return True
+        return self.reshape(x, out)
 
     def embedding(self, out: _TD, w: tuple[int, ...] | None) -> bool:
         """A lookup table: its rows (the vocabulary) stay fixed, its columns are the output's features."""
@@ -929,17 +935,12 @@ class _Deriver:
         return self.conv(x, out, w.dims, None if b is None else b.dims, groups or 1, spatial)
 
     def functional_pool(self, node: fx.Node) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
-            return False
-        return self.channelwise(x, out, _FUNCTIONAL_POOLS[node.target] or len(x.dims) - 2)
+        io = self.io(node)
+        return io is not None and self.channelwise(*io, _FUNCTIONAL_POOLS[node.target] or len(io[0].dims) - 2)
 
     def expand(self, node: fx.Node) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
-            return False
-        self.broadcast(out, x)
-        return True
+        io = self.io(node)
+        return io is not None and self.broadcast(io[1], io[0])
 
     def new_tensor(self, node: fx.Node) -> bool:
         self.fix_all(self.vals[node])
@@ -950,9 +951,10 @@ class _Deriver:
         if attr in _NONTENSOR_ATTRS:
             return True
         if attr in ("T", "mT"):
-            x, out = self.td(node.args[0]), self.vals[node]
-            if x is None or not isinstance(out, _TD):
+            io = self.io(node)
+            if io is None:
                 return False
+            x, out = io
             n = len(x.dims)
             order = list(reversed(range(n))) if attr == "T" else [*range(n - 2), n - 1, n - 2]
             self.unify([x.dims[i] for i in order], out.dims)
@@ -999,20 +1001,17 @@ class _Deriver:
         return True
 
     def reshape_node(self, node: fx.Node) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
-            return False
-        self.reshape(x, out)
-        return True
+        io = self.io(node)
+        return io is not None and self.reshape(*io)
 
-    def reshape(self, x: _TD, out: _TD) -> None:
-        """Match blocks of dimensions with equal products; a split makes a product symbol."""
+    def reshape(self, x: _TD, out: _TD) -> bool:
+        """Match blocks of dimensions with equal products; a split makes a product symbol (always handled: True)."""
         D = self.D
         a = [(d, s) for d, s in zip(x.dims, x.shape) if s != 1]
         b = [(d, s) for d, s in zip(out.dims, out.shape) if s != 1]
         if any(s == 0 for _, s in a + b):
             self.fix_all(x, out)
-            return
+            return True
         i = j = 0
         while i < len(a) and j < len(b):
             gi, gj = [a[i]], [b[j]]
@@ -1029,13 +1028,15 @@ class _Deriver:
                     j += 1
                 else:
                     self.fix_all(x, out)
-                    return
+                    return True
             D.union(D.compose("prod", [d for d, _ in gi]), D.compose("prod", [d for d, _ in gj]))
+        return True
 
     def transpose_like(self, node: fx.Node, name: str) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
+        io = self.io(node)
+        if io is None:
             return False
+        x, out = io
         n = len(x.dims)
         args = [self.val(a) for a in node.args[1:]]
         order = list(range(n))
@@ -1254,34 +1255,39 @@ class _Deriver:
                 j += 1
         return True
 
-    def cat(self, node: fx.Node) -> bool:
+    def joined(self, node: fx.Node) -> tuple[list[_TD], _TD, int] | None:
+        """``(inputs, output, dim)`` of ``cat``/``stack``, the dimension normalised; None when not all are tensors."""
         parts = [self.td(t) for t in node.args[0]] if isinstance(node.args[0], (list, tuple)) else []
         out = self.vals[node]
         dim = self.val(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
         if not parts or any(p is None for p in parts) or not isinstance(out, _TD) or not isinstance(dim, int):
+            return None
+        return parts, out, _norm_dim(dim, len(out.dims))  # type: ignore[return-value]
+
+    def cat(self, node: fx.Node) -> bool:
+        joined = self.joined(node)
+        if joined is None:
             return False
-        d = _norm_dim(dim, len(out.dims))
+        parts, out, d = joined
         for p in parts:
-            if len(p.dims) != len(out.dims):  # type: ignore[union-attr]
+            if len(p.dims) != len(out.dims):
                 return False
             self.unify(
                 [p.dims[i] for i in range(len(out.dims)) if i != d],
                 [out.dims[i] for i in range(len(out.dims)) if i != d],
-            )  # type: ignore[union-attr]
-        self.D.union(out.dims[d], self.D.compose("cat", [p.dims[d] for p in parts]))  # type: ignore[union-attr]
+            )
+        self.D.union(out.dims[d], self.D.compose("cat", [p.dims[d] for p in parts]))
         return True
 
     def stack(self, node: fx.Node) -> bool:
-        parts = [self.td(t) for t in node.args[0]] if isinstance(node.args[0], (list, tuple)) else []
-        out = self.vals[node]
-        dim = self.val(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
-        if not parts or any(p is None for p in parts) or not isinstance(out, _TD) or not isinstance(dim, int):
+        joined = self.joined(node)
+        if joined is None:
             return False
-        d = _norm_dim(dim, len(out.dims))
+        parts, out, d = joined
         self.D.fix(out.dims[d])
         rest = [out.dims[i] for i in range(len(out.dims)) if i != d]
         for p in parts:
-            self.unify(p.dims, rest)  # type: ignore[union-attr]
+            self.unify(p.dims, rest)
         return True
 
     def split(self, node: fx.Node) -> bool:
@@ -1814,12 +1820,7 @@ def _permuted_b(
 
 
 def _step_terms(
-    spec: PermutationSpec,
-    g: int,
-    perms: Permutations,
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
-    allowed: set[int] | None,
+    spec: PermutationSpec, g: int, perms: Permutations, a: _Tensors, b: _Tensors, allowed: set[int] | None
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The terms of ``sum_W <W_A, P(W_B)>`` that involve group ``g``, as a function of its permutation.
 
