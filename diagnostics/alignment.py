@@ -76,6 +76,7 @@ from torch import fx, nn
 from diagnostics.errors import DiagnosticsError
 
 Permutations = dict[int, torch.Tensor]
+_Tensors = Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -592,6 +593,11 @@ class _Deriver:
             return slice(self.val(a.start), self.val(a.stop), self.val(a.step))
         return a
 
+    def io(self, node: fx.Node) -> tuple[_TD, _TD] | None:
+        """The symbols of the first argument and of the output when both are single tensors, else None."""
+        x, out = self.td(node.args[0]), self.vals[node]
+        return (x, out) if x is not None and isinstance(out, _TD) else None
+
     def td(self, a: Any) -> _TD | None:
         v = self.vals.get(a) if isinstance(a, fx.Node) else None
         return v if isinstance(v, _TD) else None
@@ -640,11 +646,13 @@ class _Deriver:
         for x, y in zip(a, b):
             self.D.union(x, y)
 
-    def broadcast(self, out: _TD, *ins: _TD) -> None:
+    def broadcast(self, out: _TD, *ins: _TD) -> bool:
+        """Trailing dimensions of equal size are one symbol (numpy broadcasting); always handled (True)."""
         for t in ins:
             for k in range(1, min(len(t.dims), len(out.dims)) + 1):
                 if t.shape[-k] == out.shape[-k]:
                     self.D.union(t.dims[-k], out.dims[-k])
+        return True
 
     # -- the walk
     def run(self) -> None:
@@ -685,58 +693,72 @@ class _Deriver:
 
     # -- module rules
     def module_rule(self, node: fx.Node, m: nn.Module) -> bool:
-        out = self.vals[node]
-        x = self.td(node.args[0]) if node.args else None
+        """Dispatch a ``call_module`` node on the module's type (first match of ``_MODULE_RULES``)."""
         if isinstance(m, nn.MultiheadAttention):
             return self.mha(node, m)
+        x = self.td(node.args[0]) if node.args else None
+        out = self.vals[node]
         if x is None or not isinstance(out, _TD):
             return False
-        if isinstance(m, nn.Linear):
-            self.linear(x, out, self.owned(m.weight), self.owned(m.bias))
-            return True
-        if isinstance(m, _CONVS):
-            transposed = bool(getattr(m, "transposed", False))
-            return self.conv(x, out, self.owned(m.weight), self.owned(m.bias), m.groups, len(m.kernel_size), transposed)
-        if isinstance(m, nn.Embedding):
-            w = self.owned(m.weight)
-            if w is None:
-                return False
-            self.D.fix(w[0])
-            self.D.union(out.dims[-1], w[1])
-            return True
-        if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm, SyncBatchNorm
-            if len(x.dims) < 2:
-                return False
-            self.unify(x.dims, out.dims)
-            for t in (m.weight, m.bias, getattr(m, "running_mean", None), getattr(m, "running_var", None)):
-                axes = self.owned(t)
-                if axes is not None:
-                    self.D.union(axes[0], x.dims[1])
-            return True
-        if isinstance(m, nn.GroupNorm):
-            return self.group_norm(x, out, m.num_groups, self.owned(m.weight), self.owned(m.bias))
-        if isinstance(m, _NORMS):  # LayerNorm, RMSNorm
-            shape = getattr(m, "normalized_shape", None)
-            k = len(shape) if shape is not None else 1
-            self.unify(x.dims, out.dims)
-            for t in (m.weight, getattr(m, "bias", None)):
-                axes = self.owned(t)
-                if axes is not None:
-                    self.unify(axes, x.dims[-k:])
-            return True
-        if isinstance(m, _ELEMENTWISE_MODULES):
-            self.broadcast(out, x)
-            return True
-        if isinstance(m, _POOLS):
-            if getattr(m, "return_indices", False):
-                return False
-            name = type(m).__name__
-            spatial = 1 if "1d" in name else 3 if "3d" in name else 2 if "2d" in name else len(x.dims) - 2
-            return self.channelwise(x, out, spatial)
-        if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            self.reshape(x, out)
-            return True
-        return False
+        rule = next((rule for types, rule in _MODULE_RULES if isinstance(m, types)), None)
+        return rule is not None and getattr(self, rule)(x, out, m)
+
+    def linear_module(self, x: _TD, out: _TD, m: nn.Linear) -> bool:
+        self.linear(x, out, self.owned(m.weight), self.owned(m.bias))
+        return True
+
+    def conv_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        transposed = bool(getattr(m, "transposed", False))
+        return self.conv(x, out, self.owned(m.weight), self.owned(m.bias), m.groups, len(m.kernel_size), transposed)
+
+    def embedding_module(self, x: _TD, out: _TD, m: nn.Embedding) -> bool:
+        return self.embedding(out, self.owned(m.weight))
+
+    def batch_norm_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        """BatchNorm, InstanceNorm, SyncBatchNorm: per-channel statistics and affine parameters."""
+        if len(x.dims) < 2:
+            return False
+        self.unify(x.dims, out.dims)
+        for t in (m.weight, m.bias, getattr(m, "running_mean", None), getattr(m, "running_var", None)):
+            axes = self.owned(t)
+            if axes is not None:
+                self.D.union(axes[0], x.dims[1])
+        return True
+
+    def group_norm_module(self, x: _TD, out: _TD, m: nn.GroupNorm) -> bool:
+        return self.group_norm(x, out, m.num_groups, self.owned(m.weight), self.owned(m.bias))
+
+    def layer_norm_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        """LayerNorm, RMSNorm: statistics over the last ``len(normalized_shape)`` dimensions."""
+        shape = getattr(m, "normalized_shape", None)
+        k = len(shape) if shape is not None else 1
+        self.unify(x.dims, out.dims)
+        for t in (m.weight, getattr(m, "bias", None)):
+            axes = self.owned(t)
+            if axes is not None:
+                self.unify(axes, x.dims[-k:])
+        return True
+
+    def elementwise_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        return self.broadcast(out, x)
+
+    def pool_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        if getattr(m, "return_indices", False):
+            return False
+        name = type(m).__name__
+        spatial = 1 if "1d" in name else 3 if "3d" in name else 2 if "2d" in name else len(x.dims) - 2
+        return self.channelwise(x, out, spatial)
+
+    def flatten_module(self, x: _TD, out: _TD, m: nn.Module) -> bool:
+        return self.reshape(x, out)
+
+    def embedding(self, out: _TD, w: tuple[int, ...] | None) -> bool:
+        """A lookup table: its rows (the vocabulary) stay fixed, its columns are the output's features."""
+        if w is None:
+            return False
+        self.D.fix(w[0])
+        self.D.union(out.dims[-1], w[1])
+        return True
 
     def linear(self, x: _TD, out: _TD, w: tuple[int, ...] | None, b: tuple[int, ...] | None) -> None:
         self.unify(x.dims[:-1], out.dims[:-1])
@@ -854,124 +876,85 @@ class _Deriver:
 
     # -- function and method rules
     def function_rule(self, node: fx.Node) -> bool:
-        f = node.target
-        if f is getattr:
-            return self.getattr_rule(node)
-        if f is operator.getitem:
-            return self.getitem(node)
-        if f in _ELEMENTWISE_FUNCTIONS:
-            return self.elementwise(node)
-        if f in _REDUCTIONS_F:
-            return self.reduction(node, node.args[1:], node.kwargs)
-        if f in _RESHAPE_F:
-            return self.reshape_node(node)
-        if f in _MATMUL_F:
-            return self.matmul(node)
-        if f in _POSITION_F:
-            return self.position(node)
-        if f in _INDEX_F:
-            return self.index_like(node)
-        if f in (torch.transpose, torch.swapaxes, torch.swapdims, torch.permute, torch.t, torch.movedim):
-            return self.transpose_like(node, getattr(f, "__name__", ""))
-        if f is torch.einsum:
-            return self.einsum(node)
-        if f is F.linear:
-            x, w = self.td(node.args[0]), self.td(_arg(node, 1, "weight"))
-            b = self.td(_arg(node, 2, "bias"))
-            out = self.vals[node]
-            if x is None or w is None or not isinstance(out, _TD):
-                return False
-            self.linear(x, out, w.dims, None if b is None else b.dims)
-            return True
-        if f is F.scaled_dot_product_attention:
-            return self.sdpa(node)
-        if f is F.layer_norm or f is getattr(F, "rms_norm", None):
-            return self.functional_layer_norm(node)
-        if f is F.group_norm:
-            x, out = self.td(node.args[0]), self.vals[node]
-            w, b = self.td(_arg(node, 2, "weight")), self.td(_arg(node, 3, "bias"))
-            groups = self.val(_arg(node, 1, "num_groups"))
-            if x is None or not isinstance(out, _TD) or not isinstance(groups, int):
-                return False
-            return self.group_norm(x, out, groups, None if w is None else w.dims, None if b is None else b.dims)
-        if f is F.batch_norm:
-            x, out = self.td(node.args[0]), self.vals[node]
-            if x is None or not isinstance(out, _TD) or len(x.dims) < 2:
-                return False
-            self.unify(x.dims, out.dims)
-            for t in self.tensors_in(node.args[1:], node.kwargs):
-                if len(t.dims) == 1:
-                    self.D.union(t.dims[0], x.dims[1])
-            return True
-        if f is F.embedding:
-            out, w = self.vals[node], self.td(_arg(node, 1, "weight"))
-            if w is None or not isinstance(out, _TD):
-                return False
-            self.D.fix(w.dims[0])
-            self.D.union(out.dims[-1], w.dims[1])
-            return True
-        if f in (F.conv1d, F.conv2d, F.conv3d):
-            x, w, out = self.td(node.args[0]), self.td(_arg(node, 1, "weight")), self.vals[node]
-            b = self.td(_arg(node, 2, "bias"))
-            groups = self.val(_arg(node, 6, "groups"))
-            spatial = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[f]
-            if x is None or w is None or not isinstance(out, _TD):
-                return False
-            return self.conv(x, out, w.dims, None if b is None else b.dims, groups or 1, spatial)
-        if f in _FUNCTIONAL_POOLS:
-            x, out = self.td(node.args[0]), self.vals[node]
-            if x is None or not isinstance(out, _TD):
-                return False
-            return self.channelwise(x, out, _FUNCTIONAL_POOLS[f] or len(x.dims) - 2)
-        if f in (torch.cat, torch.concat, torch.concatenate):
-            return self.cat(node)
-        if f is torch.stack:
-            return self.stack(node)
-        if f in (torch.split, torch.chunk, torch.tensor_split):
-            return self.split(node)
-        if f is torch.unbind:
-            return self.unbind(node)
-        return False
+        """Dispatch a ``call_function`` node on its function (``_FUNCTION_RULES``)."""
+        rule = _FUNCTION_RULES.get(node.target)
+        return rule is not None and getattr(self, rule)(node)
 
     def method_rule(self, node: fx.Node) -> bool:
-        m = str(node.target)
-        if m in _ELEMENTWISE_METHODS:
-            return self.elementwise(node)
-        if m in _REDUCTIONS_M:
-            return self.reduction(node, node.args[1:], node.kwargs)
-        if m in _RESHAPE_M:
-            return self.reshape_node(node)
-        if m in _MATMUL_M:
-            return self.matmul(node)
-        if m in _POSITION_M:
-            return self.position(node)
-        if m in _INDEX_M:
-            return self.index_like(node)
-        if m in ("transpose", "transpose_", "swapaxes", "swapdims", "permute", "t", "movedim"):
-            return self.transpose_like(node, m)
-        if m in ("expand", "expand_as", "broadcast_to"):
-            x, out = self.td(node.args[0]), self.vals[node]
-            if x is None or not isinstance(out, _TD):
-                return False
-            self.broadcast(out, x)
-            return True
-        if m in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
-            self.fix_all(self.vals[node])
-            return True
-        if m in ("split", "chunk", "tensor_split"):
-            return self.split(node)
-        if m == "unbind":
-            return self.unbind(node)
-        return False
+        """Dispatch a ``call_method`` node on the method's name (``_METHOD_RULES``)."""
+        rule = _METHOD_RULES.get(str(node.target))
+        return rule is not None and getattr(self, rule)(node)
+
+    def reduction_node(self, node: fx.Node) -> bool:
+        return self.reduction(node, node.args[1:], node.kwargs)
+
+    def transpose_node(self, node: fx.Node) -> bool:
+        f = node.target
+        return self.transpose_like(node, f if isinstance(f, str) else getattr(f, "__name__", ""))
+
+    def functional_linear(self, node: fx.Node) -> bool:
+        x, w = self.td(node.args[0]), self.td(_arg(node, 1, "weight"))
+        b = self.td(_arg(node, 2, "bias"))
+        out = self.vals[node]
+        if x is None or w is None or not isinstance(out, _TD):
+            return False
+        self.linear(x, out, w.dims, None if b is None else b.dims)
+        return True
+
+    def functional_group_norm(self, node: fx.Node) -> bool:
+        x, out = self.td(node.args[0]), self.vals[node]
+        w, b = self.td(_arg(node, 2, "weight")), self.td(_arg(node, 3, "bias"))
+        groups = self.val(_arg(node, 1, "num_groups"))
+        if x is None or not isinstance(out, _TD) or not isinstance(groups, int):
+            return False
+        return self.group_norm(x, out, groups, None if w is None else w.dims, None if b is None else b.dims)
+
+    def functional_batch_norm(self, node: fx.Node) -> bool:
+        x, out = self.td(node.args[0]), self.vals[node]
+        if x is None or not isinstance(out, _TD) or len(x.dims) < 2:
+            return False
+        self.unify(x.dims, out.dims)
+        for t in self.tensors_in(node.args[1:], node.kwargs):
+            if len(t.dims) == 1:
+                self.D.union(t.dims[0], x.dims[1])
+        return True
+
+    def functional_embedding(self, node: fx.Node) -> bool:
+        out, w = self.vals[node], self.td(_arg(node, 1, "weight"))
+        if w is None or not isinstance(out, _TD):
+            return False
+        return self.embedding(out, w.dims)
+
+    def functional_conv(self, node: fx.Node) -> bool:
+        x, w, out = self.td(node.args[0]), self.td(_arg(node, 1, "weight")), self.vals[node]
+        b = self.td(_arg(node, 2, "bias"))
+        groups = self.val(_arg(node, 6, "groups"))
+        spatial = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]
+        if x is None or w is None or not isinstance(out, _TD):
+            return False
+        return self.conv(x, out, w.dims, None if b is None else b.dims, groups or 1, spatial)
+
+    def functional_pool(self, node: fx.Node) -> bool:
+        io = self.io(node)
+        return io is not None and self.channelwise(*io, _FUNCTIONAL_POOLS[node.target] or len(io[0].dims) - 2)
+
+    def expand(self, node: fx.Node) -> bool:
+        io = self.io(node)
+        return io is not None and self.broadcast(io[1], io[0])
+
+    def new_tensor(self, node: fx.Node) -> bool:
+        self.fix_all(self.vals[node])
+        return True
 
     def getattr_rule(self, node: fx.Node) -> bool:
         attr = node.args[1]
         if attr in _NONTENSOR_ATTRS:
             return True
         if attr in ("T", "mT"):
-            x, out = self.td(node.args[0]), self.vals[node]
-            if x is None or not isinstance(out, _TD):
+            io = self.io(node)
+            if io is None:
                 return False
+            x, out = io
             n = len(x.dims)
             order = list(reversed(range(n))) if attr == "T" else [*range(n - 2), n - 1, n - 2]
             self.unify([x.dims[i] for i in order], out.dims)
@@ -1018,20 +1001,17 @@ class _Deriver:
         return True
 
     def reshape_node(self, node: fx.Node) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
-            return False
-        self.reshape(x, out)
-        return True
+        io = self.io(node)
+        return io is not None and self.reshape(*io)
 
-    def reshape(self, x: _TD, out: _TD) -> None:
-        """Match blocks of dimensions with equal products; a split makes a product symbol."""
+    def reshape(self, x: _TD, out: _TD) -> bool:
+        """Match blocks of dimensions with equal products; a split makes a product symbol (always handled: True)."""
         D = self.D
         a = [(d, s) for d, s in zip(x.dims, x.shape) if s != 1]
         b = [(d, s) for d, s in zip(out.dims, out.shape) if s != 1]
         if any(s == 0 for _, s in a + b):
             self.fix_all(x, out)
-            return
+            return True
         i = j = 0
         while i < len(a) and j < len(b):
             gi, gj = [a[i]], [b[j]]
@@ -1048,13 +1028,15 @@ class _Deriver:
                     j += 1
                 else:
                     self.fix_all(x, out)
-                    return
+                    return True
             D.union(D.compose("prod", [d for d, _ in gi]), D.compose("prod", [d for d, _ in gj]))
+        return True
 
     def transpose_like(self, node: fx.Node, name: str) -> bool:
-        x, out = self.td(node.args[0]), self.vals[node]
-        if x is None or not isinstance(out, _TD):
+        io = self.io(node)
+        if io is None:
             return False
+        x, out = io
         n = len(x.dims)
         args = [self.val(a) for a in node.args[1:]]
         order = list(range(n))
@@ -1200,6 +1182,7 @@ class _Deriver:
         return True
 
     def einsum(self, node: fx.Node) -> bool:
+        """Dimensions carrying the same subscript are one symbol (where they have the full, unbroadcast size)."""
         eq = self.val(node.args[0])
         ops = list(node.args[1:])
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -1208,36 +1191,19 @@ class _Deriver:
         out = self.vals[node]
         if not isinstance(eq, str) or any(t is None for t in tds) or not isinstance(out, _TD):
             return False
-        eq = eq.replace(" ", "")
-        lhs, arrow, rhs = eq.partition("->")
-        subs = lhs.split(",")
-        if len(subs) != len(tds):
+        subscripts = _einsum_subscripts(eq, len(tds))
+        if subscripts is None:
             return False
-        if not arrow:
-            letters = [c for c in lhs if c.isalpha()]
-            rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
         labels: dict[str, list[tuple[int, int]]] = {}
-
-        def add(sub: str, t: _TD) -> bool:
-            names = list(sub)
-            if "..." in sub:
-                before, after = sub.split("...")
-                n_ell = len(t.dims) - len(before) - len(after)
-                names = list(before) + [f"#{k}" for k in range(-n_ell, 0)] + list(after)
-            if len(names) != len(t.dims):
+        for sub, t in zip(subscripts, [*tds, out]):
+            names = _einsum_names(sub, len(t.dims))  # type: ignore[union-attr]
+            if names is None:
                 return False
-            for name, d, s in zip(names, t.dims, t.shape):
-                labels.setdefault(name, []).append((d, s))
-            return True
-
-        for sub, t in zip(subs, tds):
-            if not add(sub, t):  # type: ignore[arg-type]
-                return False
-        if not add(rhs, out):
-            return False
+            for name, d, size in zip(names, t.dims, t.shape):  # type: ignore[union-attr]
+                labels.setdefault(name, []).append((d, size))
         for entries in labels.values():
-            big = max(s for _, s in entries)
-            ds = [d for d, s in entries if s == big]
+            big = max(size for _, size in entries)
+            ds = [d for d, size in entries if size == big]
             for d in ds[1:]:
                 self.D.union(ds[0], d)
         return True
@@ -1289,34 +1255,39 @@ class _Deriver:
                 j += 1
         return True
 
-    def cat(self, node: fx.Node) -> bool:
+    def joined(self, node: fx.Node) -> tuple[list[_TD], _TD, int] | None:
+        """``(inputs, output, dim)`` of ``cat``/``stack``, the dimension normalised; None when not all are tensors."""
         parts = [self.td(t) for t in node.args[0]] if isinstance(node.args[0], (list, tuple)) else []
         out = self.vals[node]
         dim = self.val(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
         if not parts or any(p is None for p in parts) or not isinstance(out, _TD) or not isinstance(dim, int):
+            return None
+        return parts, out, _norm_dim(dim, len(out.dims))  # type: ignore[return-value]
+
+    def cat(self, node: fx.Node) -> bool:
+        joined = self.joined(node)
+        if joined is None:
             return False
-        d = _norm_dim(dim, len(out.dims))
+        parts, out, d = joined
         for p in parts:
-            if len(p.dims) != len(out.dims):  # type: ignore[union-attr]
+            if len(p.dims) != len(out.dims):
                 return False
             self.unify(
                 [p.dims[i] for i in range(len(out.dims)) if i != d],
                 [out.dims[i] for i in range(len(out.dims)) if i != d],
-            )  # type: ignore[union-attr]
-        self.D.union(out.dims[d], self.D.compose("cat", [p.dims[d] for p in parts]))  # type: ignore[union-attr]
+            )
+        self.D.union(out.dims[d], self.D.compose("cat", [p.dims[d] for p in parts]))
         return True
 
     def stack(self, node: fx.Node) -> bool:
-        parts = [self.td(t) for t in node.args[0]] if isinstance(node.args[0], (list, tuple)) else []
-        out = self.vals[node]
-        dim = self.val(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
-        if not parts or any(p is None for p in parts) or not isinstance(out, _TD) or not isinstance(dim, int):
+        joined = self.joined(node)
+        if joined is None:
             return False
-        d = _norm_dim(dim, len(out.dims))
+        parts, out, d = joined
         self.D.fix(out.dims[d])
         rest = [out.dims[i] for i in range(len(out.dims)) if i != d]
         for p in parts:
-            self.unify(p.dims, rest)  # type: ignore[union-attr]
+            self.unify(p.dims, rest)
         return True
 
     def split(self, node: fx.Node) -> bool:
@@ -1484,6 +1455,97 @@ _FUNCTIONAL_POOLS: dict[Any, int] = {
     for d in (1, 2, 3)
 }
 _FUNCTIONAL_POOLS[F.interpolate] = 0  # any number of spatial dimensions
+
+
+def _rule_table(*groups: tuple[Any, str]) -> dict[Any, str]:
+    """``{target: rule}`` from ``(targets, rule)`` groups; a target listed twice keeps its first group's rule."""
+    table: dict[Any, str] = {}
+    for targets, rule in groups:
+        for t in targets:
+            if t is not None:
+                table.setdefault(t, rule)
+    return table
+
+
+# The rules of the kinds of operation that exist both as functions and as methods, in the order they are tried.
+_SHARED_KINDS = ("elementwise", "reduction_node", "reshape_node", "matmul", "position", "index_like")
+_FUNCTION_RULES = _rule_table(
+    ((getattr,), "getattr_rule"),
+    ((operator.getitem,), "getitem"),
+    *zip((_ELEMENTWISE_FUNCTIONS, _REDUCTIONS_F, _RESHAPE_F, _MATMUL_F, _POSITION_F, _INDEX_F), _SHARED_KINDS),
+    ((torch.transpose, torch.swapaxes, torch.swapdims, torch.permute, torch.t, torch.movedim), "transpose_node"),
+    ((torch.einsum,), "einsum"),
+    ((F.linear,), "functional_linear"),
+    ((F.scaled_dot_product_attention,), "sdpa"),
+    ((F.layer_norm, getattr(F, "rms_norm", None)), "functional_layer_norm"),
+    ((F.group_norm,), "functional_group_norm"),
+    ((F.batch_norm,), "functional_batch_norm"),
+    ((F.embedding,), "functional_embedding"),
+    ((F.conv1d, F.conv2d, F.conv3d), "functional_conv"),
+    (_FUNCTIONAL_POOLS, "functional_pool"),
+    ((torch.cat, torch.concat, torch.concatenate), "cat"),
+    ((torch.stack,), "stack"),
+    ((torch.split, torch.chunk, torch.tensor_split), "split"),
+    ((torch.unbind,), "unbind"),
+)
+_METHOD_RULES = _rule_table(
+    *zip((_ELEMENTWISE_METHODS, _REDUCTIONS_M, _RESHAPE_M, _MATMUL_M, _POSITION_M, _INDEX_M), _SHARED_KINDS),
+    (("transpose", "transpose_", "swapaxes", "swapdims", "permute", "t", "movedim"), "transpose_node"),
+    (("expand", "expand_as", "broadcast_to"), "expand"),
+    (("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"), "new_tensor"),
+    (("split", "chunk", "tensor_split"), "split"),
+    (("unbind",), "unbind"),
+)
+# call_module: the first entry whose types the module is an instance of (nn.MultiheadAttention is handled first).
+_MODULE_RULES = (
+    (nn.Linear, "linear_module"),
+    (_CONVS, "conv_module"),
+    (nn.Embedding, "embedding_module"),
+    (nn.modules.batchnorm._NormBase, "batch_norm_module"),  # BatchNorm, InstanceNorm, SyncBatchNorm
+    (nn.GroupNorm, "group_norm_module"),
+    (_NORMS, "layer_norm_module"),  # LayerNorm, RMSNorm
+    (_ELEMENTWISE_MODULES, "elementwise_module"),
+    (_POOLS, "pool_module"),
+    ((nn.Flatten, nn.Unflatten), "flatten_module"),
+)
+
+
+def _einsum_subscripts(eq: str, operands: int) -> list[str] | None:
+    """The subscripts of every operand and then of the output (implicit output: the letters seen once, sorted).
+
+    Args:
+        eq: the einsum equation, e.g. ``"bij,bjk->bik"`` or ``"ij,jk"``.
+        operands: the number of operands.
+
+    Returns:
+        ``[operand subscripts..., output subscripts]``, or None when the count of operands does not match.
+    """
+    lhs, arrow, rhs = eq.replace(" ", "").partition("->")
+    subs = lhs.split(",")
+    if len(subs) != operands:
+        return None
+    if not arrow:
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return [*subs, rhs]
+
+
+def _einsum_names(sub: str, ndim: int) -> list[str] | None:
+    """One name per dimension of an ``ndim``-dimensional operand (the dimensions of ``...`` named ``#-k``).
+
+    Args:
+        sub: the operand's subscripts.
+        ndim: its number of dimensions.
+
+    Returns:
+        The names, or None when they do not match ``ndim``.
+    """
+    names = list(sub)
+    if "..." in sub:
+        before, after = sub.split("...")
+        n_ell = ndim - len(before) - len(after)
+        names = list(before) + [f"#{k}" for k in range(-n_ell, 0)] + list(after)
+    return names if len(names) == ndim else None
 
 
 def _arg(node: fx.Node, i: int, name: str) -> Any:
@@ -1742,6 +1804,99 @@ def _anchored(spec: PermutationSpec, g: int, solved: set[int]) -> bool:
     return any(g in (gs := _tensor_groups(spec, n)) and gs <= allowed for n in spec.parameters)
 
 
+def _permuted_b(
+    B: torch.Tensor,
+    lays: Sequence[Layout | None],
+    axis: int,
+    free: Permutations,
+    perms: Permutations,
+    spec: PermutationSpec,
+) -> torch.Tensor:
+    """B's tensor with every axis permuted by ``perms``, except ``axis``, permuted by ``free`` (g left unpermuted)."""
+    for ax2, lay2 in enumerate(lays):
+        if lay2 is not None:
+            B = B.index_select(ax2, axis_index(lay2, free if ax2 == axis else perms, spec))
+    return B
+
+
+def _step_terms(
+    spec: PermutationSpec, g: int, perms: Permutations, a: _Tensors, b: _Tensors, allowed: set[int] | None
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The terms of ``sum_W <W_A, P(W_B)>`` that involve group ``g``, as a function of its permutation.
+
+    Args:
+        spec: the permutation structure.
+        g: the group.
+        perms: the current permutations (of every other group).
+        a: A's tensors (float64, CPU).
+        b: B's tensors.
+        allowed: only parameters whose groups all lie in this set count (None: every parameter).
+
+    Returns:
+        ``(D, M)``: ``D[h, k]`` the inner product when unit ``h`` of A is matched with unit ``k`` of B, and for each
+        nested group ``c`` ``M[c][h, k, i, j]`` the same for its sub-units ``i`` of ``h`` and ``j`` of ``k``.
+    """
+    n = spec.groups[g].size
+    children = spec.children(g)
+    D = torch.zeros(n, n, dtype=torch.float64)
+    M = {c: torch.zeros(n, n, spec.groups[c].size, spec.groups[c].size, dtype=torch.float64) for c in children}
+    free = dict(perms)
+    ident = identity_permutations(spec)
+    for c in (g, *children):
+        free[c] = ident[c]
+    for name in spec.parameters:
+        if name not in a or name not in b or (allowed is not None and not _tensor_groups(spec, name) <= allowed):
+            continue
+        lays = spec.layouts[name]
+        slot_axes = [
+            (axis, _slots(lay, g, spec)) for axis, lay in enumerate(lays) if lay is not None and g in lay.groups()
+        ]
+        if not slot_axes:
+            continue
+        A = a[name].detach().to("cpu", torch.float64)
+        B = b[name].detach().to("cpu", torch.float64)
+        for axis, slots in slot_axes:
+            Bp = _permuted_b(B, lays, axis, free, perms, spec)
+            for offset, length, sizes, pos, child, c in slots:
+                As = _expose(A.narrow(axis, offset, length), axis, sizes, pos, child)
+                Bs = _expose(Bp.narrow(axis, offset, length), axis, sizes, pos, child)
+                if c is None:
+                    D += As[:, 0] @ Bs[:, 0].T
+                else:
+                    M[c] += torch.einsum("hir,gjr->hgij", As, Bs)
+    return D, M
+
+
+def _terms_value(
+    D: torch.Tensor, M: Mapping[int, torch.Tensor], p: torch.Tensor, ch: Mapping[int, torch.Tensor]
+) -> float:
+    """The terms of :func:`_step_terms` at the permutation ``p`` of the group and ``ch`` of its nested groups."""
+    n = D.shape[0]
+    total = float(D[torch.arange(n), p].sum())
+    for c, Mc in M.items():
+        for h in range(n):
+            s = ch[c][h].cpu()
+            total += float(Mc[h, int(p[h])][torch.arange(len(s)), s].sum())
+    return total
+
+
+def _solve_terms(D: torch.Tensor, M: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The maximiser of the terms: for each pair ``(h, k)`` the best sub-unit matching of every nested group, then
+    the best unit matching given those -> (perm of the group, {child: per-parent perms})."""
+    n = D.shape[0]
+    cost = D.clone()
+    inner: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
+    for c, Mc in M.items():
+        inner[c] = {}
+        for h in range(n):
+            for k in range(n):
+                sigma = _lsa(Mc[h, k])
+                inner[c][(h, k)] = sigma
+                cost[h, k] += Mc[h, k][torch.arange(len(sigma)), sigma].sum()
+    pi = _lsa(cost)
+    return pi, {c: torch.stack([inner[c][(h, int(pi[h]))] for h in range(n)]) for c in M}
+
+
 def _step(
     spec: PermutationSpec,
     g: int,
@@ -1758,62 +1913,67 @@ def _step(
         (perm of g, {child: per-parent perms}, new value, value of the current permutations) of the terms
         involving g.
     """
-    n = spec.groups[g].size
     children = spec.children(g)
-    D = torch.zeros(n, n, dtype=torch.float64)
-    M = {c: torch.zeros(n, n, spec.groups[c].size, spec.groups[c].size, dtype=torch.float64) for c in children}
-    free = dict(perms)
-    ident = identity_permutations(spec)
-    for c in (g, *children):
-        free[c] = ident[c]
     allowed = None if solved is None else solved | {g, *children}
-    for name in spec.parameters:
-        if name not in a or name not in b:
-            continue
-        if allowed is not None and not _tensor_groups(spec, name) <= allowed:
-            continue
-        lays = spec.layouts[name]
-        slot_axes = [
-            (axis, _slots(lay, g, spec)) for axis, lay in enumerate(lays) if lay is not None and g in lay.groups()
-        ]
-        if not slot_axes:
-            continue
-        A = a[name].detach().to("cpu", torch.float64)
-        B = b[name].detach().to("cpu", torch.float64)
-        for axis, slots in slot_axes:
-            Bp = B
-            for ax2, lay2 in enumerate(lays):
-                if lay2 is not None:
-                    Bp = Bp.index_select(ax2, axis_index(lay2, free if ax2 == axis else perms, spec))
-            for offset, length, sizes, pos, child, c in slots:
-                As = _expose(A.narrow(axis, offset, length), axis, sizes, pos, child)
-                Bs = _expose(Bp.narrow(axis, offset, length), axis, sizes, pos, child)
-                if c is None:
-                    D += As[:, 0] @ Bs[:, 0].T
-                else:
-                    M[c] += torch.einsum("hir,gjr->hgij", As, Bs)
-    cost = D.clone()
-    inner: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
-    for c, Mc in M.items():
-        inner[c] = {}
-        for h in range(n):
-            for k in range(n):
-                sigma = _lsa(Mc[h, k])
-                inner[c][(h, k)] = sigma
-                cost[h, k] += Mc[h, k][torch.arange(len(sigma)), sigma].sum()
-    pi = _lsa(cost)
-    new_children = {c: torch.stack([inner[c][(h, int(pi[h]))] for h in range(n)]) for c in children}
-
-    def value(p: torch.Tensor, ch: Mapping[int, torch.Tensor]) -> float:
-        total = float(D[torch.arange(n), p].sum())
-        for c, Mc in M.items():
-            for h in range(n):
-                s = ch[c][h].cpu()
-                total += float(Mc[h, int(p[h])][torch.arange(len(s)), s].sum())
-        return total
-
+    D, M = _step_terms(spec, g, perms, a, b, allowed)
+    pi, new_children = _solve_terms(D, M)
     current = {c: perms[c] for c in children}
-    return pi, new_children, value(pi, new_children), value(perms[g].cpu(), current)
+    return pi, new_children, _terms_value(D, M, pi, new_children), _terms_value(D, M, perms[g].cpu(), current)
+
+
+def _anchored_start(
+    spec: PermutationSpec, perms: Permutations, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
+) -> Permutations:
+    """The anchored pass of :func:`weight_matching`: the top-level groups solved one after another, each from the
+    parameters whose other groups are solved already (the first group in order when none is anchored)."""
+    perms = {k: v.clone() for k, v in perms.items()}
+    solved: set[int] = set()
+    todo = list(spec.top_level())
+    while todo:
+        g = next((g for g in todo if _anchored(spec, g, solved)), None)
+        pi, kids, _, _ = _step(spec, g if g is not None else todo[0], perms, a, b, solved if g is not None else None)
+        g = g if g is not None else todo[0]
+        perms[g] = pi
+        perms.update(kids)
+        solved |= {g, *kids}
+        todo.remove(g)
+    return perms
+
+
+def _sweep(
+    spec: PermutationSpec,
+    perms: Permutations,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    gen: torch.Generator,
+) -> bool:
+    """One sweep of coordinate ascent over the top-level groups in a random order; updates ``perms`` in place.
+
+    Returns:
+        Whether any permutation changed.
+    """
+    top = spec.top_level()
+    changed = False
+    for i in torch.randperm(len(top), generator=gen).tolist():
+        g = top[i]
+        pi, kids, new, old = _step(spec, g, perms, a, b)
+        if new > old + 1e-12 * max(1.0, abs(new), abs(old)) * 16:
+            same = torch.equal(pi, perms[g]) and all(torch.equal(kids[c], perms[c]) for c in kids)
+            if not same:
+                perms[g] = pi
+                perms.update(kids)
+                changed = True
+    return changed
+
+
+def _changed_units(spec: PermutationSpec, perms: Permutations) -> dict[int, int]:
+    """How many entries of each group's permutation differ from the identity."""
+    moved = {}
+    for g in spec.groups:
+        p = perms[g.index]
+        ident = torch.arange(g.size).expand_as(p)
+        moved[g.index] = int((p != ident).sum())
+    return moved
 
 
 def weight_matching(
@@ -1858,19 +2018,7 @@ def weight_matching(
     history = [objective(spec, perms, a, b)]
     top = spec.top_level()
     if init is None and top:  # anchored start: each group from the tensors whose other axes are settled
-        start = {k: v.clone() for k, v in perms.items()}
-        solved: set[int] = set()
-        todo = list(top)
-        while todo:
-            g = next((g for g in todo if _anchored(spec, g, solved)), None)
-            pi, kids, _, _ = _step(
-                spec, g if g is not None else todo[0], perms, a, b, solved if g is not None else None
-            )
-            g = g if g is not None else todo[0]
-            perms[g] = pi
-            perms.update(kids)
-            solved |= {g, *kids}
-            todo.remove(g)
+        start, perms = perms, _anchored_start(spec, perms, a, b)
         anchored = objective(spec, perms, a, b)
         if anchored < history[0]:  # never start below the identity
             perms = start
@@ -1880,23 +2028,11 @@ def weight_matching(
     sweeps = 0
     while top and sweeps < max_sweeps:
         sweeps += 1
-        changed = False
-        for i in torch.randperm(len(top), generator=gen).tolist():
-            g = top[i]
-            pi, kids, new, old = _step(spec, g, perms, a, b)
-            if new > old + 1e-12 * max(1.0, abs(new), abs(old)) * 16:
-                same = torch.equal(pi, perms[g]) and all(torch.equal(kids[c], perms[c]) for c in kids)
-                if not same:
-                    perms[g] = pi
-                    perms.update(kids)
-                    changed = True
+        changed = _sweep(spec, perms, a, b, gen)
         history.append(objective(spec, perms, a, b))
         if not changed:
             converged = True
             break
-    moved = {}
-    for g in spec.groups:
-        p = perms[g.index]
-        ident = torch.arange(g.size).expand_as(p)
-        moved[g.index] = int((p != ident).sum())
-    return MatchResult(perms=perms, sweeps=sweeps, converged=converged, objective=history, changed_units=moved)
+    return MatchResult(
+        perms=perms, sweeps=sweeps, converged=converged, objective=history, changed_units=_changed_units(spec, perms)
+    )

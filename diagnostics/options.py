@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from diagnostics.errors import DiagnosticsError
@@ -176,6 +177,10 @@ class ProjectOptions:
 POOLS = ("mean", "last", "first", "flatten")
 
 
+# How the ``layers`` option is spelled on the command line, for analyzers that declare it with their own help.
+LAYERS_FLAGS: Mapping[str, Any] = MappingProxyType({"short": "-l", "aliases": ("--layer",), "metavar": "MODULE"})
+
+
 @dataclass
 class FeatureOptions:
     """Where features are captured; analyzers reading layer features inherit these two options."""
@@ -184,9 +189,7 @@ class FeatureOptions:
         None,
         help="module names to capture; 'name:input' captures a module's input (default: the input of the last "
         "nn.Linear)",
-        short="-l",
-        aliases=("--layer",),
-        metavar="MODULE",
+        **LAYERS_FLAGS,
     )
     pool: str | None = option(
         None,

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
-from diagnostics.options import FeatureOptions
+from diagnostics.options import LAYERS_FLAGS, FeatureOptions
 from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
@@ -108,9 +108,7 @@ class CompareConfig(FeatureOptions):
         None,
         help="module names whose features CKA compares; 'a=b' pairs A's layer a with B's layer b; 'name:input' "
         "captures a module's input (default: the input of the last nn.Linear)",
-        short="-l",
-        aliases=("--layer",),
-        metavar="MODULE",
+        **LAYERS_FLAGS,
     )
     metrics: list[str] = option(
         default_factory=lambda: ["distance", "cka", "barrier"],
@@ -502,6 +500,235 @@ def aligned_state_dict(ctx: Context, tensors: Mapping[str, torch.Tensor]) -> dic
     return out
 
 
+@dataclass
+class _Part:
+    """What one comparison adds to the result: records, metadata entries, notes and Hessian-vector products."""
+
+    rows: list[tuple] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    hvps: int = 0
+
+
+@dataclass
+class _Alignment:
+    """B with its hidden units permuted to match A, and how (see :func:`_align_weights`)."""
+
+    ctx_b: Context
+    spec: Any
+    perms: Any
+    part: _Part
+
+
+def _align_weights(config: CompareConfig, ctx_a: Context, ctx_b: Context) -> _Alignment:
+    """Weight matching of B's hidden units to A's (Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin").
+
+    Args:
+        config: the options (``align_sweeps``).
+        ctx_a: A's context (its first batch traces the permutation structure).
+        ctx_b: B's context.
+
+    Returns:
+        The permuted B's context, the permutation spec and permutations, and the ``alignment`` metadata and notes.
+    """
+    spec = alignment.derive_spec(ctx_a.model, ctx_a.batches[0][0])
+    tensors_a = {**ctx_a.frozen, **ctx_a.params}
+    tensors_b = {**ctx_b.frozen, **ctx_b.params}
+    match = alignment.weight_matching(
+        spec, tensors_a, tensors_b, generator=ctx_a.generator(ALIGN_STREAM), max_sweeps=config.align_sweeps
+    )
+    permuted = alignment.apply_permutations(spec, match.perms, tensors_b)
+    ctx_b_al = replace(
+        ctx_b,
+        params={n: permuted[n] for n in ctx_b.params},
+        frozen={n: permuted[n] for n in ctx_b.frozen},
+    )
+    part = _Part()
+    part.meta["alignment"] = {
+        "method": "weight matching (Ainsworth et al. 2023)",
+        "groups": [{"size": g.size, "label": g.label, "nested_in": g.parent} for g in spec.groups],
+        **match.describe(),
+    }
+    part.notes += spec.notes
+    if not match.converged:
+        part.notes.append(f"weight matching did not settle within --align-sweeps {config.align_sweeps}")
+    return _Alignment(ctx_b_al, spec, match.perms, part)
+
+
+def _distance_part(ctx_a: Context, versions: Sequence[tuple[str, Context]]) -> _Part:
+    """``weight_distance``, ``relative_distance``, ``weight_cosine`` overall and per module, for every B.
+
+    Args:
+        ctx_a: A's context.
+        versions: ``(metric suffix, B's context)`` pairs (the aligned B, then the raw one).
+
+    Returns:
+        The records.
+    """
+    from diagnostics.context import parameter_groups
+
+    part = _Part()
+    names = list(ctx_a.params)
+    for suffix, b in versions:
+        for metric, value in weight_distances(ctx_a.params, b.params, names).items():
+            part.rows.append((metric + suffix, value, None, None, None))
+        for module, group in parameter_groups(names).items():
+            for metric, value in weight_distances(ctx_a.params, b.params, group).items():
+                part.rows.append((metric + suffix, value, None, None, module))
+    return part
+
+
+def _cka_part(config: CompareConfig, ctx_a: Context, ctx_b: Context, progress: ProgressFn | None) -> _Part:
+    """``cka`` and ``cka_debiased`` of every layer pair, streamed over A's data.
+
+    Args:
+        config: the options (``layers``, ``pool``, ``max_bytes``).
+        ctx_a: A's context.
+        ctx_b: B's context on A's data.
+        progress: ``progress(task, done, total)``.
+
+    Returns:
+        The records, the ``cka`` metadata and a note per layer without a value.
+    """
+    acc = stream_cka(ctx_a, ctx_b, layer_pairs(config, ctx_a), config, progress)
+    part = _Part()
+    cka_info: dict[str, Any] = {"samples": ctx_a.n_samples, "layers": {}}
+    for label, a in acc.items():
+        lin = a.linear()
+        deb = a.debiased() if a.n >= 4 else math.nan
+        for metric, value in (("cka", lin), ("cka_debiased", deb)):
+            if math.isfinite(value):
+                part.rows.append((metric, value, None, None, label))
+        if not math.isfinite(lin):
+            part.notes.append(f"layer '{label}': constant features in A or B, no CKA")
+        elif not math.isfinite(deb):
+            part.notes.append(
+                f"layer '{label}': the unbiased HSIC of a checkpoint with itself is <= 0 on {a.n} samples, no cka_debiased"
+            )
+        cka_info["layers"][label] = {"dims": [int(a.xty.shape[0]), int(a.xty.shape[1])]}
+    part.meta["cka"] = cka_info
+    return part
+
+
+def _overlap_notes(config: CompareConfig, info: Mapping[str, Any]) -> list[str]:
+    """Notes on Ritz vectors that did not converge and on a poorly separated eigenspace."""
+    notes = []
+    for who in ("A", "B"):
+        side = info[who.lower()]
+        if not side["converged"]:
+            notes.append(
+                f"overlap: the Ritz vectors of {who} did not reach --tol {config.tol} in --max-iter "
+                f"{config.max_iter} (largest relative residual {max(side['relative_residuals']):.2g})"
+            )
+    eps = info["a"]["sin_theta_bound"] + info["b"]["sin_theta_bound"]
+    if not math.isfinite(eps) or eps > 0.1:
+        notes.append(
+            f"overlap: the top-{info['k']} eigenspaces are poorly separated from the rest (Davis-Kahan bound "
+            f"{eps:.2g} on the subspace error); the overlap is uncertain by up to {info['error_bound']:.2g}"
+        )
+    return notes
+
+
+def _overlap_part(
+    config: CompareConfig, ctx_a: Context, ctx_b: Context, aligned: _Alignment | None, progress: ProgressFn | None
+) -> _Part:
+    """``eigenspace_overlap`` of the top-``k`` Hessian eigenspaces (B's permuted like its weights when aligned).
+
+    Args:
+        config: the options (``top_k``, ``tol``, ``max_iter``).
+        ctx_a: A's context.
+        ctx_b: B's (raw) context on A's data.
+        aligned: the weight matching, or None.
+        progress: ``progress(task, done, total)``.
+
+    Returns:
+        The records, the ``overlap`` metadata (convergence, error bounds), notes and the Lanczos iterations.
+    """
+    _needs_targets(ctx_a, "overlap")
+    k = config.top_k
+    Ua, info_a = top_eigenspace(ctx_a, k, config, progress, "overlap A")
+    Ub, info_b = top_eigenspace(ctx_b, k, config, progress, "overlap B")
+    part = _Part(hvps=info_a["iterations"] + info_b["iterations"])
+    overlap_info: dict[str, Any] = {
+        "k": k,
+        "tol": config.tol,
+        "stopping": "vector residual ||Hv - theta v|| <= tol |theta|",
+        "a": info_a,
+        "b": info_b,
+    }
+    versions = [("", Ub)]
+    if aligned is not None:
+        versions = [("", _permute_vectors(aligned.spec, aligned.perms, ctx_b, Ub)), ("_unaligned", Ub)]
+    for suffix, V in versions:
+        value = subspace_overlap(Ua, V)
+        part.rows.append(("eigenspace_overlap" + suffix, value, None, None, None))
+        overlap_info["error_bound" + suffix] = overlap_error_bound(
+            value, k, info_a["sin_theta_bound"], info_b["sin_theta_bound"]
+        )
+    part.meta["overlap"] = overlap_info
+    part.notes += _overlap_notes(config, overlap_info)
+    return part
+
+
+def _barrier_part(
+    config: CompareConfig,
+    ctx_a: Context,
+    versions: Sequence[tuple[str, Context]],
+    progress: ProgressFn | None,
+    notes_before: Sequence[str] = (),
+) -> tuple[_Part, list[Any]]:
+    """``barrier`` and ``accuracy_barrier`` along the line from A to every B (as ``diag landscape``).
+
+    Args:
+        config: the options (``steps``, ``refine_steps``, ``bn_recompute``).
+        ctx_a: A's context.
+        versions: ``(metric suffix, B's context)`` pairs (the aligned B, then the raw one).
+        progress: ``progress(task, done, total)``.
+        notes_before: notes already made (the landscape's notes are not repeated).
+
+    Returns:
+        (the records, ``barrier<suffix>`` metadata and new notes; the grid DataFrame of each B).
+    """
+    _needs_targets(ctx_a, "barrier")
+    part = _Part()
+    frames = []
+    for suffix, b in versions:
+        info, grid, grid_notes = interpolation(config, ctx_a, b, progress, "barrier" + suffix.replace("_", " "))
+        part.rows.append(("barrier" + suffix, info["value"], None, None, None))
+        if "accuracy" in info:
+            part.rows.append(("accuracy_barrier" + suffix, info["accuracy"]["value"], None, None, None))
+        part.meta["barrier" + suffix] = info
+        seen = [*notes_before, *part.notes]
+        part.notes += [n for n in grid_notes if n not in seen]
+        frames.append(grid.assign(aligned=bool(len(versions) > 1 and not suffix)))
+    part.meta["barrier_definition"] = (
+        "barrier = max over alpha in [0, 1] of L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]"
+    )
+    return part, frames
+
+
+def _aligned_checkpoint(ctx_a: Context, ctx_b: Context, ctx_b_al: Context) -> dict[str, Any]:
+    """The permuted B as ``{"state", "metadata"}`` for ``--save-aligned``.
+
+    Args:
+        ctx_a: A's context (named in the metadata).
+        ctx_b: B's raw context (its checkpoint metadata is carried over).
+        ctx_b_al: B's permuted context.
+
+    Returns:
+        The state dict (CPU) and the checkpoint metadata.
+    """
+    ck_meta = {k: v for k, v in ctx_b.checkpoint_metadata.items() if k in ("step", "lr", "optimizer", "factories")}
+    ck_meta.update(
+        aligned_to=ctx_a.checkpoint,
+        alignment="weight matching (Ainsworth et al. 2023) of its hidden units to the first checkpoint",
+        source=ctx_b.checkpoint,
+    )
+    if ctx_b.step is not None:
+        ck_meta["step"] = ctx_b.step
+    return {"state": aligned_state_dict(ctx_b, {**ctx_b_al.frozen, **ctx_b_al.params}), "metadata": ck_meta}
+
+
 def analyze_compare(
     config: CompareConfig, ctx: Context, progress: ProgressFn | None = None, *, others: Sequence[Context] = ()
 ) -> Result:
@@ -519,7 +746,6 @@ def analyze_compare(
         ``keep_aligned``, ``aligned_checkpoint`` (``{"state", "metadata"}`` for ``--save-aligned``).
     """
     from diagnostics.analyzers.landscape import check_same_architecture
-    from diagnostics.context import parameter_groups
 
     check_config(config)
     if len(others) != 1:
@@ -527,145 +753,34 @@ def analyze_compare(
     ctx_a, ctx_b = ctx, others[0].with_batches(ctx.batches)  # B on A's data
     check_same_architecture(ctx_a, ctx_b)
     kinds = list(dict.fromkeys(config.metrics))
-    rows: list[tuple] = []
-    notes: list[str] = []
     meta: dict[str, Any] = {
         "checkpoints": [ctx_a.checkpoint, ctx_b.checkpoint],
         "steps_of": [ctx_a.step, ctx_b.step],
         "metrics": kinds,
         "align": config.align,
     }
-    hvps = 0
-    aligned = config.align == "weights"
-    suffixes = ("", "_unaligned") if aligned else ("",)
-
-    # -- weight matching
-    ctx_b_al = ctx_b
-    spec = perms = None
-    if aligned:
-        spec = alignment.derive_spec(ctx_a.model, ctx_a.batches[0][0])
-        tensors_a = {**ctx_a.frozen, **ctx_a.params}
-        tensors_b = {**ctx_b.frozen, **ctx_b.params}
-        match = alignment.weight_matching(
-            spec, tensors_a, tensors_b, generator=ctx_a.generator(ALIGN_STREAM), max_sweeps=config.align_sweeps
-        )
-        perms = match.perms
-        permuted = alignment.apply_permutations(spec, perms, tensors_b)
-        ctx_b_al = replace(
-            ctx_b,
-            params={n: permuted[n] for n in ctx_b.params},
-            frozen={n: permuted[n] for n in ctx_b.frozen},
-        )
-        meta["alignment"] = {
-            "method": "weight matching (Ainsworth et al. 2023)",
-            "groups": [{"size": g.size, "label": g.label, "nested_in": g.parent} for g in spec.groups],
-            **match.describe(),
-        }
-        notes += spec.notes
-        if not match.converged:
-            notes.append(f"weight matching did not settle within --align-sweeps {config.align_sweeps}")
-
-    # -- distances
+    aligned = _align_weights(config, ctx_a, ctx_b) if config.align == "weights" else None
+    versions = [("", ctx_b)] if aligned is None else [("", aligned.ctx_b), ("_unaligned", ctx_b)]
+    parts = [aligned.part] if aligned is not None else []
     if "distance" in kinds:
-        names = list(ctx_a.params)
-        for suffix, b in zip(suffixes, (ctx_b_al, ctx_b)):
-            for metric, value in weight_distances(ctx_a.params, b.params, names).items():
-                rows.append((metric + suffix, value, None, None, None))
-            for module, group in parameter_groups(names).items():
-                for metric, value in weight_distances(ctx_a.params, b.params, group).items():
-                    rows.append((metric + suffix, value, None, None, module))
-
-    # -- CKA
+        parts.append(_distance_part(ctx_a, versions))
     if "cka" in kinds:
-        pairs = layer_pairs(config, ctx_a)
-        acc = stream_cka(ctx_a, ctx_b, pairs, config, progress)
-        cka_info: dict[str, Any] = {"samples": ctx_a.n_samples, "layers": {}}
-        for label, a in acc.items():
-            lin = a.linear()
-            deb = a.debiased() if a.n >= 4 else math.nan
-            for metric, value in (("cka", lin), ("cka_debiased", deb)):
-                if math.isfinite(value):
-                    rows.append((metric, value, None, None, label))
-            if not math.isfinite(lin):
-                notes.append(f"layer '{label}': constant features in A or B, no CKA")
-            elif not math.isfinite(deb):
-                notes.append(
-                    f"layer '{label}': the unbiased HSIC of a checkpoint with itself is <= 0 on {a.n} samples, no cka_debiased"
-                )
-            cka_info["layers"][label] = {"dims": [int(a.xty.shape[0]), int(a.xty.shape[1])]}
-        meta["cka"] = cka_info
-
-    # -- overlap
+        parts.append(_cka_part(config, ctx_a, ctx_b, progress))
     if "overlap" in kinds:
-        _needs_targets(ctx_a, "overlap")
-        k = config.top_k
-        Ua, info_a = top_eigenspace(ctx_a, k, config, progress, "overlap A")
-        Ub, info_b = top_eigenspace(ctx_b, k, config, progress, "overlap B")
-        hvps += info_a["iterations"] + info_b["iterations"]
-        eps = info_a["sin_theta_bound"] + info_b["sin_theta_bound"]
-        overlap_info: dict[str, Any] = {
-            "k": k,
-            "tol": config.tol,
-            "stopping": "vector residual ||Hv - theta v|| <= tol |theta|",
-            "a": info_a,
-            "b": info_b,
-        }
-        versions = [("", _permute_vectors(spec, perms, ctx_b, Ub) if aligned else Ub)]
-        if aligned:
-            versions.append(("_unaligned", Ub))
-        for suffix, V in versions:
-            value = subspace_overlap(Ua, V)
-            rows.append(("eigenspace_overlap" + suffix, value, None, None, None))
-            overlap_info["error_bound" + suffix] = overlap_error_bound(
-                value, k, info_a["sin_theta_bound"], info_b["sin_theta_bound"]
-            )
-        meta["overlap"] = overlap_info
-        for who, info in (("A", info_a), ("B", info_b)):
-            if not info["converged"]:
-                notes.append(
-                    f"overlap: the Ritz vectors of {who} did not reach --tol {config.tol} in --max-iter "
-                    f"{config.max_iter} (largest relative residual {max(info['relative_residuals']):.2g})"
-                )
-        if not math.isfinite(eps) or eps > 0.1:
-            notes.append(
-                f"overlap: the top-{k} eigenspaces are poorly separated from the rest (Davis-Kahan bound "
-                f"{eps:.2g} on the subspace error); the overlap is uncertain by up to "
-                f"{overlap_info['error_bound']:.2g}"
-            )
-
-    # -- barrier
-    frames = []
-    if "barrier" in kinds:
-        _needs_targets(ctx_a, "barrier")
-        for suffix, b in zip(suffixes, (ctx_b_al, ctx_b)):
-            info, grid, grid_notes = interpolation(config, ctx_a, b, progress, "barrier" + suffix.replace("_", " "))
-            rows.append(("barrier" + suffix, info["value"], None, None, None))
-            if "accuracy" in info:
-                rows.append(("accuracy_barrier" + suffix, info["accuracy"]["value"], None, None, None))
-            meta["barrier" + suffix] = info
-            notes += [n for n in grid_notes if n not in notes]
-            frames.append(grid.assign(aligned=bool(aligned and not suffix)))
-        meta["barrier_definition"] = (
-            "barrier = max over alpha in [0, 1] of L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]"
-        )
+        parts.append(_overlap_part(config, ctx_a, ctx_b, aligned, progress))
     artifacts: dict[str, Any] = {}
-    if frames:
+    if "barrier" in kinds:
+        before = [n for p in parts for n in p.notes]
+        part, frames = _barrier_part(config, ctx_a, versions, progress, before)
+        parts.append(part)
         artifacts["interpolation"] = pd.concat(frames, ignore_index=True)
-    if config.keep_aligned and aligned:
-        ck_meta = {k: v for k, v in ctx_b.checkpoint_metadata.items() if k in ("step", "lr", "optimizer", "factories")}
-        ck_meta.update(
-            aligned_to=ctx_a.checkpoint,
-            alignment="weight matching (Ainsworth et al. 2023) of its hidden units to the first checkpoint",
-            source=ctx_b.checkpoint,
-        )
-        if ctx_b.step is not None:
-            ck_meta["step"] = ctx_b.step
-        artifacts["aligned_checkpoint"] = {
-            "state": aligned_state_dict(ctx_b, {**ctx_b_al.frozen, **ctx_b_al.params}),
-            "metadata": ck_meta,
-        }
-    meta["hvp_count"] = hvps
-    meta["notes"] = notes
+    if config.keep_aligned and aligned is not None:
+        artifacts["aligned_checkpoint"] = _aligned_checkpoint(ctx_a, ctx_b, aligned.ctx_b)
+    for p in parts:
+        meta.update(p.meta)
+    meta["hvp_count"] = sum(p.hvps for p in parts)
+    meta["notes"] = [n for p in parts for n in p.notes]
+    rows = [r for p in parts for r in p.rows]
     return Result(make_records(ctx_a.checkpoint, ctx_a.step, NAME, rows), meta, artifacts)
 
 

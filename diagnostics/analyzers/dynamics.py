@@ -42,13 +42,13 @@ no estimator is involved. With ``w`` the analysed parameters (``--params``; all 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
-from diagnostics.options import POOLS, FeatureOptions
+from diagnostics.options import LAYERS_FLAGS, POOLS, FeatureOptions
 from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
 from diagnostics.spec import Analyzer, Metric, Section, check_config, option
@@ -89,9 +89,7 @@ class DynamicsConfig(FeatureOptions):
         None,
         help="modules whose units are checked for dormancy; 'name:input' reads a module's input (default: every "
         "nn.ReLU/nn.GELU whose input is a Linear/Conv output)",
-        short="-l",
-        aliases=("--layer",),
-        metavar="MODULE",
+        **LAYERS_FLAGS,
     )
     pool: str | None = option(
         None, help="how feature maps at --kernel-layer with more than two dimensions become vectors", choices=POOLS
@@ -446,118 +444,205 @@ def _hook_layers(
     return {layer.name: layer for layer in layers}, axes, kernel, given, notes
 
 
-def analyze_dynamics(config: DynamicsConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
-    """Softmax collapse, gradient-weight cosine, weight norms, distance from init, dormant units, label alignment.
+@dataclass
+class _Hooks:
+    """The modules one pass over the data watches: unit scores of the dormancy layers, the kernel layer's output."""
 
-    One pass over the data computes the full-batch gradient (in the analysis dtype), the logits, the unit
-    activation scores and the kernel layer's co-moments; each dtype of ``--softmax-dtypes`` other than the
-    analysis dtype costs one more forward pass. See the module docstring for the definitions.
+    scorers: dict[str, _UnitScores]
+    layers: dict[str, Any]
+    kernel: Any = None
+    kernel_given: bool = False
+    captured: list[Any] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
 
-    Returns:
-        :class:`~diagnostics.results.Result` with the records; metadata ``tau``, ``dormant`` (units, dormant
-        units per layer), ``kernel_alignment`` (layer, samples, how), ``softmax_dtypes``, ``init`` and ``notes``.
-    """
-    check_config(config)
-    notes: list[str] = []
-    rows: list[tuple] = []
-    meta: dict[str, Any] = {"tau": config.tau, "notes": notes}
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in ctx.params.items()}
+    def install(self) -> None:
+        """Register the forward (pre-)hooks."""
+        for name, layer in self.layers.items():
+            s = self.scorers[name]
+            if layer.capture_input:
+                self.handles.append(layer.module.register_forward_pre_hook(lambda m, args, s=s: s.add(args[0])))
+            else:
+                self.handles.append(layer.module.register_forward_hook(lambda m, args, out, s=s: s.add(out)))
+        if self.kernel is not None:
+            captured = self.captured
+            if self.kernel.capture_input:
+                self.handles.append(
+                    self.kernel.module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+                )
+            else:
+                self.handles.append(self.kernel.module.register_forward_hook(lambda m, args, out: captured.append(out)))
 
-    # --- hooks: dormant units and the kernel layer
-    layer_objs, axes, kernel_name, kernel_given, layer_notes = _hook_layers(config, ctx)
-    notes += layer_notes
-    scorers = {name: _UnitScores(name, axes[name]) for name in layer_objs}
-    kernel_layer = None
+    def remove(self) -> None:
+        """Remove every hook."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _resolve_hooks(config: DynamicsConfig, ctx: Context) -> tuple[_Hooks, list[str]]:
+    """The dormancy layers with their unit scorers and the kernel layer (hooks not yet installed) -> (hooks, notes)."""
+    layer_objs, axes, kernel_name, kernel_given, notes = _hook_layers(config, ctx)
+    hooks = _Hooks(scorers={name: _UnitScores(name, axes[name]) for name in layer_objs}, layers=layer_objs)
     if kernel_name is not None:
-        kernel_layer = features.resolve_layers(ctx.model, [kernel_name])[0]
-    captured: list[Any] = []
-    handles = []
-    for name, layer in layer_objs.items():
-        if layer.capture_input:
-            handles.append(layer.module.register_forward_pre_hook(lambda m, args, s=scorers[name]: s.add(args[0])))
-        else:
-            handles.append(layer.module.register_forward_hook(lambda m, args, out, s=scorers[name]: s.add(out)))
-    if kernel_layer is not None:
-        if kernel_layer.capture_input:
-            handles.append(kernel_layer.module.register_forward_pre_hook(lambda m, args: captured.append(args[0])))
-        else:
-            handles.append(kernel_layer.module.register_forward_hook(lambda m, args, out: captured.append(out)))
+        hooks.kernel = features.resolve_layers(ctx.model, [kernel_name])[0]
+    hooks.kernel_given = kernel_given
+    return hooks, notes
 
-    # --- one pass: gradient, logits, hooks
-    n_total = ctx.n_samples
-    classes: int | None = None
-    all_labels: list[torch.Tensor | None] = [_labels(b[1]) for b in ctx.batches]
-    have_labels = all(y is not None for y in all_labels)
-    if have_labels:
-        classes = max(int(y.max()) for y in all_labels if y is not None and y.numel()) + 1
-    grad = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
-    collapsed = 0
-    logits_ok = have_labels
+
+@dataclass
+class _Labels:
+    """Integer class labels of every batch (None where a batch's targets are not class labels)."""
+
+    per_batch: list[torch.Tensor | None]
+    classes: int | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether every batch has class labels."""
+        return all(y is not None for y in self.per_batch)
+
+
+def _class_labels(ctx: Context) -> _Labels:
+    """The class labels of ``ctx``'s batches and the number of classes (``max + 1``; None without labels)."""
+    per_batch = [_labels(b[1]) for b in ctx.batches]
+    labels = _Labels(per_batch, None)
+    if labels.ok:
+        labels.classes = max(int(y.max()) for y in per_batch if y is not None and y.numel()) + 1
+    return labels
+
+
+@dataclass
+class _PassState:
+    """What one pass over the data accumulates."""
+
+    grad: dict[str, torch.Tensor]
+    logits_ok: bool
+    collapsed: int = 0
     kernel_acc: CoMoments | None = None
     kernel_note: str | None = None
+
+
+def _check_single_calls(scorers: Mapping[str, _UnitScores], calls_before: Mapping[str, int]) -> None:
+    """Every dormancy layer must run exactly once per forward pass."""
+    for name, s in scorers.items():
+        if s.calls - calls_before[name] != 1:
+            raise DiagnosticsError(
+                f"layer '{name}' runs {s.calls - calls_before[name]} times per forward pass; pick a module that runs "
+                "once"
+            )
+
+
+def _count_collapse(state: _PassState, out: Any, labels: torch.Tensor | None, classes: int | None) -> None:
+    """Add one batch's collapsed samples, or stop counting when the outputs are not logits covering the labels."""
+    if not state.logits_ok:
+        return
+    logits = _logits(out)
+    if logits is None or labels is None or classes is None or classes > logits.shape[1]:
+        state.logits_ok = False
+        return
+    state.collapsed += int(softmax_collapsed(logits.detach(), labels).sum())
+
+
+def _data_pass(
+    config: DynamicsConfig,
+    ctx: Context,
+    params: Mapping[str, torch.Tensor],
+    hooks: _Hooks,
+    labels: _Labels,
+    progress: ProgressFn | None,
+) -> _PassState:
+    """One pass: the summed gradient ``sum_b n_b grad L_b`` (float64), collapsed samples, unit scores, co-moments."""
+    state = _PassState(
+        grad={n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()},
+        logits_ok=labels.ok,
+    )
     tick = bind(progress, "batches")
+    hooks.install()
     try:
-        for i, (batch, n_b) in enumerate(zip(ctx.batches, ctx.batch_sizes)):
-            captured.clear()
-            calls_before = {name: s.calls for name, s in scorers.items()}
-            x, y = batch
+        for i, ((x, y), n_b) in enumerate(zip(ctx.batches, ctx.batch_sizes)):
+            hooks.captured.clear()
+            calls_before = {name: s.calls for name, s in hooks.scorers.items()}
             out = ctx.forward(params, x)
-            loss = ctx.loss_fn(out, y)
-            gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            gs = torch.autograd.grad(ctx.loss_fn(out, y), list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), gs):
                 if g is not None:
-                    grad[name] += g.detach().to(torch.float64) * n_b
-            for name, s in scorers.items():
-                if s.calls - calls_before[name] != 1:
-                    raise DiagnosticsError(
-                        f"layer '{name}' runs {s.calls - calls_before[name]} times per forward pass; pick a "
-                        "module that runs once"
-                    )
-            logits = _logits(out)
-            labels = all_labels[i]
-            if logits_ok and (logits is None or labels is None or classes is None or classes > logits.shape[1]):
-                logits_ok = False
-            if logits_ok and logits is not None and labels is not None:
-                collapsed += int(softmax_collapsed(logits.detach(), labels).sum())
-            if kernel_layer is not None and kernel_note is None and have_labels:
-                kernel_acc, kernel_note = _add_kernel_rows(
-                    kernel_acc, captured, kernel_layer.name, config, labels, classes, kernel_given
+                    state.grad[name] += g.detach().to(torch.float64) * n_b
+            _check_single_calls(hooks.scorers, calls_before)
+            _count_collapse(state, out, labels.per_batch[i], labels.classes)
+            if hooks.kernel is not None and state.kernel_note is None and labels.ok:
+                state.kernel_acc, state.kernel_note = _add_kernel_rows(
+                    state.kernel_acc,
+                    hooks.captured,
+                    hooks.kernel.name,
+                    config,
+                    labels.per_batch[i],
+                    labels.classes,
+                    hooks.kernel_given,
                 )
             tick(i + 1, len(ctx.batches))
     finally:
-        for h in handles:
-            h.remove()
-    grad = {n: g / n_total for n, g in grad.items()}
+        hooks.remove()
+    return state
 
-    # --- softmax collapse
+
+def _softmax_rows(
+    config: DynamicsConfig, ctx: Context, state: _PassState, labels: _Labels, notes: list[str]
+) -> tuple[list[tuple], list[str]]:
+    """``softmax_collapse_fraction`` in the analysis dtype, float32 below it and ``--softmax-dtypes``.
+
+    Args:
+        config: the options (``softmax_dtypes``).
+        ctx: the context (further dtypes re-run its forward pass).
+        state: the pass over the data (the count in the analysis dtype).
+        labels: the class labels.
+        notes: notes are appended here.
+
+    Returns:
+        (records, the dtypes counted).
+    """
     analysis_dtype = _dtype_name(ctx.dtype)
     dtypes = [analysis_dtype]
     if torch.finfo(ctx.dtype).bits < 32:
         dtypes.append("float32")
     dtypes += [d for d in (config.softmax_dtypes or []) if d not in dtypes]
-    meta["softmax_dtypes"] = []
-    if not have_labels:
+    rows: list[tuple] = []
+    counted: list[str] = []
+    if not labels.ok:
         notes.append("the targets are not class labels, so no softmax_collapse_fraction or label_kernel_alignment")
-    elif not logits_ok:
+        return rows, counted
+    if not state.logits_ok:
         notes.append(
             "the model's outputs are not [batch, classes] logits covering the labels, so no softmax_collapse_fraction"
         )
-    else:
-        for name in dtypes:
-            if name == analysis_dtype:
-                count = collapsed
-            else:
-                count = _collapsed_in(ctx, getattr(torch, name), all_labels, notes)
-                if count is None:
-                    continue
-            rows.append(("softmax_collapse_fraction", count / n_total, None, None, name))
-            meta["softmax_dtypes"].append(name)
-        if ctx.loss_name not in ("cross_entropy", "nll"):
-            notes.append(f"the loss is {ctx.loss_name}; softmax collapse is read from the outputs taken as logits")
+        return rows, counted
+    for name in dtypes:
+        if name == analysis_dtype:
+            count = state.collapsed
+        else:
+            count = _collapsed_in(ctx, getattr(torch, name), labels.per_batch, notes)
+            if count is None:
+                continue
+        rows.append(("softmax_collapse_fraction", count / ctx.n_samples, None, None, name))
+        counted.append(name)
+    if ctx.loss_name not in ("cross_entropy", "nll"):
+        notes.append(f"the loss is {ctx.loss_name}; softmax collapse is read from the outputs taken as logits")
+    return rows, counted
 
-    # --- gradient and weights
+
+def _weight_rows(params: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], notes: list[str]) -> list[tuple]:
+    """``gradient_weight_cosine``, ``zero_gradient_fraction`` and ``weight_norm`` (overall and per tensor).
+
+    Args:
+        params: the analysed parameters.
+        grad: their full-batch gradient (float64).
+        notes: notes are appended here.
+
+    Returns:
+        The records.
+    """
     w = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params.values()])
     g = torch.cat([t.reshape(-1) for t in grad.values()])
+    rows: list[tuple] = []
     cos = cosine(g, w)
     if cos is None:
         notes.append("the gradient (or the weights) is exactly zero, so no gradient_weight_cosine")
@@ -567,20 +652,28 @@ def analyze_dynamics(config: DynamicsConfig, ctx: Context, progress: ProgressFn 
     rows.append(("weight_norm", float(torch.linalg.vector_norm(w))))
     for name, p in params.items():
         rows.append(("weight_norm", float(torch.linalg.vector_norm(p.detach().to(torch.float64))), None, None, name))
+    return rows
 
-    # --- distance from init
-    if config.init is not None:
-        rows += _distance_rows(config.init, params, notes)
-        meta["init"] = str(config.init)
-    else:
-        notes.append("no --init checkpoint, so no distance_from_init (diag run uses the run's first checkpoint)")
 
-    # --- dormant units
+def _dormant_rows(
+    scorers: Mapping[str, _UnitScores], tau: float, notes: list[str]
+) -> tuple[list[tuple], dict[str, Any]]:
+    """``dormant_fraction`` per layer and the ``dormant`` metadata (units, dormant units, unit axis, indices).
+
+    Args:
+        scorers: the unit scores of each layer.
+        tau: the dormancy threshold.
+        notes: notes are appended here.
+
+    Returns:
+        (records, metadata by layer).
+    """
+    rows: list[tuple] = []
     dormant_meta: dict[str, Any] = {}
     for name, s in scorers.items():
         if s.sums is None:
             continue
-        mask = dormant_units(s.scores, config.tau)
+        mask = dormant_units(s.scores, tau)
         idx = torch.nonzero(mask).reshape(-1).tolist()
         rows.append(("dormant_fraction", len(idx) / mask.numel(), None, None, name))
         dormant_meta[name] = {
@@ -591,34 +684,95 @@ def analyze_dynamics(config: DynamicsConfig, ctx: Context, progress: ProgressFn 
         }
         if float(s.scores.sum()) == 0.0:
             notes.append(f"layer '{name}': every unit reads exactly zero on the data (the whole layer is dormant)")
-    meta["dormant"] = dormant_meta
+    return rows, dormant_meta
 
-    # --- kernel alignment
-    if kernel_note is not None:
-        notes.append(kernel_note)
-    elif kernel_acc is not None and kernel_layer is not None:
-        d = kernel_acc.m.shape[0] - int(classes or 0)
-        value = centred_alignment(kernel_acc.m[:d, :d], kernel_acc.m[:d, d:], kernel_acc.m[d:, d:])
-        meta["kernel_alignment"] = {
-            "layer": kernel_layer.name,
-            "features": d,
-            "classes": classes,
-            "samples": kernel_acc.n,
-            "how": "exact, streamed over every analysed sample (no subsample)",
-        }
-        if value is None:
-            notes.append(
-                f"layer '{kernel_layer.name}': the centred feature or label kernel is zero (constant features or a "
-                "single class), so no label_kernel_alignment"
-            )
-        else:
-            rows.append(("label_kernel_alignment", value, None, None, kernel_layer.name))
 
-    # --- values the training script logged
+def _kernel_rows(
+    state: _PassState, kernel: Any, classes: int | None, notes: list[str]
+) -> tuple[list[tuple], dict[str, Any] | None]:
+    """``label_kernel_alignment`` at the kernel layer from the streamed co-moments.
+
+    Args:
+        state: the pass over the data (co-moments or the note why there are none).
+        kernel: the kernel layer, or None.
+        classes: the number of classes.
+        notes: notes are appended here.
+
+    Returns:
+        (records, the ``kernel_alignment`` metadata or None).
+    """
+    if state.kernel_note is not None:
+        notes.append(state.kernel_note)
+        return [], None
+    acc = state.kernel_acc
+    if acc is None or kernel is None:
+        return [], None
+    d = acc.m.shape[0] - int(classes or 0)
+    value = centred_alignment(acc.m[:d, :d], acc.m[:d, d:], acc.m[d:, d:])
+    info = {
+        "layer": kernel.name,
+        "features": d,
+        "classes": classes,
+        "samples": acc.n,
+        "how": "exact, streamed over every analysed sample (no subsample)",
+    }
+    if value is None:
+        notes.append(
+            f"layer '{kernel.name}': the centred feature or label kernel is zero (constant features or a "
+            "single class), so no label_kernel_alignment"
+        )
+        return [], info
+    return [("label_kernel_alignment", value, None, None, kernel.name)], info
+
+
+def _logged_rows(metadata: Mapping[str, Any]) -> list[tuple]:
+    """The finite numbers the training script stored under ``LOGGED`` keys in the checkpoint's metadata."""
+    rows: list[tuple] = []
     for key in LOGGED:
-        value = ctx.checkpoint_metadata.get(key)
+        value = metadata.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             rows.append((key, float(value)))
+    return rows
+
+
+def analyze_dynamics(config: DynamicsConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
+    """Softmax collapse, gradient-weight cosine, weight norms, distance from init, dormant units, label alignment.
+
+    One pass over the data computes the full-batch gradient (in the analysis dtype), the logits, the unit
+    activation scores and the kernel layer's co-moments; each dtype of ``--softmax-dtypes`` other than the
+    analysis dtype costs one more forward pass. See the module docstring for the definitions.
+
+    Args:
+        config: the options.
+        ctx: the checkpoint's context.
+        progress: ``progress(task, done, total)``.
+
+    Returns:
+        :class:`~diagnostics.results.Result` with the records; metadata ``tau``, ``dormant`` (units, dormant
+        units per layer), ``kernel_alignment`` (layer, samples, how), ``softmax_dtypes``, ``init`` and ``notes``.
+    """
+    check_config(config)
+    notes: list[str] = []
+    meta: dict[str, Any] = {"tau": config.tau, "notes": notes}
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in ctx.params.items()}
+    hooks, layer_notes = _resolve_hooks(config, ctx)
+    notes += layer_notes
+    labels = _class_labels(ctx)
+    state = _data_pass(config, ctx, params, hooks, labels, progress)
+    grad = {n: g / ctx.n_samples for n, g in state.grad.items()}
+
+    rows, meta["softmax_dtypes"] = _softmax_rows(config, ctx, state, labels, notes)
+    rows += _weight_rows(params, grad, notes)
+    if config.init is not None:
+        rows += _distance_rows(config.init, params, notes)
+        meta["init"] = str(config.init)
+    else:
+        notes.append("no --init checkpoint, so no distance_from_init (diag run uses the run's first checkpoint)")
+    dormant, meta["dormant"] = _dormant_rows(hooks.scorers, config.tau, notes)
+    kernel, kernel_meta = _kernel_rows(state, hooks.kernel, labels.classes, notes)
+    if kernel_meta is not None:
+        meta["kernel_alignment"] = kernel_meta
+    rows += dormant + kernel + _logged_rows(ctx.checkpoint_metadata)
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), meta)
 
 
