@@ -149,8 +149,9 @@ def test_collapse_bad_input_exits_2_with_one_line(digits_run, toy):
     assert "5 samples for 10 classes" in msg
     msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:inputs_only"))
     assert "'toy.py:inputs_only' gives inputs only; this analysis needs (inputs, targets)" in msg
-    msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-l", "pair"))
-    assert "layer 'pair' gives a tuple, not a tensor" in msg
+    tuple_layer = invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-l", "pair")
+    assert tuple_layer.exit_code == 0, tuple_layer.output  # a tuple output contributes its first tensor, noted
+    assert "layer 'pair' returns a tuple; its first tensor [60, 6] is used as the features" in tuple_layer.stderr
     msg = one_line_error(invoke("collapse", digits_run[-1], "--pool", "max"))
     assert "--pool must be one of mean, last, first, flatten, not 'max'" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "head", "--no-use-classifier"))
