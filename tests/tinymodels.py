@@ -138,3 +138,39 @@ def build_raises():
 def sum_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """A custom loss callable: mean squared logit plus cross-entropy."""
     return F.cross_entropy(outputs, targets) + 0.1 * (outputs**2).mean()
+
+
+class Vector(nn.Module):
+    """A model whose output is its only parameter ``v`` (the loss is then any function of ``v``)."""
+
+    def __init__(self, v: torch.Tensor) -> None:
+        super().__init__()
+        self.v = nn.Parameter(v.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v
+
+
+def model_context(model: nn.Module, X: torch.Tensor, y: torch.Tensor | None, name: str = "model", batch: int = 0):
+    """A float64 cross-entropy :class:`~diagnostics.context.Context` of ``model`` on ``(X, y)``, in batches of
+    ``batch`` (0: one batch; the last one ragged)."""
+    from diagnostics.binding import LOSSES
+    from diagnostics.context import Context
+
+    model = model.eval()
+    batches = (
+        [(X, y)]
+        if not batch
+        else [(X[i : i + batch], None if y is None else y[i : i + batch]) for i in range(0, len(X), batch)]
+    )
+    return Context(
+        model=model,
+        params={n: p.detach() for n, p in model.named_parameters()},
+        frozen={n: b.detach() for n, b in model.named_buffers()},
+        batches=batches,
+        loss_fn=LOSSES["cross_entropy"],
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        checkpoint=name,
+        loss_name="cross_entropy",
+    )

@@ -22,10 +22,10 @@ from diagnostics.analyzers.compare import (
     weight_distances,
 )
 from diagnostics.analyzers.landscape import LandscapeConfig, analyze_interpolation
-from diagnostics.binding import LOSSES
 from diagnostics.context import Context
 from diagnostics.directions import FlatSpace
 from diagnostics.errors import DiagnosticsError
+from tinymodels import model_context
 
 F64, CPU = torch.float64, torch.device("cpu")
 
@@ -59,23 +59,7 @@ def data(n: int = 40, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def context(model: nn.Module, X: torch.Tensor, y: torch.Tensor | None, name: str, batch: int = 0) -> Context:
-    model = model.to(F64).eval()
-    batches = (
-        [(X, y)]
-        if not batch
-        else [(X[i : i + batch], None if y is None else y[i : i + batch]) for i in range(0, len(X), batch)]
-    )
-    return Context(
-        model=model,
-        params={n: p.detach() for n, p in model.named_parameters()},
-        frozen={n: b.detach() for n, b in model.named_buffers()},
-        batches=batches,
-        loss_fn=LOSSES["cross_entropy"],
-        device=CPU,
-        dtype=F64,
-        checkpoint=name,
-        loss_name="cross_entropy",
-    )
+    return model_context(model.to(F64), X, y, name, batch)
 
 
 def built(cls, seed: int, **kw) -> nn.Module:

@@ -36,6 +36,7 @@ from diagnostics.directions import (
 )
 from diagnostics.errors import DiagnosticsError
 from diagnostics.spec import check_config
+from tinymodels import Vector, model_context
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -107,23 +108,6 @@ def scalar_context(value: float, loss_fn) -> Context:
         dtype=F64,
         checkpoint=f"w={value}",
         loss_name="custom",
-    )
-
-
-def model_context(model: nn.Module, X: torch.Tensor, y: torch.Tensor, name: str = "model", batch: int = 0) -> Context:
-    model = model.eval()
-    named = dict(model.named_parameters())
-    batches = [(X, y)] if not batch else [(X[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
-    return Context(
-        model=model,
-        params={n: p.detach() for n, p in named.items()},
-        frozen=dict(model.named_buffers()),
-        batches=batches,
-        loss_fn=LOSSES["cross_entropy"],
-        device=CPU,
-        dtype=F64,
-        checkpoint=name,
-        loss_name="cross_entropy",
     )
 
 
@@ -349,15 +333,6 @@ def test_barrier_of_a_convex_quadratic_is_zero() -> None:
     # the chord lies above the loss everywhere inside
     grid = res.artifacts["grid"]
     assert (grid["loss"] <= grid["chord"] + 1e-15).all()
-
-
-class Vector(nn.Module):
-    def __init__(self, v: torch.Tensor) -> None:
-        super().__init__()
-        self.v = nn.Parameter(v.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.v
 
 
 def vector_context(v: torch.Tensor, loss_fn, name: str) -> Context:

@@ -26,17 +26,9 @@ from diagnostics.examples.digits import build_mlp, train_data, train_gd
 from diagnostics.linalg.operator import DenseOperator, dense_hessian, preconditioned
 from diagnostics.operators import hessian_operator
 from diagnostics.spec import check_config
+from tinymodels import Vector
 
 F64 = torch.float64
-
-
-class Vector(nn.Module):
-    def __init__(self, v: torch.Tensor) -> None:
-        super().__init__()
-        self.v = nn.Parameter(v.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.v
 
 
 def quadratic(seed: int = 0, n: int = 8, offset: float = 0.0, lam: torch.Tensor | None = None):
