@@ -308,9 +308,18 @@ def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool =
     """Import ``"pkg.mod:attr"`` (the working directory is searched last) or ``"file.py:attr"``.
 
     Args:
+        spec: ``"package.module:attr"`` or ``"path/file.py:attr"``; ``attr`` may be dotted (``Class.method``).
+        what: the role of the callable (``"model"``, ``"data"``, ``"loss"``, ...), used in error messages.
         from_checkpoint: the name was read from a checkpoint: only an exact ``module:callable`` name
             (:func:`check_checkpoint_spec`) whose object is defined in that module is accepted. The caller
             has already checked that the name is trusted (:func:`resolve_binding`).
+
+    Returns:
+        The imported callable.
+
+    Raises:
+        DiagnosticsError: when the spec is malformed, the module cannot be imported or raises on import,
+            the attribute is missing or not callable, or (``from_checkpoint``) the object is defined elsewhere.
     """
     if from_checkpoint:
         module_name, attr = check_checkpoint_spec(spec, what)
@@ -367,7 +376,15 @@ def resolve_loss(
     ``module:fn`` loss gets the outputs as the model returns them.
 
     Args:
+        spec: None (``cross_entropy``), a name of :data:`LOSS_NAMES`, a ``"module:fn"`` spec, or a callable
+            ``fn(outputs, targets) -> scalar tensor``.
         from_checkpoint: the spec was read from a checkpoint (see :func:`import_callable`).
+
+    Returns:
+        ``(fn, name)``: the loss function and the name it is reported under.
+
+    Raises:
+        DiagnosticsError: for an unknown name without ``:``, or a ``module:fn`` spec that cannot be imported.
     """
     if spec is None:
         return LOSSES["cross_entropy"], "cross_entropy"
@@ -434,6 +451,7 @@ class Binding:
     targets: str | None = None
 
     def describe(self) -> dict[str, Any]:
+        """The specs, kwargs and sources as a JSON-ready dict (``inputs``/``targets`` only when set)."""
         out = {
             "model": self.model,
             "data": self.data,

@@ -72,9 +72,11 @@ class Matching:
     """A one-to-one matching between two box sets.
 
     Attributes:
-        rows, cols: matched indices into the first and second set (``min(n, n')`` pairs).
+        rows: indices into the first set of the matched pairs (``min(n, n')`` of them).
+        cols: indices into the second set, aligned with ``rows``.
         iou: IoU of each matched pair (float64).
-        n_a, n_b: sizes of the two sets.
+        n_a: size ``n`` of the first set.
+        n_b: size ``n'`` of the second set.
     """
 
     rows: np.ndarray
@@ -101,8 +103,13 @@ def match_boxes(
     better is left; their IoU then adds 0).
 
     Args:
-        a: ``[n, 4]`` xyxy boxes; b: ``[n', 4]``.
-        labels_a, labels_b: optional ``[n]`` / ``[n']`` class labels for class-aware matching.
+        a: first box set ``[n, 4]``, xyxy (``x1, y1, x2, y2``).
+        b: second box set ``[n', 4]``, xyxy.
+        labels_a: class labels ``[n]`` of ``a``; used only together with ``labels_b``.
+        labels_b: class labels ``[n']`` of ``b``; with both given, the matching is class-aware.
+
+    Returns:
+        The ``min(n, n')`` matched pairs and their IoUs (no pairs when either set is empty).
     """
     n_a, n_b = int(a.shape[0]), int(b.shape[0])
     if n_a == 0 or n_b == 0:
@@ -128,6 +135,7 @@ class ImageStability:
 
     @property
     def skipped(self) -> bool:
+        """True when the image has no score (both sets empty, or one empty under ``empty="skip"``)."""
         return self.score is None
 
 
@@ -145,9 +153,19 @@ def image_box_stability(
     for identical sets and 0 when no matched pair overlaps. Boxes beyond ``min(n, n')`` are unmatched.
 
     Args:
+        clean: boxes ``[n, 4]`` (xyxy) predicted without dropout.
+        dropout: boxes ``[n', 4]`` (xyxy) predicted with dropout active.
+        labels_clean: class labels ``[n]`` of ``clean``; with ``labels_dropout``, matching is class-aware.
+        labels_dropout: class labels ``[n']`` of ``dropout``.
         empty: what to do when exactly one set is empty: ``"skip"`` (the paper's convention; score
             None) or ``"zero"`` (score 0: every box vanished or appeared). Two empty sets are always
             skipped.
+
+    Returns:
+        The score in [0, 1] (None when skipped) with ``n``, ``n'`` and the matched/unmatched counts.
+
+    Raises:
+        DiagnosticsError: when ``empty`` is neither ``"skip"`` nor ``"zero"``.
     """
     if empty not in ("skip", "zero"):
         raise DiagnosticsError(f"unknown empty-set policy '{empty}'; use 'skip' or 'zero'")
@@ -164,7 +182,11 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     """All-point interpolated AP (PASCAL VOC 2010+): ``sum_k (r_k - r_{k-1}) max_{r >= r_k} p(r)``.
 
     Args:
-        recall, precision: cumulative values over detections sorted by descending score.
+        recall: cumulative recall ``TP_k / #ground truth`` ``[K]`` over detections sorted by descending score.
+        precision: cumulative precision ``TP_k / k`` ``[K]``, aligned with ``recall``.
+
+    Returns:
+        AP in [0, 1] (0 for empty inputs).
     """
     r = np.concatenate([[0.0], np.asarray(recall, dtype=np.float64), [1.0]])
     p = np.concatenate([[0.0], np.asarray(precision, dtype=np.float64), [0.0]])
@@ -250,8 +272,24 @@ def mean_average_precision(
     iou_threshold: float = 0.5,
     class_aware: bool = True,
 ) -> float:
-    """mAP at ``iou_threshold``: the mean of :func:`class_average_precision` over the classes that have
-    ground-truth boxes (class-agnostic AP when ``class_aware`` is False or labels are absent).
+    """Mean average precision (mAP) at ``iou_threshold`` over the classes that have ground-truth boxes.
+
+    The mean of :func:`class_average_precision` over those classes; a single class-agnostic AP when
+    ``class_aware`` is False or any detection or ground-truth dict lacks ``labels``.
+
+    Args:
+        detections: one dict per image with ``boxes [K, 4]`` (xyxy), optional ``scores [K]`` (all 1 when
+            absent) and ``labels [K]``.
+        ground_truth: one dict per image, aligned with ``detections``, with ``boxes [G, 4]`` and ``labels [G]``.
+        iou_threshold: minimum IoU for a detection to count as a true positive.
+        class_aware: average per-class APs (True) or pool all boxes into one class (False).
+
+    Returns:
+        mAP in [0, 1].
+
+    Raises:
+        DiagnosticsError: when the ground truth holds no boxes, an entry is not a dict with ``boxes``, or
+            the numbers of detection and ground-truth sets differ.
     """
     gts = _as_list(ground_truth, "ground truth")
     has_labels = all("labels" in g for g in gts) and all("labels" in d for d in detections)

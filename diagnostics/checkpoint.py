@@ -75,15 +75,18 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
+        """The file or folder name (last component of :attr:`path`)."""
         return self.path.name
 
     @property
     def step(self) -> int | None:
+        """The training step from the metadata (saved, or guessed from the file name); None when unknown."""
         step = self.metadata.get("step")
         return None if step is None else int(step)
 
     @property
     def lr(self) -> float | None:
+        """The learning rate from the metadata; None when it was not saved."""
         lr = self.metadata.get("lr")
         return None if lr is None else float(lr)
 
@@ -463,8 +466,14 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
     come from those bytes.
 
     Args:
+        path: a ``.safetensors`` file, a model folder, or any other file (a torch file, read with
+            ``torch.load(weights_only=True)``).
         content: the bytes already read (e.g. by a sweep that hashed them first); ``path`` then only
             names the checkpoint.
+
+    Returns:
+        The tensors (CPU), metadata (``step`` and ``lr`` dropped when of the wrong type; ``step`` guessed
+        from the file name when absent), the optimizer state if saved, and the content hash.
 
     Raises:
         DiagnosticsError: missing, unreadable, code-carrying or weightless files.
@@ -663,9 +672,19 @@ def save_checkpoint(
         optimizer: its class name, hyper-parameters (lr, momentum, betas, ...) and, with
             ``save_optimizer_state``, its state (e.g. Adam's second moments) are saved.
         lr: the learning rate, when there is no optimizer or it should be overridden.
-        model_factory, data_factory, loss: names that rebuild model, data and loss.
-        model_kwargs, data_kwargs: JSON-serialisable keyword arguments for the factories.
-        extra: further JSON-serialisable metadata.
+        model_factory: ``"pkg.module:callable"`` that rebuilds the model.
+        data_factory: ``"pkg.module:callable"`` that rebuilds the data.
+        loss: a built-in loss name or ``"pkg.module:fn"``.
+        model_kwargs: JSON-serialisable keyword arguments for the model factory.
+        data_kwargs: JSON-serialisable keyword arguments for the data factory.
+        extra: further JSON-serialisable metadata (merged last, so it may override the keys above).
+        save_optimizer_state: also save ``optimizer.state_dict()`` (torch format only).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`; its parent folders are created.
+
+    Raises:
+        TypeError: when the metadata (``extra``, the kwargs) is not JSON-serialisable; nothing is written then.
     """
     path = Path(path)
     meta: dict[str, Any] = {}

@@ -80,6 +80,7 @@ class BatchLayout:
 
     @property
     def given(self) -> bool:
+        """Whether ``--inputs`` or ``--targets`` named anything (else the layout is inferred per batch)."""
         return self.inputs is not None or self.targets is not None
 
 
@@ -276,6 +277,16 @@ def _image_list_data(data: Any) -> tuple[list, list | None] | None:
 
 @dataclass
 class PreparedData:
+    """The data as a fixed list of batches, ready for every analyzer.
+
+    Attributes:
+        batches: ``(inputs, targets)`` batches, in order (the last one may be smaller).
+        notes: what was inferred or changed on the way (layout, conversions), for the result's metadata.
+        total_available: the number of samples in the data before ``--samples`` drew a subset (None when
+            there is no data).
+        target_key: the dict key the targets were taken from (dict batches only).
+    """
+
     batches: list[Batch]
     notes: list[str]
     total_available: int
@@ -461,14 +472,17 @@ class Context:
     # -- sizes and randomness
     @property
     def batch_sizes(self) -> list[int]:
+        """The number of samples of each batch, in order."""
         return [batch_size(b) for b in self.batches]
 
     @property
     def n_samples(self) -> int:
+        """The number of samples over all batches."""
         return sum(self.batch_sizes)
 
     @property
     def n_params(self) -> int:
+        """The number of scalar entries of the analysed parameters (the dimension of the parameter space)."""
         return sum(p.numel() for p in self.params.values())
 
     def generator(self, stream: int = 0) -> torch.Generator:
@@ -477,6 +491,7 @@ class Context:
 
     @property
     def lr(self) -> float | None:
+        """The learning rate stored with the checkpoint; None when unknown."""
         lr = self.checkpoint_metadata.get("lr")
         return None if lr is None else float(lr)
 
@@ -695,10 +710,23 @@ def build_model(
 
 
 def default_device() -> torch.device:
+    """``cuda`` when CUDA is available, else ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The device named by ``--device``.
+
+    Args:
+        name: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, any other ``torch.device`` string, or None/``"auto"``
+            (:func:`default_device`).
+
+    Returns:
+        The device.
+
+    Raises:
+        DiagnosticsError: for a name ``torch.device`` does not know, or a CUDA device without CUDA.
+    """
     if name in (None, "auto"):
         return default_device()
     try:
@@ -711,6 +739,17 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """The floating dtype named by ``--dtype``.
+
+    Args:
+        name: ``"float32"``, ``"float64"``, a ``torch.dtype`` (returned as is), or None (float32).
+
+    Returns:
+        The dtype.
+
+    Raises:
+        DiagnosticsError: for any other name.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name is None:
@@ -831,7 +870,7 @@ def _regroup(
 
 
 def _decay_parameter_names(model: nn.Module) -> list[str]:
-    """transformers ``Trainer``'s weight-decay parameters: not in a LayerNorm, not a bias or a norm weight."""
+    """Names of the parameters the transformers ``Trainer`` decays: not in a LayerNorm, not a bias or norm."""
     patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     try:
         from transformers import Trainer
@@ -1269,6 +1308,7 @@ class OutputDifference:
 
     @property
     def relative(self) -> float:
+        """``max_abs / scale`` (0 when both are 0, ``inf`` when only the scale is 0)."""
         return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
 
 

@@ -67,10 +67,12 @@ class World:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the process that prints and writes)."""
         return self.rank == 0
 
     @property
     def active(self) -> bool:
+        """Whether there is more than one process (collectives are needed)."""
         return self.size > 1
 
 
@@ -206,6 +208,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def barrier() -> None:
+    """Wait for every rank (``dist.barrier``); a no-op without a multi-process group."""
     if world().active:
         dist.barrier()
 
@@ -267,9 +270,18 @@ def shard_data(batches: Sequence[Batch], mode: str = "auto") -> Shard:
     """Shard ``batches`` over the process group (a collective: every rank must call it).
 
     Args:
+        batches: this rank's batches (the same on every rank for ``replicated``).
         mode: ``replicated`` (cut the same data into per-rank ranges), ``presharded`` (keep each
             rank's own batches, weights from the global count) or ``auto``: replicated when every
             rank's data has the same fingerprint, else presharded.
+
+    Returns:
+        This rank's batches with weights ``n_b / N_total`` (summing to 1 over all ranks), the mode used,
+        and the sample counts on this rank and in total. Without a process group: every batch, replicated.
+
+    Raises:
+        ValueError: for a ``mode`` other than the three above.
+        DiagnosticsError: when there are no samples on any rank.
     """
     if mode not in ("auto", "replicated", "presharded"):
         raise ValueError(f"mode must be auto, replicated or presharded, not {mode!r}")

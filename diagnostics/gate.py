@@ -104,6 +104,7 @@ class GateSettings(ScaleOptions):
 
     @property
     def seeds(self) -> list[int]:
+        """The replicate seeds ``seed, seed + 1, ..., seed + K - 1``."""
         return [int(self.seed) + i for i in range(int(self.replicates))]
 
 
@@ -337,6 +338,15 @@ def read_baseline(path: str | Path) -> dict[str, Any]:
 
 
 def baseline_settings(doc: Mapping[str, Any]) -> GateSettings:
+    """The measurement settings stored in a baseline document.
+
+    Args:
+        doc: a baseline document whose checksum was verified (it has a ``settings`` table).
+
+    Returns:
+        :class:`GateSettings` from the known keys of ``doc["settings"]``; unknown keys are ignored and
+        missing ones take their defaults.
+    """
     s = doc["settings"]
     return GateSettings(**{k: s[k] for k in asdict(GateSettings()) if k in s})
 
@@ -375,13 +385,16 @@ class GateReport:
 
     @property
     def ratio_lower(self) -> float:
+        """Lower confidence bound of new/base sharpness, ``exp(mean(d) - t sd(d) / sqrt(K))``."""
         return math.exp(self.lower_bound)
 
     @property
     def ratio_upper(self) -> float:
+        """Upper confidence bound of new/base sharpness, ``exp(mean(d) + t sd(d) / sqrt(K))``."""
         return math.exp(self.upper_bound)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field plus ``verdict``, the ratio and its bounds, ``fail_above_ratio`` and the rule, JSON-ready."""
         out = asdict(self)
         out.update(
             verdict="pass" if self.passed else "fail",
@@ -395,6 +408,7 @@ class GateReport:
         return out
 
     def headline(self) -> str:
+        """One line: PASS or FAIL, the sharpness ratio, its lower bound and the allowed ratio ``1 + tolerance``."""
         word = "PASS" if self.passed else "FAIL"
         return (
             f"sharpness gate {word}: {self.checkpoint} is {self.ratio:.3f}x the baseline's sharpness "
@@ -637,4 +651,5 @@ def check_against_baseline(
 
 
 def running_in_github_actions(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``GITHUB_ACTIONS`` is ``"true"`` in ``env`` (default: ``os.environ``)."""
     return (env if env is not None else os.environ).get("GITHUB_ACTIONS") == "true"

@@ -52,6 +52,7 @@ class LazyAttr:
         return obj
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the real object (importing it first if needed)."""
         return self._lazy_target()(*args, **kwargs)
 
     def __getattr__(self, attr: str) -> Any:
@@ -84,7 +85,13 @@ _UNSET = object()
 
 
 def lazy_from(module: str, *names: str) -> Any:
-    """Stand-ins for ``from module import a, b`` that import on first use: ``a, b = lazy_from("m", "a", "b")``.
+    """Deferred ``from module import a, b``: each name is imported on its first use.
+
+    Usage: ``a, b = lazy_from("m", "a", "b")``; ``module`` itself is not imported until then.
+
+    Args:
+        module: the dotted module name.
+        names: the attributes of ``module`` to stand in for.
 
     Returns:
         One :class:`LazyAttr` for a single name, else a tuple of them.

@@ -73,6 +73,7 @@ class OutputPlan:
         return {f.ending: f.path for f in self.files if f.flag == flag}
 
     def temporary(self, flag: str) -> bool:
+        """Whether any file planned for ``flag`` is a temporary resume cache (removed when the command ends)."""
         return any(f.temporary for f in self.files if f.flag == flag)
 
 

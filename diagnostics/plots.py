@@ -312,6 +312,16 @@ def density_heatmap_figure(
             checkpoint); only the whole model (empty group) is drawn. Each checkpoint's curve is
             interpolated onto one common eigenvalue grid (zero outside its own grid).
         frame: records; when given, ``eigenvalue_0`` and ``bottom_eigenvalue_0`` are drawn on top.
+        order: checkpoint names in plotting order, used for the x axis when a step is missing (then the
+            x axis is the checkpoint's position); checkpoints not listed follow in order of appearance.
+        points: number of points of the common eigenvalue grid (the heatmap's vertical resolution).
+
+    Returns:
+        A matplotlib ``Figure`` (x: step or position, y: eigenvalue, colour: ``log10`` density clipped at
+        ``1e-6`` of its maximum).
+
+    Raises:
+        ValueError: when ``density`` holds no whole-model rows.
     """
     import numpy as np
     from matplotlib.colors import Normalize

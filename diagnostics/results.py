@@ -44,6 +44,7 @@ class Record:
     group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict; a NaN ``value`` or ``stderr`` becomes None (JSON null)."""
         out = asdict(self)
         out["value"] = _clean_float(out["value"])
         out["stderr"] = _clean_float(out["stderr"])
@@ -59,6 +60,7 @@ class Result:
     artifacts: dict[str, Any] = field(default_factory=dict)
 
     def frame(self) -> pd.DataFrame:
+        """The records as a DataFrame with exactly :data:`COLUMNS` (:func:`records_to_frame`)."""
         return records_to_frame(self.records)
 
 
@@ -209,6 +211,16 @@ def _fmt_meta(x: Any) -> str:
 
 
 def format_markdown(records: Sequence[Record], metadata: dict[str, Any] | None = None) -> str:
+    """Records as a Markdown table with the :data:`COLUMNS`, then the metadata in a collapsed JSON block.
+
+    Args:
+        records: the rows; floats print with 6 significant digits (``.4e`` outside ``[1e-3, 1e6)``), missing
+            values as empty cells.
+        metadata: run metadata, appended inside ``<details>`` as indented JSON; omitted when empty or None.
+
+    Returns:
+        The Markdown text, ending in a newline.
+    """
     df = records_to_frame(records)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in df.itertuples(index=False):

@@ -138,6 +138,7 @@ class ClassMeans:
 
     @property
     def n(self) -> int:
+        """Total number of samples ``N = sum_c n_c``."""
         return int(self.counts.sum())
 
 
@@ -149,6 +150,15 @@ class ClassMeanAccumulator:
         self.counts: torch.Tensor | None = None
 
     def update(self, h: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch to the per-class float64 sums and counts.
+
+        Args:
+            h: features ``[B, D]`` (any dtype and device; accumulated in float64 on the CPU).
+            labels: integer class labels ``[B]``, non-negative; the tables grow to ``max(labels) + 1`` rows.
+
+        Raises:
+            DiagnosticsError: when ``D`` differs from that of an earlier batch.
+        """
         h = h.to(torch.float64).cpu()
         labels = labels.cpu()
         k = int(labels.max()) + 1 if labels.numel() else 0
@@ -166,6 +176,14 @@ class ClassMeanAccumulator:
         self.counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=torch.float64))
 
     def finalize(self) -> ClassMeans:
+        """Class means ``mu_c = (1/n_c) sum_{i in c} h_i`` of the classes seen at least once.
+
+        Returns:
+            The sorted present labels, their counts ``n_c`` and means ``[C, D]`` (float64).
+
+        Raises:
+            DiagnosticsError: when no sample was accumulated.
+        """
         if self.sums is None or self.counts is None or float(self.counts.sum()) == 0:
             raise DiagnosticsError("no samples reached the feature accumulator; the data is empty")
         present = torch.nonzero(self.counts > 0).flatten()
@@ -228,6 +246,19 @@ class WithinClassAccumulator:
         self.mean_sq = (means.means**2).sum(1)
 
     def update(self, h: torch.Tensor, labels: torch.Tensor, h_classifier: torch.Tensor | None = None) -> None:
+        """Add one batch of exactly centred residuals ``r_i = h_i - mu_{y_i}`` to the pass-2 sums.
+
+        Accumulates ``||r_i||^2`` per class, ``(u_k^T r_i)^2`` per basis vector ``u_k`` and, with a
+        classifier, the NC4 mismatches ``argmax_c (W h_i + b)_c != argmin_c ||h_i - mu_c||`` per class.
+
+        Args:
+            h: features ``[B, D]`` at the analysed layer (accumulated in float64 on the CPU).
+            labels: integer class labels ``[B]``; every one must have been seen in pass 1.
+            h_classifier: the classifier's input ``[B, D_W]`` when it differs from ``h``; None uses ``h``.
+
+        Raises:
+            DiagnosticsError: when a label was not seen in the first pass (the data changed between passes).
+        """
         h = h.to(torch.float64).cpu()
         labels = labels.cpu()
         if labels.numel() and int(labels.max()) >= self.index.shape[0]:
@@ -251,6 +282,7 @@ class WithinClassAccumulator:
             self.mismatch.index_add_(0, idx, (predicted != nearest).to(torch.float64))
 
     def finalize(self) -> WithinClass:
+        """The accumulated pass-2 sums (``mismatch`` is None without a classifier)."""
         return WithinClass(self.sq, self.proj_sq, self.mismatch)
 
 

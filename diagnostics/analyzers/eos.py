@@ -16,6 +16,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class EosThreshold:
+    """An edge-of-stability sharpness threshold and the rule that produced it.
+
+    Attributes:
+        value: the threshold on ``lambda_max`` (units of 1/lr; e.g. ``2/eta`` for gradient descent).
+        kind: ``"gd"``, ``"heavy_ball"``, ``"nesterov"`` or ``"adam_preconditioned"`` (the last applies to
+            the preconditioned sharpness ``lambda_max(P^-1 H)``, not the raw Hessian).
+        rule: the formula as text, e.g. ``"(2+2*beta)/lr"``.
+    """
+
     value: float
     kind: str  # "gd", "heavy_ball", "nesterov", "adam_preconditioned"
     rule: str

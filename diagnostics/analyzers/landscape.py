@@ -524,7 +524,8 @@ def analyze_interpolation(
 
     Args:
         config: the options (``steps``, ``alpha_min``, ``alpha_max``, ``refine_steps``, ...).
-        ctx_a, ctx_b: the two checkpoints (same architecture).
+        ctx_a: the first checkpoint (``alpha = 0``); its data, loss, frozen tensors and integer buffers are used.
+        ctx_b: the second checkpoint (``alpha = 1``), same parameter and buffer names and shapes as ``ctx_a``.
         progress: ``progress(task, done, total)``.
         done: grid points already evaluated ``{index: (loss, accuracy or None)}`` (resuming).
         on_points: called with every chunk of newly evaluated points.
@@ -532,6 +533,10 @@ def analyze_interpolation(
     Returns:
         records ``loss``/``accuracy`` per alpha (``index`` = row of the grid) and ``barrier``; artifact
         ``grid`` (DataFrame ``alpha, loss, accuracy, chord``, ``chord = (1-alpha) L(w_a) + alpha L(w_b)``).
+
+    Raises:
+        DiagnosticsError: on invalid options, a slice-only option (``--direction``, ``--dims 2``), or two
+            checkpoints whose architectures differ.
     """
     check_config(config)
     check_interpolation_options(config)

@@ -137,11 +137,15 @@ class PowerLawFit:
 def power_law_decay(
     eigenvalues: torch.Tensor, kmin: int = 1, kmax: int | None = None, rtol: float | None = None
 ) -> PowerLawFit | None:
-    """alpha-ReQ (Agrawal et al. 2022): least-squares slope of ``log lambda_k`` against ``log k``.
+    """Power-law decay ``lambda_k ~ k^-alpha`` by alpha-ReQ (Agrawal et al. 2022).
+
+    ``alpha`` is minus the ordinary least-squares slope of ``log lambda_k`` against ``log k`` over
+    ``kmin <= k <= kmax``; ``r2`` is the fit's coefficient of determination.
 
     Args:
         eigenvalues: the spectrum (any order; sorted descending here).
-        kmin, kmax: 1-based inclusive index range of the fit; ``kmax`` None: the numerical rank.
+        kmin: first index of the fit, 1-based (``k = kmin`` is ``lambda_kmin``).
+        kmax: last index of the fit, 1-based and inclusive, capped at the numerical rank; None: the numerical rank.
         rtol: eigenvalues ``<= rtol * lambda_1`` count as zero (default ``n * float64 eps``).
 
     Returns:

@@ -194,12 +194,17 @@ def analyze_weights(
         source: a :class:`~diagnostics.context.Context` (its analysed parameters, i.e. those matching
             ``--params``) or a bare ``nn.Module`` (every parameter, filtered by ``config.params``).
         progress: ``progress(task, done, total)``.
-        checkpoint, step: the names the records carry (default: the context's, or ``"model"``).
+        checkpoint: the checkpoint name the records carry (default: the context's, or ``"model"`` for a module).
+        step: the training step the records carry (default: the context's, or None for a module).
 
     Returns:
         One record per layer and metric (``group`` = layer); metadata ``layers``, ``per_layer`` (shape and
         the alpha fit), ``conv_reshape``, ``notes``; artifact ``spectrum``, a DataFrame ``group, k,
         singular_value`` (k 1-based).
+
+    Raises:
+        DiagnosticsError: on invalid options, a ``source`` that is neither a Context nor a module, or a
+            model with no parameter of two or more dimensions (matching ``--params``).
     """
     check_config(config)
     mats, checkpoint, step = _source_weights(config, source, checkpoint, step)

@@ -75,9 +75,13 @@ def make_images(
     """``n`` seeded synthetic images and their targets, optionally degraded.
 
     Args:
+        n: number of images.
+        seed: seed of the CPU generator that draws boxes, tints and noise (same seed -> same images).
         noise: std of extra Gaussian pixel noise (the clean images already carry std 0.05).
         blur: side of a box-blur kernel (0 or 1 = none).
         contrast: rectangles' brightness above the background is multiplied by this.
+        max_objects: at most this many non-overlapping rectangles per image (the count is drawn
+            uniformly from ``1..max_objects``), all of class ``LABEL``.
 
     Returns:
         ``(images, targets)``: a list of ``[3, 32, 32]`` float32 tensors and a list of
@@ -127,6 +131,7 @@ class Backbone(nn.Module):
         self.layer2 = nn.Sequential(*_conv(channels, 2 * channels, 2), *_conv(2 * channels, 2 * channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, 2c, H/4, W/4]`` of images ``x`` ``[N, 3, H, W]``."""
         return self.layer2(self.layer1(x))
 
 
@@ -149,10 +154,12 @@ class TinyDetector(nn.Module):
             self.head[-1].bias[0] = -2.19
 
     def raw(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The raw head output ``[N, 5, H/4, W/4]`` (heat logit, offset x/y logits, log w/h), in any mode."""
         x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
         return self.head(self.backbone(x))
 
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+        """The raw map (:meth:`raw`) in training mode, the decoded detections (:meth:`decode`) in eval mode."""
         out = self.raw(images)
         return out if self.training else self.decode(out)
 

@@ -78,6 +78,7 @@ class MLP(nn.Module):
         self.head = nn.Linear(d, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, classes]`` of inputs ``[N, 64]`` (or any ``[N, ...]`` that flattens to ``in_dim``)."""
         return self.head(self.features(x.flatten(1)))
 
 
@@ -105,12 +106,14 @@ class CNN(nn.Module):
         self.head = nn.Linear(2 * channels, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, classes]`` of images ``[N, 1, 8, 8]`` (flat ``[N, 64]`` inputs are reshaped)."""
         if x.dim() == 2:
             x = x.reshape(-1, 1, 8, 8)
         return self.head(self.features(x))
 
 
 def build_cnn(channels: int = 8, seed: int = 0) -> CNN:
+    """A small BatchNorm CNN for digits, initialised after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return CNN(channels=channels)
 

@@ -67,6 +67,7 @@ class ModAddMLP(nn.Module):
         self.head = nn.Linear(hidden, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, p]`` of operand pairs ``x`` ``[N, 2]`` (int64 residues ``a, b`` in ``[0, p)``)."""
         return self.head(self.act(self.hidden(self.embed(x).flatten(1))))
 
 
