@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -59,17 +60,37 @@ def rashomon(
     ] = None,
     draws: Annotated[
         int | None,
-        typer.Option("--samples", "--draws", help="models drawn from F (default 20000); data subset: --data-samples"),
+        typer.Option(
+            "--samples",
+            "--draws",
+            help="models drawn from F, and per level of subset simulation (default 100000); data subset: --data-samples",
+        ),
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option("--method", help="auto | mc (plain Monte Carlo) | is (importance sampling); default auto"),
+        typer.Option(
+            "--method",
+            help="auto (plain Monte Carlo if >= 100 of the draws fall in R, else subset simulation) | mc | subset",
+        ),
     ] = None,
     confidence: Annotated[
         float | None, typer.Option("--confidence", help="level of the interval (default 0.95)")
     ] = None,
-    pilot: Annotated[
-        int | None, typer.Option("--pilot", help="rays of the importance-sampling pilot (default 32)")
+    replicates: Annotated[
+        int | None,
+        typer.Option(
+            "--replicates", help="independent subset-simulation runs; their spread is the error bar (default 10)"
+        ),
+    ] = None,
+    level_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--level-fraction", help="conditional probability p0 of each subset-simulation level (default 0.1)"
+        ),
+    ] = None,
+    max_levels: Annotated[
+        int | None,
+        typer.Option("--max-levels", help="at most this many subset-simulation levels (ratio >= p0^max; default 400)"),
     ] = None,
     no_patterns: Annotated[bool, typer.Option("--no-patterns", help="skip the pattern Rashomon ratio")] = False,
     chunk: Annotated[int | None, typer.Option("--chunk", help="models per batched evaluation (default 64)")] = None,
@@ -92,8 +113,9 @@ def rashomon(
 ) -> None:
     """Rashomon ratio: the fraction of F around the weights whose loss is within theta of the checkpoint's.
 
-    Monte Carlo with a Clopper-Pearson interval, or importance sampling for ratios down to 1e-6 and below;
-    also the pattern Rashomon ratio (distinct prediction patterns in R over those in F).
+    Plain Monte Carlo with a Clopper-Pearson interval, or subset simulation (independent replicates, an interval
+    on log10 ratio) for small ratios, down to 1e-100 and below; also the pattern Rashomon ratio (distinct
+    prediction patterns in R over those in F).
     """
     check_format(format)
     check_out(out, force, [checkpoint])
@@ -102,10 +124,12 @@ def rashomon(
         theta=pick(theta, d, "theta", 0.01),
         radius=pick(radius, d, "radius", 0.1),
         geometry=pick(geometry, d, "geometry", "ball"),
-        draws=pick(draws, d, "draws", 20000),
+        draws=pick(draws, d, "draws", 100000),
         method=pick(method, d, "method", "auto"),
         confidence=pick(confidence, d, "confidence", 0.95),
-        pilot=pick(pilot, d, "pilot", 32),
+        replicates=pick(replicates, d, "replicates", 10),
+        level_fraction=pick(level_fraction, d, "level_fraction", 0.1),
+        max_levels=pick(max_levels, d, "max_levels", 400),
         patterns=not no_patterns and bool(d.get("patterns", True)),
         chunk=pick(chunk, d, "chunk", 64),
     )
@@ -132,12 +156,17 @@ def rashomon(
         lo, hi = est["interval"]
         typer.echo(f"# {result.metadata['hypothesis_space']}; {result.metadata['rashomon_set']}")
         interval = f"[{lo:.4g}, {hi:.4g}]"
-        if est["hits"] and est["value"] == 0.0:  # below the float range: show log10
+        if est["value"] == 0.0 and math.isfinite(est["log10_ratio"]):  # below the float range: show log10
             llo, lhi = est["log10_interval"]
             interval = f"log10 ratio {est['log10_ratio']:.4f}, interval [{llo:.4f}, {lhi:.4f}]"
         typer.echo(
             f"# method={result.metadata['method']}  {100 * est['confidence']:g}% interval {interval} "
-            f"({est['interval_kind']})  hits={est['hits']}/{est['draws']}"
+            f"({est['interval_kind']})  "
+            + (
+                f"hits={est['hits']}/{est['draws']}"
+                if result.metadata["method"] == "mc"
+                else f"evaluations={est['draws']}"
+            )
         )
 
 

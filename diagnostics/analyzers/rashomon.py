@@ -127,18 +127,18 @@ class RashomonConfig:
         chunk: ``--chunk``: models per batched evaluation; backend: ``auto`` | ``vmap`` | ``loop``.
     """
 
-    theta: float = 0.01
-    radius: float = 0.1
-    geometry: str = "ball"
-    draws: int = 100000
-    method: str = "auto"
-    confidence: float = 0.95
-    replicates: int = 10
-    level_fraction: float = 0.1
-    max_levels: int = 400
-    patterns: bool = True
-    chunk: int = 64
-    backend: str = "auto"
+    theta: float = 0.01  # --theta: loss tolerance (absolute): R = {L <= L(w) + theta}
+    radius: float = 0.1  # --radius: size r of the hypothesis space F
+    geometry: str = "ball"  # --geometry: ball (||u||_2 <= r) | filter (per-filter relative ball) | box (|u_i| <= r)
+    draws: int = 100000  # --samples/--draws: models drawn from F, and per level of subset simulation
+    method: str = "auto"  # --method: auto (mc if >= 100 draws fall in R, else subset) | mc | subset
+    confidence: float = 0.95  # --confidence: level of the interval
+    replicates: int = 10  # --replicates: independent subset-simulation runs; their spread is the error bar
+    level_fraction: float = 0.1  # --level-fraction: conditional probability p0 of each subset-simulation level
+    max_levels: int = 400  # --max-levels: at most this many subset-simulation levels (ratio >= p0^max_levels)
+    patterns: bool = True  # --no-patterns: skip the pattern Rashomon ratio
+    chunk: int = 64  # --chunk: models per batched evaluation
+    backend: str = "auto"  # --backend: auto | vmap | loop
 
     def validate(self) -> None:
         if not (math.isfinite(self.theta) and self.theta >= 0):
