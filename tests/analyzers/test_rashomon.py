@@ -246,29 +246,42 @@ def test_box_reference_agrees_with_the_closed_form_inside() -> None:
 
 # ------------------------------------------------------------------------------- building blocks
 def test_proposal_shape_draws_have_the_sample_covariance() -> None:
-    """Dense form: C = S; factor form (n <= d): C = S + s_min I, s_min the smallest nonzero eigenvalue of S."""
+    """Dense form (n > d distinct points): C = S; factor form (n <= d): C = S + (tr S / d) I."""
     gen = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=F64))
     for n, d in ((60, 8), (5, 8)):
         X = (torch.randn(n, d, generator=gen, dtype=F64) * torch.logspace(-3, 0, d, dtype=F64)) @ Q.T  # rotated
-        shape = ProposalShape.fit(X)
+        shape = ProposalShape.fit(torch.cat([X, X[:3]]))  # repeated rows (rejected moves) are dropped
         S = torch.cov(X.T)
         if n > d:
             assert shape.factor is not None and shape.floor == 0.0
+            torch.testing.assert_close(shape.factor @ shape.factor.T, S, rtol=1e-8, atol=1e-14)
             C = S
         else:
-            assert shape.factor is None
-            eig = torch.linalg.eigvalsh(S)
-            floor = float(eig[eig > 1e-10 * eig.max()].min())
-            assert shape.floor == pytest.approx(floor, rel=1e-8)
-            C = S + floor * torch.eye(d, dtype=F64)
-        low_rank = shape.factor @ shape.factor.T if n > d else shape.centred.T @ shape.centred
-        torch.testing.assert_close(low_rank, S, rtol=1e-8, atol=1e-14)
+            assert shape.factor is None and shape.centred.shape == (n, d)
+            torch.testing.assert_close(shape.centred.T @ shape.centred, S, rtol=1e-8, atol=1e-14)
+            assert shape.floor == pytest.approx(float(torch.trace(S)) / d, rel=1e-10)
+            C = S + shape.floor * torch.eye(d, dtype=F64)
         Z = shape.draw(400000, gen)
         # compare in the whitened frame: every direction, short or long, within 1.5% (400,000 draws)
         L = torch.linalg.cholesky(C)
         W = torch.linalg.solve_triangular(L, Z.T, upper=False)
         torch.testing.assert_close(torch.cov(W), torch.eye(d, dtype=F64), atol=0.015, rtol=0.0)
+
+
+def test_proposal_shape_leaves_out_a_chains_own_family() -> None:
+    """With families, step i draws from the covariance of the points outside family exclude[i] (no floor if n > d)."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 3, generator=gen, dtype=F64)
+    X[:20, 0] *= 10.0  # family 0 is spread along axis 0, family 1 is not
+    families = torch.tensor([0] * 20 + [1] * 20)
+    shape = ProposalShape.fit(X, families=families)
+    assert shape.factor is None and shape.floor == 0.0
+    Xc = (X - X.mean(0)) / math.sqrt(39)
+    for fam in (0, 1):
+        Z = shape.draw(200000, gen, exclude=torch.full((200000,), fam))
+        kept = Xc[families != fam]
+        torch.testing.assert_close(torch.cov(Z.T), kept.T @ kept, rtol=0.03, atol=0.03 * float((kept**2).sum(0).max()))
 
 
 def test_chains_keep_the_uniform_law_and_stay_in_the_set() -> None:
