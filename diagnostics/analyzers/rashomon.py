@@ -25,45 +25,55 @@ space of the analysed parameters (``d`` of them), with ``u`` a perturbation:
     ``p0`` (``level_fraction``, 0.1), estimable from a few thousand draws whatever ``p`` is. The
     draws in ``A_{j+1}`` come from Markov chains started at the draws of ``A_j`` that fell in
     ``A_{j+1}`` (their law is already the uniform law on ``A_{j+1}``), moved by random-walk
-    Metropolis with Gaussian proposals shaped by the covariance of ``A_{j+1}`` (adaptive conditional
-    sampling, Papaioannou et al. 2015): that covariance is the set's own anisotropy, whatever the
+    Metropolis with Gaussian proposals shaped by the covariance of ``A_{j+1}`` (as in adaptive
+    conditional sampling, Papaioannou et al. 2015): that covariance is the set's own anisotropy, whatever the
     Hessian spectrum, where the importance sampling this replaces (concentric balls fitted by rays)
     missed the long axes of anisotropic sets and its interval excluded the truth by up to 63 standard
     errors (issue 17). No Hessian is needed, non-quadratic sets and the boundary of ``F`` are handled
     by the same moves, and a chain never leaves ``F``.
 
-    Design, for an interval that covers:
+    Why this and not the alternatives: nested sampling (Skilling 2006) has the same constrained-move
+    problem and a variance ``ln(1/p) / N`` that holds only for independent replacements; proposals
+    shaped by the Hessian at ``w`` (top-k eigenpairs and the trace) are exact only for a quadratic loss
+    and need Hessian products; the covariance of the level's own draws is the set's actual shape, at
+    no extra cost. Design, for an interval that covers:
 
-    1. *Pilot.* One adaptive run picks the thresholds ``c_j`` (the ``p0``-quantiles of its draws),
-       the proposal covariance of each level (from its draws in ``A_j``) and the proposal scale
-       (tuned to an acceptance rate of 0.3). Its own chains use the covariance of the other half of
-       its draws: a proposal built from a chain's own start drifts towards the centre (measured:
-       3 % per level in 20 dimensions).
-    2. *Replicates.* ``R`` independent runs with the pilot's levels and kernels frozen. Each is then
-       a particle system with fixed levels and fixed invariant kernels, whose product of level
-       fractions ``p_r = prod_j n_j / N`` is an unbiased estimate of ``p`` (Del Moral 2004,
-       "Feynman-Kac Formulae"; Cérou et al. 2012, "Sequential Monte Carlo for rare event
-       estimation"): adaptive levels and adapted kernels would bias it by ``O(1/N)`` per level.
+    1. *Pilot* (:func:`pilot_levels`). An adaptive run fixes the thresholds ``c_j`` (the
+       ``p0``-quantiles of its draws), the proposal covariance of each level, the proposal scale (tuned
+       to an acceptance rate of 0.3) and the thinning (Metropolis steps between recorded states, raised
+       level by level until the Au-Beck factor ``gamma`` below is about ``GAMMA_TARGET``: slow mixing
+       costs evaluations, not coverage). A covariance estimated from the draws it moves drifts them
+       (measured: 3% per level in 20 dimensions, uniformity lost within a level in 500), so the pilot
+       moves with the covariance of a second run, which itself leaves out each chain's own family.
+    2. *Replicates.* ``R`` independent runs with the pilot's levels and kernels frozen. Each is then a
+       particle system with fixed levels and fixed invariant kernels, whose product of level fractions
+       ``p_r = prod_j n_j / N`` is an unbiased estimate of ``p`` (Del Moral 2004, "Feynman-Kac
+       Formulae"; Cérou et al. 2012, "Sequential Monte Carlo for rare event estimation"): adaptive
+       levels and adapted kernels bias it by ``O(1/N)`` per level.
     3. *Interval.* ``log p_r`` is a sum of many level terms, close to normal, so ``p_r`` is close to
-       lognormal with mean ``p``: the estimate and interval for ``log p`` are the modified Cox
-       interval for a lognormal mean (Zhou & Gao 1997), ``m + s^2/2 +- t_{R-1}
-       sqrt(s^2/R + s^4/(2(R-1)))`` from the mean ``m`` and variance ``s^2`` of the ``R`` values
-       ``log p_r``. The spread of independent replicates contains every correlation the chains
-       carry (within a chain, between levels): the naive binomial variance of subset simulation
-       ignores both. ``s^2`` is floored at the Au-Beck level-wise variance
-       ``sum_j (1-p_j)/(N p_j) (1 + gamma_j)``, where ``gamma_j = 2 sum_k (1 - k/L) rho_j(k)`` is
-       the correlation factor of the level indicators along the chains (``L`` the chain length).
+       lognormal with mean ``p``: the estimate and interval for ``log p`` are the modified Cox interval
+       for a lognormal mean (Zhou & Gao 1997), ``m + s^2/2 +- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))``
+       from the mean ``m`` and variance ``s^2`` of the ``R`` values ``log p_r``. The spread of
+       independent replicates contains every correlation the chains carry (within a chain, between
+       levels), which the naive binomial variance of subset simulation ignores. ``s^2`` is floored at
+       the Au-Beck level-wise variance ``sum_j (1-p_j)/(N p_j) (1 + gamma_j)``, ``gamma_j = 2 sum_k
+       (1 - k/L) rho_j(k)`` the correlation factor of the level indicators along the chains (``L`` the
+       chain length, ``rho_j(k)`` their autocorrelation at lag ``k``).
 
-    Cost: about ``(1 + 1/R) N_total log(1/p) / log(1/p0)`` loss evaluations; the variance of
-    ``log p`` is about ``7 ln(1/p)^2 / evaluations`` (measured on ellipsoids; ``1.7 ln(1/p)^2 /
-    evaluations`` would be the bound for independent draws).
+    Cost: about ``(1 + 2/R) N_total thin log(1/p) / log(1/p0)`` loss evaluations (``N_total`` the
+    draws per level); the variance of ``log p`` is about ``10-20 ln(1/p)^2 / evaluations`` on the
+    ellipsoids of ``benchmarks/bench_rashomon.py`` (``1.7 ln(1/p)^2 / evaluations`` would be the
+    bound for independent draws), more where the chains mix slowly (sets cut by the boundary of ``F``
+    in many dimensions).
   - ``auto`` (default): draws ``N`` uniform models (a plain Monte Carlo run); if at least 100 fall in
     ``R`` (relative standard error <= 10 %) that is the answer, otherwise the same draws become the
     first level of subset simulation. The choice and its reason are a note in the metadata.
 
   Notes flag an unreliable interval: a replicate that lost all its draws, a level whose acceptance
-  rate is below 2 %, too few effective draws in ``R`` (``N p_J / (1 + gamma_J)`` < 30), replicates
-  scattered more than 3 times the Au-Beck variance (correlated chains), or ``s > 1``.
+  rate is below 2%, too few effective draws in ``R`` (``N p_J / (1 + gamma_J)`` < 30), replicates
+  scattered more than 3 times the Au-Beck variance (its 95% lower bound: chains correlated across
+  levels), ``s > 1``, or a run that stopped before ``R`` (``max_levels``, a plateau of the loss), which
+  gives only an upper bound.
 
 * ``rashomon_pattern_ratio``: the number of distinct prediction patterns (the vector of predicted labels
   on the data) among the sampled models in ``R`` over the number among all sampled models in ``F`` (the
