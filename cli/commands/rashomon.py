@@ -26,7 +26,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -34,6 +33,8 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.rashomon import RashomonConfig, analyze_rashomon
+from diagnostics.binding import input_files
+from diagnostics.outputs import plan_outputs
 
 
 @handle_errors
@@ -118,7 +119,7 @@ def rashomon(
     prediction patterns in R over those in F).
     """
     check_format(format)
-    check_out(out, force, [checkpoint])
+    plan_outputs(inputs=[checkpoint, *input_files(config, model, data, loss)], force=force, out=out)
     d = analyzer_defaults(config, "rashomon")
     cfg = RashomonConfig(
         theta=pick(theta, d, "theta", 0.01),

@@ -1,5 +1,6 @@
 """The numerical core: pure functions over a symmetric linear operator (``matvec``/``matmat``)."""
 
+from diagnostics.linalg.data import DataLoop
 from diagnostics.linalg.density import (
     SLQResult,
     gaussian_density,
@@ -14,10 +15,18 @@ from diagnostics.linalg.lanczos import (
     lanczos_tridiagonal,
     lanczos_tridiagonal_block,
 )
-from diagnostics.linalg.operator import DenseOperator, HessianOperator, LinearOperator
+from diagnostics.linalg.operator import (
+    DenseOperator,
+    HessianOperator,
+    LinearOperator,
+    preconditioned,
+    restricted,
+    scaled,
+)
 from diagnostics.linalg.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
+    "DataLoop",
     "DenseOperator",
     "HessianOperator",
     "LanczosResult",
@@ -32,6 +41,9 @@ __all__ = [
     "lanczos_tridiagonal",
     "lanczos_tridiagonal_block",
     "negative_mass",
+    "preconditioned",
+    "restricted",
+    "scaled",
     "slq",
     "tridiagonal_quadrature",
 ]
