@@ -24,7 +24,7 @@ theta}``, an ellipsoid with semi-axes ``a_i = sqrt(2 theta / lambda_i)``. Exact 
   is inside the box and against 10^6-draw Monte Carlo where the ratio allows (``--check``).
 
 For every case and seed the estimator (``diagnostics.analyzers.rashomon.estimate_ratio`` with the
-package defaults unless the case says otherwise: ``method=auto``, 100,000 draws per level, 10 replicates)
+package defaults unless the case says otherwise: ``method=auto``, 100,000 draws per level, 10 subset runs)
 runs on the quadratic directly (no network), and the table gives the coverage of the reported 95%
 interval, the root-mean-square and median relative error ``|p_hat/p - 1|``, the loss evaluations and the
 seconds per run. ``--digits`` adds two trained digits networks (ball and filter geometries) through the

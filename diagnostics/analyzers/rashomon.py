@@ -86,109 +86,104 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context, describe_context
-from diagnostics.directions import BACKENDS, FlatSpace, PointEvaluator, filter_scales
 from diagnostics.errors import DiagnosticsError
-from diagnostics.progress import ProgressFn, bind
+from diagnostics.lazy import lazy_import
+from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
+from diagnostics.spec import PANEL_SCALE, Analyzer, Metric, Section, check_config, option
 
-ANALYZER = "rashomon"
+if TYPE_CHECKING:
+    from diagnostics.context import Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+np = lazy_import("numpy")
+directions = lazy_import("diagnostics.directions")
+
+NAME = "rashomon"
 GEOMETRIES = ("ball", "filter", "box")
 METHODS = ("auto", "mc", "subset")
+BACKENDS = ("auto", "vmap", "loop")  # = diagnostics.directions.BACKENDS
 AUTO_MIN_HITS = 100
 TARGET_ACCEPTANCE = 0.3
 GAMMA_TARGET = 1.0
 MAX_THIN = 64
-F64 = torch.float64
 LN10 = math.log(10.0)
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass
 class RashomonConfig:
-    """Settings of :func:`analyze_rashomon` (flags of ``diag rashomon``).
+    """Settings of :func:`analyze_rashomon` (options of ``diag rashomon``, ``[rashomon]`` in diag.toml).
 
     Attributes:
-        theta: ``--theta``: loss tolerance (absolute, >= 0): ``R = {L <= L(w) + theta}``.
-        radius: ``--radius``: ``r``, the size of ``F`` (see the module docstring).
-        geometry: ``--geometry``: ``ball`` | ``filter`` | ``box``.
-        draws: ``--samples`` / ``--draws``: models drawn uniformly from ``F`` (plain Monte Carlo), and
-            models per level of subset simulation (split over the replicates).
-        method: ``--method``: ``auto`` (plain Monte Carlo if it sees >= 100 models in R, else subset
-            simulation) | ``mc`` | ``subset``.
-        confidence: ``--confidence``: level of the interval.
-        replicates: ``--replicates``: independent subset-simulation runs (>= 2); their spread gives the
-            interval.
-        level_fraction: ``--level-fraction``: ``p0``, the conditional probability of each intermediate
-            level of subset simulation, in (0, 0.5].
-        max_levels: ``--max-levels``: at most this many intermediate levels (the smallest ratio reachable
-            is about ``level_fraction ** max_levels``).
-        patterns: ``--no-patterns`` turns off the pattern Rashomon ratio (classification).
-        chunk: ``--chunk``: models per batched evaluation; backend: ``auto`` | ``vmap`` | ``loop``.
+        theta: loss tolerance (absolute, >= 0): ``R = {L <= L(w) + theta}``.
+        radius: ``r``, the size of ``F`` (see the module docstring).
+        geometry: ``ball`` | ``filter`` | ``box``.
+        draws: models drawn uniformly from ``F`` (plain Monte Carlo), and models per level of subset
+            simulation (split over the ``subset_runs``). Not ``samples``: that is the data subset.
+        method: ``auto`` (plain Monte Carlo if it sees >= 100 models in R, else subset simulation) | ``mc``
+            | ``subset``.
+        confidence: level of the interval.
+        subset_runs: independent subset-simulation runs (>= 2); their spread gives the interval. Not
+            ``replicates``: that repeats the whole analysis on disjoint data subsets.
+        level_fraction: ``p0``, the conditional probability of each intermediate level of subset
+            simulation, in (0, 0.5].
+        max_levels: at most this many intermediate levels (the smallest ratio reachable is about
+            ``level_fraction ** max_levels``).
+        patterns: the pattern Rashomon ratio (classification); ``--no-patterns`` turns it off.
+        chunk: models per batched evaluation; backend: ``auto`` | ``vmap`` | ``loop``.
     """
 
-    theta: float = 0.01  # --theta: loss tolerance (absolute): R = {L <= L(w) + theta}
-    radius: float = 0.1  # --radius: size r of the hypothesis space F
-    geometry: str = "ball"  # --geometry: ball (||u||_2 <= r) | filter (per-filter relative ball) | box (|u_i| <= r)
-    draws: int = 100000  # --samples/--draws: models drawn from F, and per level of subset simulation
-    method: str = "auto"  # --method: auto (mc if >= 100 draws fall in R, else subset) | mc | subset
-    confidence: float = 0.95  # --confidence: level of the interval
-    replicates: int = 10  # --replicates: independent subset-simulation runs; their spread is the error bar
-    level_fraction: float = 0.1  # --level-fraction: conditional probability p0 of each subset-simulation level
-    max_levels: int = 400  # --max-levels: at most this many subset-simulation levels (ratio >= p0^max_levels)
-    patterns: bool = True  # --no-patterns: skip the pattern Rashomon ratio
-    chunk: int = 64  # --chunk: models per batched evaluation
-    backend: str = "auto"  # --backend: auto | vmap | loop
+    theta: float = option(0.01, help="loss tolerance (absolute): R = {L <= L(w) + theta}", min=0)
+    radius: float = option(0.1, help="size r of the hypothesis space F", min=0, min_open=True)
+    geometry: str = option(
+        "ball",
+        help="F = ball (||u||_2 <= r) | filter (per-filter relative ball) | box (|u_i| <= r)",
+        choices=GEOMETRIES,
+    )
+    draws: int = option(
+        100_000,
+        help="models drawn from F, and per level of subset simulation (data subset: --samples)",
+        min=10,
+    )
+    method: str = option(
+        "auto",
+        help="auto (plain Monte Carlo if >= 100 of the draws fall in R, else subset simulation) | mc | subset",
+        choices=METHODS,
+    )
+    confidence: float = option(0.95, help="level of the interval", min=0, max=1, min_open=True, max_open=True)
+    subset_runs: int = option(10, help="independent subset-simulation runs; their spread is the error bar", min=2)
+    level_fraction: float = option(
+        0.1, help="conditional probability p0 of each subset-simulation level", min=0, max=0.5, min_open=True
+    )
+    max_levels: int = option(
+        400, help="at most this many subset-simulation levels (ratio >= level_fraction^max_levels)", min=1
+    )
+    patterns: bool = option(True, help="the pattern Rashomon ratio (classification)")
+    chunk: int = option(64, help="models per batched evaluation", min=1, panel=PANEL_SCALE)
+    backend: str = option(
+        "auto",
+        help="evaluation: auto (vmap; one model at a time for conv nets on CPU), vmap or loop",
+        choices=BACKENDS,
+        panel=PANEL_SCALE,
+    )
 
     def validate(self) -> None:
-        if not (math.isfinite(self.theta) and self.theta >= 0):
-            raise DiagnosticsError(f"--theta must be >= 0 (a loss tolerance), got {self.theta}")
-        if not (math.isfinite(self.radius) and self.radius > 0):
-            raise DiagnosticsError(f"--radius must be positive, got {self.radius}")
-        if self.geometry not in GEOMETRIES:
-            raise DiagnosticsError(f"unknown --geometry '{self.geometry}'; use {', '.join(GEOMETRIES)}")
-        if self.method == "is":
+        """Cross-option rules (single options are checked from their declarations)."""
+        if self.method != "mc" and self.draws // self.subset_runs * self.level_fraction < 10:
             raise DiagnosticsError(
-                "--method is (importance sampling) was removed: its interval missed the truth on anisotropic "
-                "sets; use --method subset (subset simulation) or auto"
+                f"--draws {self.draws} over {self.subset_runs} subset runs leaves fewer than 10 seeds per level "
+                f"(at --level-fraction {self.level_fraction:g}); raise --draws to at least "
+                f"{math.ceil(10 / self.level_fraction) * self.subset_runs}"
             )
-        if self.method not in METHODS:
-            raise DiagnosticsError(f"unknown --method '{self.method}'; use {', '.join(METHODS)}")
-        if self.draws < 10:
-            raise DiagnosticsError(f"--samples (models drawn) must be at least 10, got {self.draws}")
-        if not 0 < self.confidence < 1:
-            raise DiagnosticsError(f"--confidence must be in (0, 1), got {self.confidence}")
-        if self.replicates < 2:
-            raise DiagnosticsError(
-                f"--replicates must be at least 2 (their spread is the error bar), got {self.replicates}"
-            )
-        if not 0 < self.level_fraction <= 0.5:
-            raise DiagnosticsError(f"--level-fraction must be in (0, 0.5], got {self.level_fraction}")
-        if self.method != "mc" and self.draws // self.replicates * self.level_fraction < 10:
-            raise DiagnosticsError(
-                f"--samples {self.draws} over {self.replicates} replicates leaves fewer than 10 seeds per level "
-                f"(at --level-fraction {self.level_fraction:g}); raise --samples to at least "
-                f"{math.ceil(10 / self.level_fraction) * self.replicates}"
-            )
-        if self.max_levels < 1:
-            raise DiagnosticsError(f"--max-levels must be at least 1, got {self.max_levels}")
-        if self.chunk < 1:
-            raise DiagnosticsError(f"--chunk must be positive, got {self.chunk}")
-        if self.backend not in BACKENDS:
-            raise DiagnosticsError(f"unknown --backend '{self.backend}'; use {', '.join(BACKENDS)}")
 
 
-# ------------------------------------------------------------------------------- the space F
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact binomial interval for ``k`` successes in ``n`` trials (scipy.stats.beta quantiles)."""
     from scipy.stats import beta
@@ -208,11 +203,11 @@ def sample_uniform(radii: torch.Tensor, d: int, geometry: str, generator: torch.
     """Uniform draws in the L2 ball (or the box) of radius ``radii[i]`` for each row: ``[k] -> [k, d]``."""
     k = radii.shape[0]
     if geometry == "box":
-        U = torch.rand(k, d, generator=generator, dtype=F64)
+        U = torch.rand(k, d, generator=generator, dtype=torch.float64)
         return (2.0 * U - 1.0) * radii.unsqueeze(1)
-    G = torch.randn(k, d, generator=generator, dtype=F64)
+    G = torch.randn(k, d, generator=generator, dtype=torch.float64)
     G = G / G.norm(dim=1, keepdim=True)
-    R = torch.rand(k, generator=generator, dtype=F64)
+    R = torch.rand(k, generator=generator, dtype=torch.float64)
     return G * (radii * torch.exp(torch.log(R) / d)).unsqueeze(1)
 
 
@@ -252,9 +247,9 @@ class ProposalShape:
         and shrink the floor of the factor form to nothing, confining the moves to the span of the sample.
         """
         if families is None:
-            X = torch.unique(X.to(F64), dim=0)
+            X = torch.unique(X.to(torch.float64), dim=0)
         n, d = X.shape
-        Xc = (X.to(F64) - X.to(F64).mean(0, keepdim=True)) / math.sqrt(max(n - 1, 1))
+        Xc = (X.to(torch.float64) - X.to(torch.float64).mean(0, keepdim=True)) / math.sqrt(max(n - 1, 1))
         if n > d and families is None:
             lam, V = torch.linalg.eigh(Xc.T @ Xc)
             top = float(lam.max()) if float(lam.max()) > 0 else 1.0
@@ -267,15 +262,15 @@ class ProposalShape:
         """``k`` steps ``[k, d]`` from ``N(0, C)``; with ``exclude [k]``, step ``i`` leaves out family ``exclude[i]``."""
         if self.factor is not None:
             d = self.factor.shape[0]
-            return torch.randn(k, d, generator=generator, dtype=F64) @ self.factor.T
+            return torch.randn(k, d, generator=generator, dtype=torch.float64) @ self.factor.T
         n, d = self.centred.shape
-        Z = torch.randn(k, n, generator=generator, dtype=F64)
+        Z = torch.randn(k, n, generator=generator, dtype=torch.float64)
         if exclude is not None and self.families is not None:
             Z = Z.masked_fill(exclude.unsqueeze(1) == self.families.unsqueeze(0), 0.0)
         low_rank = Z @ self.centred
         if self.floor == 0.0:
             return low_rank
-        return low_rank + math.sqrt(self.floor) * torch.randn(k, d, generator=generator, dtype=F64)
+        return low_rank + math.sqrt(self.floor) * torch.randn(k, d, generator=generator, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- the Markov chains
@@ -321,8 +316,8 @@ def au_beck_gamma(indicator: torch.Tensor, lengths: torch.Tensor) -> float:
     if r0 <= 0 or Lmax < 2:
         return 0.0
     mask = torch.arange(Lmax).unsqueeze(0) < lengths.unsqueeze(1)
-    I = torch.zeros(mask.shape, dtype=F64)
-    I[mask] = indicator.to(F64)
+    I = torch.zeros(mask.shape, dtype=torch.float64)
+    I[mask] = indicator.to(torch.float64)
     mean_len = N / lengths.numel()
     gamma = 0.0
     for k in range(1, Lmax):
@@ -378,8 +373,8 @@ def run_chains(
     """
     d = seeds.shape[1]
     Lmax = int(lengths.max())
-    X = seeds.to(F64).clone()
-    loss_x = seed_losses.to(F64).clone()
+    X = seeds.to(torch.float64).clone()
+    loss_x = seed_losses.to(torch.float64).clone()
     states, losses = [], []
     accepted = proposed = 0
     for step in range(Lmax * thin):
@@ -388,7 +383,7 @@ def run_chains(
         exclude = None if families is None else families[alive]
         Y = X[alive] + (scale / math.sqrt(d)) * shape.draw(k, generator, exclude)
         inside = torch.nonzero(norm_of(Y, geometry) <= radius).flatten()
-        loss_y = torch.full((k,), math.inf, dtype=F64)
+        loss_y = torch.full((k,), math.inf, dtype=torch.float64)
         if inside.numel():
             loss_y[inside] = loss(Y[inside])
         ok = loss_y <= threshold
@@ -489,7 +484,7 @@ class _AdaptiveRun:
     """One adaptive subset-simulation run of ``n`` draws per level (a pilot): its draws, levels and scale."""
 
     def __init__(self, loss: LossFn, d: int, radius: float, geometry: str, n: int, generator: torch.Generator):
-        self.U = sample_uniform(torch.full((n,), float(radius), dtype=F64), d, geometry, generator)
+        self.U = sample_uniform(torch.full((n,), float(radius), dtype=torch.float64), d, geometry, generator)
         self.losses = _finite(loss(self.U))
         self.n = n
         self.evaluations = n
@@ -676,9 +671,9 @@ def subset_simulation(
     total_guess = evaluations + replicates * n * (len(levels) + 1)
     R = replicates
     if first is not None:
-        U0, losses0 = first[0].to(F64), _finite(first[1].to(F64))
+        U0, losses0 = first[0].to(torch.float64), _finite(first[1].to(torch.float64))
     else:
-        U0 = sample_uniform(torch.full((R * n,), float(radius), dtype=F64), d, geometry, generator)
+        U0 = sample_uniform(torch.full((R * n,), float(radius), dtype=torch.float64), d, geometry, generator)
         losses0 = _finite(loss(U0))
         evaluations += R * n
     pops_U = [U0[r * n : (r + 1) * n] for r in range(R)]
@@ -742,8 +737,8 @@ def subset_simulation(
         tick_total[0] = max(tick_total[0], total_guess)
         tick(evaluations)
     survivors = [r for r in range(R) if alive[r]]
-    final_U = torch.cat([pops_U[r] for r in survivors]) if survivors else torch.zeros(0, d, dtype=F64)
-    final_L = torch.cat([pops_L[r] for r in survivors]) if survivors else torch.zeros(0, dtype=F64)
+    final_U = torch.cat([pops_U[r] for r in survivors]) if survivors else torch.zeros(0, d, dtype=torch.float64)
+    final_L = torch.cat([pops_L[r] for r in survivors]) if survivors else torch.zeros(0, dtype=torch.float64)
     if progress is not None:
         progress(evaluations, evaluations)
     return SubsetRun(
@@ -878,7 +873,7 @@ def subset_estimate(run: SubsetRun, confidence: float) -> RatioEstimate:
             hits=0,
             draws=draws,
             ess=0.0,
-            kind=f"upper bound only: the last level reached (of {R} subset-simulation replicates) contains R",
+            kind=f"upper bound only: the last level reached (of {R} subset-simulation runs (--subset-runs)) contains R",
         )
     if np.all(np.isfinite(run.log_p)):
         floor = float(np.mean(run.au_beck))
@@ -897,12 +892,12 @@ def subset_estimate(run: SubsetRun, confidence: float) -> RatioEstimate:
             hits=hits,
             draws=draws,
             ess=ess,
-            kind=f"modified Cox (log-normal mean) over {R} subset-simulation replicates",
+            kind=f"modified Cox (log-normal mean) over {R} subset-simulation runs (--subset-runs)",
         )
     top = float(np.max(run.log_p))
     if not math.isfinite(top):
         return RatioEstimate(0.0, None, (0.0, 1.0), -math.inf, math.inf, (-math.inf, 0.0), math.inf, 0, draws, 0.0,
-                             "none: every replicate lost its draws")  # fmt: skip
+                             "none: every subset run lost its draws")  # fmt: skip
     scaled = np.exp(run.log_p - top)
     mean = float(scaled.mean())
     sd = float(scaled.std(ddof=1)) / math.sqrt(R)
@@ -924,7 +919,7 @@ def subset_estimate(run: SubsetRun, confidence: float) -> RatioEstimate:
         hits=hits,
         draws=draws,
         ess=ess,
-        kind=f"Student t on the mean of {R} subset-simulation replicates (some lost their draws)",
+        kind=f"Student t on the mean of {R} subset-simulation runs (--subset-runs) (some lost their draws)",
     )
 
 
@@ -934,8 +929,8 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
     dead = int(np.sum(~np.isfinite(run.log_p)))
     if dead:
         notes.append(
-            f"subset simulation: {dead} of {run.log_p.size} replicates lost all their draws at some level; the "
-            "interval is unreliable (raise --samples)"
+            f"subset simulation: {dead} of {run.log_p.size} subset runs lost all their draws at some level; the "
+            "interval is unreliable (raise --draws)"
         )
     worst = min(((lv.acceptance, j) for j, lv in enumerate(run.levels) if lv.acceptance is not None), default=None)
     if worst is not None and worst[0] < 0.02:
@@ -946,7 +941,7 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
     if run.finished and est.ess < 30:
         notes.append(
             f"subset simulation: only {est.ess:.3g} effective draws in the Rashomon set at the last level; the "
-            "interval is unreliable (raise --samples)"
+            "interval is unreliable (raise --draws)"
         )
     finite = run.log_p[np.isfinite(run.log_p)]
     if finite.size >= 2:
@@ -958,14 +953,14 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
         lower = (finite.size - 1) * s2 / float(chi2.ppf(0.975, finite.size - 1))
         if predicted > 0 and lower > 3 * predicted:
             notes.append(
-                f"subset simulation: the replicates scatter {s2 / predicted:.3g} times more than the Au-Beck "
+                f"subset simulation: the subset runs scatter {s2 / predicted:.3g} times more than the Au-Beck "
                 "level-wise variance predicts (the chains mix slowly and stay correlated across levels); the "
-                f"interval rests on {finite.size} replicates only and may be unreliable (raise --samples)"
+                f"interval rests on {finite.size} subset runs only and may be unreliable (raise --draws)"
             )
         if s2 > 1.0:
             notes.append(
-                f"subset simulation: the replicates' log-ratios have standard deviation {math.sqrt(s2):.3g} > 1; "
-                "the log-normal interval is rough (raise --samples)"
+                f"subset simulation: the subset runs' log-ratios have standard deviation {math.sqrt(s2):.3g} > 1; "
+                "the log-normal interval is rough (raise --draws)"
             )
     if run.stalled:
         notes.append(
@@ -994,9 +989,9 @@ def uniform_stage(
     done = 0
     while done < draws:
         k = min(1024, draws - done)
-        U = sample_uniform(torch.full((k,), float(radius), dtype=F64), d, geometry, generator)
+        U = sample_uniform(torch.full((k,), float(radius), dtype=torch.float64), d, geometry, generator)
         U_parts.append(U)
-        loss_parts.append(loss(U).to(F64))
+        loss_parts.append(loss(U).to(torch.float64))
         done += k
         if tick is not None:
             tick(done, draws)
@@ -1070,11 +1065,11 @@ def estimate_ratio(
         method, choice = auto_choice(int(hits.sum()), config.draws)
     if method == "mc":
         return RatioOutcome("mc", mc_estimate(hits, config.confidence), None, choice)
-    n = config.draws // config.replicates
+    n = config.draws // config.subset_runs
     run = subset_simulation(
-        loss, d, radius, geometry, target, n=n, replicates=config.replicates, generator=generators[1],
+        loss, d, radius, geometry, target, n=n, replicates=config.subset_runs, generator=generators[1],
         level_fraction=config.level_fraction, max_levels=config.max_levels,
-        first=(U[: n * config.replicates], losses[: n * config.replicates]),
+        first=(U[: n * config.subset_runs], losses[: n * config.subset_runs]),
         progress=bind(progress, "subset simulation (loss evaluations)"),
     )  # fmt: skip
     return RatioOutcome("subset", subset_estimate(run, config.confidence), run, choice)
@@ -1106,19 +1101,19 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
 
     Returns:
         Records ``rashomon_ratio`` (stderr), ``rashomon_log10_ratio`` (stderr; omitted when no model hit
-        ``R``) and ``rashomon_pattern_ratio`` (classification); the metadata hold the method, the
-        interval (also in log10), the level-wise diagnostics of subset simulation and the notes.
+        ``R``), ``rashomon_log10_interval`` (index 0/1: the interval's ends where finite) and
+        ``rashomon_pattern_ratio`` (classification); the metadata hold the method, the interval, the
+        level-wise diagnostics of subset simulation and the notes.
     """
-    config.validate()
-    t0 = time.perf_counter()
-    space = FlatSpace.of(ctx.params)
+    check_config(config)
+    space = directions.FlatSpace.of(ctx.params)
     d = space.dim
     w = space.flatten(ctx.params)
     if config.geometry == "filter":
-        scale = filter_scales(ctx.params, include_1d=True)
+        scale = directions.filter_scales(ctx.params, include_1d=True)
     else:
         scale = torch.ones_like(w)
-    evaluator = PointEvaluator(ctx, chunk=config.chunk, backend=config.backend)
+    evaluator = directions.PointEvaluator(ctx, chunk=config.chunk, backend=config.backend)
     want_patterns = config.patterns and evaluator.kind is not None
     ref = evaluator.evaluate(w.reshape(1, -1), predictions=want_patterns)
     base = float(ref.loss[0])
@@ -1138,7 +1133,7 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
     min_loss = [base]
 
     def loss(U: torch.Tensor) -> torch.Tensor:
-        L = evaluator.evaluate(to_points(U)).loss.to(F64)
+        L = evaluator.evaluate(to_points(U)).loss.to(torch.float64)
         if L.numel():
             min_loss[0] = min(min_loss[0], float(torch.nan_to_num(L, nan=math.inf).min()))
         return L
@@ -1148,7 +1143,7 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
 
     def loss_and_patterns(U: torch.Tensor) -> torch.Tensor:
         stats = evaluator.evaluate(to_points(U), predictions=True)
-        L = stats.loss.to(F64)
+        L = stats.loss.to(torch.float64)
         for i in range(L.numel()):
             key = _pattern_key(stats.predictions[i])
             patterns_all.add(key)
@@ -1176,6 +1171,9 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
     rows: list[tuple] = [("rashomon_ratio", est.value, est.stderr)]
     if math.isfinite(est.log10):
         rows.append(("rashomon_log10_ratio", est.log10, est.log10_stderr))
+    rows += [
+        ("rashomon_log10_interval", end, None, i) for i, end in enumerate(est.log10_interval) if math.isfinite(end)
+    ]
     if want_patterns:
         rows.append(("rashomon_pattern_ratio", len(patterns_in) / len(patterns_all)))
     if method == "mc" and est.hits == 0:
@@ -1225,9 +1223,6 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
             "evaluations": run.evaluations,
         }
     metadata: dict[str, Any] = {
-        "analyzer": ANALYZER,
-        **describe_context(ctx),
-        "config": asdict(config),
         "hypothesis_space": describe_space(config.geometry, config.radius, d),
         "rashomon_set": f"R = {{f in F : L(f) <= L(w) + theta}}, theta = {config.theta:g} (absolute loss)",
         "reference_loss": base,
@@ -1240,7 +1235,6 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
         "evaluations": evaluator.evaluations,
         "backend": evaluator.backend,
         "backend_reason": evaluator.backend_reason,
-        "seconds": time.perf_counter() - t0,
     }
     if want_patterns:
         metadata["patterns"] = {
@@ -1248,16 +1242,59 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
             "in_space": len(patterns_all),
             "definition": "distinct prediction vectors on the data among sampled models in R / in F",
         }
-    metadata["notes"] = list(metadata["notes"]) + notes
-    return Result(make_records(ctx.checkpoint, ctx.step, ANALYZER, rows), metadata)
+    metadata["notes"] = notes
+    return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata)
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=RashomonConfig,
-        run=analyze_rashomon,
-        needs_targets=True,
-        summary="Rashomon ratio (Monte Carlo / subset simulation) and pattern ratio around the weights",
-    )
-}
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="Rashomon ratio (Monte Carlo / subset simulation) and pattern ratio around the weights",
+    description="Rashomon ratio: the fraction of F around the weights whose loss is within theta of the "
+    "checkpoint's. Plain Monte Carlo with a Clopper-Pearson interval, or subset simulation (independent runs, an "
+    "interval on log10 ratio) for small ratios, down to 1e-100 and below; also the pattern Rashomon ratio "
+    "(distinct prediction patterns in R over those in F).",
+    config=RashomonConfig,
+    order=80,
+    run=analyze_rashomon,
+    metrics=(
+        Metric(
+            "rashomon_ratio",
+            "vol(R) / vol(F), R = {f in F : L(f) <= L(w) + theta}; plain Monte Carlo k/N (stderr sqrt(p(1-p)/N)) or "
+            "subset simulation prod_j P(A_j+1 | A_j) (stderr by the delta method from log10); 0 below the float range",
+            headline=True,
+            reference="Semenova, Rudin, Parr 2022; Au & Beck 2001",
+        ),
+        Metric(
+            "rashomon_log10_ratio",
+            "log10 of the Rashomon ratio with its standard error (modified Cox estimate over independent "
+            "subset-simulation runs, or log10(k/N)); absent when no sampled model fell in R",
+            headline=True,
+            reference="Zhou & Gao 1997 (interval)",
+        ),
+        Metric(
+            "rashomon_log10_interval",
+            "ends of the confidence interval of log10 ratio (Clopper-Pearson, or modified Cox for subset "
+            "simulation); an end that is -inf (no model in R) is left out",
+            index="0 = lower end, 1 = upper end",
+        ),
+        Metric(
+            "rashomon_pattern_ratio",
+            "distinct prediction vectors on the data among the sampled models in R / among those in F "
+            "(classification; both counts are lower bounds that grow with the draws)",
+            reference="Semenova, Rudin, Parr 2022",
+        ),
+    ),
+    sections=(
+        Section(
+            "Rashomon ratio",
+            ("rashomon_log10_ratio",),
+            "log10 of the fraction of the stated hypothesis space F whose loss is within theta of the checkpoint's "
+            "(band = ±1 standard error); a larger Rashomon set means a flatter, more forgiving region.",
+        ),
+        Section(
+            "Pattern Rashomon ratio",
+            ("rashomon_pattern_ratio",),
+            "Distinct prediction patterns among sampled models in the Rashomon set over those in F.",
+        ),
+    ),
+)

@@ -42,6 +42,7 @@ from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
+from diagnostics.spec import check_config
 
 F64 = torch.float64
 LN10 = math.log(10.0)
@@ -618,8 +619,11 @@ def test_no_hit_gives_zero_with_an_upper_bound_and_a_note() -> None:
     ctx, _ = least_squares()
     res = analyze_rashomon(RashomonConfig(theta=0.0, radius=5.0, draws=200, method="mc"), ctx)
     assert res.records[0].value == 0.0
-    assert [r.metric for r in res.records] == ["rashomon_ratio"]  # no log10 of 0
-    assert res.metadata["estimate"]["interval"] == [0.0, pytest.approx(1 - 0.025 ** (1 / 200))]
+    upper = 1 - 0.025 ** (1 / 200)
+    assert res.metadata["estimate"]["interval"] == [0.0, pytest.approx(upper)]
+    # no log10 of 0: only the interval's upper end has a log10 record
+    assert [(r.metric, r.index) for r in res.records] == [("rashomon_ratio", None), ("rashomon_log10_interval", 1)]
+    assert res.records[1].value == pytest.approx(math.log10(upper))
     assert any("no sampled model" in n for n in res.metadata["notes"])
 
 
@@ -635,27 +639,38 @@ def test_seeded_and_reproducible() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"theta": -0.1}, "--theta"),
-        ({"radius": 0.0}, "--radius"),
+        ({"theta": -0.1}, "--theta must be >= 0"),
+        ({"radius": 0.0}, "--radius must be > 0"),
         ({"radius": -2.0}, "--radius"),
-        ({"geometry": "sphere"}, "--geometry"),
-        ({"method": "quasi"}, "--method"),
-        ({"method": "is"}, "--method is .* removed"),
-        ({"confidence": 1.0}, "--confidence"),
-        ({"draws": 3}, "--samples"),
-        ({"replicates": 1}, "--replicates"),
-        ({"level_fraction": 0.7}, "--level-fraction"),
+        ({"geometry": "sphere"}, "--geometry must be one of ball, filter, box"),
+        ({"method": "quasi"}, "--method must be one of auto, mc, subset"),
+        ({"method": "is"}, "--method must be one of auto, mc, subset, not 'is'"),
+        ({"confidence": 1.0}, r"--confidence must be in \(0, 1\)"),
+        ({"draws": 3}, "--draws must be >= 10"),
+        ({"subset_runs": 1}, "--subset-runs must be >= 2"),
+        ({"level_fraction": 0.7}, r"--level-fraction must be in \(0, 0.5\]"),
         ({"max_levels": 0}, "--max-levels"),
-        ({"draws": 500, "method": "subset"}, "fewer than 10 seeds per level.*at least 1000"),
+        ({"backend": "jit"}, "--backend"),
+        ({"draws": 500, "method": "subset"}, "--draws 500 .*fewer than 10 seeds per level.*at least 1000"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(DiagnosticsError, match=message) as info:
-        RashomonConfig(**kwargs).validate()
+        check_config(RashomonConfig(**kwargs))
     assert "\n" not in str(info.value)
+    ctx, _ = least_squares()
+    with pytest.raises(DiagnosticsError, match=message):  # the analyzer checks a config built in Python
+        analyze_rashomon(RashomonConfig(**kwargs), ctx)
 
 
-def test_rashomon_is_registered_for_sweeps() -> None:
+def test_rashomon_is_declared_with_its_own_option_names() -> None:
     spec = all_analyzers()["rashomon"]
-    assert spec.make_config({"theta": 0.05, "radius": 0.2, "replicates": 5}).replicates == 5
+    cfg = spec.make_config({"theta": 0.05, "radius": 0.2, "subset_runs": 5, "draws": 3000})
+    assert (cfg.subset_runs, cfg.draws) == (5, 3000)
     assert np.isfinite(spec.make_config({}).theta)
+    # the model draws and the subset runs are not the data options --samples / --replicates (BindingOptions)
+    for legacy in ("samples", "replicates"):
+        with pytest.raises(DiagnosticsError, match=f"unknown option '{legacy}' in \\[rashomon\\]"):
+            spec.make_config({legacy: 5})
+    names = {m.name for m in spec.metrics}
+    assert names == {"rashomon_ratio", "rashomon_log10_ratio", "rashomon_log10_interval", "rashomon_pattern_ratio"}
