@@ -351,7 +351,7 @@ class SweepSettings:
 
     Attributes:
         analyzers: registry names, in order.
-        options: per analyzer, the options passed to ``AnalyzerSpec.make_config``.
+        options: per analyzer, the options passed to ``Analyzer.make_config``.
         model, data, loss: binding flags (None: from ``config`` or the checkpoint's metadata).
         config: the parsed ``diag.toml`` (binding keys, trusted factories).
         trust_checkpoint: import factories named in checkpoints (``--trust-checkpoint-factories``).

@@ -25,7 +25,7 @@ QUICK: dict[str, list[str]] = {
     "hessian": ["--top-k", "2", "--tol", "1e-2"],
     "sharpness": ["--kind", "average", "--draws", "4"],
     "landscape": ["--dims", "1", "--steps", "5"],
-    "rashomon": ["--samples", "200"],
+    "rashomon": ["--draws", "200", "--method", "mc"],
 }
 # Analyzers whose contract run needs a model other than the digits classifier.
 NOT_ON_DIGITS = {"bos"}

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
-from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
 
@@ -20,31 +18,6 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.spec import Analyzer, did_you_mean
 
 _NOT_ANALYZERS = frozenset({"registry"})
-
-
-@dataclass(frozen=True)
-class AnalyzerSpec:
-    """Transitional: the pre-declaration form (name, config class, run); being replaced by :class:`Analyzer`."""
-
-    name: str
-    config_cls: type
-    run: Callable[..., Any]
-    needs_targets: bool = True
-    summary: str = ""
-
-    def make_config(self, options: dict[str, Any] | None = None) -> Any:
-        """Config from a dict; unknown keys are an error that lists the known ones."""
-        options = dict(options or {})
-        known = {f.name for f in fields(self.config_cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise DiagnosticsError(
-                f"unknown option(s) {unknown} for analyzer '{self.name}'; known: {', '.join(sorted(known))}"
-            )
-        cfg = self.config_cls(**options)
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-        return cfg
 
 
 def analyzer_modules() -> list[str]:
@@ -63,7 +36,7 @@ def declared_in(module_name: str) -> list[Analyzer]:
     single = getattr(module, "ANALYZER", None)
     if isinstance(single, Analyzer):
         found.insert(0, single)
-    return [a for a in found if isinstance(a, (Analyzer, AnalyzerSpec))]
+    return [a for a in found if isinstance(a, Analyzer)]
 
 
 @cache
