@@ -23,7 +23,7 @@ def _cell(text: str) -> str:
 def _analyzers() -> list[Analyzer]:
     from diagnostics.analyzers.registry import all_analyzers
 
-    return [a for a in all_analyzers().values() if isinstance(a, Analyzer)]
+    return list(all_analyzers().values())
 
 
 def commands_table() -> str:

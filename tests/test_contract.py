@@ -17,7 +17,7 @@ from diagnostics.analyzers.registry import all_analyzers, analyzer_modules
 from diagnostics.errors import DiagnosticsError
 from diagnostics.spec import Analyzer, params_of
 
-ANALYZERS = [a for a in all_analyzers().values() if isinstance(a, Analyzer)]
+ANALYZERS = list(all_analyzers().values())
 README = Path(__file__).resolve().parent.parent / "README.md"
 HEAVY = ("torch", "pandas", "numpy", "scipy", "matplotlib", "pyarrow")
 # Options that only make the contract run fast on the digits checkpoints (a new analyzer runs with its defaults).
