@@ -643,6 +643,23 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
                 )
 
 
+def _saved_metadata(
+    step: int | None, optimizer: torch.optim.Optimizer | None, lr: float | None, extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The step, the optimizer's name and hyper-parameters, and the learning rate (``lr`` wins)."""
+    meta: dict[str, Any] = {}
+    if step is not None:
+        meta["step"] = int(step)
+    if optimizer is not None:
+        hp = _optimizer_meta(optimizer.state_dict())
+        meta["optimizer"] = {"name": type(optimizer).__name__, "hyperparameters": hp}
+        if "lr" in hp:
+            meta["lr"] = float(hp["lr"])
+    if lr is not None:
+        meta["lr"] = float(lr)
+    return meta
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -687,16 +704,7 @@ def save_checkpoint(
         TypeError: when the metadata (``extra``, the kwargs) is not JSON-serialisable; nothing is written then.
     """
     path = Path(path)
-    meta: dict[str, Any] = {}
-    if step is not None:
-        meta["step"] = int(step)
-    if optimizer is not None:
-        hp = _optimizer_meta(optimizer.state_dict())
-        meta["optimizer"] = {"name": type(optimizer).__name__, "hyperparameters": hp}
-        if "lr" in hp:
-            meta["lr"] = float(hp["lr"])
-    if lr is not None:
-        meta["lr"] = float(lr)
+    meta = _saved_metadata(step, optimizer, lr, extra)
     factories = {
         "model": model_factory,
         "data": data_factory,
