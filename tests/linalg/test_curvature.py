@@ -17,8 +17,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from curvature_refs import (
+    build_logsoftmax,
+    dense_jacobian,
+    dense_loss_hessian,
+    dense_output_hessian,
+    dense_per_sample_grads,
+    eig_desc,
+    flat_params,
+    unflat,
+)
+from curvature_refs import dense_ggn as _dense_ggn
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 
 import tinymodels as tm
 from diagnostics.binding import LOSSES
@@ -61,78 +72,12 @@ def data(n=23, classes=3):
     return X.double(), y % classes
 
 
+def dense_ggn(ctx, batches):
+    return _dense_ggn(ctx, batches)
+
+
 def batches_of(X, y, size):
     return [(X[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
-
-
-# ----------------------------------------------------------------------------- dense references
-def flat_params(ctx):
-    names = list(ctx.params)
-    return names, torch.cat([ctx.params[n].reshape(-1) for n in names])
-
-
-def unflat(ctx, names, w):
-    out, i = {}, 0
-    for n in names:
-        t = ctx.params[n]
-        out[n] = w[i : i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def outputs_of(ctx, X):
-    names, w = flat_params(ctx)
-    return lambda v: functional_call(ctx.model, unflat(ctx, names, v), (X,))
-
-
-def dense_jacobian(ctx, X):
-    """``J [numel(z), n]`` by jacrev."""
-    names, w = flat_params(ctx)
-    J = jacrev(outputs_of(ctx, X))(w)
-    return J.reshape(-1, w.numel())
-
-
-def dense_output_hessian(loss, z, y):
-    """``H_l [numel(z), numel(z)]`` of ``loss(z, y)`` by torch.autograd.functional.hessian."""
-    H = torch.autograd.functional.hessian(lambda q: loss(q.reshape(z.shape), y), z.detach().reshape(-1))
-    return H
-
-
-def dense_ggn(ctx, batches):
-    """``sum_b (n_b/N) J_b^T H_l,b J_b``."""
-    N = sum(len(b[1]) for b in batches)
-    total = 0
-    for X, y in batches:
-        J = dense_jacobian(ctx, X)
-        z = outputs_of(ctx, X)(flat_params(ctx)[1])
-        total = total + (len(y) / N) * J.T @ dense_output_hessian(ctx.loss_fn, z, y) @ J
-    return total
-
-
-def dense_true_hessian(ctx, batches):
-    names, w = flat_params(ctx)
-    N = sum(len(b[1]) for b in batches)
-
-    def L(v):
-        p = unflat(ctx, names, v)
-        return sum((len(y) / N) * ctx.loss_fn(functional_call(ctx.model, p, (X,)), y) for X, y in batches)
-
-    return torch.autograd.functional.hessian(L, w)
-
-
-def dense_per_sample_grads(ctx, batches):
-    rows = []
-    for X, y in batches:
-        for i in range(len(y)):
-            leaves = {n: t.clone().requires_grad_(True) for n, t in ctx.params.items()}
-            loss = ctx.loss_fn(functional_call(ctx.model, leaves, (X[i : i + 1],)), y[i : i + 1])
-            g = torch.autograd.grad(loss, list(leaves.values()))
-            rows.append(torch.cat([t.reshape(-1) for t in g]))
-    return torch.stack(rows)
-
-
-def eig_desc(M):
-    return np.sort(np.linalg.eigvalsh(M.numpy()))[::-1]
 
 
 # ------------------------------------------------------------------------------- closed forms
@@ -153,7 +98,7 @@ def test_closed_form_output_hessians_equal_autograd(name, shape, targets) -> Non
     g = torch.Generator().manual_seed(3)
     z = torch.randn(*shape, dtype=F64, generator=g)
     if targets == "int":
-        y = torch.randint(0, shape[1] if len(shape) > 1 else shape[0], (shape[0],) + shape[2:], generator=g)
+        y = torch.randint(0, shape[1] if len(shape) > 1 else shape[0], (shape[0], *shape[2:]), generator=g)
     elif targets == "ignore":
         y = torch.randint(0, shape[1], (shape[0],), generator=g)
         y[[1, 4]] = -100
@@ -202,7 +147,7 @@ def test_ggn_equals_explicit_jt_hl_j(loss, backend) -> None:
     assert op.hvp_count == op.dim and op.backend == backend
     # PSD for these convex losses, and not the Hessian
     assert np.linalg.eigvalsh(G.numpy()).min() > -1e-12
-    assert not torch.allclose(G, dense_true_hessian(ctx, batches), atol=1e-6)
+    assert not torch.allclose(G, dense_loss_hessian(ctx, batches), atol=1e-6)
 
 
 def test_ggn_of_a_custom_loss_uses_autograd_and_matches() -> None:
@@ -290,7 +235,6 @@ def test_cross_entropy_fisher_equals_the_expected_outer_product_of_sampled_label
     # definition of the Fisher: E_{y ~ softmax(z)} [g(y) g(y)^T], summed exactly over the classes
     X, y = data()
     ctx = make_ctx([(X, y)])
-    names, w = flat_params(ctx)
     total = torch.zeros(43, 43, dtype=F64)
     with torch.no_grad():
         p = torch.softmax(ctx.model(X), 1)
@@ -301,16 +245,6 @@ def test_cross_entropy_fisher_equals_the_expected_outer_product_of_sampled_label
             g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(leaves.values()))])
             total += p[i, c] * torch.outer(g, g) / len(y)
     assert torch.allclose(dense_hessian(curvature_operator(ctx, "fisher")), total, rtol=1e-10, atol=1e-12)
-
-
-class LogSoftmaxTiny(tm.Tiny):
-    def forward(self, x):
-        return torch.log_softmax(super().forward(x), dim=1)
-
-
-def build_logsoftmax():
-    torch.manual_seed(0)
-    return LogSoftmaxTiny()
 
 
 def exact_nll_fisher(ctx, X):
@@ -411,7 +345,7 @@ def test_functional_hessian_is_the_operator_difference() -> None:
     op = curvature_operator(ctx, "functional")
     assert isinstance(op, FunctionalHessianOperator)
     D = dense_hessian(op)
-    ref = dense_true_hessian(ctx, batches) - dense_ggn(ctx, batches)
+    ref = dense_loss_hessian(ctx, batches) - dense_ggn(ctx, batches)
     assert torch.allclose(D, ref, rtol=1e-9, atol=1e-11)
     assert op.hvp_count == 43 and op.hessian.hvp_count == 43 and op.ggn.hvp_count == 43
     # indefinite: both signs
@@ -429,7 +363,7 @@ def test_lanczos_top_eigenvalues_within_tolerance_and_bound(kind) -> None:
         "ggn": lambda: dense_ggn(ctx, batches),
         "fisher": lambda: dense_ggn(ctx, batches),
         "empirical_fisher": lambda: (lambda G: G.T @ G / G.shape[0])(dense_per_sample_grads(ctx, batches)),
-        "functional": lambda: dense_true_hessian(ctx, batches) - dense_ggn(ctx, batches),
+        "functional": lambda: dense_loss_hessian(ctx, batches) - dense_ggn(ctx, batches),
     }
     exact = eig_desc(refs[kind]())
     res = lanczos(curvature_operator(ctx, kind), k_top=3, k_bottom=1, tol=1e-6)
@@ -449,7 +383,9 @@ def test_gradient_of_a_data_operator_is_the_full_batch_gradient() -> None:
     ctx = make_ctx(batches)
     names, w = flat_params(ctx)
     leaves = w.clone().requires_grad_(True)
-    L = sum((len(t) / 23) * ctx.loss_fn(functional_call(ctx.model, unflat(ctx, names, leaves), (x,)), t) for x, t in batches)
+    L = sum(
+        (len(t) / 23) * ctx.loss_fn(functional_call(ctx.model, unflat(ctx, names, leaves), (x,)), t) for x, t in batches
+    )
     (ref,) = torch.autograd.grad(L, leaves)
     for kind in ("hessian", "ggn", "empirical_fisher", "functional"):
         assert torch.allclose(curvature_operator(ctx, kind).gradient(), ref, atol=1e-14)
