@@ -75,7 +75,9 @@ def alignment_from_ritz(
     ``|a - a*| = |g^T (P - P*) g| / ||g||^2 <= ||P - P*||_2 = ||sin Theta(U, U*)||_2 <= ||R||_F / delta``
     (Davis & Kahan 1970, the residual form of the sin-theta theorem) when the other eigenvalues lie below
     ``theta_k - delta``; ``delta`` is taken as ``theta_k - theta_{k+1} - r_{k+1}`` (the (k+1)-th eigenvalue
-    lies within its residual of its Ritz value). With ``k = dim`` the alignment is exactly 1.
+    lies within its residual of its Ritz value). With ``k = dim`` the alignment is exactly 1. The gap
+    assumes Lanczos missed no eigenvalue above ``theta_{k+1}``; at loose tolerances it can (an eigenvalue
+    not yet found), which overstates the gap: stop on tight Ritz residuals (``criterion="residual"``).
 
     Args:
         vectors: ``[n, >= k]`` orthonormal Ritz vectors, descending.

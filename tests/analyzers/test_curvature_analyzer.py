@@ -360,3 +360,10 @@ def test_a_custom_loss_gets_the_autograd_output_hessian(tmp_path: Path) -> None:
         )
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_the_declared_curvatures_are_the_operators() -> None:
+    from diagnostics.analyzers import hessian
+    from diagnostics.linalg.curvature import CURVATURES
+
+    assert hessian.CURVATURES == CURVATURES
