@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "make: using the torch already installed ($$($(PY) -c 'import torch; print(torch.__version__)'))"; \
 	  grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt; \
 	else cp constraints.txt $(VENV)/constraints.txt; fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev,hf]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

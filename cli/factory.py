@@ -27,7 +27,7 @@ def help_text(p: Param) -> str:
     """The ``--help`` line of an option: its help, the choices or range, and the default."""
     text = p.info.help
     if p.kind is list:
-        text += " (repeatable, or comma-separated)"
+        text += " (repeatable, or comma-separated)" if p.info.separator == "," else " (repeatable)"
     default = p.default_text()
     if default and p.kind is not bool:
         text += f" (default {default})"
@@ -93,6 +93,14 @@ def make_command(
     command.__name__ = name.replace("-", "_")
     command.__doc__ = doc
     return command
+
+
+def checkpoint_argument() -> inspect.Parameter:
+    """One positional CHECKPOINT argument (commands that are not analyzers, e.g. the gate)."""
+    arg = typer.Argument(
+        help="checkpoint file (.pt .pth .ckpt .safetensors) or model folder", metavar="CHECKPOINT", show_default=False
+    )
+    return inspect.Parameter("checkpoint", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[Path, arg])
 
 
 def checkpoints_parameter(analyzer: Analyzer) -> inspect.Parameter:

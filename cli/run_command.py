@@ -123,7 +123,7 @@ def run_command(analyzer: Analyzer, values: dict[str, Any]) -> None:
 
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
-    from diag_cli.common import emit, progress_bar
+    from diag_cli.output import emit, progress_bar
     from diag_cli.resume import resume_store
     from diagnostics import distributed
     from diagnostics.runner import open_context, run_analyzer
@@ -145,7 +145,12 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
             emit(result, out.format, out.out, out.quiet)
             write_files(analyzer, result, config, planned.files)
         return
-    contexts = [open_context(p, binding, project, trust=trust, need_targets=analyzer.needs_targets) for p in inputs]
+    contexts = [
+        open_context(
+            p, binding, project, trust=trust, need_targets=analyzer.needs_targets, need_data=analyzer.needs_data
+        )
+        for p in inputs
+    ]
     with resume_store(analyzer, planned.cache, planned.cache_is_temporary, out.force) as resume:
         with progress_bar(out.quiet or not rank.is_main) as progress:
             result = run_analyzer(

@@ -179,15 +179,43 @@ def _feed(h: Any, leaf: Any) -> None:
         h.update(f"V{leaf!r};".encode())
 
 
-def fingerprint(batches: Sequence[Any]) -> str:
+def fingerprint(batches: Sequence[Any], *, ignore_batching: bool = False) -> str:
     """SHA-256 (hex) of the data: structure, dtype, shape and bytes of every leaf of every batch, in order.
 
-    Equal data (same values, same batching) gives the same fingerprint on every device.
+    Equal data gives the same fingerprint on every device. With ``ignore_batching`` the same samples in the same
+    order give the same fingerprint however they are cut into batches (each leaf position is hashed as one
+    stream of per-sample rows; the sample axis is left out of the shapes).
+
+    Args:
+        batches: the batches.
+        ignore_batching: hash the samples, not the batches.
+
+    Returns:
+        The hex digest.
     """
-    h = hashlib.sha256()
+    import torch
+
+    if not ignore_batching:
+        h = hashlib.sha256()
+        for b in batches:
+            leaves, spec = flatten(b)
+            h.update(f"B{spec};".encode())
+            for leaf in leaves:
+                _feed(h, leaf)
+        return h.hexdigest()
+    streams: list[Any] = []
+    spec = None
     for b in batches:
         leaves, spec = flatten(b)
-        h.update(f"B{spec};".encode())
-        for leaf in leaves:
-            _feed(h, leaf)
-    return h.hexdigest()
+        streams += [hashlib.sha256() for _ in range(len(leaves) - len(streams))]
+        for h, leaf in zip(streams, leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                t = leaf.detach().to("cpu").contiguous()
+                h.update(f"T{t.dtype}{tuple(t.shape[1:])};".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            else:
+                _feed(h, leaf)
+    whole = hashlib.sha256(f"S{spec};".encode())
+    for h in streams:
+        whole.update(h.hexdigest().encode())
+    return whole.hexdigest()

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics.errors import DiagnosticsError
+from diagnostics.options import CONFIG_NAME, find_config
 
 try:  # Python 3.11+
     import tomllib
@@ -61,17 +62,106 @@ EXAMPLE_FACTORIES = frozenset(
         "diagnostics.examples.grokking:build_model",
         "diagnostics.examples.grokking:train_data",
         "diagnostics.examples.grokking:val_data",
+        "diagnostics.examples.tiny_gpt:build_gpt",
+        "diagnostics.examples.tiny_gpt:zen_batches",
     }
 )
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CONFIG_NAME = "diag.toml"
-LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits")
+
+LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits", "model")
+
+
+# ---------------------------------------------------------------------------------- model outputs
+IGNORE_INDEX = -100  # the ignore_index of torch's and transformers' cross-entropy: such targets are not counted
+MODEL_LOSS = "model"
+# the model of a transformers model folder: built from its config.json (diagnostics.hf), nothing imported
+FOLDER_MODEL = "<config.json>"
+
+
+def output_tensor(outputs: Any) -> torch.Tensor | None:
+    """The prediction tensor of a model's outputs: the tensor itself, ``logits`` of a dict or
+    ``ModelOutput``, else the first tensor of a dict (in order) or tuple; None when there is none."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        if isinstance(outputs.get("logits"), torch.Tensor):
+            return outputs["logits"]
+        values = [v for k, v in outputs.items() if k != "loss"]
+    elif isinstance(outputs, (tuple, list)):
+        values = list(outputs)
+    else:
+        return None
+    for v in values:
+        found = output_tensor(v) if isinstance(v, (tuple, list, Mapping)) else v
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
+
+
+def model_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss a model computed itself: ``outputs.loss`` / ``outputs["loss"]`` (None when absent)."""
+    if isinstance(outputs, Mapping):
+        value = outputs.get("loss")
+    else:
+        value = getattr(outputs, "loss", None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def describe_shape(obj: Any) -> str:
+    """``[8, 16, 50] float32``-style description of a tensor, or the structure of other outputs."""
+    if isinstance(obj, torch.Tensor):
+        return f"{list(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, Mapping):
+        inner = ", ".join(f"{k}: {describe_shape(v)}" for k, v in list(obj.items())[:6])
+        return f"{type(obj).__name__}({inner})"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(describe_shape(v) for v in list(obj)[:6])
+        return f"{type(obj).__name__}({inner}{', ...' if len(obj) > 6 else ''})"
+    return type(obj).__name__
 
 
 # ----------------------------------------------------------------------------------------- losses
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _prediction(outputs: Any, loss: str) -> torch.Tensor:
+    pred = output_tensor(outputs)
+    if pred is None:
+        raise DiagnosticsError(
+            f"loss '{loss}' needs a tensor of predictions, but the model returns {describe_shape(outputs)}; "
+            "return the logits, or pass --loss model when the model computes its own loss"
+        )
+    return pred
+
+
+def _class_layout(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [M, C], integer targets [M]) for class-index targets, or (outputs, targets) unchanged.
+
+    Integer targets of shape ``[B, T]`` with outputs ``[B, T, C]`` (token level: the class axis last,
+    as transformers models return) are flattened to ``[B*T, C]`` and ``[B*T]``; ``[N, C]`` with ``[N]``
+    and channels-first ``[B, C, d1, ...]`` with ``[B, d1, ...]`` are kept as torch takes them.
+    """
+    if targets.is_floating_point() or outputs.dim() < 2:
+        return outputs, targets
+    if outputs.dim() == targets.dim() + 1 and tuple(outputs.shape[:-1]) == tuple(targets.shape):
+        if outputs.dim() == 2:
+            return outputs, targets.long()
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long()
+    channels_first = (
+        outputs.dim() == targets.dim() + 1
+        and outputs.shape[0] == targets.shape[0]
+        and tuple(outputs.shape[2:]) == tuple(targets.shape[1:])
+    )
+    if channels_first:
+        return outputs, targets.long()
+    raise DiagnosticsError(
+        f"loss '{loss}' got outputs {list(outputs.shape)} and integer targets {list(targets.shape)}; it takes "
+        "[N, C] with [N], token-level [B, T, C] with [B, T] (ignore_index -100), or [B, C, d...] with [B, d...]; "
+        "check --targets, or pass --loss model to use the model's own loss"
+    )
+
+
+def _mse(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error; integer class labels with 2-d outputs are one-hot encoded first."""
+    outputs = _prediction(outputs, "mse")
     if not targets.is_floating_point() and outputs.dim() == 2 and targets.dim() == 1:
         targets = F.one_hot(targets.long(), outputs.shape[1]).to(outputs.dtype)
     diff = outputs - targets.to(outputs.dtype).reshape(outputs.shape)
@@ -80,24 +170,66 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (diff * diff).mean()
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets if targets.is_floating_point() else targets.long())
+def _cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, mean over the counted targets (``ignore_index`` -100 not counted)."""
+    logits, y = _class_layout(_prediction(outputs, "cross_entropy"), targets, "cross_entropy")
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
 
-def _nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.nll_loss(outputs, targets.long())
+def _nll(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    logp, y = _class_layout(_prediction(outputs, "nll"), targets.long(), "nll")
+    return F.nll_loss(logp, y, ignore_index=IGNORE_INDEX)
 
 
-def _bce_with_logits(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _bce_with_logits(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    outputs = _prediction(outputs, "bce_with_logits")
     return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _model_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """The loss the model computed itself (``outputs.loss``), e.g. a transformers model given ``labels``."""
+    value = model_loss(outputs)
+    if value is None:
+        raise DiagnosticsError(
+            f"--loss model uses the loss the model returns (outputs.loss or outputs['loss']), but it returns "
+            f"{describe_shape(outputs)}; pass the labels to the model (a dict batch with 'labels') or name a loss "
+            f"({', '.join(LOSS_NAMES)})"
+        )
+    return value
+
+
+def causal_lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own loss written out: the logits at ``t`` predict the label at ``t + 1``,
+    ``-100`` labels are not counted, mean over the counted ones (``ForCausalLMLoss`` without
+    ``num_items_in_batch``), computed in the logits' dtype (transformers upcasts to float32 only)."""
+    logits = _prediction(outputs, MODEL_LOSS)
+    shifted = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shifted, labels[..., 1:].reshape(-1).long(), ignore_index=IGNORE_INDEX)
+
+
+LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
     "nll": _nll,
     "bce_with_logits": _bce_with_logits,
+    MODEL_LOSS: _model_loss,
 }
+
+
+def counted_targets(loss: str, targets: Any, *, shifted: bool = False) -> int | None:
+    """How many targets a token-mean loss averages over in one batch, or None for a per-sample mean.
+
+    For ``cross_entropy``, ``nll`` and ``model`` with integer targets: the entries that are not
+    ``-100`` (``ignore_index``); with ``shifted`` (a causal LM's own loss, which predicts token ``t+1``
+    from tokens ``<= t``) the first position of every row is dropped first. Other losses average over
+    samples: None.
+    """
+    if loss not in ("cross_entropy", "nll", MODEL_LOSS) or not isinstance(targets, torch.Tensor):
+        return None
+    if targets.is_floating_point() or targets.is_complex() or targets.dim() == 0:
+        return None
+    y = targets[..., 1:] if shifted and targets.dim() >= 2 else targets
+    return int((y != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------------------- import specs
@@ -226,6 +358,10 @@ def resolve_loss(
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
     """A loss name of :data:`LOSS_NAMES`, a ``module:fn`` spec, or a callable -> ``(fn, name)``.
 
+    Built-in losses take the model's prediction tensor (:func:`output_tensor`: the logits of a dict or
+    ``ModelOutput``, the first tensor of a tuple); ``model`` takes the loss the model returns; a
+    ``module:fn`` loss gets the outputs as the model returns them.
+
     Args:
         from_checkpoint: the spec was read from a checkpoint (see :func:`import_callable`).
     """
@@ -242,17 +378,6 @@ def resolve_loss(
 
 
 # -------------------------------------------------------------------------------------- config
-def find_config(explicit: str | Path | None = None, cwd: Path | None = None) -> Path | None:
-    """``--config PATH`` if given (must exist), else ``./diag.toml`` if present."""
-    if explicit is not None:
-        p = Path(explicit)
-        if not p.is_file():
-            raise DiagnosticsError(f"no such config file: '{p}'")
-        return p
-    p = (cwd or Path.cwd()) / CONFIG_NAME
-    return p if p.is_file() else None
-
-
 def load_config(path: Path | None) -> dict[str, Any]:
     """Parse ``diag.toml``. Top-level keys: model, data, loss, model_kwargs, data_kwargs, seed,
     samples, batch_size, dtype, trusted_factories (list of specs a checkpoint may name); tables named
@@ -301,9 +426,11 @@ class Binding:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_kwargs: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    targets: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model,
             "data": self.data,
             "loss": self.loss,
@@ -311,6 +438,9 @@ class Binding:
             "data_kwargs": self.data_kwargs,
             "sources": self.sources,
         }
+        if self.inputs is not None or self.targets is not None:
+            out.update(inputs=self.inputs, targets=self.targets)
+        return out
 
 
 def _is_trusted(spec: str, config: Mapping[str, Any], trust_checkpoint: bool) -> bool:
@@ -334,8 +464,14 @@ def resolve_binding(
     config: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
     require: tuple[str, ...] = ("model", "data"),
+    inputs: str | None = None,
+    targets: str | None = None,
 ) -> Binding:
     """Combine flags, ``diag.toml`` and checkpoint metadata into a :class:`Binding`.
+
+    A transformers model folder names its model :data:`FOLDER_MODEL` (built from its ``config.json``,
+    nothing imported), so it needs no ``--model``. ``inputs``/``targets`` (``--inputs``/``--targets``,
+    else the top-level keys of ``diag.toml``) map the parts of dict or tuple batches.
 
     Raises:
         DiagnosticsError: a required part is missing, or a checkpoint names an untrusted factory.
@@ -352,7 +488,9 @@ def resolve_binding(
         elif ck.get(part):
             spec, source = ck[part], "checkpoint"
             is_loss_name = part == "loss" and isinstance(spec, str) and spec in LOSSES
-            if not is_loss_name:
+            if part == "model" and spec == FOLDER_MODEL:
+                source = "checkpoint (config.json of the model folder)"
+            elif not is_loss_name:
                 if not isinstance(spec, str) or not _is_trusted(spec, config, trust_checkpoint):
                     raise DiagnosticsError(
                         f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
@@ -375,6 +513,11 @@ def resolve_binding(
                 where = "the checkpoint" if source == "checkpoint" else "diag.toml"
                 raise DiagnosticsError(f"{kw_key} in {where} must be a table of keyword arguments, got {raw!r:.80}")
             setattr(b, kw_key, dict(raw or {}))
+    for part, flag in (("inputs", inputs), ("targets", targets)):
+        value = flag if flag is not None else config.get(part)
+        if value is not None and not isinstance(value, str):
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        setattr(b, part, value)
     for part in require:
         if not getattr(b, part):
             raise DiagnosticsError(

@@ -7,7 +7,14 @@ Formats read (always without executing code: ``torch.load(..., weights_only=True
   (a PyTorch Lightning ``.ckpt`` is such a dict: ``state_dict`` plus ``global_step``, ``optimizer_states``);
 * a ``.safetensors`` file (metadata written by :func:`save_checkpoint` is kept in its header);
 * a checkpoint written by :func:`save_checkpoint` (weights, step, lr, optimizer hyper-parameters and
-  state, and the names of the model/data/loss factories, so ``diag hessian ckpt.pt`` needs no flags).
+  state, and the names of the model/data/loss factories, so ``diag hessian ckpt.pt`` needs no flags);
+* a transformers *model folder* written by ``save_pretrained`` (``config.json`` + ``model.safetensors``,
+  or shards listed in ``model.safetensors.index.json``, or ``pytorch_model.bin``), including the
+  ``checkpoint-N/`` folders a ``transformers.Trainer`` writes: the step is ``global_step`` of
+  ``trainer_state.json``, the learning rate the last one of its ``log_history``, the optimizer state
+  ``optimizer.pt`` (read with ``weights_only=True``). ``training_args.bin``, ``rng_state.pth``,
+  ``scheduler.pt`` and any Python file in the folder are never opened (pickles and code); the model is
+  built from ``config.json`` by :mod:`diagnostics.hf` (no ``trust_remote_code``, ever).
 """
 
 from __future__ import annotations
@@ -59,6 +66,12 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     optimizer_state: dict[str, Any] | None = None
     sha256: str = ""
+    model_config: dict[str, Any] | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        """A transformers model folder: the model is built from :attr:`model_config` (``config.json``)."""
+        return self.model_config is not None
 
     @property
     def name(self) -> str:
@@ -76,8 +89,14 @@ class Checkpoint:
 
     @property
     def factories(self) -> dict[str, Any]:
+        """Factory names saved with the checkpoint; a model folder's model is its ``config.json``."""
         found = self.metadata.get("factories")
-        return dict(found) if isinstance(found, Mapping) else {}
+        out = dict(found) if isinstance(found, Mapping) else {}
+        if self.is_folder:
+            from diagnostics.binding import FOLDER_MODEL
+
+            out["model"] = FOLDER_MODEL
+        return out
 
 
 class CheckpointChanged(DiagnosticsError):
@@ -95,6 +114,79 @@ class FileBytes:
     path: Path
     data: bytes
     sha256: str
+    files: Mapping[str, bytes] | None = None  # a model folder: {file name: bytes} of the files read
+
+
+# ------------------------------------------------------------------------------ model folders
+CONFIG_FILE = "config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+# never opened: pickles that could run code (training_args.bin, rng_state.pth, scheduler.pt) and code files
+NEVER_READ = ("training_args.bin", "rng_state.pth", "scheduler.pt")
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_.\-]+\.safetensors")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A folder holding ``config.json`` and weights (``model.safetensors``, its shard index, or
+    ``pytorch_model.bin``): what ``save_pretrained`` and ``transformers.Trainer`` write."""
+    p = Path(path)
+    return (
+        p.is_dir()
+        and (p / CONFIG_FILE).is_file()
+        and any((p / w).is_file() for w in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS))
+    )
+
+
+def _folder_weight_files(folder: Path, index: bytes | None) -> list[str]:
+    """The weight files of a model folder: the shards named by the index, or the single file."""
+    if index is None:
+        return [SAFE_WEIGHTS] if (folder / SAFE_WEIGHTS).is_file() else [BIN_WEIGHTS]
+    try:
+        parsed = json.loads(index)
+        weight_map = parsed["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DiagnosticsError(
+            f"'{folder / SAFE_INDEX}' is not a readable shard index (no 'weight_map' of tensor -> file)"
+        ) from exc
+    bad = [s for s in shards if not _SHARD_NAME.fullmatch(s) or s.startswith(".")]
+    if bad or not shards:
+        raise DiagnosticsError(
+            f"'{folder / SAFE_INDEX}' names shard file {bad[0] if bad else None!r:.80}; shards must be "
+            "'.safetensors' files inside the folder"
+        )
+    return shards
+
+
+def read_model_folder(path: str | Path) -> FileBytes:
+    """Read the files of a model folder once into memory (see :func:`read_checkpoint_file`).
+
+    Read: ``config.json``, the weights (single file or every shard of the index), and when present
+    ``trainer_state.json`` and ``optimizer.pt``. Nothing else is opened (:data:`NEVER_READ`, Python
+    files). The hash covers each file's name and bytes, so any change to what is analysed changes it.
+
+    Raises:
+        DiagnosticsError: a missing or unreadable file.
+        CheckpointChanged: a file changed while it was being read.
+    """
+    folder = Path(path)
+    files: dict[str, bytes] = {}
+    index = None
+    if (folder / SAFE_INDEX).is_file() and not (folder / SAFE_WEIGHTS).is_file():
+        index = read_checkpoint_file(folder / SAFE_INDEX).data
+        files[SAFE_INDEX] = index
+    names = [CONFIG_FILE, *_folder_weight_files(folder, index)]
+    names += [n for n in (TRAINER_STATE, OPTIMIZER_FILE) if (folder / n).is_file()]
+    for name in names:
+        files[name] = read_checkpoint_file(folder / name).data
+    h = hashlib.sha256(b"diagnostics-model-folder/1\n")
+    for name in sorted(files):
+        h.update(f"{name}\0{len(files[name])}\0".encode())
+        h.update(hashlib.sha256(files[name]).digest())
+    return FileBytes(path=folder, data=b"", sha256=h.hexdigest(), files=files)
 
 
 def read_checkpoint_file(path: str | Path) -> FileBytes:
@@ -117,7 +209,12 @@ def read_checkpoint_file(path: str | Path) -> FileBytes:
     except OSError as exc:
         raise DiagnosticsError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     if stat.S_ISDIR(st.st_mode):
-        raise DiagnosticsError(f"'{path}' is a directory, not a checkpoint file")
+        if is_model_folder(path):
+            return read_model_folder(path)
+        raise DiagnosticsError(
+            f"'{path}' is a directory, not a checkpoint file (a transformers model folder needs {CONFIG_FILE} and "
+            f"{SAFE_WEIGHTS}, {SAFE_INDEX} or {BIN_WEIGHTS}); pass a checkpoint file or a model folder"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise DiagnosticsError(f"'{path}' is not a regular file (a FIFO, socket or device); pass a checkpoint file")
     try:
@@ -370,6 +467,8 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
     path = Path(path)
     if content is None:
         content = read_checkpoint_file(path)
+    if content.files is not None:
+        return _load_model_folder(path, content)
     data = content.data
     optimizer_state = None
     if path.suffix.lower() == ".safetensors":
@@ -400,6 +499,105 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
         metadata=meta,
         optimizer_state=optimizer_state,
         sha256=content.sha256,
+    )
+
+
+def _json_file(files: Mapping[str, bytes], name: str, path: Path) -> Any:
+    try:
+        return json.loads(files[name])
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise DiagnosticsError(f"'{path / name}' is not valid JSON; save the folder again") from exc
+
+
+def trainer_state_metadata(state: Any) -> dict[str, Any]:
+    """Step and learning rate from a ``transformers.Trainer``'s ``trainer_state.json``.
+
+    The step is ``global_step``; the learning rate is the ``learning_rate`` of the last ``log_history``
+    entry whose ``step`` is at most ``global_step`` (the Trainer logs the rate of the latest update).
+
+    Returns:
+        ``{"step", "lr", "lr_source"}`` (keys present only when found).
+    """
+    meta: dict[str, Any] = {}
+    if not isinstance(state, Mapping):
+        return meta
+    step = state.get("global_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        meta["step"] = step
+    best = None
+    for entry in state.get("log_history") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        lr, at = entry.get("learning_rate"), entry.get("step")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not isinstance(at, int):
+            continue
+        if ("step" in meta and at > meta["step"]) or (best is not None and at < best[0]):
+            continue
+        best = (at, float(lr))
+    if best is not None:
+        meta["lr"] = best[1]
+        meta["lr_source"] = f"trainer_state.json log_history (step {best[0]})"
+    return meta
+
+
+def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
+    """A model folder (:func:`read_model_folder`) -> :class:`Checkpoint` with ``model_config`` set."""
+    files = dict(content.files or {})
+    config = _json_file(files, CONFIG_FILE, path)
+    if not isinstance(config, dict):
+        raise DiagnosticsError(f"'{path / CONFIG_FILE}' is not a JSON object of model settings")
+    state_dict: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    if SAFE_INDEX in files:
+        index = _json_file(files, SAFE_INDEX, path)
+        for shard in _folder_weight_files(path, files[SAFE_INDEX]):
+            tensors, _ = _load_safetensors(files[shard], path / shard)
+            state_dict.update(tensors)
+        missing = sorted(set(index["weight_map"]) - set(state_dict))
+        if missing:
+            raise DiagnosticsError(
+                f"'{path}': the shard index lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[:3]}; "
+                "the folder is incomplete"
+            )
+    elif SAFE_WEIGHTS in files:
+        state_dict, _ = _load_safetensors(files[SAFE_WEIGHTS], path / SAFE_WEIGHTS)
+    else:
+        obj = _torch_load(files[BIN_WEIGHTS], path / BIN_WEIGHTS)
+        if not _is_tensor_dict(obj):
+            raise DiagnosticsError(f"'{path / BIN_WEIGHTS}' holds a {type(obj).__name__}, not a state_dict")
+        state_dict = dict(obj)
+    if not state_dict:
+        raise DiagnosticsError(f"'{path}' holds no tensors")
+    if TRAINER_STATE in files:
+        meta.update(trainer_state_metadata(_json_file(files, TRAINER_STATE, path)))
+    optimizer_state = None
+    if OPTIMIZER_FILE in files:
+        try:
+            loaded = _torch_load(files[OPTIMIZER_FILE], path / OPTIMIZER_FILE)
+        except DiagnosticsError as exc:
+            meta["optimizer_note"] = f"optimizer.pt not used: {exc}"
+        else:
+            if isinstance(loaded, Mapping) and isinstance(loaded.get("param_groups"), list):
+                optimizer_state = dict(loaded)
+                hp = _optimizer_meta(optimizer_state)
+                if hp:
+                    meta["optimizer"] = {"name": _guess_optimizer_name(hp), "hyperparameters": hp}
+                    if "lr" not in meta and isinstance(hp.get("lr"), (int, float)):
+                        meta["lr"] = float(hp["lr"])
+                        meta["lr_source"] = "optimizer.pt param_groups"
+    if meta.get("step") is None:
+        guessed = step_from_name(path.name)
+        if guessed is not None:
+            meta["step"] = guessed
+            meta["step_source"] = "file name"
+    meta["format"] = "transformers model folder"
+    return Checkpoint(
+        path=path,
+        state_dict=state_dict,
+        metadata=meta,
+        optimizer_state=optimizer_state,
+        sha256=content.sha256,
+        model_config=config,
     )
 
 

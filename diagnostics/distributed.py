@@ -37,7 +37,6 @@ import atexit
 import contextlib
 import contextvars
 import datetime
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from diagnostics.batches import Batch, batch_size, slice_batch
+from diagnostics.batches import Batch, batch_size, fingerprint, slice_batch
 from diagnostics.errors import DiagnosticsError
 
 T = TypeVar("T")
@@ -243,28 +242,8 @@ def shard_batches(batches: Sequence[Batch], rank: int, size: int) -> tuple[list[
 
 
 def data_fingerprint(batches: Sequence[Batch]) -> str:
-    """A hash of the batch sizes and of the bytes of every tensor (equal data -> equal fingerprint)."""
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            h.update(str((tuple(obj.shape), obj.dtype)).encode())
-            h.update(obj.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, (list, tuple)):
-            h.update(f"[{len(obj)}".encode())
-            for o in obj:
-                feed(o)
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                h.update(str(k).encode())
-                feed(obj[k])
-        else:
-            h.update(repr(obj).encode())
-
-    for b in batches:
-        h.update(str(batch_size(b)).encode())
-        feed(b)
-    return h.hexdigest()
+    """A hash of the data as batched here (equal data and batching -> equal fingerprint on every rank)."""
+    return fingerprint(batches)
 
 
 @dataclass

@@ -39,79 +39,82 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from diagnostics.analyzers.hessian import SCALE_OPTIONS, HessianConfig, build_operator, run_lanczos
-from diagnostics.context import Batch, Context, describe_context, prepare_batches
+from diagnostics.analyzers.hessian import SCALE_OPTIONS, HessianConfig, ScaleOptions, build_operator, run_lanczos
+from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.operator import BACKENDS
-from diagnostics.progress import ProgressFn
+from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.results import package_versions
-from diagnostics.spec import check_config
+from diagnostics.seeding import stream_generator
+from diagnostics.spec import check_config, option
 
-BASELINE_FORMAT = "diagnostics-sharpness-baseline/1"
+if TYPE_CHECKING:
+    from diagnostics.context import Batch, Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+describe_context, prepare_batches = lazy_from("diagnostics.context", "describe_context", "prepare_batches")
+
+BASELINE_FORMAT = "diagnostics-sharpness-baseline/2"  # 2: data subsets hashed by diagnostics.batches.fingerprint
 METRIC = "eigenvalue_0 (lambda_max of the loss Hessian, Lanczos)"
 
 
 # ------------------------------------------------------------------------------------ settings
 @dataclass
-class GateSettings:
+class GateSettings(ScaleOptions):
     """How sharpness is measured (stored in the baseline; the check reuses it unchanged).
+
+    The options (``[gate]`` in diag.toml, flags of ``diag baseline``) are the replicate count, the Lanczos
+    tolerance and cap, and the scale options of ``diag hessian`` (:class:`ScaleOptions`, the same
+    declarations). ``seed``, ``samples`` and ``batch_size`` come from the shared data options.
 
     Attributes:
         replicates: ``K``, the number of seeded replicates (>= 2 for a confidence bound).
+        tol: Lanczos relative tolerance on the eigenvalue error bound (as ``diag hessian --tol``).
+        max_iter: Lanczos iteration cap.
         seed: replicate ``i`` uses seed ``seed + i``.
         samples: size of each replicate's seeded data subset (None: all data, only the start
             vector varies).
         batch_size: re-batch each subset (the Hessian does not depend on it; memory does).
-        tol: Lanczos relative tolerance on the eigenvalue error bound (as ``diag hessian --tol``).
-        max_iter: Lanczos iteration cap.
-        backend: HVP backend (auto | forward | reverse).
     """
 
-    replicates: int = 5
+    replicates: int = option(5, help="seeded sharpness replicates K", short="-K", min=2)
+    tol: float = option(
+        1e-4, help="Lanczos tolerance of each replicate's lambda_max", min=0, max=1, min_open=True, max_open=True
+    )
+    max_iter: int = option(300, help="Lanczos iteration cap", min=1)
     seed: int = 0
     samples: int | None = None
     batch_size: int | None = None
-    tol: float = 1e-4
-    max_iter: int = 300
-    backend: str = "auto"
 
     def validate(self) -> None:
-        kinds = {
-            "replicates": (int,),
-            "seed": (int,),
-            "samples": (int, type(None)),
-            "batch_size": (int, type(None)),
-            "tol": (int, float),
-            "max_iter": (int,),
-            "backend": (str,),
-        }
+        """The fields without a declaration (read back from a baseline file) have the right types and ranges."""
+        kinds = {"seed": (int,), "samples": (int, type(None)), "batch_size": (int, type(None))}
         for name, allowed in kinds.items():
             value = getattr(self, name)
             if not isinstance(value, allowed) or isinstance(value, bool):
-                what = "a string" if allowed == (str,) else "a whole number" if int in allowed else "a number"
-                if type(None) in allowed:
-                    what += " or null"
+                what = "a whole number" + (" or null" if type(None) in allowed else "")
                 raise DiagnosticsError(f"settings.{name} is {value!r}, expected {what}")
-        if self.replicates < 2:
-            raise DiagnosticsError(f"--replicates must be at least 2 for a confidence bound, got {self.replicates}")
         if self.samples is not None and self.samples < 1:
             raise DiagnosticsError(f"--samples must be positive, got {self.samples}")
         if self.batch_size is not None and self.batch_size < 1:
             raise DiagnosticsError(f"--batch-size must be positive, got {self.batch_size}")
-        if not 0 < self.tol < 1:
-            raise DiagnosticsError(f"--tol must be in (0, 1), got {self.tol}")
-        if self.max_iter < 1:
-            raise DiagnosticsError(f"--max-iter must be positive, got {self.max_iter}")
-        if self.backend not in BACKENDS:
-            raise DiagnosticsError(f"unknown --backend '{self.backend}'; use {', '.join(BACKENDS)}")
+        super().validate()
 
     @property
     def seeds(self) -> list[int]:
         return [int(self.seed) + i for i in range(int(self.replicates))]
+
+
+@dataclass
+class CheckOptions:
+    """How ``diag check`` decides (``[gate]`` in diag.toml beside the :class:`GateSettings` options)."""
+
+    tolerance: float = option(
+        0.10, help="allowed relative increase of sharpness (0.10 = 10%)", short="-t", min=0, min_open=True
+    )
+    confidence: float = option(0.95, help="one-sided confidence level of the test", min=0.5, max=1, max_open=True)
 
 
 @dataclass
@@ -128,34 +131,9 @@ class Replicate:
 
 
 # -------------------------------------------------------------------------------- measurement
-def _stream_generator(seed: int, stream: int = 0) -> torch.Generator:
-    """The generator :meth:`Context.generator` gives for ``stream`` of ``seed`` (and build_context's subset)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(stream)) % (2**63 - 1))
-
-
-def _hash_into(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().contiguous().cpu()
-        h.update(f"{t.dtype}|{tuple(t.shape[1:])}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _hash_into(h, o)
-    elif isinstance(obj, Mapping):
-        for k in sorted(obj, key=str):
-            h.update(str(k).encode())
-            _hash_into(h, obj[k])
-    elif obj is not None:
-        h.update(repr(obj).encode())
-
-
 def subset_sha256(batches: Sequence[Batch]) -> str:
-    """SHA-256 of the inputs and targets of ``batches`` in order (inputs and targets hashed apart)."""
-    hx, hy = hashlib.sha256(), hashlib.sha256()
-    for x, y in batches:
-        _hash_into(hx, x)
-        _hash_into(hy, y)
-    return hashlib.sha256((hx.hexdigest() + hy.hexdigest()).encode()).hexdigest()
+    """SHA-256 of the samples of ``batches`` in order, however they are batched (see :func:`diagnostics.batches.fingerprint`)."""
+    return fingerprint(batches, ignore_batching=True)
 
 
 def parameter_layout(ctx: Context) -> dict[str, Any]:
@@ -175,7 +153,7 @@ def replicate_batches(ctx: Context, seed: int, settings: GateSettings) -> list[B
         list(ctx.batches),
         samples=settings.samples,
         batch_size_=settings.batch_size,
-        generator=_stream_generator(seed, 0),
+        generator=stream_generator(seed, 0),
         where="data",
     )
     return prepared.batches
@@ -201,7 +179,7 @@ def measure_sharpness(
     for i, seed in enumerate(seeds):
         batches = replicate_batches(ctx, seed, settings)
         sub = ctx.with_batches(batches)
-        res = run_lanczos(build_operator(sub, config), config, _stream_generator(seed, 0))
+        res = run_lanczos(build_operator(sub, config), config, stream_generator(seed, 0))
         out.append(
             Replicate(
                 seed=seed,
@@ -301,7 +279,7 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
     if not isinstance(settings, dict) or not isinstance(reps, list):
         raise _bad(path, "no 'settings' or 'replicates'")
     try:
-        GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}).validate()
+        check_config(GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}), "settings")
     except (TypeError, DiagnosticsError) as exc:
         raise _bad(path, str(exc)) from exc
     seeds = settings.get("seeds")

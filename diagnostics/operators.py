@@ -6,6 +6,11 @@ batches) becomes a :class:`~diagnostics.linalg.operator.HessianOperator` or anot
 (:func:`curvature_operator`: Gauss-Newton, Fisher, empirical Fisher, ``H - GGN``), and the data loop is
 sharded over the ``torch.distributed`` group when asked (:mod:`diagnostics.distributed` cuts the data and
 provides the all-reduce).
+
+Token-level losses (a transformers LM's loss, cross-entropy on ``[B, T, V]`` logits) are means over the
+counted targets, not over sequences: ``Context.batch_loss`` scales each batch's loss by its share of the
+counted targets (``L_b T_b / n_b * N / T``), so the data loop's sample weights ``n_b / N`` give the
+token-weighted mean ``sum_b T_b L_b / T`` exactly, micro-batches and data shards included.
 """
 
 from __future__ import annotations
@@ -106,6 +111,9 @@ def hessian_operator(
         The :class:`HessianOperator`.
     """
     sub = ctx if names is None else ctx.restrict(names=names)
+    if batches is not None and sub.token_weighted:
+        # a token-mean loss scales each batch by its share of the counted targets: count those of these batches
+        sub = sub.with_batches(list(batches))
     loop_keys = ("weights", "micro_batch", "accumulate_dtype")
     loop_options = {k: options.pop(k) for k in loop_keys if k in options}
     loop = data_loop(list(batches if batches is not None else sub.batches), shard=shard, **loop_options)

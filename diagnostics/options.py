@@ -48,7 +48,24 @@ class BindingOptions:
         metavar="SPEC",
     )
     loss: str | None = option(
-        None, help="cross_entropy | mse | nll | bce_with_logits | 'pkg.module:fn'", panel=PANEL_BINDING, metavar="SPEC"
+        None,
+        help="cross_entropy | mse | nll | bce_with_logits | model (the loss the model returns) | 'pkg.module:fn'",
+        panel=PANEL_BINDING,
+        metavar="SPEC",
+    )
+    inputs: str | None = option(
+        None,
+        help="the batch's model inputs: dict keys (passed as keyword arguments) or tuple positions, e.g. "
+        "'input_ids,attention_mask' or '0,1'",
+        panel=PANEL_BINDING,
+        metavar="KEY[,KEY]",
+    )
+    targets: str | None = option(
+        None,
+        help="the batch's targets: a dict key or tuple position (default: 'labels', 'label', 'targets', 'target' or "
+        "'y' in a dict, the second item of a tuple)",
+        panel=PANEL_BINDING,
+        metavar="KEY",
     )
     seed: int = option(0, help="seed of every random draw", panel=PANEL_DATA, min=0)
     samples: int | None = option(
@@ -73,10 +90,27 @@ class BindingOptions:
 
 
 @dataclass
-class OutputOptions:
-    """What a command prints and writes; command-line only."""
+class PrintOptions:
+    """What a command prints; command-line only."""
 
     format: str = option("table", help="stdout format", panel=PANEL_OUTPUT, choices=FORMATS, short="-f", toml=False)
+    quiet: bool = option(
+        False, help="no progress bar or warnings on stderr", panel=PANEL_OUTPUT, short="-q", toml=False
+    )
+    debug: bool = option(False, help="show tracebacks", panel=PANEL_OUTPUT, toml=False)
+
+
+@dataclass
+class Overwrite:
+    """Whether existing output files may be replaced; command-line only."""
+
+    force: bool = option(False, help="overwrite existing output files", panel=PANEL_OUTPUT, toml=False)
+
+
+@dataclass
+class OutputOptions(PrintOptions, Overwrite):
+    """What a command prints, and the records file it writes; command-line only."""
+
     out: Path | None = option(
         None,
         help="also write the records to FILE (.json .csv .parquet .md)",
@@ -84,11 +118,51 @@ class OutputOptions:
         short="-o",
         toml=False,
     )
-    force: bool = option(False, help="overwrite existing output files", panel=PANEL_OUTPUT, toml=False)
-    quiet: bool = option(
-        False, help="no progress bar or warnings on stderr", panel=PANEL_OUTPUT, short="-q", toml=False
+
+
+@dataclass
+class FolderOptions(PrintOptions):
+    """What a sweep or report prints, and the folder it writes; command-line only."""
+
+    out: Path | None = option(
+        None,
+        help="output folder (default: reports/<run name>); its cache/ makes reruns cheap",
+        panel=PANEL_OUTPUT,
+        short="-o",
+        toml=False,
     )
-    debug: bool = option(False, help="show tracebacks", panel=PANEL_OUTPUT, toml=False)
+    force: bool = option(
+        False,
+        help="write into a non-empty folder that diag did not create (deletes nothing)",
+        panel=PANEL_OUTPUT,
+        toml=False,
+    )
+
+
+@dataclass
+class SweepOptions:
+    """What ``diag run`` and ``diag report`` sweep over a run's checkpoints (``analyzers`` is also a diag.toml key)."""
+
+    analyzers: list[str] | None = option(
+        None,
+        help="analyzers to run (default: 'analyzers' in diag.toml, else hessian); see 'diag run --list'",
+        short="-a",
+        metavar="NAME",
+        toml=False,
+    )
+    set: list[str] | None = option(
+        None,
+        help="an analyzer option ANALYZER.OPTION=VALUE over the [ANALYZER] table of diag.toml (repeatable)",
+        metavar="A.OPTION=VALUE",
+        separator=None,
+        toml=False,
+    )
+    pattern: str | None = option(
+        None, help="glob of checkpoint files inside the run (e.g. 'step_*.pt')", metavar="GLOB", toml=False
+    )
+    fail_fast: bool = option(
+        False, help="stop at the first checkpoint that cannot be analysed (default: go on)", toml=False
+    )
 
 
 @dataclass
@@ -106,7 +180,7 @@ class ProjectOptions:
     )
 
 
-POOLS = ("mean", "flatten")
+POOLS = ("mean", "last", "first", "flatten")
 
 
 @dataclass
@@ -121,7 +195,12 @@ class FeatureOptions:
         aliases=("--layer",),
         metavar="MODULE",
     )
-    pool: str | None = option(None, help="how feature maps with more than two dimensions become vectors", choices=POOLS)
+    pool: str | None = option(
+        None,
+        help="how [B, T, D] token features and [B, C, ...] feature maps become vectors: mean (over real tokens / "
+        "positions), last or first real token, flatten",
+        choices=POOLS,
+    )
 
 
 # Top-level keys of diag.toml besides the binding options and the analyzer tables.

@@ -114,24 +114,6 @@ class Failure:
     message: str = ""
 
 
-@dataclass
-class SweepSettingsInfo:
-    """The sweep's settings as the manifest records them (:meth:`diagnostics.runs.SweepSettings.describe`)."""
-
-    analyzers: list[str] = field(default_factory=list)
-    model: str | None = None
-    data: str | None = None
-    loss: str | None = None
-    config_file: str | None = None
-    seed: int | None = None
-    samples: int | None = None
-    batch_size: int | None = None
-    dtype: str | None = None
-    device: str | None = None
-    params: str | None = None
-    pattern: str | None = None
-
-
 def _typed(cls: type, data: Any) -> Any:
     """``cls(**known keys of data)`` (unknown keys ignored; a non-mapping gives the defaults)."""
     data = data if isinstance(data, Mapping) else {}
@@ -145,7 +127,7 @@ class SweepManifest:
 
     Attributes:
         run, run_name: the run folder and its name.
-        settings: what was run and how it was bound.
+        settings: what was run and how it was bound (:class:`diagnostics.runs.SweepSettings`).
         analyzer_configs: each analyzer's option values.
         checkpoints: the run's checkpoints with their step, its source, hash and per-analyzer status.
         counts: results computed, cached and failed.
@@ -158,7 +140,7 @@ class SweepManifest:
 
     run: str = ""
     run_name: str = "run"
-    settings: SweepSettingsInfo = field(default_factory=SweepSettingsInfo)
+    settings: Any = None
     analyzer_configs: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -171,6 +153,8 @@ class SweepManifest:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any] | None) -> SweepManifest:
         """Read a sweep's metadata dict (missing keys take their defaults)."""
+        from diagnostics.runs import SweepSettings
+
         meta = dict(meta or {})
         results = {
             str(ck): {str(a): RunInfo.from_metadata(m or {}) for a, m in (per or {}).items()}
@@ -179,7 +163,7 @@ class SweepManifest:
         return cls(
             run=str(meta.get("run") or ""),
             run_name=str(meta.get("run_name") or "run"),
-            settings=_typed(SweepSettingsInfo, meta.get("settings")),
+            settings=SweepSettings.from_description(meta.get("settings")),
             analyzer_configs=dict(meta.get("analyzer_configs") or {}),
             checkpoints=[_typed(CheckpointEntry, c) for c in meta.get("checkpoints") or []],
             counts={str(k): int(v) for k, v in (meta.get("counts") or {}).items()},
@@ -679,8 +663,8 @@ def metadata_items(manifest: SweepManifest, infos: Sequence[RunInfo]) -> list[tu
     """(label, text) pairs of the run metadata worth a line in the report."""
     s = manifest.settings
     binding = {k: v for k, v in (("model", s.model), ("data", s.data), ("loss", s.loss)) if v}
-    if s.config_file:
-        binding["config"] = s.config_file
+    if s.config.get("_path"):
+        binding["config"] = s.config["_path"]
     seeds = _sorted_set(i.seed for i in infos)
     items = [
         ("run folder", manifest.run),

@@ -239,6 +239,7 @@ def open_context(
     *,
     trust: bool = False,
     need_targets: bool = True,
+    need_data: bool = True,
     content: Any = None,
 ) -> Context:
     """A checkpoint file (or model folder) bound to code and data -> :class:`~diagnostics.context.Context`.
@@ -250,6 +251,7 @@ def open_context(
             trusted factories.
         trust: import factories named in the checkpoint (``--trust-checkpoint-factories``).
         need_targets: the data must carry targets.
+        need_data: False for a data-free analysis: only the model is bound (no data factory is imported).
         content: the checkpoint's bytes when already read (a sweep analyses the bytes it hashed).
 
     Returns:
@@ -267,6 +269,9 @@ def open_context(
         loss=binding.loss,
         config=project.as_dict() if hasattr(project, "as_dict") else dict(project or {}),
         trust_checkpoint=trust,
+        inputs=getattr(binding, "inputs", None),
+        targets=getattr(binding, "targets", None),
+        require=("model", "data") if need_data else ("model",),
     )
     return build_context(
         ck,
@@ -277,5 +282,6 @@ def open_context(
         samples=None if binding.replicates > 1 else binding.samples,
         batch_size_=binding.batch_size,
         params=binding.params,
-        need_targets=need_targets,
+        need_targets=need_targets and need_data,
+        need_data=need_data,
     )

@@ -1,7 +1,9 @@
 """Whole training runs: discover the checkpoints of a run and sweep analyzers over them, cached.
 
 A *run* is a folder of checkpoints (``.pt .pth .ckpt .safetensors``, searched recursively; hidden
-folders and the output folder are skipped). Each checkpoint's step comes from its metadata
+folders and the output folder are skipped). A transformers model folder (``config.json`` + weights, e.g.
+the ``checkpoint-N/`` folders a ``transformers.Trainer`` writes) is one checkpoint, its step the
+``global_step`` of its ``trainer_state.json``; the files inside it are not checkpoints of their own. Each checkpoint's step comes from its metadata
 (``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else a recognised
 pattern of its name (``step_00200.pt``, ``epoch=3-step=120.ckpt``, ``checkpoint-500/``; see
 :func:`diagnostics.checkpoint.step_from_name`), else it is null: ``quad2.pt`` has no step.
@@ -47,14 +49,21 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from diagnostics import distributed
-from diagnostics.checkpoint import CheckpointChanged, FileBytes, load_checkpoint, read_checkpoint_file, step_from_name
+from diagnostics.checkpoint import (
+    CheckpointChanged,
+    FileBytes,
+    is_model_folder,
+    load_checkpoint,
+    read_checkpoint_file,
+    step_from_name,
+)
 from diagnostics.errors import DiagnosticsError
 from diagnostics.options import BindingOptions
 from diagnostics.outputs import plan_outputs
@@ -90,7 +99,7 @@ FOLDER_FILES = (
 DEFAULT_ANALYZERS = ("hessian",)
 SWEEP_WITH = (None, "first", "previous")
 # Top-level keys of diag.toml that bind checkpoints to code (part of the cache key).
-_BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs")
+_BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs", "inputs", "targets")
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -141,21 +150,37 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
         raise DiagnosticsError(f"no such run folder: '{run}'")
     if not run.is_dir():
         raise DiagnosticsError(f"'{run}' is a file; pass the folder that holds the run's checkpoints")
+
+    def hidden(p: Path) -> bool:
+        return any(part.startswith(".") for part in p.relative_to(run).parts)
+
+    # transformers model folders (save_pretrained, a Trainer's checkpoint-N/) are checkpoints; nothing inside
+    # one is a checkpoint of its own (optimizer.pt, rng_state.pth, ... belong to the folder)
+    folders = [
+        c.parent
+        for c in ([run / "config.json"] if (run / "config.json").is_file() else []) + list(run.rglob("config.json"))
+        if is_model_folder(c.parent) and not hidden(c.parent) and not any(_inside(c.parent, ex) for ex in exclude)
+    ]
+    folders = sorted(set(folders))
     candidates = run.glob(pattern) if pattern else run.rglob("*")
     files = []
     for p in candidates:
-        rel = p.relative_to(run)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+        if hidden(p) or any(_inside(p, ex) for ex in exclude):
             continue
-        if any(_inside(p, ex) for ex in exclude):
+        if p in folders:
+            files.append(p)  # a model folder matched by the pattern
+            continue
+        if not p.is_file() or any(_inside(p, f) for f in folders):
             continue
         if pattern is None and p.suffix.lower() not in CHECKPOINT_SUFFIXES:
             continue
         files.append(p)
+    if pattern is None:
+        files += folders
     if not files:
-        what = f"matching '{pattern}'" if pattern else f"({', '.join(CHECKPOINT_SUFFIXES)})"
+        what = f"matching '{pattern}'" if pattern else f"({', '.join(CHECKPOINT_SUFFIXES)} or model folders)"
         raise DiagnosticsError(f"no checkpoint files {what} in '{run}'")
-    return sorted(files, key=lambda p: _natural_key(p.relative_to(run).as_posix()))
+    return sorted(set(files), key=lambda p: _natural_key(p.relative_to(run).as_posix()))
 
 
 # ------------------------------------------------------------------------------ checked cache files
@@ -349,6 +374,8 @@ class SweepSettings:
     params: str | None = None
     pattern: str | None = None
     replicates: int = 1
+    inputs: str | None = None
+    targets: str | None = None
 
     def binding(self) -> BindingOptions:
         """The binding and data options of every checkpoint's context."""
@@ -363,7 +390,18 @@ class SweepSettings:
             device=self.device,
             params=self.params,
             replicates=self.replicates,
+            inputs=self.inputs,
+            targets=self.targets,
         )
+
+    @classmethod
+    def from_description(cls, described: Mapping[str, Any] | None) -> SweepSettings:
+        """The settings :meth:`describe` wrote into a manifest (the config reduced to its path)."""
+        d = dict(described or {})
+        names = {f.name for f in fields(cls)} - {"config"}
+        out = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        out.config = {"_path": d["config_file"]} if d.get("config_file") else {}
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings for the manifest and the report (without the raw config)."""
@@ -429,6 +467,8 @@ def resolve_settings(
     params: str | None = None,
     pattern: str | None = None,
     replicates: int | None = None,
+    inputs: str | None = None,
+    targets: str | None = None,
 ) -> SweepSettings:
     """Flags + ``diag.toml`` -> :class:`SweepSettings` (a flag wins over the file).
 
@@ -476,6 +516,8 @@ def resolve_settings(
         params=pick(params, "params"),
         pattern=pattern,
         replicates=int(pick(replicates, "replicates", 1)),
+        inputs=pick(inputs, "inputs"),
+        targets=pick(targets, "targets"),
     )
 
 
@@ -506,7 +548,8 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
         "analyzer": analyzer,
         "config": json.loads(canonical_json(config)),
         "binding": {
-            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss},
+            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss}
+            | ({"inputs": settings.inputs, "targets": settings.targets} if settings.inputs or settings.targets else {}),
             "config": {k: settings.config.get(k) for k in _BINDING_CONFIG_KEYS},
         },
         "seed": settings.seed,
@@ -777,7 +820,7 @@ def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[d
     return chosen, {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
 
 
-def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any:
+def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool, need_data: bool = True) -> Any:
     """The context of one checkpoint, analysed from the very bytes the run was scanned with."""
     from diagnostics.runner import open_context
 
@@ -792,6 +835,7 @@ def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool) -> Any
         settings.config,
         trust=settings.trust_checkpoint,
         need_targets=need_targets,
+        need_data=need_data,
         content=content,
     )
 
@@ -842,13 +886,13 @@ class _Job:
             out["reference_sha256"] = ref.sha256
         return out
 
-    def context(self, rc: RunCheckpoint, need_targets: bool) -> Any:
+    def context(self, rc: RunCheckpoint, need_targets: bool, need_data: bool = True) -> Any:
         """The context of a checkpoint, reusing the one opened last (a reference is usually the previous one)."""
-        key = f"{rc.sha256}|{need_targets}"
+        key = f"{rc.sha256}|{need_targets}|{need_data}"
         if key not in self.opened:
             while len(self.opened) >= 2:
                 self.opened.pop(next(iter(self.opened)))
-            self.opened[key] = _open(rc, self.settings, need_targets)
+            self.opened[key] = _open(rc, self.settings, need_targets, need_data)
         return self.opened[key]
 
 
@@ -858,7 +902,8 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
 
     rc = job.checkpoints[i]
     try:
-        ctx = job.context(rc, any(job.chosen[a].needs_targets for a in missing))
+        specs = [job.chosen[a] for a in missing]
+        ctx = job.context(rc, any(a.needs_targets for a in specs), any(getattr(a, "needs_data", True) for a in specs))
     except CheckpointChanged as exc:
         tally.skipped.append(SweepSkip(rc.name, str(exc)))
         return []

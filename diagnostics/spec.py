@@ -49,6 +49,7 @@ class Option:
         short: a one-letter alias such as ``-k``.
         aliases: further flags accepted for the option (e.g. the singular ``--layer`` of ``--layers``, handy
             when the flag is repeated); declared here, so they cannot drift.
+        separator: a list option's values are also split on this (None: each value is one item).
         choices: the allowed values of a string option.
         min, max: bounds of a number (inclusive unless ``min_open``/``max_open``).
         metavar: the placeholder shown in ``--help``.
@@ -60,6 +61,7 @@ class Option:
     panel: str = PANEL_ANALYSIS
     short: str | None = None
     aliases: tuple[str, ...] = ()
+    separator: str | None = ","
     choices: tuple[str, ...] | None = None
     min: float | None = None
     max: float | None = None
@@ -153,7 +155,8 @@ class Param:
             items = [value] if isinstance(value, str) else list(value)
             if not all(isinstance(v, str) for v in items):
                 raise TypeError
-            return [s.strip() for v in items for s in v.split(",") if s.strip()]
+            sep = self.info.separator
+            return [s.strip() for v in items for s in (v.split(sep) if sep else [v]) if s.strip()]
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -339,20 +342,24 @@ def resolve_config(
     return cfg
 
 
-def check_config(config: Any) -> Any:
+def check_config(config: Any, where: str | None = None) -> Any:
     """Check every option of a config instance against its declaration, then its own ``validate()``.
 
     Analyzer functions call this first, so a config built in Python is held to the same rules as one built
     from flags or ``diag.toml``.
 
+    Args:
+        config: the config instance.
+        where: name values ``WHERE.option`` in errors (e.g. ``settings`` of a file) instead of by their flag.
+
     Returns:
         ``config`` itself.
 
     Raises:
-        DiagnosticsError: a value of the wrong type or out of range, naming the flag.
+        DiagnosticsError: a value of the wrong type or out of range, naming the flag (or ``where``).
     """
     for p in params_of(type(config)):
-        setattr(config, p.name, p.coerce(getattr(config, p.name), p.flag))
+        setattr(config, p.name, p.coerce(getattr(config, p.name), f"{where}.{p.name}" if where else p.flag))
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()
@@ -478,6 +485,7 @@ class Analyzer:
         outputs: the extra files its command can write.
         sections: its report sections.
         needs_targets: whether the data must carry targets.
+        needs_data: False for data-free analyses (weight spectra): no data factory is needed or called.
         uses_loss: whether ``--loss`` applies.
         checkpoints: (fewest, most) checkpoints the command takes.
         resumable: the command gets ``--cache PATH``, where partial work is kept until it is done.
@@ -504,6 +512,7 @@ class Analyzer:
     outputs: tuple[FileOutput, ...] = ()
     sections: tuple[Section, ...] = ()
     needs_targets: bool = True
+    needs_data: bool = True
     uses_loss: bool = True
     checkpoints: tuple[int, int] = (1, 1)
     resumable: bool = False

@@ -105,8 +105,14 @@ class Tupled(nn.Module):
 def test_bad_layers_give_one_clear_line():
     model = Tupled().eval()
     x = torch.randn(6, 5, 4)
-    with pytest.raises(DiagnosticsError, match="layer 'rnn' gives a tuple, not a tensor"):
+    # an LSTM returns (output, (h, c)): its first tensor [B, T, H] is used, with a note; the token axis needs --pool
+    with pytest.raises(
+        DiagnosticsError, match=r"token features of shape \[6, 5, 3\]: \[batch 6, tokens 5, features 3\]"
+    ):
         list(stream_features(model, [(x, None)], resolve_layers(model, ["rnn"])))
+    (last,) = list(stream_features(model, [(x, None)], resolve_layers(model, ["rnn"]), pool="last"))
+    assert torch.equal(last.features["rnn"], model.rnn(x)[0][:, -1].double())
+    assert any("returns a tuple; its first tensor [6, 5, 3]" in n for n in model.__dict__["_diagnostics_feature_notes"])
     with pytest.raises(DiagnosticsError, match="runs 2 times per forward pass"):
         list(stream_features(model, [(x, None)], resolve_layers(model, ["act"])))
     assert all_hooks(model) == 0

@@ -65,7 +65,7 @@ def check_files(opts: CorrelateOptions, out: OutputOptions, results: list[Path])
 @handle_errors
 def bos_correlate(**values: Any) -> None:
     """Run the command with its parsed ``values`` (errors become one line and exit code 2)."""
-    from diag_cli.common import emit
+    from diag_cli.output import emit
     from diagnostics.analyzers.stability import correlate_files
     from diagnostics.outputs import atomic_write_bytes
     from diagnostics.render import bos_fit

@@ -88,7 +88,54 @@ SCALE_OPTIONS = (
 
 
 @dataclass
-class HessianConfig:
+class ScaleOptions:
+    """How Hessian-vector products are computed (not what is measured); shared by ``diag hessian`` and the gate."""
+
+    backend: str = option(
+        "auto",
+        help="HVP backend: auto (cached graph for one batch, else forward-over-reverse) | cached | forward | reverse",
+        choices=HVP_BACKENDS,
+        panel=PANEL_SCALE,
+    )
+    max_vectors: int = option(16, help="vectors per vmapped HVP pass (lower saves memory)", min=1, panel=PANEL_SCALE)
+    basis_device: str | None = option(
+        None, help="keep the Lanczos basis here, e.g. cpu (saves GPU memory)", panel=PANEL_SCALE
+    )
+    micro_batch: int | None = option(
+        None, help="split batches into micro-batches of this size (exact accumulation)", min=1, panel=PANEL_SCALE
+    )
+    autocast: str | None = option(
+        None, help="mixed-precision forward", choices=("bfloat16", "float16"), panel=PANEL_SCALE
+    )
+    accumulate_dtype: str | None = option(
+        None, help="accumulate HVPs over batches in this dtype", choices=("float32", "float64"), panel=PANEL_SCALE
+    )
+    block_size: int = option(1, help="block Lanczos / lockstep SLQ: vectors per data pass", min=1, panel=PANEL_SCALE)
+    compile: bool = option(
+        False,
+        help="torch.compile the per-batch HVP (pays off on long runs; falls back to eager with a note)",
+        panel=PANEL_SCALE,
+    )
+
+    def operator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`diagnostics.operators.hessian_operator` (backend and scale)."""
+        return {
+            "backend": self.backend,
+            "max_vectors": self.max_vectors,
+            "micro_batch": self.micro_batch,
+            "autocast": self.autocast,
+            "accumulate_dtype": self.accumulate_dtype,
+            "compile": self.compile,
+        }
+
+    def validate(self) -> None:
+        """Cross-option rules (single options are checked from their declarations)."""
+        if self.basis_device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.basis_device):
+            raise DiagnosticsError(f"unknown --basis-device '{self.basis_device}'; use cpu, cuda or cuda:N")
+
+
+@dataclass
+class HessianConfig(ScaleOptions):
     """Settings of :func:`analyze_hessian` (options of ``diag hessian``, ``[hessian]`` in diag.toml)."""
 
     top_k: int = option(1, help="number of top eigenvalues", short="-k", min=0)
@@ -161,48 +208,12 @@ class HessianConfig:
     lr: float | None = option(
         None, help="learning rate for eos_ratio (default: from the checkpoint)", min=0, min_open=True
     )
-    backend: str = option(
-        "auto",
-        help="HVP backend: auto (cached graph for one batch, else forward-over-reverse) | cached | forward | reverse",
-        choices=HVP_BACKENDS,
-    )
-    max_vectors: int = option(16, help="vectors per vmapped HVP pass (lower saves memory)", min=1, panel=PANEL_SCALE)
-    basis_device: str | None = option(
-        None, help="keep the Lanczos basis here, e.g. cpu (saves GPU memory)", panel=PANEL_SCALE
-    )
-    micro_batch: int | None = option(
-        None, help="split batches into micro-batches of this size (exact accumulation)", min=1, panel=PANEL_SCALE
-    )
-    autocast: str | None = option(
-        None, help="mixed-precision forward", choices=("bfloat16", "float16"), panel=PANEL_SCALE
-    )
-    accumulate_dtype: str | None = option(
-        None, help="accumulate HVPs over batches in this dtype", choices=("float32", "float64"), panel=PANEL_SCALE
-    )
-    block_size: int = option(1, help="block Lanczos / lockstep SLQ: vectors per data pass", min=1, panel=PANEL_SCALE)
-    compile: bool = option(
-        False,
-        help="torch.compile the per-batch HVP (pays off on long runs; falls back to eager with a note)",
-        panel=PANEL_SCALE,
-    )
-
-    def operator_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`diagnostics.operators.hessian_operator` (backend and scale)."""
-        return {
-            "backend": self.backend,
-            "max_vectors": self.max_vectors,
-            "micro_batch": self.micro_batch,
-            "autocast": self.autocast,
-            "accumulate_dtype": self.accumulate_dtype,
-            "compile": self.compile,
-        }
 
     def validate(self) -> None:
         """Cross-option rules (single options are checked from their declarations)."""
+        super().validate()
         if self.top_k + self.bottom_k == 0:
             raise DiagnosticsError("ask for at least one eigenvalue: --top-k >= 1 or --bottom-k >= 1")
-        if self.basis_device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.basis_device):
-            raise DiagnosticsError(f"unknown --basis-device '{self.basis_device}'; use cpu, cuda or cuda:N")
 
 
 def build_operator(

@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.progress import bind
@@ -248,7 +249,7 @@ def landscape_key(config: LandscapeConfig, ctx: Context, other: Context | None =
     directions.tensors_digest({**ctx.params, **ctx.frozen}, h)
     if other is not None:
         directions.tensors_digest({**other.params, **other.frozen}, h)
-    directions.data_digest(ctx.batches, h)
+    h.update(fingerprint(ctx.batches).encode())
     return h.hexdigest()
 
 

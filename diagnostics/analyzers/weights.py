@@ -244,6 +244,7 @@ ANALYZER = Analyzer(
     config=WeightsConfig,
     run=analyze_weights,
     needs_targets=False,
+    needs_data=False,
     uses_loss=False,
     order=48,
     metrics=(

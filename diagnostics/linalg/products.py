@@ -368,11 +368,27 @@ class Product:
             if self.backend in ("auto", "forward"):
                 try:
                     return self._forward(loss_fn, params, batch, V, autocast=autocast)
-                except (RuntimeError, NotImplementedError):
+                except (RuntimeError, NotImplementedError) as exc:
+                    reason = _first_line(exc)
                     if self.backend == "forward":
-                        raise
+                        from diagnostics.errors import DiagnosticsError
+
+                        raise DiagnosticsError(
+                            f"--backend forward: forward-mode differentiation fails on this model ({reason}); "
+                            "pass --backend reverse (double backward) or --backend auto"
+                        ) from exc
                     self.backend = "reverse"
+                    self._notes.append(
+                        f"forward-over-reverse products failed ({reason}); double backward (--backend reverse) "
+                        "was used instead"
+                    )
             return self._reverse(loss_fn, params, batch, V, autocast=autocast)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:160]}"
 
 
 # ------------------------------------------------------------------------ curvature beyond the Hessian

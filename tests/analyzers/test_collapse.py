@@ -273,7 +273,7 @@ def test_bad_inputs_raise_one_line_errors():
         neural_collapse([(h, torch.randn(6))])
     with pytest.raises(DiagnosticsError, match="needs class labels"):
         neural_collapse([(h, None)])
-    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, flatten, not 'max'"):
+    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, last, first, flatten, not 'max'"):
         check_config(CollapseConfig(pool="max"))
     with pytest.raises(DiagnosticsError, match="--imbalance-ratio must be >= 1"):
         check_config(CollapseConfig(imbalance_ratio=0.5))

@@ -212,7 +212,7 @@ def test_bad_inputs():
         analyze_rank(RankConfig(layers=["encoder"], max_bytes=1000), ctx)
     with pytest.raises(DiagnosticsError, match="--max-samples must be >= 2, got 1"):
         analyze_rank(RankConfig(max_samples=1), ctx)
-    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, flatten, not 'max'"):
+    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, last, first, flatten, not 'max'"):
         analyze_rank(RankConfig(pool="max"), ctx)
     with pytest.raises(DiagnosticsError, match="--alpha-kmax"):
         RankConfig(alpha_kmin=5, alpha_kmax=6).validate()

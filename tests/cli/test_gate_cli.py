@@ -50,7 +50,7 @@ def test_baseline_refuses_to_overwrite(models, baseline_file: Path) -> None:
     assert r.exit_code == 2 and "exists; pass --force" in r.stderr
     assert baseline_file.read_bytes() == before
     bad = diag("baseline", models["base"], "--replicates", "1", "--out", baseline_file.with_name("k1.json"))
-    assert bad.exit_code == 2 and "at least 2" in bad.stderr
+    assert bad.exit_code == 2 and "--replicates must be >= 2, got 1" in bad.stderr
 
 
 def test_same_model_passes(models, baseline_file: Path, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def test_collapse_bad_input_exits_2_with_one_line(digits_run, toy):
     msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-l", "pair"))
     assert "layer 'pair' gives a tuple, not a tensor" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--pool", "max"))
-    assert "--pool must be one of mean, flatten, not 'max'" in msg
+    assert "--pool must be one of mean, last, first, flatten, not 'max'" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "head", "--no-use-classifier"))
     assert "--classifier and --no-use-classifier contradict" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "features.1"))
@@ -192,11 +192,6 @@ def test_weights_with_an_explicit_model(toy):
     assert "no model given" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="structure gap: the generated command always binds data (run_command -> open_context); a data-free "
-    "analyzer needs Analyzer.needs_data=False and a model-only context (see the port's report)",
-)
 def test_weights_needs_no_data_factory(toy):
     res = invoke("weights", "toy.pt", "--model", "toy.py:build", "-f", "json")
     assert res.exit_code == 0, res.output
