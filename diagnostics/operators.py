@@ -15,13 +15,14 @@ token-weighted mean ``sum_b T_b L_b / T`` exactly, micro-batches and data shards
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diagnostics import distributed
 from diagnostics.batches import Batch, batch_size
+from diagnostics.binding import LOSS_NAMES, output_tensor
 from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg.curvature import (
@@ -121,8 +122,36 @@ def hessian_operator(
 
 
 def model_loss(ctx: Context) -> ModelLoss:
-    """``ctx``'s batch loss split at the model's outputs: ``loss_fn(model(w, x), y)``."""
+    """``ctx``'s batch loss split at the model's outputs: ``loss_fn(model(w, x), y)``.
+
+    For a built-in loss the outputs are the model's prediction tensor (the logits of a dict or
+    ``ModelOutput``, :func:`~diagnostics.binding.output_tensor`), which is what the loss takes; a custom
+    ``module:fn`` loss gets the outputs as the model returns them (they must be a tensor).
+    """
+    if ctx.loss_name in LOSS_NAMES:
+
+        def forward(params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+            out = ctx.forward(params, inputs)
+            pred = output_tensor(out)
+            return out if pred is None else pred
+
+        return ModelLoss(forward=forward, loss=ctx.loss_fn)
     return ModelLoss(forward=ctx.forward, loss=ctx.loss_fn)
+
+
+def _check_split_loss(ctx: Context, kind: str) -> None:
+    """Refuse, in one line, a context whose loss cannot be split at the model's outputs as ``l(z, y)``."""
+    if ctx.loss_name == "model" or ctx.own_causal_loss:
+        raise DiagnosticsError(
+            f"--curvature {kind} needs the loss as a function of the model's outputs, but --loss model is computed "
+            "inside the model; name the loss instead (e.g. --loss cross_entropy with next-token targets) or use "
+            "--curvature hessian or empirical_fisher"
+        )
+    if ctx.token_weighted:
+        raise DiagnosticsError(
+            f"--curvature {kind} supports one target per sample, but these targets are token-level (a mean over "
+            f"{ctx.counted} counted targets); use --curvature hessian or empirical_fisher, or give one target per sample"
+        )
 
 
 def _check_tensor_outputs(ctx: Context, loss: ModelLoss, batches: Sequence[Batch], kind: str) -> None:
@@ -179,6 +208,7 @@ def curvature_operator(
     if kind == "hessian":
         return hessian_operator(ctx, names=names, batches=batches, shard=shard, **options)
     if kind == "functional":
+        _check_split_loss(ctx, kind)
         h = hessian_operator(ctx, names=names, batches=batches, shard=shard, **options)
         options.pop("backend", None)
         g = curvature_operator(ctx, "ggn", names=names, batches=batches, shard=shard, backend=h.backend, **options)
@@ -192,6 +222,7 @@ def curvature_operator(
         options.pop("backend", None)
         options.pop("compile", None)
         return EmpiricalFisherOperator(sub.batch_loss, sub.params, loop, **options)
+    _check_split_loss(ctx, kind)
     split = model_loss(sub)
     _check_tensor_outputs(sub, split, loop.batches, kind)
     name = ctx.loss_name

@@ -112,3 +112,16 @@ class LogSoftmaxTiny(tm.Tiny):
 def build_logsoftmax() -> LogSoftmaxTiny:
     torch.manual_seed(0)
     return LogSoftmaxTiny()
+
+
+class DictTiny(tm.Tiny):
+    """The tiny classifier returning ``{"logits": z, "hidden": h}``, as transformers-style models do."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return {"hidden": h, "logits": self.fc2(h)}
+
+
+def build_dict_tiny() -> DictTiny:
+    torch.manual_seed(0)
+    return DictTiny()

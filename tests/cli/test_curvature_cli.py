@@ -153,3 +153,58 @@ def test_sweep_and_report_show_the_new_sections(digits_run: list[Path], tmp_path
     assert "classes C = 10" in outliers.caption
     batch = next(f for f in report.figures if f.key == "batch-sharpness")
     assert batch.png[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------- dict batches, dict outputs, model losses
+def test_ggn_and_fisher_on_dict_batches_and_dict_outputs(tmp_path: Path) -> None:
+    import hfmodels as hm
+    from curvature_refs import build_dict_tiny, dense_empirical_fisher
+
+    path = save_checkpoint(tmp_path / "d.pt", build_dict_tiny(), step=1)
+    args = ["--model", "curvature_refs:build_dict_tiny", "--data", "hfmodels:image_dicts", "--dtype", "float64"]
+    ref_ctx = tiny_context(save_checkpoint(tmp_path / "t.pt", tm.build_tiny(), step=1))  # same weights (seed 0)
+    batches = [(d["image"].double(), d["label"]) for d in hm.image_dicts()]
+    exact = {
+        "ggn": eig_desc(dense_ggn(ref_ctx, batches))[:2],
+        "empirical_fisher": eig_desc(dense_empirical_fisher(ref_ctx, batches))[:2],
+    }
+    exact["fisher"] = exact["ggn"]  # cross-entropy: F = GGN
+    for kind, want in exact.items():
+        r = run("hessian", str(path), *args, "--curvature", kind, "--top-k", "2", "--tol", "1e-9", "--format", "json")
+        assert r.exit_code == 0, r.output
+        got = [e["value"] for e in records(r, "eigenvalue")]
+        np.testing.assert_allclose(got, want, rtol=1e-7, err_msg=kind)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("diag: error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher", "functional"])
+def test_model_losses_and_token_targets_are_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    pytest.importorskip("transformers")
+    import hfmodels as hm
+
+    hm.build_gpt().save_pretrained(tmp_path / "gpt")
+    gpt = str(tmp_path / "gpt")
+    # the model computes its own loss (--loss model, a dict batch with labels): no l(z, y) to split
+    one_line_error(
+        run("hessian", gpt, "--data", "hfmodels:gpt_batches", "--curvature", kind), f"--curvature {kind}", "--loss model"
+    )
+    # token-level targets with a named loss: refused, naming what works
+    one_line_error(
+        run("hessian", gpt, "--data", "hfmodels:gpt_token_targets", "--loss", "cross_entropy", "--curvature", kind),
+        "token-level",
+        "empirical_fisher",
+    )
+    if kind != "ggn":
+        return
+    # the same data and --curvature empirical_fisher works (per-sample gradients of the token-weighted loss)
+    r = run("hessian", gpt, "--data", "hfmodels:gpt_batches", "--curvature", "empirical_fisher", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert records(r, "eigenvalue")[0]["value"] > 0
