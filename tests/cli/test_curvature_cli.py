@@ -157,8 +157,9 @@ def test_sweep_and_report_show_the_new_sections(digits_run: list[Path], tmp_path
 
 # ------------------------------------------------------------- dict batches, dict outputs, model losses
 def test_ggn_and_fisher_on_dict_batches_and_dict_outputs(tmp_path: Path) -> None:
-    import hfmodels as hm
     from curvature_refs import build_dict_tiny, dense_empirical_fisher
+
+    import hfmodels as hm
 
     path = save_checkpoint(tmp_path / "d.pt", build_dict_tiny(), step=1)
     args = ["--model", "curvature_refs:build_dict_tiny", "--data", "hfmodels:image_dicts", "--dtype", "float64"]
@@ -194,7 +195,9 @@ def test_model_losses_and_token_targets_are_refused_in_one_line(tmp_path: Path, 
     gpt = str(tmp_path / "gpt")
     # the model computes its own loss (--loss model, a dict batch with labels): no l(z, y) to split
     one_line_error(
-        run("hessian", gpt, "--data", "hfmodels:gpt_batches", "--curvature", kind), f"--curvature {kind}", "--loss model"
+        run("hessian", gpt, "--data", "hfmodels:gpt_batches", "--curvature", kind),
+        f"--curvature {kind}",
+        "--loss model",
     )
     # token-level targets with a named loss: refused, naming what works
     one_line_error(
