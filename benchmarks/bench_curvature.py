@@ -3,7 +3,7 @@ Hessian-vector product, and top-5 Gauss-Newton eigenvalues against hessian-eigen
 
 Usage::
 
-    python benchmarks/bench_curvature.py [--repeats 5] [--threads 1] [--k 1 8] [--models mlp cnn]
+    python benchmarks/bench_curvature.py [--repeats 3] [--threads 1] [--k 1 8] [--models mlp cnn]
                                          [--eigenthings PATH] [--out benchmarks/results]
 
 Problems (scikit-learn's digits training split, 1,437 samples, one batch, float32):
@@ -173,7 +173,7 @@ def accuracy(eigenthings: str | None) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
