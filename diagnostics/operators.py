@@ -2,8 +2,9 @@
 
 :mod:`diagnostics.linalg` knows losses, parameters and batches, nothing of checkpoints, contexts or
 process groups. Here a :class:`~diagnostics.context.Context` (its loss, analysed parameters and
-batches) becomes a :class:`~diagnostics.linalg.operator.HessianOperator`, and the data loop is sharded
-over the ``torch.distributed`` group when asked (:mod:`diagnostics.distributed` cuts the data and
+batches) becomes a :class:`~diagnostics.linalg.operator.HessianOperator` or another curvature operator
+(:func:`curvature_operator`: Gauss-Newton, Fisher, empirical Fisher, ``H - GGN``), and the data loop is
+sharded over the ``torch.distributed`` group when asked (:mod:`diagnostics.distributed` cuts the data and
 provides the all-reduce).
 
 Token-level losses (a transformers LM's loss, cross-entropy on ``[B, T, V]`` logits) are means over the
@@ -14,16 +15,37 @@ token-weighted mean ``sum_b T_b L_b / T`` exactly, micro-batches and data shards
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diagnostics import distributed
-from diagnostics.batches import Batch
+from diagnostics.batches import Batch, batch_size
+from diagnostics.binding import LOSS_NAMES, output_tensor
 from diagnostics.context import Context
+from diagnostics.errors import DiagnosticsError
+from diagnostics.linalg.curvature import (
+    CURVATURES,
+    EmpiricalFisherOperator,
+    FunctionalHessianOperator,
+    GaussNewtonOperator,
+    SampledFisherCurvature,
+)
 from diagnostics.linalg.data import DataLoop
-from diagnostics.linalg.operator import HessianOperator
+from diagnostics.linalg.operator import DataOperator, HessianOperator, LinearOperator
+from diagnostics.linalg.products import ModelLoss, as_dtype, math_attention, output_hessian
+
+#: losses whose Fisher equals their Gauss-Newton matrix (canonical-link exponential families), and the
+#: predictive distribution each is the negative log-likelihood of
+FISHER_IDENTITY = {
+    "cross_entropy": "categorical softmax(z): F = GGN exactly",
+    "bce_with_logits": "Bernoulli sigmoid(z): F = GGN exactly",
+    "mse": (
+        "Gaussian N(z, sigma^2 I) with sigma^2 = D/2 (D outputs per sample), whose negative log-likelihood is the "
+        "mean squared error up to a constant: F = GGN; for noise variance s^2 multiply by D/(2 s^2)"
+    ),
+}
 
 
 def data_loop(
@@ -97,3 +119,146 @@ def hessian_operator(
     loop_options = {k: options.pop(k) for k in loop_keys if k in options}
     loop = data_loop(list(batches if batches is not None else sub.batches), shard=shard, **loop_options)
     return HessianOperator(sub.batch_loss, sub.params, loop, **options)
+
+
+def model_loss(ctx: Context) -> ModelLoss:
+    """``ctx``'s batch loss split at the model's outputs: ``loss_fn(model(w, x), y)``.
+
+    For a built-in loss the outputs are the model's prediction tensor (the logits of a dict or
+    ``ModelOutput``, :func:`~diagnostics.binding.output_tensor`), which is what the loss takes; a custom
+    ``module:fn`` loss gets the outputs as the model returns them (they must be a tensor).
+    """
+    if ctx.loss_name in LOSS_NAMES:
+
+        def forward(params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+            out = ctx.forward(params, inputs)
+            pred = output_tensor(out)
+            return out if pred is None else pred
+
+        return ModelLoss(forward=forward, loss=ctx.loss_fn)
+    return ModelLoss(forward=ctx.forward, loss=ctx.loss_fn)
+
+
+def _check_split_loss(ctx: Context, kind: str) -> None:
+    """Refuse, in one line, a context whose loss cannot be split at the model's outputs as ``l(z, y)``."""
+    if ctx.loss_name == "model" or ctx.own_causal_loss:
+        raise DiagnosticsError(
+            f"--curvature {kind} needs the loss as a function of the model's outputs, but --loss model is computed "
+            "inside the model; name the loss instead (e.g. --loss cross_entropy with next-token targets) or use "
+            "--curvature hessian or empirical_fisher"
+        )
+    if ctx.token_weighted:
+        raise DiagnosticsError(
+            f"--curvature {kind} supports one target per sample, but these targets are token-level (a mean over "
+            f"{ctx.counted} counted targets); use --curvature hessian or empirical_fisher, or give one target per sample"
+        )
+
+
+def _check_tensor_outputs(ctx: Context, loss: ModelLoss, batches: Sequence[Batch], kind: str) -> None:
+    """One forward of the smallest batch: the model must return the tensor the loss takes."""
+    if not batches:
+        return
+    smallest = min(batches, key=batch_size)
+    try:
+        with torch.no_grad(), math_attention():
+            loss.outputs(ctx.params, smallest[0])
+    except TypeError as exc:
+        raise DiagnosticsError(
+            f"--curvature {kind}: {exc}; wrap the model so that it returns the tensor its loss takes, or use "
+            "--curvature hessian or empirical_fisher"
+        ) from None
+
+
+def curvature_operator(
+    ctx: Context,
+    kind: str = "hessian",
+    *,
+    names: Sequence[str] | None = None,
+    batches: Sequence[Batch] | None = None,
+    shard: bool | None = None,
+    fisher_samples: int = 16,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> LinearOperator:
+    """The curvature matrix ``kind`` of ``ctx``'s mean loss over its batches (or ``batches``) w.r.t. ``names``.
+
+    Args:
+        ctx: the context.
+        kind: one of :data:`~diagnostics.linalg.curvature.CURVATURES`: ``hessian``, ``ggn`` (closed-form
+            output Hessian for cross_entropy, mse, bce_with_logits; autograd for a custom loss), ``fisher``
+            (= GGN for the losses of :data:`FISHER_IDENTITY`, else sampled labels), ``empirical_fisher``,
+            ``functional`` (``H - GGN``).
+        names: restrict to these analysed parameters (the diagonal block).
+        batches: use these batches instead of ``ctx.batches``.
+        shard: shard the data over the process group (see :func:`data_loop`).
+        fisher_samples: labels drawn per input for a sampled Fisher.
+        generator: their random stream (default: stream 7 of the context's seed).
+        **options: as for :func:`hessian_operator`.
+
+    Returns:
+        The operator (a :class:`~diagnostics.linalg.operator.DataOperator`, or a
+        :class:`~diagnostics.linalg.curvature.FunctionalHessianOperator`). A sampled Fisher has
+        ``fisher_samples`` set; others have ``fisher_rule`` where the exact identity was used.
+
+    Raises:
+        DiagnosticsError: a curvature the loss or model does not admit.
+    """
+    if kind not in CURVATURES:
+        raise DiagnosticsError(f"unknown curvature '{kind}'; use one of {', '.join(CURVATURES)}")
+    if kind == "hessian":
+        return hessian_operator(ctx, names=names, batches=batches, shard=shard, **options)
+    if kind == "functional":
+        _check_split_loss(ctx, kind)
+        h = hessian_operator(ctx, names=names, batches=batches, shard=shard, **options)
+        options.pop("backend", None)
+        g = curvature_operator(ctx, "ggn", names=names, batches=batches, shard=shard, backend=h.backend, **options)
+        assert isinstance(g, GaussNewtonOperator)
+        return FunctionalHessianOperator(h, g)
+    sub = ctx if names is None else ctx.restrict(names=names)
+    loop_keys = ("weights", "micro_batch", "accumulate_dtype")
+    loop_options = {k: options.pop(k) for k in loop_keys if k in options}
+    loop = data_loop(list(batches if batches is not None else sub.batches), shard=shard, **loop_options)
+    if kind == "empirical_fisher":
+        options.pop("backend", None)
+        options.pop("compile", None)
+        return EmpiricalFisherOperator(sub.batch_loss, sub.params, loop, **options)
+    _check_split_loss(ctx, kind)
+    split = model_loss(sub)
+    _check_tensor_outputs(sub, split, loop.batches, kind)
+    name = ctx.loss_name
+    if kind == "ggn":
+        if name == "nll":
+            raise DiagnosticsError(
+                "--curvature ggn with --loss nll is zero: nll is linear in the model's outputs (log-probabilities); "
+                "give the logits to --loss cross_entropy for the softmax's Gauss-Newton matrix, or use --curvature fisher"
+            )
+        op = GaussNewtonOperator(split, sub.params, loop, curvature=output_hessian(name, ctx.loss_fn), **options)
+        return op
+    if name in FISHER_IDENTITY:
+        op = GaussNewtonOperator(
+            split, sub.params, loop, curvature=output_hessian(name, ctx.loss_fn), kind="fisher", **options
+        )
+        op.fisher_rule = FISHER_IDENTITY[name]  # type: ignore[attr-defined]
+        return op
+    gen = generator if generator is not None else ctx.generator(7)
+    curv = SampledFisherCurvature(
+        split,
+        sub.params,
+        loop,
+        samples=fisher_samples,
+        generator=gen,
+        autocast=as_dtype(options.get("autocast"), "autocast"),
+    )
+    op = GaussNewtonOperator(split, sub.params, loop, curvature=curv, kind="fisher", **options)
+    op.fisher_samples = int(fisher_samples)  # type: ignore[attr-defined]
+    return op
+
+
+__all__ = [
+    "FISHER_IDENTITY",
+    "DataOperator",
+    "curvature_operator",
+    "data_loop",
+    "hessian_operator",
+    "model_loss",
+]

@@ -578,3 +578,89 @@ def landscape_surface_figure(grid: pd.DataFrame, title: str = "Loss landscape") 
     ax.set_zlabel("loss")
     ax.set_title(title, fontsize="medium")
     return fig
+
+
+# --------------------------------------------------------------------- curvature beyond the Hessian
+def curvature_comparison_figure(
+    frame: pd.DataFrame, order: list[str] | None = None, max_index: int = 3, title: str | None = None
+) -> Figure:
+    """Top eigenvalues of several curvatures over training: one panel per index, one line per curvature.
+
+    Args:
+        frame: records; ``curvature_eigenvalue`` rows (``group`` = ``curvature=<kind>``) are drawn.
+        order: checkpoint order, for the x axis when a step is unknown.
+        max_index: panels for indices ``0 .. max_index - 1``.
+        title: the figure's title.
+
+    Raises:
+        ValueError: no ``curvature_eigenvalue`` records.
+    """
+    df = frame[frame["metric"] == "curvature_eigenvalue"]
+    _require(df, "curvature_eigenvalue")
+    df, xlabel = _with_x(df, order)
+    indices = sorted(int(i) for i in df["index"].dropna().unique())[:max_index]
+    fig = Figure(figsize=(3.6 * len(indices) + 0.6, 3.3), layout="constrained")
+    axes = fig.subplots(1, len(indices), squeeze=False)[0]
+    for ax, i in zip(axes, indices):
+        sub = df[df["index"] == i]
+        for group, part in sub.groupby("group", sort=False):
+            _draw_series(ax, part, str(group).removeprefix("curvature="), lw=1.3)
+        ax.set_title(f"eigenvalue {i} (0 = largest)", fontsize="medium")
+        ax.set_xlabel(xlabel, fontsize="small")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="best")
+    fig.suptitle(title or "Top eigenvalues of each curvature")
+    return fig
+
+
+def curvature_comparison_section(
+    frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame]
+) -> list[tuple[str, str, Figure]]:
+    """The curvature comparison of ``diag hessian --compare-curvatures`` (a section ``figure``)."""
+    if not (frame["metric"] == "curvature_eigenvalue").any():
+        return []
+    order = list(dict.fromkeys(frame["checkpoint"]))
+    title = "Gauss-Newton vs Hessian: top eigenvalues over training"
+    return [("curvatures", title, curvature_comparison_figure(frame, order, title=title))]
+
+
+def batch_sharpness_figure(frame: pd.DataFrame, order: list[str] | None = None) -> Figure:
+    """Batch sharpness (± stderr) and the full-batch ``eigenvalue_0`` against the step, with the threshold 2/eta.
+
+    Args:
+        frame: records with ``batch_sharpness`` and, when present, ``eigenvalue`` (index 0, whole model)
+            and ``eos_threshold``.
+        order: checkpoint order, for the x axis when a step is unknown.
+
+    Raises:
+        ValueError: no ``batch_sharpness`` records.
+    """
+    whole = _whole_model(frame)
+    bs = whole[whole["metric"] == "batch_sharpness"]
+    _require(bs, "batch_sharpness")
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    part, xlabel = _with_x(bs, order)
+    _draw_series(ax, part, "batch sharpness E_B[g_B^T H_B g_B / |g_B|^2]", lw=1.4)
+    lam = whole[(whole["metric"] == "eigenvalue") & (whole["index"] == 0)]
+    if len(lam):
+        _draw_series(ax, _with_x(lam, order)[0], "full-batch λ_max (eigenvalue_0)", lw=1.4, marker="s")
+    thr = whole[whole["metric"] == "eos_threshold"]
+    if len(thr):
+        _draw_threshold(ax, thr, "stability threshold eos_threshold (2/η for SGD)", order)
+    ax.set_xlabel(xlabel, fontsize="small")
+    ax.set_ylabel("curvature")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="best")
+    ax.set_title("Batch vs full-batch sharpness")
+    return fig
+
+
+def batch_sharpness_section(
+    frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame]
+) -> list[tuple[str, str, Figure]]:
+    """The batch-sharpness section of ``diag hessian --batch-sharpness`` (a section ``figure``)."""
+    if not (frame["metric"] == "batch_sharpness").any():
+        return []
+    order = list(dict.fromkeys(frame["checkpoint"]))
+    return [("batch-sharpness", "Batch vs full-batch sharpness against 2/η", batch_sharpness_figure(frame, order))]

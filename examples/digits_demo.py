@@ -5,7 +5,9 @@ write the full report under ``reports/digits/``: ``index.html`` (self-contained)
 ``figures/*.png`` and the tidy table ``records.parquet`` / ``records.csv``.
 
 It reproduces the edge of stability (Cohen et al. 2021): the sharpness eigenvalue_0 rises until it
-reaches 2/eta and then hovers there (``eos_ratio`` near 1).
+reaches 2/eta and then hovers there (``eos_ratio`` near 1). The report also compares the Gauss-Newton and
+Hessian spectra, counts the outliers above the bulk against the 10 classes, follows the gradient's share in
+the top eigenspace, batch sharpness against 2/eta and the block heterogeneity of the three layers.
 
     python examples/digits_demo.py [--out reports/digits] [--run-dir runs/digits] [--lr 2.0] [--steps 2000]
 
@@ -50,6 +52,16 @@ DEMO_OPTIONS = {
         "density": True,
         "density_probes": 3,
         "density_steps": 40,
+        # curvature beyond the Hessian: Gauss-Newton vs Hessian, outliers vs the 10 classes, the gradient's
+        # share in the top eigenspace, batch sharpness (full-batch GD: the one batch is the training batch),
+        # block heterogeneity over the three layers
+        "compare_curvatures": ["hessian", "ggn"],
+        "gradient_alignment": True,
+        "outliers": True,
+        "outlier_k": 20,
+        "batch_sharpness": True,
+        "block_heterogeneity": True,
+        "blocks": "layer",
     },
     "rankme": {},
     "collapse": {},
@@ -70,6 +82,27 @@ def analyse(run_dir: Path, out: Path) -> SweepResult:
         print(f"  {line}", file=sys.stderr, flush=True)
 
     return sweep(run_dir, settings, cache_dir=out / CACHE_DIR, exclude=[out], log=log)
+
+
+def curvature_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per step: Hessian and GGN lambda_max, outliers, gradient alignment, batch sharpness, heterogeneity."""
+    cols = {
+        ("curvature_eigenvalue", "curvature=hessian"): "hessian_0",
+        ("curvature_eigenvalue", "curvature=ggn"): "ggn_0",
+        ("outlier_count", None): "outliers",
+        ("outlier_count", "curvature=ggn"): "ggn_outliers",
+        ("gradient_alignment", None): "alignment",
+        ("gradient_alignment", "curvature=ggn"): "ggn_alignment",
+        ("batch_sharpness", None): "batch_sharpness",
+        ("block_heterogeneity", None): "block_js",
+    }
+    out = {}
+    for (metric, group), name in cols.items():
+        rows = df[(df["metric"] == metric) & (df["index"].fillna(0) == 0)]
+        rows = rows[rows["group"].isna()] if group is None else rows[rows["group"] == group]
+        if len(rows):
+            out[name] = rows.set_index("step")["value"]
+    return pd.DataFrame(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     print(wide.to_string(float_format=lambda v: f"{v:.4f}"))
     late = wide[wide.index >= args.steps // 2]["eos_ratio"]
     print(f"\nmean eos_ratio over steps >= {args.steps // 2}: {late.mean():.3f} (edge of stability = 1)")
+    beyond = curvature_table(df)
+    if len(beyond):
+        print("\ncurvature beyond the Hessian (index 0 / whole model):")
+        print(beyond.to_string(float_format=lambda v: f"{v:.4f}"))
+        beyond.to_csv(args.out / "curvature_by_step.csv")
     pd.DataFrame(wide).to_csv(args.out / "sharpness_by_step.csv")
     print(f"results: {args.out / 'hessian.csv'}, {args.out / 'hessian.json'}", file=sys.stderr)
     print(f"report: {written['index.html']} ({len(report.figures)} figures), {written['report.md']}", file=sys.stderr)

@@ -15,12 +15,23 @@ Metrics (records; ``group`` is null for the whole model, a module name with ``pe
   ``2/lr`` for GD/SGD (so ``eos_ratio = lambda_max * lr / 2``), ``(2+2 beta)/lr`` with heavy-ball
   momentum, ``(2+2 beta)/((1+2 beta) lr)`` with Nesterov (Cohen et al. 2021). For Adam the raw Hessian
   has no threshold; see ``diag sharpness`` for the preconditioned one.
+
+Curvature beyond the Hessian (:mod:`diagnostics.linalg.curvature`): ``--curvature`` replaces the Hessian by
+the Gauss-Newton matrix, the Fisher, the empirical Fisher or ``H - GGN`` in every output above (top/bottom
+eigenvalues, trace, density, per-layer, per-class; metric names unchanged, the matrix in the metadata's
+``curvature``). Further records, each declared below with its formula: ``curvature_eigenvalue``
+(``--compare-curvatures``), ``gradient_alignment``/``gradient_overlap``, ``outlier_count``/``bulk_edge``/
+``num_classes`` (``--outliers``), ``batch_sharpness``/``batch_sharpness_ratio`` (always of the loss Hessian of
+each mini-batch), ``block_eigenvalue``/``block_heterogeneity``. They live in this analyzer (not a separate
+one) because their report sections compare them with its own records: batch sharpness with ``eigenvalue_0``
+and ``eos_threshold``, the Gauss-Newton spectrum with the Hessian's.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diagnostics.analyzers.eos import eos_threshold
@@ -42,7 +53,7 @@ from diagnostics.spec import (
 if TYPE_CHECKING:
     from diagnostics.context import Batch, Context
     from diagnostics.linalg.lanczos import LanczosResult
-    from diagnostics.linalg.operator import HessianOperator
+    from diagnostics.linalg.operator import DataOperator, HessianOperator
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
@@ -53,11 +64,16 @@ default_grid, gaussian_density, negative_mass, slq = lazy_from(
     "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "slq"
 )
 lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
+batch_size = lazy_from("diagnostics.batches", "batch_size")
 hutchpp = lazy_from("diagnostics.linalg.trace", "hutchpp")
-hessian_operator = lazy_from("diagnostics.operators", "hessian_operator")
+curvature_operator = lazy_from("diagnostics.operators", "curvature_operator")
+cm = lazy_import("diagnostics.analyzers.curvature_metrics")
+sampled_fisher_stderr = lazy_from("diagnostics.linalg.curvature", "sampled_fisher_stderr")
 
 NAME = "hessian"
 HVP_BACKENDS = ("auto", "cached", "forward", "reverse")
+# the curvature matrices (diagnostics.linalg.curvature.CURVATURES, repeated here to keep this module torch-free)
+CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher", "functional")
 # how the Hessian is computed, not what is measured: the gate takes these from its own settings
 SCALE_OPTIONS = (
     "backend",
@@ -151,6 +167,42 @@ class HessianConfig(ScaleOptions):
     negative_tol: float = option(
         1e-4, help="negative_mass counts eigenvalues below -negative_tol·|λ_max|", min=0, min_open=True
     )
+    curvature: str = option(
+        "hessian",
+        help="the matrix every output analyses: hessian | ggn (Gauss-Newton J^T H_l J) | fisher | empirical_fisher "
+        "| functional (H - GGN)",
+        choices=CURVATURES,
+    )
+    fisher_samples: int = option(
+        16,
+        help="labels sampled per input for --curvature fisher when the loss has no exact Fisher (nll, custom)",
+        min=2,
+    )
+    compare_curvatures: list[str] = option(
+        default_factory=list,
+        help="also the top-k eigenvalues of these curvatures (curvature_eigenvalue), e.g. hessian,ggn",
+        choices=CURVATURES,
+    )
+    outliers: bool = option(
+        False, help="count the top eigenvalues above the bulk edge of the spectral density (vs the number of classes)"
+    )
+    outlier_k: int | None = option(
+        None, help="top eigenvalues examined by --outliers (default: 3 x the number of model outputs)", min=1
+    )
+    gradient_alignment: bool = option(
+        False, help="the gradient's share in the top-k eigenspace, ||U_k^T g||^2/||g||^2 (Gur-Ari et al. 2018)"
+    )
+    batch_sharpness: bool = option(
+        False, help="E_B[g_B^T H_B g_B / ||g_B||^2] over batches of --batch-size (Andreyev & Beneventano 2024)"
+    )
+    block_heterogeneity: bool = option(
+        False, help="per-block top eigenvalue and SLQ density; mean pairwise JS distance (Zhang et al. 2024)"
+    )
+    blocks: str = option(
+        "tensor",
+        help="blocks of --block-heterogeneity: each parameter tensor, or each layer",
+        choices=("tensor", "layer"),
+    )
     per_layer: bool = option(False, help="also the spectrum of each layer's block")
     per_class: bool = option(False, help="also the Hessian of each class's loss")
     lr: float | None = option(
@@ -171,24 +223,38 @@ def build_operator(
     names: list[str] | None = None,
     batches: list[Batch] | None = None,
     backend: str | None = None,
-) -> HessianOperator:
-    """The Hessian operator ``diag hessian`` measures, with ``config``'s backend and scale options.
+    kind: str | None = None,
+    shard: bool | None = None,
+) -> DataOperator:
+    """The operator ``diag hessian`` measures (``config.curvature``), with ``config``'s backend and scale options.
 
     Args:
         ctx: the context.
-        config: the settings (``backend``, ``max_vectors``, ``micro_batch``, ``autocast``,
-            ``accumulate_dtype``, ``compile`` apply).
+        config: the settings (``curvature``, ``fisher_samples``, ``backend``, ``max_vectors``,
+            ``micro_batch``, ``autocast``, ``accumulate_dtype``, ``compile`` apply).
         names: restrict to these parameters (a layer's block).
         batches: use these batches (a class's samples).
         backend: override ``config.backend`` (e.g. the one the whole-model operator settled on).
+        kind: override ``config.curvature``.
+        shard: shard the data over the process group (default: when one is active).
 
     Returns:
-        The operator (sharded over the process group by default; see ``hessian_operator``).
+        The operator (the Hessian, or a curvature operator of :mod:`diagnostics.linalg.curvature`; sharded
+        over the process group by default; see ``diagnostics.operators.curvature_operator``).
     """
     options = config.operator_options()
     if backend is not None:
         options["backend"] = backend
-    return hessian_operator(ctx, names=names, batches=batches, **options)
+    return curvature_operator(
+        ctx,
+        kind or config.curvature,
+        names=names,
+        batches=batches,
+        shard=shard,
+        fisher_samples=config.fisher_samples,
+        generator=ctx.generator(7),
+        **options,
+    )
 
 
 def run_lanczos(
@@ -386,8 +452,43 @@ def _blocks(config: HessianConfig, ctx: Context) -> list[tuple[str, str, dict[st
     return out
 
 
+def _mc_errors(op: Any, res: LanczosResult | None) -> tuple[list[float], list[float]] | None:
+    """Monte-Carlo standard errors of a sampled Fisher's top and bottom eigenvalues (None for other operators)."""
+    if res is None or getattr(op, "fisher_samples", None) is None:
+        return None
+    top = sampled_fisher_stderr(op, res.eigenvectors).tolist() if res.eigenvectors.shape[1] else []
+    bottom = sampled_fisher_stderr(op, res.bottom_eigenvectors).tolist() if res.bottom_eigenvectors.shape[1] else []
+    return top, bottom
+
+
+def _with_mc_errors(rows: list[tuple], errors: tuple[list[float], list[float]] | None, group: Any) -> list[tuple]:
+    """``eigenvalue``/``bottom_eigenvalue`` rows of ``group`` with stderr ``sqrt(bound^2 + mc^2)`` (sampled Fisher)."""
+    if errors is None:
+        return rows
+    out = []
+    for metric, value, se, index, g in rows:
+        table = {"eigenvalue": errors[0], "bottom_eigenvalue": errors[1]}.get(metric)
+        if table is not None and g == group and index is not None and index < len(table):
+            se = math.hypot(float(se), float(table[index]))
+        out.append((metric, value, se, index, g))
+    return out
+
+
+def _curvature_info(op: Any) -> dict[str, Any]:
+    """What matrix an operator is: its kind and, for the Fisher, the identity used or the sample count."""
+    info: dict[str, Any] = {"kind": getattr(op, "kind", "hessian")}
+    if getattr(op, "fisher_rule", None):
+        info["fisher"] = f"exact: {op.fisher_rule}"
+    if getattr(op, "fisher_samples", None):
+        info["fisher"] = (
+            f"sampled: {op.fisher_samples} labels per input from p(c|x) = exp(-loss(z, c)); eigenvalue stderr = "
+            "sqrt(Lanczos bound^2 + Monte-Carlo stderr^2); trace/density carry no Monte-Carlo error"
+        )
+    return info
+
+
 def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
-    """Hessian spectrum at ``ctx`` -> records (see module docstring) and run metadata.
+    """Spectrum of the loss Hessian (or of ``config.curvature``) at ``ctx`` -> records (see module docstring).
 
     Artifacts: ``lanczos`` (the :class:`LanczosResult` of the whole model, with eigenvectors) and
     ``density`` (a DataFrame ``group, eigenvalue, density`` when asked).
@@ -396,17 +497,20 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
     notes = check_k(config, ctx.n_params)  # before any HVP
     op = build_operator(ctx, config)
     full = _spectrum(op, config, ctx, None, 0, progress)
+    mc = _mc_errors(op, full.lanczos)
     total_hvps = op.hvp_count
     notes += op.notes
-    rows = list(full.rows)
-    info: dict[str, Any] = {"model": full.info}
+    rows = _with_mc_errors(list(full.rows), mc, None)
+    info: dict[str, Any] = {"curvature": _curvature_info(op), "model": full.info}
+    if mc is not None:
+        info["model"]["fisher_mc_stderr"] = {"top": mc[0], "bottom": mc[1]}
     densities = [full.density] if full.density is not None else []
     eos_rows, info["eos"] = _eos(config, ctx, full)
     rows += eos_rows
     for section, group, where, stream, extra in _blocks(config, ctx):
         bop = build_operator(ctx, config, backend=op.backend, **where)
         spec = _spectrum(bop, config, ctx, group, stream, progress)
-        rows += spec.rows
+        rows += _with_mc_errors(spec.rows, _mc_errors(bop, spec.lanczos), group)
         total_hvps += bop.hvp_count
         notes += bop.notes
         info.setdefault(section, {})[group] = {**spec.info, **extra}
@@ -417,6 +521,11 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
             f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
             f"tol={config.tol}; raise --max-iter (each eigenvalue's error bound is in stderr)"
         )
+    beyond = _beyond_spectrum(config, ctx, op, full, progress)
+    rows += beyond.rows
+    total_hvps += beyond.hvps
+    notes += beyond.notes
+    info.update(beyond.info)
     metadata = {
         "backend": op.backend,
         "hvp_count": total_hvps,
@@ -431,12 +540,265 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 
+# ------------------------------------------------------------------------------ beyond the spectrum
+@dataclass
+class _Beyond:
+    rows: list[tuple] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    hvps: int = 0
+
+
+def _curvature_group(kind: str) -> str:
+    return f"curvature={kind}"
+
+
+def num_outputs(ctx: Context) -> int | None:
+    """Model outputs per sample (classes for a classifier): ``z.shape[1]`` of the smallest batch, or None."""
+    if not ctx.batches:
+        return None
+    smallest = min(ctx.batches, key=batch_size)
+    with torch.no_grad():
+        z = ctx.forward(ctx.params, smallest[0])
+    if not isinstance(z, torch.Tensor) or z.dim() < 2:
+        return None
+    return int(z.shape[1])
+
+
+def _slq_nodes(
+    op: Any, config: HessianConfig, ctx: Context, full: _Spectrum | None, stream: int
+) -> tuple[list[Any], list[Any], int]:
+    """SLQ nodes/weights of ``op``: the ones ``--density`` computed, else a fresh run -> (nodes, weights, hvps)."""
+    if full is not None and "density" in full.info:
+        d = full.info["density"]
+        return (
+            [torch.tensor(t, dtype=torch.float64) for t in d["nodes"]],
+            [torch.tensor(w, dtype=torch.float64) for w in d["weights"]],
+            0,
+        )
+    start = op.hvp_count
+    q = slq(
+        op,
+        probes=config.density_probes,
+        steps=min(config.density_steps, op.dim),
+        generator=ctx.generator(stream),
+        block=config.block_size,
+    )
+    return list(q.nodes), list(q.weights), op.hvp_count - start
+
+
+def _beyond_spectrum(
+    config: HessianConfig, ctx: Context, op: Any, full: _Spectrum, progress: ProgressFn | None
+) -> _Beyond:
+    """Curvature comparisons, outliers, gradient alignment, batch sharpness and block heterogeneity."""
+    out = _Beyond()
+    if config.compare_curvatures or config.outliers or config.gradient_alignment:
+        _curvature_runs(config, ctx, op, full, out, progress)
+    if config.batch_sharpness:
+        _batch_sharpness(config, ctx, out, progress)
+    if config.block_heterogeneity:
+        _block_heterogeneity(config, ctx, op, out, progress)
+    return out
+
+
+def _curvature_runs(
+    config: HessianConfig, ctx: Context, op: Any, full: _Spectrum, out: _Beyond, progress: ProgressFn | None
+) -> None:
+    """Top eigenpairs of each compared curvature (and of ``--curvature`` for alignment/outliers) -> rows."""
+    primary = config.curvature
+    kinds = list(dict.fromkeys(config.compare_curvatures))
+    if (config.gradient_alignment or config.outliers) and primary not in kinds:
+        kinds.insert(0, primary)
+    classes = num_outputs(ctx) if config.outliers else None
+    m = min(config.outlier_k or 3 * (classes or 10), op.dim) if config.outliers else 0
+    k = min(config.top_k, op.dim)
+    gradient = op.gradient() if config.gradient_alignment and k >= 1 else None
+    if config.outliers and classes is not None:
+        out.rows.append(("num_classes", float(classes), None, None, None))
+    runs: dict[str, Any] = {}
+    for ci, kind in enumerate(kinds):
+        group = None if kind == primary else _curvature_group(kind)
+        kop = op if kind == primary else build_operator(ctx, config, kind=kind)
+        want = max(k + 1 if gradient is not None else 0, m, k if kind in config.compare_curvatures else 0)
+        want = min(want, kop.dim)
+        reuse = kind == primary and gradient is None and want <= len(full.lanczos.eigenvalues)
+        run_info: dict[str, Any] = {}
+        if reuse:
+            res = full.lanczos
+            run_info["reused"] = "the --curvature Lanczos run"
+        else:
+            start = kop.hvp_count
+            res = lanczos(
+                kop,
+                k_top=want,
+                tol=config.tol,
+                max_iter=config.max_iter,
+                generator=ctx.generator(500_000 + ci),
+                basis_device=torch.device(config.basis_device) if config.basis_device else None,
+                block_size=config.block_size,
+                criterion="residual" if gradient is not None else ("residual" if config.strict_residual else "bound"),
+                progress=bind(progress, f"{kind} eigenpairs"),
+            )
+            run_info.update(
+                {
+                    "hvps": kop.hvp_count - start,
+                    "iterations": res.iterations,
+                    "converged": res.converged,
+                    "criterion": res.criterion,
+                }
+            )
+            if kind != primary:
+                out.hvps += kop.hvp_count
+                out.notes += kop.notes
+            else:
+                out.hvps += kop.hvp_count - start
+            if not res.converged:
+                out.notes.append(
+                    f"{kind}: Lanczos for {want} eigenpairs stopped after {res.iterations} iterations before tol="
+                    f"{config.tol}; raise --max-iter"
+                )
+        eig = res.eigenvalues.tolist()
+        bounds = res.error_bounds.tolist()
+        run_info.update({"eigenvalues": eig, "residuals": res.residuals.tolist(), "error_bounds": bounds})
+        mc = _mc_errors(kop, res) if not reuse else None
+        if kind in config.compare_curvatures:
+            for i in range(min(k, len(eig))):
+                se = bounds[i] if mc is None else math.hypot(bounds[i], mc[0][i])
+                out.rows.append(("curvature_eigenvalue", eig[i], se, i, _curvature_group(kind)))
+        if gradient is not None:
+            value, overlaps, bound, gap = cm.alignment_from_ritz(
+                res.eigenvectors, eig[: k + 1], res.residuals.tolist()[: k + 1], gradient, k
+            )
+            out.rows.append(("gradient_alignment", value, bound, None, group))
+            for i, o in enumerate(overlaps):
+                out.rows.append(("gradient_overlap", o, None, i, group))
+            run_info["alignment"] = {
+                "k": k,
+                "value": value,
+                "bound": bound,
+                "gap": gap,
+                "gradient_norm": float(gradient.norm()),
+                "rule": "|error| <= ||R_k||_F / (theta_k - theta_{k+1} - r_{k+1}) (Davis-Kahan sin-theta), 1 when "
+                "the gap is not positive",
+            }
+            if bound >= 0.5:
+                out.notes.append(
+                    f"{kind}: the top-{k} eigenspace is not separated from eigenvalue {k + 1} (gap {gap:.3g}); "
+                    f"the gradient alignment is undetermined to within {bound:.2f} (lower --tol or change --top-k)"
+                )
+        if config.outliers:
+            nodes, weights, hv = _slq_nodes(kop, config, ctx, full if kind == primary else None, 600_000 + ci)
+            out.hvps += hv
+            count, edge, saturated = cm.count_outliers(eig[:m], nodes, weights, kop.dim, config.density_sigma)
+            out.rows.append(("outlier_count", float(count), None, None, group))
+            out.rows.append(("bulk_edge", edge, None, None, group))
+            run_info["outliers"] = {"count": count, "edge": edge, "examined": m, "saturated": saturated}
+            if saturated:
+                out.notes.append(
+                    f"{kind}: all {m} examined eigenvalues lie above the bulk edge; outlier_count is a lower bound "
+                    "(raise --outlier-k)"
+                )
+        runs[kind] = run_info
+    out.info["curvatures"] = runs
+    if classes is not None:
+        out.info["num_classes"] = classes
+
+
+def _batch_sharpness(config: HessianConfig, ctx: Context, out: _Beyond, progress: ProgressFn | None) -> None:
+    """Batch sharpness over ``ctx``'s batches (the loss Hessian, one HVP per batch) and its ratio to 2/eta."""
+    hvps = 0
+    options = config.operator_options()
+    done = [0]
+
+    def gradient_and_hvp(batch: Batch) -> tuple[Any, Any]:
+        nonlocal hvps
+        hop = curvature_operator(ctx, "hessian", batches=[batch], shard=False, **options)
+        g = hop.gradient()
+        hg = hop.matvec(g)
+        hvps += hop.hvp_count
+        done[0] += 1
+        if progress is not None:
+            progress("batch sharpness", done[0], len(ctx.batches))
+        return g, hg
+
+    bs = cm.batch_sharpness(ctx.batches, gradient_and_hvp, batch_size)
+    se = bs.stderr if math.isfinite(bs.stderr) else None
+    out.rows.append(("batch_sharpness", bs.value, se, None, None))
+    lr = config.lr if config.lr is not None else ctx.lr
+    thr = eos_threshold(lr, ctx.checkpoint_metadata.get("optimizer") or {})
+    info: dict[str, Any] = {
+        "batch_size": bs.batch_size,
+        "batches": len(bs.per_batch),
+        "per_batch": bs.per_batch,
+        "dropped_samples": bs.dropped,
+        "hvps": hvps,
+        "matrix": "the loss Hessian of each batch (whatever --curvature)",
+    }
+    if thr is not None and thr.kind != "adam_preconditioned":
+        out.rows.append(
+            ("batch_sharpness_ratio", bs.value / thr.value, None if se is None else se / thr.value, None, None)
+        )
+        info.update({"threshold": thr.value, "rule": thr.rule})
+    if len(ctx.batches) == 1:
+        out.notes.append(
+            "batch sharpness over one batch is the full-batch directional sharpness g^T H g / ||g||^2; pass "
+            "--batch-size (the training batch size) for mini-batch SGD"
+        )
+    if bs.dropped:
+        out.notes.append(f"batch sharpness: the last {bs.dropped} samples (a smaller batch) were left out")
+    out.hvps += hvps
+    out.info["batch_sharpness"] = info
+
+
+def _block_heterogeneity(
+    config: HessianConfig, ctx: Context, op: Any, out: _Beyond, progress: ProgressFn | None
+) -> None:
+    """Per-block top eigenvalue and SLQ density of ``--curvature``, and their mean pairwise JS distance."""
+    if config.blocks == "layer":
+        blocks = parameter_groups(ctx.params)
+    else:
+        blocks = {name: [name] for name in ctx.params}
+    if len(blocks) < 2:
+        out.notes.append("block heterogeneity needs at least two blocks; the model has one (see --blocks)")
+        return
+    spectra = []
+    for bi, (bname, names) in enumerate(blocks.items()):
+        bop = build_operator(ctx, config, names=names, backend=op.backend)
+        spectra.append(
+            cm.block_spectrum(
+                bname,
+                bop,
+                tol=config.tol,
+                max_iter=config.max_iter,
+                probes=config.density_probes,
+                steps=config.density_steps,
+                generator=ctx.generator(400_000 + bi),
+                block_size=config.block_size,
+            )
+        )
+        out.hvps += bop.hvp_count
+        if progress is not None:
+            progress("block spectra", bi + 1, len(blocks))
+    het = cm.block_heterogeneity(spectra, config.density_points, config.density_sigma)
+    for b in spectra:
+        out.rows.append(("block_eigenvalue", b.eigenvalue, b.error_bound, None, b.name))
+    out.rows.append(("block_heterogeneity", het.value, het.stderr if math.isfinite(het.stderr) else None, None, None))
+    out.info["block_heterogeneity"] = {
+        "blocks": {b.name: {"dim": b.dim, "hvps": b.hvps, "converged": b.converged} for b in spectra},
+        "distances": het.distances,
+        "grid": list(het.grid),
+        "sigma": het.sigma,
+        "definition": "mean over block pairs of the Jensen-Shannon distance (bits) between their SLQ densities "
+        "on one grid; stderr: jackknife over probes",
+    }
+
+
 _GROUP = "null for the whole model; a module name with --per-layer; class=<c> with --per-class"
 
 
 ANALYZER = Analyzer(
     name=NAME,
-    summary="top/bottom Hessian eigenvalues, trace, spectral density, edge of stability",
+    summary="top/bottom Hessian (or Gauss-Newton, Fisher) eigenvalues, trace, spectral density, edge of stability",
     description="Hessian spectrum of the loss at a checkpoint: eigenvalues, trace, density, edge of stability.",
     config=HessianConfig,
     order=10,
@@ -485,6 +847,80 @@ ANALYZER = Analyzer(
             headline=True,
             reference="Cohen et al. 2021",
         ),
+        Metric(
+            "curvature_eigenvalue",
+            "top-k eigenvalues of each curvature of --compare-curvatures: hessian H, ggn G = (1/N) Σ_i J_i^T H_l(z_i) J_i, "
+            "fisher (= G for cross_entropy, bce_with_logits, mse), empirical_fisher (1/N) Σ_i g_i g_i^T, functional "
+            "H - G; stderr = the Lanczos error bound",
+            unit="loss / weight^2",
+            index="0 = largest",
+            group="curvature=<kind>",
+            reference="Martens 2014; Sagun et al. 2017; Papyan 2020",
+        ),
+        Metric(
+            "gradient_alignment",
+            "||U_k^T g||^2 / ||g||^2: the share of the full-batch gradient's squared norm in the span of the top-k "
+            "eigenvectors U_k of the curvature; stderr = the Davis-Kahan bound ||R_k||_F / (θ_k - θ_{k+1} - r_{k+1}) "
+            "on its error from the Ritz residuals R_k",
+            higher_is_better=None,
+            headline=True,
+            group="null for --curvature; curvature=<kind> for --compare-curvatures",
+            reference="Gur-Ari, Roberts, Dyer 2018",
+        ),
+        Metric(
+            "gradient_overlap",
+            "(u_i^T g)^2 / ||g||^2 for the i-th top eigenvector u_i (they sum to gradient_alignment)",
+            index="0 = top eigenvector",
+            group="null for --curvature; curvature=<kind> for --compare-curvatures",
+            reference="Gur-Ari, Roberts, Dyer 2018",
+        ),
+        Metric(
+            "outlier_count",
+            "number of the top --outlier-k eigenvalues above bulk_edge (a lower bound when all are)",
+            group="null for --curvature; curvature=<kind> for --compare-curvatures",
+            reference="Sagun et al. 2017; Papyan 2020",
+        ),
+        Metric(
+            "bulk_edge",
+            "upper edge of the spectrum's bulk: the first point above the SLQ median where the Gaussian-kernel "
+            "eigenvalue count n ρ_σ(t) σ √(2π) falls below 1/2 (eigenvalues more than ~2.4σ apart; σ = 1% of the span)",
+            unit="loss / weight^2",
+            group="null for --curvature; curvature=<kind> for --compare-curvatures",
+        ),
+        Metric(
+            "num_classes",
+            "model outputs per sample (the classes of a classifier), the reference of outlier_count: about one "
+            "outlier per class",
+            reference="Papyan 2020",
+        ),
+        Metric(
+            "batch_sharpness",
+            "E_B[g_B^T H_B g_B / ||g_B||^2] over the mini-batches B of --batch-size (g_B, H_B: gradient and Hessian "
+            "of B's mean loss); stderr = sd over batches / √batches",
+            unit="loss / weight^2",
+            headline=True,
+            reference="Andreyev & Beneventano 2024",
+        ),
+        Metric(
+            "batch_sharpness_ratio",
+            "batch_sharpness / eos_threshold (= batch_sharpness η / 2 for SGD); about 1 at the edge of stochastic "
+            "stability",
+            reference="Andreyev & Beneventano 2024",
+        ),
+        Metric(
+            "block_eigenvalue",
+            "top eigenvalue of each parameter block's diagonal block of the curvature (Lanczos; stderr = error bound)",
+            unit="loss / weight^2",
+            group="the block: a parameter tensor (--blocks tensor) or a layer (--blocks layer)",
+            reference="Zhang et al. 2024",
+        ),
+        Metric(
+            "block_heterogeneity",
+            "mean over block pairs of the Jensen-Shannon distance (bits, in [0, 1]) between the blocks' SLQ spectral "
+            "densities on one common grid (JS_0); stderr = jackknife over SLQ probes",
+            headline=True,
+            reference="Zhang et al. 2024",
+        ),
     ),
     outputs=(
         FileOutput(
@@ -521,6 +957,42 @@ ANALYZER = Analyzer(
             "Spectral density of the loss Hessian at each checkpoint by stochastic Lanczos quadrature "
             "(Gaussian-smoothed, log colour scale); lines: eigenvalue_0 and bottom_eigenvalue_0.",
             figure="diagnostics.plots:density_section",
+        ),
+        Section(
+            "Gauss-Newton vs Hessian",
+            ("curvature_eigenvalue",),
+            "Top eigenvalues of each curvature of --compare-curvatures against the step (band = error bound): the "
+            "Hessian H, the Gauss-Newton matrix G = J^T H_l J (PSD), the (empirical) Fisher and H - G. Near a "
+            "minimum with small residuals H ≈ G; their gap is the functional part H - G.",
+            figure="diagnostics.plots:curvature_comparison_section",
+        ),
+        Section(
+            "Outliers above the bulk vs the number of classes",
+            ("outlier_count",),
+            "Top eigenvalues above the edge of the spectral bulk, per curvature; trained classifiers show about one "
+            "outlier per class (Sagun et al. 2017, Papyan 2020).",
+            thresholds=(Threshold("num_classes", label="classes C = {value}"),),
+        ),
+        Section(
+            "Gradient alignment",
+            ("gradient_alignment", "gradient_overlap"),
+            "Share of the gradient's squared norm in the top-k eigenspace (band = Davis-Kahan error bound); "
+            "Gur-Ari et al. (2018) find the gradient quickly enters the top eigenspace of the Hessian and stays.",
+        ),
+        Section(
+            "Batch vs full-batch sharpness",
+            ("batch_sharpness", "batch_sharpness_ratio"),
+            "Batch sharpness E_B[g_B^T H_B g_B/||g_B||^2] over mini-batches (band = ±1 stderr over batches) beside "
+            "the full-batch λ_max, against the stability threshold: under mini-batch SGD batch sharpness, not "
+            "λ_max, hovers at 2/η (Andreyev & Beneventano 2024).",
+            figure="diagnostics.plots:batch_sharpness_section",
+        ),
+        Section(
+            "Block heterogeneity",
+            ("block_heterogeneity", "block_eigenvalue"),
+            "Mean pairwise Jensen-Shannon distance between the spectral densities of parameter blocks (band = "
+            "jackknife stderr), and each block's top eigenvalue; heterogeneous blocks are what SGD's single step size "
+            "cannot serve (Zhang et al. 2024).",
         ),
     ),
 )

@@ -1,5 +1,12 @@
 """The numerical core: pure functions over a symmetric linear operator (``matvec``/``matmat``)."""
 
+from diagnostics.linalg.curvature import (
+    CURVATURES,
+    EmpiricalFisherOperator,
+    FunctionalHessianOperator,
+    GaussNewtonOperator,
+    SampledFisherCurvature,
+)
 from diagnostics.linalg.data import DataLoop
 from diagnostics.linalg.density import (
     SLQResult,
@@ -16,6 +23,7 @@ from diagnostics.linalg.lanczos import (
     lanczos_tridiagonal_block,
 )
 from diagnostics.linalg.operator import (
+    DataOperator,
     DenseOperator,
     HessianOperator,
     LinearOperator,
@@ -26,12 +34,18 @@ from diagnostics.linalg.operator import (
 from diagnostics.linalg.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
+    "CURVATURES",
     "DataLoop",
+    "DataOperator",
     "DenseOperator",
+    "EmpiricalFisherOperator",
+    "FunctionalHessianOperator",
+    "GaussNewtonOperator",
     "HessianOperator",
     "LanczosResult",
     "LinearOperator",
     "SLQResult",
+    "SampledFisherCurvature",
     "TraceEstimate",
     "block_lanczos",
     "gaussian_density",

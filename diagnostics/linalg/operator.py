@@ -1,5 +1,8 @@
-"""Symmetric linear operators on flat vectors: a base with composition, a dense matrix, and the Hessian
-of a loss over data.
+"""Symmetric linear operators on flat vectors: a base with composition, a dense matrix, a base for
+operators summed over data (:class:`DataOperator`) and the Hessian of a loss over data.
+
+The Gauss-Newton, Fisher and empirical-Fisher operators (each a :class:`DataOperator`) live in
+:mod:`diagnostics.linalg.curvature`.
 
 An operator is a symmetric ``n x n`` matrix known through its products: ``shape == (n, n)`` (``dim ==
 n``), ``dtype``, ``device``, ``matvec(v: [n]) -> [n]`` and ``matmat(V: [n, k]) -> [n, k]`` (``matvec`` is
@@ -21,16 +24,27 @@ Composition (each result is an operator; the inner one keeps counting its own pr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from diagnostics.batches import Batch, batch_size
 from diagnostics.linalg import memory
 from diagnostics.linalg.data import DataLoop, Reduce
-from diagnostics.linalg.products import BACKENDS, Layout, LossFn, Product, as_dtype, evaluate_loss, math_attention
+from diagnostics.linalg.products import (
+    BACKENDS,
+    Layout,
+    LossFn,
+    Product,
+    as_dtype,
+    batch_gradient,
+    evaluate_loss,
+    math_attention,
+)
 
 __all__ = [
     "BACKENDS",
+    "DataOperator",
     "DenseOperator",
     "HessianOperator",
     "LinearOperator",
@@ -251,26 +265,24 @@ def restricted(op: LinearOperator, block: slice) -> RestrictedOperator:
     return RestrictedOperator(op, block)
 
 
-class HessianOperator(LinearOperator):
-    """``v -> H v`` with ``H = d^2/dw^2 sum_b w_b L_b(w)``, the Hessian of the mean loss over data.
+class DataOperator(LinearOperator):
+    """Base of the operators that sum a per-batch product over data: ``A V = sum_b w_b A_b V``.
 
-    A :class:`~diagnostics.linalg.data.DataLoop` (batches, weights ``n_b / N``, micro-batching,
-    accumulation dtype, sharding) sums a per-batch product
-    (:class:`~diagnostics.linalg.products.Product`: forward-over-reverse with ``vmap``, double
-    backward, or the cached gradient graph; optionally compiled) over the data. Vectors are split
-    into blocks of at most ``max_vectors`` columns, each block one pass over the data, so ``matmat``
-    on ``k`` vectors costs far less than ``k`` calls of ``matvec`` (``benchmarks/bench_scale.py``).
+    It holds the :class:`~diagnostics.linalg.data.DataLoop` (batches, weights ``n_b / N``, micro-batching,
+    accumulation dtype, sharding), the point ``w`` and its flat :class:`Layout`, and splits the vectors
+    of a product into blocks of at most ``max_vectors`` columns, each block one pass over the data.
+    A subclass implements ``_batch_product(batch, V [n, k]) -> A_b V`` (and may set ``product``, whose
+    ``backend`` and ``notes`` it reports). Subclasses: :class:`HessianOperator` here; the Gauss-Newton,
+    Fisher and empirical-Fisher operators of :mod:`diagnostics.linalg.curvature`.
 
     Args:
         batch_loss: ``fn(params, batch) -> scalar`` mean loss of one batch.
         params: the point ``w`` as ``{name: tensor}``; the operator acts on their flat concatenation.
         data: a :class:`DataLoop`, or the batches (then ``loop_options`` build the loop: ``weights``,
             ``micro_batch``, ``accumulate_dtype``, ``reduce``).
-        backend: ``"auto"``, ``"cached"``, ``"forward"`` or ``"reverse"`` (see ``Product``).
         max_vectors: at most this many vectors per pass (bounds activation memory).
         autocast: run the forward (and its derivatives) under ``torch.autocast`` in ``bfloat16`` or
             ``float16``; parameters, vectors and the accumulation stay in the operator's dtype.
-        compile: ``torch.compile`` the per-batch product (falls back to eager with a note in ``notes``).
         memory_check: before the first product of each block width, estimate its memory from the
             activations autograd saves for the largest (micro-)batch and raise ``DiagnosticsError``
             with the requirement and a fix when it clearly exceeds the free memory of the device.
@@ -278,24 +290,25 @@ class HessianOperator(LinearOperator):
             :class:`DataLoop` built from a list of batches.
     """
 
+    #: what the operator is (``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``)
+    kind = "operator"
+
     def __init__(
         self,
         batch_loss: LossFn,
         params: Mapping[str, torch.Tensor],
         data: DataLoop | Sequence[Batch],
         *,
-        backend: str = "auto",
         max_vectors: int = 16,
         autocast: torch.dtype | str | None = None,
-        compile: bool = False,
         memory_check: bool = True,
         **loop_options: object,
     ) -> None:
         if not params:
-            raise ValueError("HessianOperator needs at least one parameter")
+            raise ValueError(f"{type(self).__name__} needs at least one parameter")
         unknown = sorted(set(loop_options) - {"weights", "micro_batch", "accumulate_dtype", "reduce"})
         if unknown:
-            raise TypeError(f"HessianOperator got unexpected keyword argument(s) {unknown}")
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
         if isinstance(data, DataLoop) and loop_options:
             raise ValueError(f"pass {sorted(loop_options)} to the DataLoop, not to the operator")
         self.loop = data if isinstance(data, DataLoop) else DataLoop(data, **loop_options)  # type: ignore[arg-type]
@@ -307,7 +320,7 @@ class HessianOperator(LinearOperator):
         first = next(iter(self.params.values()))
         super().__init__(self.layout.dim, first.dtype, first.device)
         self.batch_loss = batch_loss
-        self.product = Product(backend, n_batches=len(self.loop.batches), compile=compile)
+        self.product: Any = None
         self.max_vectors = max(1, int(max_vectors))
         self.memory_check = bool(memory_check)
         self._checked_widths: set[int] = set()
@@ -316,18 +329,18 @@ class HessianOperator(LinearOperator):
     # -- bookkeeping
     @property
     def hvp_count(self) -> int:
-        """Hessian-vector products so far (``matvec_count``)."""
+        """Operator-vector products so far (``matvec_count``; Hessian-vector products for the Hessian)."""
         return self.matvec_count
 
     @property
     def backend(self) -> str:
-        """The product backend in use (``"auto"`` until a fallback to ``"reverse"``)."""
-        return self.product.backend
+        """The product backend in use."""
+        return getattr(self.product, "backend", "auto")
 
     @property
     def notes(self) -> list[str]:
         """Notes for the user from the products (e.g. why ``compile`` fell back to eager)."""
-        return self.product.notes
+        return list(getattr(self.product, "notes", []))
 
     @property
     def reduce(self) -> Reduce | None:
@@ -351,7 +364,7 @@ class HessianOperator(LinearOperator):
 
     # -- products
     def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        return self.product(self.batch_loss, self.params, batch, V, autocast=self.autocast)
+        raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``[n, k] -> [n, k]``: one pass over the data per block of ``max_vectors`` columns."""
@@ -366,6 +379,16 @@ class HessianOperator(LinearOperator):
                 lambda batch, W=W: self._batch_product(batch, W), W.shape, dtype=self.dtype, device=self.device
             )
         return out
+
+    def gradient(self) -> torch.Tensor:
+        """``[n]``: the gradient of the mean loss over the data, ``sum_b w_b grad L_b`` (one data pass, not
+        counted as a product)."""
+        return self.loop.weighted_sum(
+            lambda batch: batch_gradient(self.batch_loss, self.params, batch, autocast=self.autocast),
+            (self.dim,),
+            dtype=self.dtype,
+            device=self.device,
+        ).to(self.dtype)
 
     # -- memory
     def activation_bytes(self) -> int:
@@ -399,6 +422,73 @@ class HessianOperator(LinearOperator):
         )
         vote = None if self.reduce is None else (lambda failed: self.loop.any_process(failed, self.device))
         memory.check_hvp_block(block, mixed_precision=self.autocast is not None, vote=vote)
+
+
+class HessianOperator(DataOperator):
+    """``v -> H v`` with ``H = d^2/dw^2 sum_b w_b L_b(w)``, the Hessian of the mean loss over data.
+
+    A :class:`~diagnostics.linalg.data.DataLoop` (batches, weights ``n_b / N``, micro-batching,
+    accumulation dtype, sharding) sums a per-batch product
+    (:class:`~diagnostics.linalg.products.Product`: forward-over-reverse with ``vmap``, double
+    backward, or the cached gradient graph; optionally compiled) over the data. Vectors are split
+    into blocks of at most ``max_vectors`` columns, each block one pass over the data, so ``matmat``
+    on ``k`` vectors costs far less than ``k`` calls of ``matvec`` (``benchmarks/bench_scale.py``).
+
+    Args:
+        batch_loss: ``fn(params, batch) -> scalar`` mean loss of one batch.
+        params: the point ``w`` as ``{name: tensor}``; the operator acts on their flat concatenation.
+        data: a :class:`DataLoop`, or the batches (then ``loop_options`` build the loop: ``weights``,
+            ``micro_batch``, ``accumulate_dtype``, ``reduce``).
+        backend: ``"auto"``, ``"cached"``, ``"forward"`` or ``"reverse"`` (see ``Product``).
+        max_vectors: at most this many vectors per pass (bounds activation memory).
+        autocast: run the forward (and its derivatives) under ``torch.autocast`` in ``bfloat16`` or
+            ``float16``; parameters, vectors and the accumulation stay in the operator's dtype.
+        compile: ``torch.compile`` the per-batch product (falls back to eager with a note in ``notes``).
+        memory_check: before the first product of each block width, estimate its memory from the
+            activations autograd saves for the largest (micro-)batch and raise ``DiagnosticsError``
+            with the requirement and a fix when it clearly exceeds the free memory of the device.
+        **loop_options: ``weights``, ``micro_batch``, ``accumulate_dtype``, ``reduce`` of the
+            :class:`DataLoop` built from a list of batches.
+    """
+
+    kind = "hessian"
+
+    def __init__(
+        self,
+        batch_loss: LossFn,
+        params: Mapping[str, torch.Tensor],
+        data: DataLoop | Sequence[Batch],
+        *,
+        backend: str = "auto",
+        max_vectors: int = 16,
+        autocast: torch.dtype | str | None = None,
+        compile: bool = False,
+        memory_check: bool = True,
+        **loop_options: object,
+    ) -> None:
+        super().__init__(
+            batch_loss,
+            params,
+            data,
+            max_vectors=max_vectors,
+            autocast=autocast,
+            memory_check=memory_check,
+            **loop_options,
+        )
+        self.product = Product(backend, n_batches=len(self.loop.batches), compile=compile)
+
+    @property
+    def backend(self) -> str:
+        """The product backend in use (``"auto"`` until a fallback to ``"reverse"``)."""
+        return self.product.backend
+
+    @property
+    def notes(self) -> list[str]:
+        """Notes for the user from the products (e.g. why ``compile`` fell back to eager)."""
+        return self.product.notes
+
+    def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        return self.product(self.batch_loss, self.params, batch, V, autocast=self.autocast)
 
 
 def dense_hessian(op: LinearOperator) -> torch.Tensor:

@@ -389,3 +389,440 @@ def _first_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 160 characters)."""
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text[:160]}"
+
+
+# ------------------------------------------------------------------------ curvature beyond the Hessian
+#
+# The generalised Gauss-Newton (GGN) of a loss ``L(w) = l(f(w, x), y)`` split at the model's outputs
+# ``z = f(w, x)`` is ``G = J^T H_l J`` with ``J = dz/dw`` and ``H_l = d^2 l / dz^2`` (Schraudolph 2002;
+# Martens 2014). Products ``G V`` never form ``J``: ``J V`` by forward mode (``jvp``), ``H_l`` in the
+# output space (closed form, or autograd), ``J^T`` by reverse mode (``vjp``). The Hessian is
+# ``H = G + sum_j (dl/dz_j) d^2 z_j / dw^2``; ``H - G`` is that second, "functional" part.
+#
+# An output-space curvature is ``curvature(outputs, batch) -> apply``, where ``apply(U)`` maps
+# ``U [k, *outputs.shape]`` (``k`` output-space tangents) to ``M U`` of the same shape, ``M`` a symmetric
+# matrix on the outputs of the whole batch (e.g. ``H_l`` of the batch's mean loss, block-diagonal over
+# samples).
+
+OutputCurvature = Callable[[torch.Tensor, Batch], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelLoss:
+    """A batch loss split at the model's outputs: ``L_b(w) = loss(forward(w, inputs), targets)``.
+
+    Batches are ``(inputs, targets)`` pairs. Called as ``model_loss(params, batch)`` it is the plain
+    batch loss (a :data:`LossFn`), so the Hessian of the same split loss is available too.
+
+    Attributes:
+        forward: ``forward(params, inputs) -> outputs`` (a tensor ``z``).
+        loss: ``loss(outputs, targets) -> scalar``, the mean loss of the batch.
+    """
+
+    forward: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+    loss: Callable[[torch.Tensor, Any], torch.Tensor]
+
+    def __call__(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        return self.loss(self.forward(params, inputs), targets)
+
+    def outputs(
+        self, params: Mapping[str, torch.Tensor], inputs: Any, autocast: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``forward(params, inputs)`` (under autocast when given), checked to be a tensor."""
+        if autocast is None:
+            out = self.forward(params, inputs)
+        else:
+            device = next(iter(params.values())).device
+            with torch.autocast(device_type=device.type, dtype=autocast):
+                out = self.forward(params, inputs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the Gauss-Newton and Fisher products need the model to return a tensor (the loss's input), "
+                f"got {type(out).__name__}"
+            )
+        return out
+
+
+def _class_dim(outputs: torch.Tensor) -> int:
+    return 0 if outputs.dim() == 1 else 1
+
+
+def cross_entropy_hessian(outputs: torch.Tensor, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``H_l`` of ``F.cross_entropy(z, y)`` (mean reduction, ``ignore_index=-100``) in the logits ``z``.
+
+    Per sample (and per position of a ``[N, C, d1, ...]`` output) the Hessian of ``-log softmax(z)_y`` is
+    ``diag(p) - p p^T`` with ``p = softmax(z)`` over the class axis (axis 1; axis 0 for an unbatched
+    ``[C]`` output), independent of ``y``; the mean reduction weighs each position by
+    ``1 / (number of positions not ignored)``. Probability targets ``t`` (float, summing to 1 over the
+    classes as ``F.cross_entropy`` expects) weigh a position by ``sum_c t_c / (number of positions)``.
+
+    Args:
+        outputs: the logits ``z``.
+        batch: ``(inputs, targets)``.
+
+    Returns:
+        ``apply(U [k, *z.shape]) -> H_l U``.
+    """
+    targets = batch[1]
+    cdim = _class_dim(outputs)
+    z = outputs.detach()
+    p = torch.softmax(z, dim=cdim)
+    if targets.is_floating_point():
+        t = targets.to(p.dtype).reshape(z.shape)
+        positions = z.numel() // z.shape[cdim]
+        w = t.sum(dim=cdim) / positions
+    else:
+        keep = (targets != -100).to(p.dtype).reshape(z.shape[:cdim] + z.shape[cdim + 1 :])
+        w = keep / keep.sum().clamp(min=1.0)
+    w = w.unsqueeze(cdim)
+
+    def apply(U: torch.Tensor) -> torch.Tensor:
+        pu = p * U.to(p.dtype)
+        return (w * (pu - p * pu.sum(dim=cdim + 1, keepdim=True))).to(U.dtype)
+
+    return apply
+
+
+def mse_hessian(outputs: torch.Tensor, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``H_l = (2 / numel(z)) I`` of the mean squared error ``mean((z - y)^2)`` over every output entry.
+
+    Args:
+        outputs: the model's outputs ``z``.
+        batch: ``(inputs, targets)`` (the Hessian does not depend on the targets).
+
+    Returns:
+        ``apply(U [k, *z.shape]) -> H_l U``.
+    """
+    scale = 2.0 / outputs.numel()
+    return lambda U: scale * U
+
+
+def bce_with_logits_hessian(outputs: torch.Tensor, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``H_l = diag(sigma(z) (1 - sigma(z))) / numel(z)`` of the mean binary cross-entropy on logits ``z``.
+
+    Args:
+        outputs: the logits ``z``.
+        batch: ``(inputs, targets)`` (the Hessian does not depend on the targets).
+
+    Returns:
+        ``apply(U [k, *z.shape]) -> H_l U``.
+    """
+    s = torch.sigmoid(outputs.detach())
+    d = s * (1 - s) / outputs.numel()
+    return lambda U: (d * U.to(d.dtype)).to(U.dtype)
+
+
+def autograd_output_hessian(loss: Callable[[torch.Tensor, Any], torch.Tensor]) -> OutputCurvature:
+    """``H_l`` of any loss by autograd: ``H_l u = jvp(grad_z loss)(u)`` (double backward as a fallback).
+
+    Args:
+        loss: ``loss(outputs, targets) -> scalar``.
+
+    Returns:
+        An output-space curvature (see :data:`OutputCurvature`).
+    """
+
+    def curvature(outputs: torch.Tensor, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        targets = batch[1]
+        z = outputs.detach()
+
+        def grad_z(o: torch.Tensor) -> torch.Tensor:
+            return torch.func.grad(lambda q: loss(q, targets))(o)
+
+        def apply(U: torch.Tensor) -> torch.Tensor:
+            try:
+                return torch.func.vmap(lambda u: torch.func.jvp(grad_z, (z,), (u,))[1])(U)
+            except (RuntimeError, NotImplementedError):
+                leaf = z.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(loss(leaf, targets), leaf, create_graph=True)
+                    cols = []
+                    for j in range(U.shape[0]):
+                        (h,) = torch.autograd.grad(g, leaf, grad_outputs=U[j], retain_graph=j < U.shape[0] - 1)
+                        cols.append(h.detach())
+                return torch.stack(cols)
+
+        return apply
+
+    return curvature
+
+
+OUTPUT_HESSIANS: dict[str, OutputCurvature] = {
+    "cross_entropy": cross_entropy_hessian,
+    "mse": mse_hessian,
+    "bce_with_logits": bce_with_logits_hessian,
+}
+
+
+def output_hessian(loss_name: str, loss: Callable[[torch.Tensor, Any], torch.Tensor]) -> OutputCurvature:
+    """The closed-form ``H_l`` of a built-in loss (:data:`OUTPUT_HESSIANS`), else autograd's.
+
+    Args:
+        loss_name: the loss's name (``cross_entropy``, ``mse``, ``bce_with_logits``; anything else uses
+            autograd).
+        loss: ``loss(outputs, targets) -> scalar`` (used by the autograd fallback).
+
+    Returns:
+        An output-space curvature.
+    """
+    return OUTPUT_HESSIANS.get(loss_name) or autograd_output_hessian(loss)
+
+
+def gauss_newton_forward(
+    model_loss: ModelLoss,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    V: torch.Tensor,
+    *,
+    curvature: OutputCurvature,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``J^T M J V`` of one batch: ``J V`` by ``jvp`` (vmapped over the columns), ``M`` in the output space,
+    ``J^T`` by one ``vjp`` (vmapped over the columns); ``J`` is never formed.
+
+    With ``M = H_l`` this is the generalised Gauss-Newton matrix ``G_b`` of the batch's mean loss.
+
+    Args:
+        model_loss: the loss split at the outputs.
+        params: the point ``w`` (``n`` entries in all).
+        batch: ``(inputs, targets)``.
+        V: ``[n, k]`` tangent vectors.
+        curvature: the output-space matrix ``M`` (e.g. :func:`cross_entropy_hessian`).
+        autocast: optional mixed-precision dtype of the forward.
+
+    Returns:
+        ``[n, k]``.
+    """
+    layout = Layout.of(params)
+    inputs = batch[0]
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_loss.outputs(p, inputs, autocast)
+
+    out, vjp_fn = torch.func.vjp(f, dict(params))
+
+    def jv(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(f, (dict(params),), (layout.unflatten(v),))[1]
+
+    JV = torch.func.vmap(jv, in_dims=1)(V)
+    MJV = curvature(out.detach(), batch)(JV).to(out.dtype)
+
+    def jtu(u: torch.Tensor) -> torch.Tensor:
+        return layout.flatten(vjp_fn(u)[0])
+
+    return torch.func.vmap(jtu, in_dims=0, out_dims=1)(MJV).to(V.dtype)
+
+
+def gauss_newton_reverse(
+    model_loss: ModelLoss,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    V: torch.Tensor,
+    *,
+    curvature: OutputCurvature,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``J^T M J V`` of one batch by reverse mode only (for ops without forward-mode rules).
+
+    ``J v`` is the vector-Jacobian product of the linear map ``u -> J^T u`` (the "double-vjp trick"):
+    with ``g(u) = J^T u`` built with its graph, ``J v = d<g(u), v>/du``. One backward pass per column
+    for ``J V`` and one for ``J^T (M J V)``.
+
+    Args:
+        model_loss: the loss split at the outputs.
+        params: the point ``w``.
+        batch: ``(inputs, targets)``.
+        V: ``[n, k]``.
+        curvature: the output-space matrix ``M``.
+        autocast: optional mixed-precision dtype of the forward.
+
+    Returns:
+        ``[n, k]``.
+    """
+    names = list(params)
+    leaves = [t.detach().requires_grad_(True) for t in params.values()]
+    numels = [t.numel() for t in leaves]
+    k = V.shape[1]
+    with torch.enable_grad():
+        out = model_loss.outputs(dict(zip(names, leaves)), batch[0], autocast)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        gs = torch.autograd.grad(out, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
+        cols = []
+        for j in range(k):
+            parts = torch.split(V[:, j].to(out.dtype), numels)
+            if used:
+                (jv,) = torch.autograd.grad(
+                    [gs[i] for i in used],
+                    dummy,
+                    grad_outputs=[parts[i].reshape(leaves[i].shape) for i in used],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            else:
+                jv = None
+            cols.append(torch.zeros_like(out) if jv is None else jv.detach())
+        MJV = curvature(out.detach(), batch)(torch.stack(cols)).to(out.dtype)
+        res = []
+        for j in range(k):
+            grads = torch.autograd.grad(out, leaves, grad_outputs=MJV[j], retain_graph=j < k - 1, allow_unused=True)
+            res.append(
+                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)])
+            )
+    return torch.stack(res, dim=1).detach().to(V.dtype)
+
+
+class GaussNewtonProduct:
+    """The per-batch ``J^T M J V`` an operator uses: forward mode with a reverse-mode fallback.
+
+    Args:
+        backend: ``"auto"`` (:func:`gauss_newton_forward`, falling back to :func:`gauss_newton_reverse`
+            for good on the first product that fails), ``"forward"``, ``"reverse"``; ``"cached"`` (a Hessian
+            backend) means ``"auto"`` here.
+        compile: ``torch.compile`` the forward-mode product (see :class:`Compiled`).
+
+    Attributes:
+        backend: the backend in use.
+    """
+
+    def __init__(self, backend: str = "auto", *, compile: bool = False) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.backend = "auto" if backend == "cached" else backend
+        self._forward: ProductFn = Compiled(gauss_newton_forward, "Gauss-Newton") if compile else gauss_newton_forward
+
+    @property
+    def notes(self) -> list[str]:
+        """Notes for the user (why compilation was given up)."""
+        f = self._forward
+        return [f.note] if isinstance(f, Compiled) and f.note is not None else []
+
+    def __call__(
+        self,
+        model_loss: ModelLoss,
+        params: Mapping[str, torch.Tensor],
+        batch: Batch,
+        V: torch.Tensor,
+        *,
+        curvature: OutputCurvature,
+        autocast: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """``[n, k]``: ``J^T M J V`` of ``batch``."""
+        with math_attention():
+            if self.backend in ("auto", "forward"):
+                try:
+                    return self._forward(model_loss, params, batch, V, curvature=curvature, autocast=autocast)
+                except (RuntimeError, NotImplementedError):
+                    if self.backend == "forward":
+                        raise
+                    self.backend = "reverse"
+            return gauss_newton_reverse(model_loss, params, batch, V, curvature=curvature, autocast=autocast)
+
+
+def _one_sample(sample: Batch) -> Batch:
+    """A batch of one sample from a vmapped sample (every tensor leaf gets its sample axis back)."""
+    from diagnostics.batches import map_leaves
+
+    return map_leaves(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+
+
+def per_sample_gradients(
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    *,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``G [n_b, n]``: row ``i`` is ``g_i = grad_w loss_fn(w, batch[i:i+1])``, the gradient of sample ``i``'s
+    loss (the loss of the one-sample batch), by ``torch.func.vmap`` of ``torch.func.grad`` over the samples
+    (a loop over the samples where ``vmap`` has no batching rule).
+
+    Args:
+        loss_fn: ``fn(params, batch) -> scalar`` mean loss.
+        params: the point ``w``.
+        batch: the batch (every leaf with a sample axis is split per sample).
+        autocast: optional mixed-precision dtype of the forward.
+
+    Returns:
+        ``[n_b, n]`` in the parameters' dtype.
+    """
+    from diagnostics.batches import batch_size, slice_batch
+
+    layout = Layout.of(params)
+
+    def grad_of(b: Batch) -> torch.Tensor:
+        return layout.flatten(torch.func.grad(lambda p: evaluate_loss(loss_fn, p, b, autocast))(dict(params)))
+
+    with math_attention():
+        try:
+            return torch.func.vmap(lambda s: grad_of(_one_sample(s)))(batch)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            n = batch_size(batch)
+            return torch.stack([grad_of(slice_batch(batch, i, i + 1)) for i in range(n)])
+
+
+def empirical_fisher_product(
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    V: torch.Tensor,
+    *,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``F_b V = (1/n_b) G^T (G V)`` with ``G`` the batch's per-sample gradients (:func:`per_sample_gradients`).
+
+    Summed over batches with weights ``n_b / N`` this is the empirical Fisher ``(1/N) sum_i g_i g_i^T``
+    (uncentred; Kunstner, Balles, Hennig 2019 on how it differs from the Fisher). Only one batch's ``G``
+    exists at a time.
+
+    Args:
+        loss_fn: ``fn(params, batch) -> scalar`` mean loss.
+        params: the point ``w``.
+        batch: the batch.
+        V: ``[n, k]``.
+        autocast: optional mixed-precision dtype of the forward.
+
+    Returns:
+        ``[n, k]``.
+    """
+    G = per_sample_gradients(loss_fn, params, batch, autocast=autocast).to(V.dtype)
+    return G.T @ (G @ V) / G.shape[0]
+
+
+def batch_gradient(
+    loss_fn: LossFn, params: Mapping[str, torch.Tensor], batch: Batch, *, autocast: torch.dtype | None = None
+) -> torch.Tensor:
+    """``[n]``: the gradient of one batch's mean loss, ``grad_w L_b``."""
+    layout = Layout.of(params)
+    with math_attention():
+        return layout.flatten(torch.func.grad(lambda p: evaluate_loss(loss_fn, p, batch, autocast))(dict(params)))
+
+
+def class_losses(model_loss: ModelLoss, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: ``l(z_i, c)``, the loss of sample ``i`` (a one-sample batch) were its label ``c``.
+
+    Args:
+        model_loss: its ``loss`` is evaluated.
+        outputs: ``z [N, C]``.
+        targets: the batch's integer targets ``[N]`` (their dtype is kept for the labels).
+
+    Returns:
+        ``[N, C]``.
+    """
+    classes = torch.arange(outputs.shape[1], device=outputs.device, dtype=targets.dtype)
+
+    def one(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return model_loss.loss(z.unsqueeze(0), c.unsqueeze(0))
+
+    return torch.func.vmap(torch.func.vmap(one, in_dims=(None, 0)), in_dims=(0, None))(outputs, classes)
+
+
+def label_gradients(model_loss: ModelLoss, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, S, C]``: ``r_is = grad_z l(z_i, labels[i, s])`` for ``labels [N, S]``."""
+
+    def one(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return model_loss.loss(z.unsqueeze(0), c.unsqueeze(0))
+
+    g = torch.func.grad(one)
+    return torch.func.vmap(torch.func.vmap(g, in_dims=(None, 0)), in_dims=(0, 0))(outputs.detach(), labels)
