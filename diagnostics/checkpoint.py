@@ -504,13 +504,7 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
         if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
             meta.pop(key)
     _step_from_name(meta, f"{path.parent.name}/{path.name}")
-    return Checkpoint(
-        path=path,
-        state_dict=state_dict,
-        metadata=meta,
-        optimizer_state=optimizer_state,
-        sha256=content.sha256,
-    )
+    return Checkpoint(path, state_dict, meta, optimizer_state, content.sha256)
 
 
 def _json_file(files: Mapping[str, bytes], name: str, path: Path) -> Any:
@@ -619,14 +613,7 @@ def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
     optimizer_state = _folder_optimizer(path, files, meta) if OPTIMIZER_FILE in files else None
     _step_from_name(meta, path.name)
     meta["format"] = "transformers model folder"
-    return Checkpoint(
-        path=path,
-        state_dict=state_dict,
-        metadata=meta,
-        optimizer_state=optimizer_state,
-        sha256=content.sha256,
-        model_config=config,
-    )
+    return Checkpoint(path, state_dict, meta, optimizer_state, content.sha256, model_config=config)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:

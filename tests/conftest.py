@@ -18,6 +18,24 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return train_gd(out, lr=2.0, steps=200, save_every=100, width=16)
 
 
+@pytest.fixture(scope="session")
+def eos_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Full-batch GD on digits (MSE, width 32, 800 steps) at lr 2.0 and 1.0.
+
+    By the edge of stability, lambda_max of the lr=2.0 model sits near 2/lr = 1.0, while the lr=1.0
+    model keeps sharpening towards 2.0: the smaller step size gives the sharper model."""
+    root = tmp_path_factory.mktemp("eos_pair")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny full-batch steps: one thread is fastest, and immune to oversubscription
+    try:
+        return {
+            "lr2": train_gd(root / "lr2", lr=2.0, steps=800, save_steps=[800])[0],
+            "lr1": train_gd(root / "lr1", lr=1.0, steps=800, save_steps=[800])[0],
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def run_copy(digits_run: list[Path], tmp_path: Path) -> Path:
     """A private copy of the session's digits run (steps 0, 100, 200) that a test may change."""

@@ -348,24 +348,29 @@ def test_fingerprint_tells_data_apart():
 
 
 # ------------------------------------------------------------------------- the CLI on torchrun
+def torchrun_two(*args: str, cwd: Path) -> list:
+    """``torchrun --nproc_per_node 2 diag ARGS`` (one thread each) -> the JSON records it printed."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "DIAG_DIST_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "diag_cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S + 30,
+        env=env,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
 def test_diag_hessian_under_torchrun_matches_one_process(digits_run, tmp_path):
     """``torchrun --nproc_per_node 2 diag hessian``: rank 0 alone prints and writes; same numbers."""
     ckpt = digits_run[-1]
     args = ["hessian", str(ckpt), "--top-k", "2", "--trace", "--trace-samples", "20", "--dtype", "float64"]
     args += ["--samples", "300", "--batch-size", "128", "--format", "json", "--tol", "1e-8"]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "DIAG_DIST_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
     out_file = tmp_path / "two.json"
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "diag_cli.main", *args, "--out", str(out_file)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S + 30,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two = json.loads(proc.stdout)  # exactly one JSON array: rank 1 printed nothing
+    two = torchrun_two(*args, "--out", str(out_file), cwd=tmp_path)  # exactly one JSON array: rank 1 printed nothing
     written = json.loads(out_file.read_text())
     assert written["records"] == two
     assert written["metadata"]["processes"] == 2
@@ -381,34 +386,8 @@ def test_diag_run_under_torchrun_spreads_checkpoints_and_equals_one_process(digi
     one table equal to a single-process sweep; the cache then serves a single-process rerun."""
     run_dir = digits_run[0].parent
     common = ["--analyzers", "hessian", "--set", "hessian.top_k=2", "--samples", "200", "--dtype", "float64"]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "DIAG_DIST_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
-    proc = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "diag_cli.main",
-            "run",
-            str(run_dir),
-            *common,
-            "--out",
-            str(two_dir),
-            "--format",
-            "json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S + 30,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two = json.loads(proc.stdout)  # one JSON array: only rank 0 printed
+    two = torchrun_two("run", str(run_dir), *common, "--out", str(two_dir), "--format", "json", "--quiet", cwd=tmp_path)
     one_res = CliRunner().invoke(
         app, ["run", str(run_dir), *common, "--out", str(tmp_path / "one"), "--format", "json", "-q"]
     )

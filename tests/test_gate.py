@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from diagnostics.analyzers.hessian import HessianConfig, analyze_hessian
 from diagnostics.binding import resolve_binding
 from diagnostics.checkpoint import load_checkpoint
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
-from diagnostics.examples.digits import train_gd
 from diagnostics.gate import (
     GateSettings,
     check_against_baseline,
@@ -28,24 +26,6 @@ from diagnostics.gate import (
 )
 
 SETTINGS = GateSettings(replicates=3, samples=300, tol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def eos_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Full-batch GD on digits (MSE, width 32, 800 steps) at lr 2.0 and 1.0.
-
-    By the edge of stability, lambda_max of the lr=2.0 model sits near 2/lr = 1.0, while the lr=1.0
-    model keeps sharpening towards 2.0: the smaller step size gives the sharper model."""
-    root = tmp_path_factory.mktemp("eos_pair")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny full-batch steps: one thread is fastest, and immune to oversubscription
-    try:
-        return {
-            "lr2": train_gd(root / "lr2", lr=2.0, steps=800, save_steps=[800])[0],
-            "lr1": train_gd(root / "lr1", lr=1.0, steps=800, save_steps=[800])[0],
-        }
-    finally:
-        torch.set_num_threads(threads)
 
 
 def context(path: Path, **kwargs):

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import hfmodels as hm
 import tinymodels as tm
+from cliutils import one_line_error
 from diag_cli.main import app
 from diagnostics.binding import Binding
 from diagnostics.checkpoint import load_checkpoint, read_checkpoint_file
@@ -51,15 +52,6 @@ def records(result) -> list[dict]:
     assert result.exit_code == 0, result.output
     start = result.stdout.index("[")
     return json.loads(result.stdout[start:])
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("diag: error")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

@@ -174,3 +174,23 @@ def model_context(model: nn.Module, X: torch.Tensor, y: torch.Tensor | None, nam
         checkpoint=name,
         loss_name="cross_entropy",
     )
+
+
+def tiny_context(batches, loss="cross_entropy", model: nn.Module | None = None, seed: int = 0):
+    """A float64 :class:`~diagnostics.context.Context` of :class:`Tiny` (or ``model``) on ``batches``;
+    ``loss`` is a name of ``LOSSES`` or a callable ``fn(outputs, targets)`` (named ``custom``)."""
+    from diagnostics.binding import LOSSES
+    from diagnostics.context import Context
+
+    model = (model or build_tiny()).double().eval()
+    return Context(
+        model=model,
+        params={n: p.detach() for n, p in model.named_parameters()},
+        frozen={},
+        batches=batches,
+        loss_fn=LOSSES[loss] if isinstance(loss, str) else loss,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        loss_name=loss if isinstance(loss, str) else "custom",
+        seed=seed,
+    )

@@ -75,9 +75,9 @@ class GaussNewtonOperator(DataOperator):
             :data:`~diagnostics.linalg.products.OutputCurvature`), e.g. ``output_hessian(loss_name, loss)``.
         kind: ``"ggn"`` or ``"fisher"`` (a label; the matrix is set by ``curvature``).
         backend: ``"auto"``/``"cached"`` (forward mode, falling back to reverse), ``"forward"``, ``"reverse"``.
-        max_vectors, autocast, memory_check, loop_options: as for
-            :class:`~diagnostics.linalg.operator.DataOperator`.
         compile: ``torch.compile`` the forward-mode product.
+        **options: ``max_vectors``, ``autocast``, ``memory_check`` and the loop options of
+            :class:`~diagnostics.linalg.operator.DataOperator`.
     """
 
     def __init__(
@@ -89,21 +89,10 @@ class GaussNewtonOperator(DataOperator):
         curvature: OutputCurvature,
         kind: str = "ggn",
         backend: str = "auto",
-        max_vectors: int = 16,
-        autocast: torch.dtype | str | None = None,
         compile: bool = False,
-        memory_check: bool = True,
-        **loop_options: object,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            model_loss,
-            params,
-            data,
-            max_vectors=max_vectors,
-            autocast=autocast,
-            memory_check=memory_check,
-            **loop_options,
-        )
+        super().__init__(model_loss, params, data, **options)
         if kind not in ("ggn", "fisher"):
             raise ValueError(f"kind must be ggn or fisher, not {kind!r}")
         self.kind = kind

@@ -437,18 +437,11 @@ class HessianOperator(DataOperator):
     Args:
         batch_loss: ``fn(params, batch) -> scalar`` mean loss of one batch.
         params: the point ``w`` as ``{name: tensor}``; the operator acts on their flat concatenation.
-        data: a :class:`DataLoop`, or the batches (then ``loop_options`` build the loop: ``weights``,
-            ``micro_batch``, ``accumulate_dtype``, ``reduce``).
+        data: a :class:`DataLoop`, or the batches.
         backend: ``"auto"``, ``"cached"``, ``"forward"`` or ``"reverse"`` (see ``Product``).
-        max_vectors: at most this many vectors per pass (bounds activation memory).
-        autocast: run the forward (and its derivatives) under ``torch.autocast`` in ``bfloat16`` or
-            ``float16``; parameters, vectors and the accumulation stay in the operator's dtype.
         compile: ``torch.compile`` the per-batch product (falls back to eager with a note in ``notes``).
-        memory_check: before the first product of each block width, estimate its memory from the
-            activations autograd saves for the largest (micro-)batch and raise ``DiagnosticsError``
-            with the requirement and a fix when it clearly exceeds the free memory of the device.
-        **loop_options: ``weights``, ``micro_batch``, ``accumulate_dtype``, ``reduce`` of the
-            :class:`DataLoop` built from a list of batches.
+        **options: ``max_vectors``, ``autocast``, ``memory_check`` and the loop options of
+            :class:`DataOperator`.
     """
 
     kind = "hessian"
@@ -460,21 +453,10 @@ class HessianOperator(DataOperator):
         data: DataLoop | Sequence[Batch],
         *,
         backend: str = "auto",
-        max_vectors: int = 16,
-        autocast: torch.dtype | str | None = None,
         compile: bool = False,
-        memory_check: bool = True,
-        **loop_options: object,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            batch_loss,
-            params,
-            data,
-            max_vectors=max_vectors,
-            autocast=autocast,
-            memory_check=memory_check,
-            **loop_options,
-        )
+        super().__init__(batch_loss, params, data, **options)
         self.product = Product(backend, n_batches=len(self.loop.batches), compile=compile)
 
     @property

@@ -37,6 +37,8 @@ from diagnostics.batches import Batch
 
 LossFn = Callable[[Mapping[str, torch.Tensor], Batch], torch.Tensor]
 ProductFn = Callable[..., torch.Tensor]
+Params = Mapping[str, torch.Tensor]
+MaybeDtype = torch.dtype | None
 BACKENDS = ("auto", "cached", "forward", "reverse")
 _DTYPE_NAMES = {
     "float16": torch.float16,
@@ -139,11 +141,11 @@ def evaluate_loss(
 
 def forward_over_reverse(
     loss_fn: LossFn,
-    params: Mapping[str, torch.Tensor],
+    params: Params,
     batch: Batch,
     V: torch.Tensor,
     *,
-    autocast: torch.dtype | None = None,
+    autocast: MaybeDtype = None,
 ) -> torch.Tensor:
     """``H_b V`` by ``jvp(grad(L_b))`` (forward-over-reverse), vmapped over the columns of ``V``.
 
@@ -208,11 +210,11 @@ def _backward_products(
 
 def reverse_over_reverse(
     loss_fn: LossFn,
-    params: Mapping[str, torch.Tensor],
+    params: Params,
     batch: Batch,
     V: torch.Tensor,
     *,
-    autocast: torch.dtype | None = None,
+    autocast: MaybeDtype = None,
 ) -> torch.Tensor:
     """``H_b V`` by double backward: the gradient with its graph, then one backward pass per column.
 
@@ -244,11 +246,11 @@ class CachedGraph:
     def __call__(
         self,
         loss_fn: LossFn,
-        params: Mapping[str, torch.Tensor],
+        params: Params,
         batch: Batch,
         V: torch.Tensor,
         *,
-        autocast: torch.dtype | None = None,
+        autocast: MaybeDtype = None,
     ) -> torch.Tensor:
         """``[n, k]``: ``H_b V`` through the kept graph of ``batch`` (see :func:`reverse_over_reverse`)."""
         key = (id(params), id(batch))
@@ -355,11 +357,11 @@ class Product:
     def __call__(
         self,
         loss_fn: LossFn,
-        params: Mapping[str, torch.Tensor],
+        params: Params,
         batch: Batch,
         V: torch.Tensor,
         *,
-        autocast: torch.dtype | None = None,
+        autocast: MaybeDtype = None,
     ) -> torch.Tensor:
         """``[n, k]``: ``H_b V`` by the chosen backend (math attention kernel throughout)."""
         with math_attention():
@@ -571,12 +573,12 @@ def output_hessian(loss_name: str, loss: Callable[[torch.Tensor, Any], torch.Ten
 
 def gauss_newton_forward(
     model_loss: ModelLoss,
-    params: Mapping[str, torch.Tensor],
+    params: Params,
     batch: Batch,
     V: torch.Tensor,
     *,
     curvature: OutputCurvature,
-    autocast: torch.dtype | None = None,
+    autocast: MaybeDtype = None,
 ) -> torch.Tensor:
     """``J^T M J V`` of one batch: ``J V`` by ``jvp`` (vmapped over the columns), ``M`` in the output space,
     ``J^T`` by one ``vjp`` (vmapped over the columns); ``J`` is never formed.
@@ -616,12 +618,12 @@ def gauss_newton_forward(
 
 def gauss_newton_reverse(
     model_loss: ModelLoss,
-    params: Mapping[str, torch.Tensor],
+    params: Params,
     batch: Batch,
     V: torch.Tensor,
     *,
     curvature: OutputCurvature,
-    autocast: torch.dtype | None = None,
+    autocast: MaybeDtype = None,
 ) -> torch.Tensor:
     """``J^T M J V`` of one batch by reverse mode only (for ops without forward-mode rules).
 
@@ -701,12 +703,12 @@ class GaussNewtonProduct:
     def __call__(
         self,
         model_loss: ModelLoss,
-        params: Mapping[str, torch.Tensor],
+        params: Params,
         batch: Batch,
         V: torch.Tensor,
         *,
         curvature: OutputCurvature,
-        autocast: torch.dtype | None = None,
+        autocast: MaybeDtype = None,
     ) -> torch.Tensor:
         """``[n, k]``: ``J^T M J V`` of ``batch``."""
         with math_attention():
@@ -727,13 +729,7 @@ def _one_sample(sample: Batch) -> Batch:
     return map_leaves(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
 
 
-def per_sample_gradients(
-    loss_fn: LossFn,
-    params: Mapping[str, torch.Tensor],
-    batch: Batch,
-    *,
-    autocast: torch.dtype | None = None,
-) -> torch.Tensor:
+def per_sample_gradients(loss_fn: LossFn, params: Params, batch: Batch, *, autocast: MaybeDtype = None) -> torch.Tensor:
     """``G [n_b, n]``: row ``i`` is ``g_i = grad_w loss_fn(w, batch[i:i+1])``, the gradient of sample ``i``'s
     loss (the loss of the one-sample batch), by ``torch.func.vmap`` of ``torch.func.grad`` over the samples
     (a loop over the samples where ``vmap`` has no batching rule).
@@ -764,11 +760,11 @@ def per_sample_gradients(
 
 def empirical_fisher_product(
     loss_fn: LossFn,
-    params: Mapping[str, torch.Tensor],
+    params: Params,
     batch: Batch,
     V: torch.Tensor,
     *,
-    autocast: torch.dtype | None = None,
+    autocast: MaybeDtype = None,
 ) -> torch.Tensor:
     """``F_b V = (1/n_b) G^T (G V)`` with ``G`` the batch's per-sample gradients (:func:`per_sample_gradients`).
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import tinymodels as tm
 from curvature_refs import (
     build_logsoftmax,
     dense_empirical_fisher,
@@ -21,8 +23,6 @@ from curvature_refs import (
     dense_loss_hessian,
     eig_desc,
 )
-
-import tinymodels as tm
 from diagnostics.analyzers import curvature_metrics as cm
 from diagnostics.analyzers.hessian import ANALYZER, HessianConfig, analyze_hessian, class_batches
 from diagnostics.binding import Binding, resolve_binding

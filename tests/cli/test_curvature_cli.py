@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from curvature_refs import dense_ggn, dense_gradient, dense_loss_hessian, eig_desc
 from typer.testing import CliRunner
 
 import tinymodels as tm
+from cliutils import one_line_error
+from curvature_refs import dense_ggn, dense_gradient, dense_loss_hessian, eig_desc
 from diag_cli.main import app
 from diagnostics.binding import Binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
@@ -157,9 +158,8 @@ def test_sweep_and_report_show_the_new_sections(digits_run: list[Path], tmp_path
 
 # ------------------------------------------------------------- dict batches, dict outputs, model losses
 def test_ggn_and_fisher_on_dict_batches_and_dict_outputs(tmp_path: Path) -> None:
-    from curvature_refs import build_dict_tiny, dense_empirical_fisher
-
     import hfmodels as hm
+    from curvature_refs import build_dict_tiny, dense_empirical_fisher
 
     path = save_checkpoint(tmp_path / "d.pt", build_dict_tiny(), step=1)
     args = ["--model", "curvature_refs:build_dict_tiny", "--data", "hfmodels:image_dicts", "--dtype", "float64"]
@@ -175,15 +175,6 @@ def test_ggn_and_fisher_on_dict_batches_and_dict_outputs(tmp_path: Path) -> None
         assert r.exit_code == 0, r.output
         got = [e["value"] for e in records(r, "eigenvalue")]
         np.testing.assert_allclose(got, want, rtol=1e-7, err_msg=kind)
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("diag: error")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("kind", ["ggn", "fisher", "functional"])

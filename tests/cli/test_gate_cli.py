@@ -7,11 +7,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from diag_cli.main import app
-from diagnostics.examples.digits import train_gd
 
 runner = CliRunner()
 
@@ -21,18 +19,9 @@ def diag(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(eos_pair: dict[str, Path]) -> dict[str, Path]:
     """lr 2.0 (lambda_max ~ 2/lr = 1.0 at the edge of stability) and lr 1.0 (sharper) after 800 GD steps."""
-    root = tmp_path_factory.mktemp("gate_cli")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {
-            "base": train_gd(root / "lr2", lr=2.0, steps=800, save_steps=[800])[0],
-            "sharp": train_gd(root / "lr1", lr=1.0, steps=800, save_steps=[800])[0],
-        }
-    finally:
-        torch.set_num_threads(threads)
+    return {"base": eos_pair["lr2"], "sharp": eos_pair["lr1"]}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import tinymodels as tm
 from curvature_refs import (
     build_logsoftmax,
     dense_jacobian,
@@ -28,12 +32,7 @@ from curvature_refs import (
     unflat,
 )
 from curvature_refs import dense_ggn as _dense_ggn
-from torch import nn
-from torch.func import functional_call
-
-import tinymodels as tm
 from diagnostics.binding import LOSSES
-from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg import products
 from diagnostics.linalg.curvature import (
@@ -52,19 +51,7 @@ from diagnostics.operators import curvature_operator, hessian_operator, model_lo
 F64 = torch.float64
 
 
-def make_ctx(batches, loss="cross_entropy", model=None, seed=0) -> Context:
-    model = (model or tm.build_tiny()).double().eval()
-    return Context(
-        model=model,
-        params={n: p.detach() for n, p in model.named_parameters()},
-        frozen={},
-        batches=batches,
-        loss_fn=LOSSES[loss] if isinstance(loss, str) else loss,
-        device=torch.device("cpu"),
-        dtype=F64,
-        loss_name=loss if isinstance(loss, str) else "custom",
-        seed=seed,
-    )
+make_ctx = tm.tiny_context
 
 
 def data(n=23, classes=3):

@@ -12,7 +12,6 @@ import torch
 from torch.func import functional_call, hessian
 
 import tinymodels as tm
-from diagnostics.binding import LOSSES
 from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg import products
@@ -41,17 +40,7 @@ LINALG_MODULES = [
 ]
 
 
-def make_ctx(batches, loss="cross_entropy", model=None) -> Context:
-    model = (model or tm.build_tiny()).double().eval()
-    return Context(
-        model=model,
-        params={n: p.detach() for n, p in model.named_parameters()},
-        frozen={},
-        batches=batches,
-        loss_fn=LOSSES[loss],
-        device=torch.device("cpu"),
-        dtype=F64,
-    )
+make_ctx = tm.tiny_context
 
 
 def exact(ctx: Context, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
