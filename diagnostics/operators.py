@@ -169,6 +169,58 @@ def _check_tensor_outputs(ctx: Context, loss: ModelLoss, batches: Sequence[Batch
         ) from None
 
 
+def _gauss_newton(
+    ctx: Context,
+    sub: Context,
+    kind: str,
+    loop: DataLoop,
+    fisher_samples: int,
+    generator: torch.Generator | None,
+    options: dict[str, Any],
+) -> GaussNewtonOperator:
+    """The GGN, or the Fisher: the GGN where :data:`FISHER_IDENTITY` holds for the loss, else sampled labels.
+
+    Args:
+        ctx: the context (its loss).
+        sub: the context restricted to the analysed block.
+        kind: ``"ggn"`` or ``"fisher"``.
+        loop: the data loop.
+        fisher_samples: labels drawn per input for a sampled Fisher.
+        generator: their random stream (default: stream 7 of the context's seed).
+        options: operator options (``backend``, ``compile``, ``max_vectors``, ``autocast``, ...).
+
+    Returns:
+        The operator, with ``fisher_rule`` (exact identity) or ``fisher_samples`` (sampled) set for a Fisher.
+    """
+    _check_split_loss(ctx, kind)
+    split = model_loss(sub)
+    _check_tensor_outputs(sub, split, loop.batches, kind)
+    name = ctx.loss_name
+    if kind == "ggn" and name == "nll":
+        raise DiagnosticsError(
+            "--curvature ggn with --loss nll is zero: nll is linear in the model's outputs (log-probabilities); "
+            "give the logits to --loss cross_entropy for the softmax's Gauss-Newton matrix, or use --curvature fisher"
+        )
+    if kind == "ggn" or name in FISHER_IDENTITY:
+        op = GaussNewtonOperator(
+            split, sub.params, loop, curvature=output_hessian(name, ctx.loss_fn), kind=kind, **options
+        )
+        if kind == "fisher":
+            op.fisher_rule = FISHER_IDENTITY[name]  # type: ignore[attr-defined]
+        return op
+    curv = SampledFisherCurvature(
+        split,
+        sub.params,
+        loop,
+        samples=fisher_samples,
+        generator=generator if generator is not None else ctx.generator(7),
+        autocast=as_dtype(options.get("autocast"), "autocast"),
+    )
+    op = GaussNewtonOperator(split, sub.params, loop, curvature=curv, kind="fisher", **options)
+    op.fisher_samples = int(fisher_samples)  # type: ignore[attr-defined]
+    return op
+
+
 def curvature_operator(
     ctx: Context,
     kind: str = "hessian",
@@ -222,36 +274,7 @@ def curvature_operator(
         options.pop("backend", None)
         options.pop("compile", None)
         return EmpiricalFisherOperator(sub.batch_loss, sub.params, loop, **options)
-    _check_split_loss(ctx, kind)
-    split = model_loss(sub)
-    _check_tensor_outputs(sub, split, loop.batches, kind)
-    name = ctx.loss_name
-    if kind == "ggn":
-        if name == "nll":
-            raise DiagnosticsError(
-                "--curvature ggn with --loss nll is zero: nll is linear in the model's outputs (log-probabilities); "
-                "give the logits to --loss cross_entropy for the softmax's Gauss-Newton matrix, or use --curvature fisher"
-            )
-        op = GaussNewtonOperator(split, sub.params, loop, curvature=output_hessian(name, ctx.loss_fn), **options)
-        return op
-    if name in FISHER_IDENTITY:
-        op = GaussNewtonOperator(
-            split, sub.params, loop, curvature=output_hessian(name, ctx.loss_fn), kind="fisher", **options
-        )
-        op.fisher_rule = FISHER_IDENTITY[name]  # type: ignore[attr-defined]
-        return op
-    gen = generator if generator is not None else ctx.generator(7)
-    curv = SampledFisherCurvature(
-        split,
-        sub.params,
-        loop,
-        samples=fisher_samples,
-        generator=gen,
-        autocast=as_dtype(options.get("autocast"), "autocast"),
-    )
-    op = GaussNewtonOperator(split, sub.params, loop, curvature=curv, kind="fisher", **options)
-    op.fisher_samples = int(fisher_samples)  # type: ignore[attr-defined]
-    return op
+    return _gauss_newton(ctx, sub, kind, loop, fisher_samples, generator, options)
 
 
 __all__ = [
