@@ -244,7 +244,8 @@ def bulk_edge(
     smoothing of the report's density figures).
 
     Args:
-        nodes, weights: SLQ quadrature per probe.
+        nodes: SLQ quadrature nodes, one tensor per probe.
+        weights: their weights (each probe's sum to 1).
         dim: ``n``.
         sigma: the kernel width (default 1% of the span).
         points: grid points of the scan.
@@ -283,7 +284,8 @@ def count_outliers(
 
     Args:
         eigenvalues: the top-m eigenvalues (Lanczos), descending.
-        nodes, weights: SLQ quadrature of the same operator.
+        nodes: SLQ quadrature nodes of the same operator, one tensor per probe.
+        weights: their weights.
         dim: ``n``.
         sigma: kernel width of the edge (default 1% of the span).
 

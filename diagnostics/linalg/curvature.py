@@ -202,6 +202,7 @@ class SampledFisherCurvature:
         return kept[1]
 
     def __call__(self, outputs: torch.Tensor, batch: Batch):
+        """The output-space Fisher of ``batch`` as a map on ``[k, *outputs.shape]``: the mean over sampled labels of ``r r^T``."""
         r = self.gradients(batch)
         n, s = r.shape[0], r.shape[1]
 
@@ -281,24 +282,31 @@ class FunctionalHessianOperator(SumOperator):
 
     @property
     def backend(self) -> str:
+        """The Hessian's product backend (the GGN follows it)."""
         return self.hessian.backend
 
     @property
     def notes(self) -> list[str]:
+        """Notes of both parts, each once."""
         return list(dict.fromkeys(self.hessian.notes + self.ggn.notes))
 
     @property
     def names(self) -> list[str]:
+        """The analysed parameter names."""
         return self.hessian.names
 
     def group_slices(self) -> dict[str, slice]:
+        """``{name: slice}`` of each parameter in the flat vector."""
         return self.hessian.group_slices()
 
     def flatten(self, tensors: Any) -> torch.Tensor:
+        """``{name: tensor}`` (or tensors in layout order) -> ``[n]``."""
         return self.hessian.flatten(tensors)
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[n]`` -> ``{name: tensor}``."""
         return self.hessian.unflatten(v)
 
     def gradient(self) -> torch.Tensor:
+        """The gradient of the mean loss at ``w`` (flat)."""
         return self.hessian.gradient()

@@ -90,10 +90,12 @@ class LinearOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors it acts on."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors it acts on."""
         return self._device
 
     @property
@@ -164,6 +166,7 @@ class ScaledOperator(LinearOperator):
 
     @property
     def reduce(self) -> Reduce | None:
+        """The cross-process reduction of the wrapped operator (None: one process)."""
         return self.op.reduce
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -190,6 +193,7 @@ class SumOperator(LinearOperator):
 
     @property
     def reduce(self) -> Reduce | None:
+        """The cross-process reduction of the first term that has one."""
         return next((op.reduce for op in self.ops if op.reduce is not None), None)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -217,6 +221,7 @@ class PreconditionedOperator(LinearOperator):
 
     @property
     def reduce(self) -> Reduce | None:
+        """The cross-process reduction of the wrapped operator (None: one process)."""
         return self.op.reduce
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -242,6 +247,7 @@ class RestrictedOperator(LinearOperator):
 
     @property
     def reduce(self) -> Reduce | None:
+        """The cross-process reduction of the wrapped operator (None: one process)."""
         return self.op.reduce
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -344,10 +350,12 @@ class DataOperator(LinearOperator):
 
     @property
     def reduce(self) -> Reduce | None:
+        """The data loop's cross-process reduction (None unless the data is sharded)."""
         return self.loop.reduce
 
     @property
     def names(self) -> list[str]:
+        """The analysed parameter names, in flat-vector order."""
         return list(self.layout.names)
 
     def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -425,6 +425,7 @@ class ModelLoss:
     loss: Callable[[torch.Tensor, Any], torch.Tensor]
 
     def __call__(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """``L_b(w)``: the loss of the model's outputs on the batch's targets."""
         inputs, targets = batch
         return self.loss(self.forward(params, inputs), targets)
 
