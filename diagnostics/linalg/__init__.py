@@ -9,10 +9,9 @@ from diagnostics.linalg.density import (
 )
 from diagnostics.linalg.lanczos import (
     LanczosResult,
-    block_lanczos,
+    krylov_quadrature,
     lanczos,
     lanczos_tridiagonal,
-    lanczos_tridiagonal_block,
 )
 from diagnostics.linalg.operator import DenseOperator, HessianOperator, LinearOperator
 from diagnostics.linalg.trace import TraceEstimate, hutchinson, hutchpp
@@ -24,13 +23,12 @@ __all__ = [
     "LinearOperator",
     "SLQResult",
     "TraceEstimate",
-    "block_lanczos",
     "gaussian_density",
     "hutchinson",
     "hutchpp",
+    "krylov_quadrature",
     "lanczos",
     "lanczos_tridiagonal",
-    "lanczos_tridiagonal_block",
     "negative_mass",
     "slq",
     "tridiagonal_quadrature",

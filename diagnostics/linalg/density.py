@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diagnostics.linalg.lanczos import lanczos_tridiagonal, lanczos_tridiagonal_block, tridiagonal
+from diagnostics.linalg.lanczos import krylov_quadrature, tridiagonal
 from diagnostics.linalg.operator import LinearOperator
 
 Progress = Callable[[int, int], None]
@@ -67,12 +67,7 @@ def slq(
     block = max(1, int(block))
     for first in range(0, probes, block):
         group = vs[first : first + block]
-        if len(group) == 1:
-            tri = [lanczos_tridiagonal(op, group[0], steps)]
-        else:
-            tri = lanczos_tridiagonal_block(op, torch.stack(group, dim=1), steps)
-        for alpha, beta in tri:
-            th, w = tridiagonal_quadrature(alpha, beta)
+        for th, w in krylov_quadrature(op, torch.stack(group, dim=1), steps):
             nodes.append(th)
             weights.append(w)
         if progress is not None:
