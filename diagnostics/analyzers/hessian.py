@@ -4,13 +4,19 @@ Metrics (records; ``group`` is null for the whole model, a module name with ``pe
 ``class=<c>`` with ``per_class``):
 
 * ``eigenvalue`` (index 0 = largest): top-k eigenvalues of the loss Hessian by Lanczos with full
-  reorthogonalisation, stopped when every wanted eigenvalue's error bound is ``<= tol |lambda|``:
-  ``min(r, r^2/gap)`` by the gap theorem (default), or the residual ``r = ||Hv - lambda v||`` itself with
-  ``strict_residual``; ``stderr`` holds that bound.
+  reorthogonalisation, stopped when every wanted eigenvalue's certified error bound is ``<= tol |lambda|``
+  (Lehmann bounds with a rounding floor, checked against missed eigenvalues by a restart check; see
+  :mod:`diagnostics.linalg.lanczos`); with ``strict_residual`` the residual ``||Hv - lambda v||`` must
+  meet the tolerance too (accurate eigenvectors). ``stderr`` holds the bound on ``|lambda - theta|`` for
+  the eigenvalue of the same index (``inf`` when the run stopped before a certificate).
 * ``bottom_eigenvalue`` (index 0 = smallest): likewise at the bottom; negative values mean saddles.
 * ``trace``: Hutch++ estimate with its standard error.
-* ``negative_mass``: SLQ quadrature weight on eigenvalues below ``-negative_tol * |lambda_max|``
-  (the fraction of the spectrum that is negative), stderr over probes.
+* ``negative_mass``: the fraction of eigenvalues below ``-delta``,
+  ``delta = max(negative_tol |lambda_max|, (theta_max - theta_min) / density_steps)`` (the quadrature's
+  resolution: finer thresholds sit inside the node spacing around 0), from the SLQ nodes and weights.
+  ``stderr`` is half the reach of an interval (~95%) that holds the quadrature error (the
+  Chebyshev-Markov-Stieltjes bracket of each probe) and the probe noise (t quantile); the interval and
+  ``delta`` are in the metadata.
 * ``eos_threshold`` and ``eos_ratio = eigenvalue_0 / eos_threshold`` when the learning rate is known:
   ``2/lr`` for GD/SGD (so ``eos_ratio = lambda_max * lr / 2``), ``(2+2 beta)/lr`` with heavy-ball
   momentum, ``(2+2 beta)/((1+2 beta) lr)`` with Nesterov (Cohen et al. 2021). For Adam the raw Hessian
@@ -31,7 +37,7 @@ from diagnostics.analyzers.registry import AnalyzerSpec
 from diagnostics.context import Batch, Context, describe_context, parameter_groups
 from diagnostics.distributed import world
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.density import default_grid, gaussian_density, negative_mass, slq
+from diagnostics.linalg.density import default_grid, gaussian_density, negative_mass, quadrature_resolution, slq
 from diagnostics.linalg.lanczos import LanczosResult, lanczos
 from diagnostics.linalg.operator import HessianOperator
 from diagnostics.linalg.trace import hutchpp
@@ -154,6 +160,9 @@ def _spectrum(
         "bottom_residuals": res.bottom_residuals.tolist(),
         "error_bounds": res.error_bounds.tolist(),
         "bottom_error_bounds": res.bottom_error_bounds.tolist(),
+        "checks": res.checks,
+        "check_hvps": res.check_matvecs,
+        "rounding": res.rounding,
     }
     for i, (lam, e) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist())):
         rows.append(("eigenvalue", lam, e, i, group))
@@ -184,8 +193,9 @@ def _spectrum(
             block=config.block_size,
         )
         lam_max = abs(float(res.eigenvalues[0])) if k_top else max(abs(float(t.abs().max())) for t in q.nodes)
-        mass, mass_se = negative_mass(q.nodes, q.weights, threshold=config.negative_tol * lam_max)
-        rows.append(("negative_mass", mass, mass_se, None, group))
+        delta = max(config.negative_tol * lam_max, quadrature_resolution(q.nodes, config.density_steps))
+        nm = negative_mass(q.nodes, q.weights, delta)
+        rows.append(("negative_mass", nm.value, nm.stderr, None, group))
         grid, sigma = default_grid(q.nodes, config.density_points)
         if config.density_sigma:
             sigma = config.density_sigma
@@ -196,6 +206,12 @@ def _spectrum(
             "probes": config.density_probes,
             "steps": config.density_steps,
             "sigma": sigma,
+            "negative_mass": {
+                "delta": nm.delta,
+                "interval": [nm.low, nm.high],
+                "quadrature_bias": nm.bias,
+                "probe_noise": nm.noise,
+            },
             "nodes": [t.tolist() for t in q.nodes],
             "weights": [t.tolist() for t in q.weights],
         }
