@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diag-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test lint format bench clean-venv readme
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "make: using the torch already installed ($$($(PY) -c 'import torch; print(torch.__version__)'))"; \
 	  grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt; \
 	else cp constraints.txt $(VENV)/constraints.txt; fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev,hf]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -43,3 +43,6 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+readme: $(STAMP)
+	$(PY) -m diag_cli.docs

@@ -21,8 +21,9 @@ import torch
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
 from diagnostics.examples.digits import build_mlp, train_data, train_gd
-from diagnostics.linalg import HessianOperator, hutchpp, lanczos
+from diagnostics.linalg import hutchpp, lanczos
 from diagnostics.linalg.operator import dense_hessian
+from diagnostics.operators import hessian_operator
 
 
 def trained_model(width: int) -> torch.nn.Module:
@@ -50,7 +51,7 @@ def context(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, dtype: tor
 
 
 def exact_spectrum(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    op = HessianOperator.from_context(context(model, X, y, torch.float64), max_vectors=64)
+    op = hessian_operator(context(model, X, y, torch.float64), max_vectors=64)
     return np.linalg.eigvalsh(dense_hessian(op).numpy())[::-1]
 
 
@@ -89,12 +90,12 @@ def run_pyhessian(model, X, y, top_n: int, tol: float, seed: int):
 
 def run_ours(model, X, y, top_k: int, tol: float, seed: int, trace_rtol: float):
     ctx = context(model, X, y, torch.float32)
-    op = HessianOperator.from_context(ctx)
+    op = hessian_operator(ctx)
     t0 = time.perf_counter()
     res = lanczos(op, k_top=top_k, tol=tol, generator=torch.Generator().manual_seed(seed))
     t_eig = time.perf_counter() - t0
     n_eig = op.hvp_count
-    op2 = HessianOperator.from_context(ctx)
+    op2 = hessian_operator(ctx)
     t0 = time.perf_counter()
     tr = hutchpp(op2, generator=torch.Generator().manual_seed(seed + 1), sketch=10, rtol=trace_rtol, max_samples=300)
     t_tr = time.perf_counter() - t0
@@ -104,7 +105,7 @@ def run_ours(model, X, y, top_k: int, tol: float, seed: int, trace_rtol: float):
 def run_ours_trace_budget(model, X, y, budget: int, seed: int):
     """Hutch++ with the HVP budget PyHessian spent: sketch s, 2s + g = budget."""
     ctx = context(model, X, y, torch.float32)
-    op = HessianOperator.from_context(ctx)
+    op = hessian_operator(ctx)
     s = max(1, budget // 6)
     g = max(2, budget - 2 * s)
     tr = hutchpp(op, generator=torch.Generator().manual_seed(seed + 1), sketch=s, min_samples=g, max_samples=g)

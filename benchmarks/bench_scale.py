@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from diagnostics.examples.digits import build_cnn, build_mlp, train_data
+from diagnostics.linalg.data import DataLoop
 from diagnostics.linalg.lanczos import lanczos
 from diagnostics.linalg.operator import HessianOperator
 
@@ -180,7 +181,7 @@ def _scaling_worker(rank: int, size: int, port: int, hvps: int, copies: int, fol
     D.init_from_env()
     batch_loss, params, batches = _scaling_problem(copies)
     shard = D.shard_data(batches)
-    op = HessianOperator(batch_loss, params, shard.batches, weights=shard.weights, reduce=D.all_reduce_sum)
+    op = HessianOperator(batch_loss, params, DataLoop(shard.batches, shard.weights, reduce=D.all_reduce_sum))
     D.barrier()
     seconds, ev = _timed_lanczos(op, hvps)
     torch.save({"seconds": seconds, "eigenvalues": ev}, Path(folder) / f"rank{rank}.pt")

@@ -1,13 +1,9 @@
-"""Shared CLI plumbing: binding options, error handling, output, progress. No numerics here."""
+"""Transitional: the hand-written option types of the pre-declaration commands (only ``diag rashomon`` still
+uses them); errors live in :mod:`diag_cli.errors`, printing in :mod:`diag_cli.output`."""
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,16 +12,7 @@ import typer
 from diagnostics.binding import find_config, load_config, resolve_binding
 from diagnostics.checkpoint import Checkpoint, load_checkpoint
 from diagnostics.context import Context, build_context
-from diagnostics.errors import DiagnosticsError, GateFailed
-from diagnostics.progress import ProgressFn
-from diagnostics.results import (
-    Result,
-    format_markdown,
-    format_table,
-    records_to_frame,
-    records_to_json,
-    write_result,
-)
+from diagnostics.errors import DiagnosticsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json", "csv", "md")
@@ -106,49 +93,6 @@ QuietOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel="Output")]
 
 
-def err(message: str) -> None:
-    typer.echo(f"diag: error: {message}", err=True)
-
-
-def warn(message: str) -> None:
-    typer.echo(f"diag: warning: {message}", err=True)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn library errors into one stderr line and an exit code (2 bad input, 1 gate failed)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = bool(kwargs.get("debug")) or os.environ.get("DIAG_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except GateFailed as exc:
-            if str(exc):
-                typer.echo(f"diag: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except DiagnosticsError as exc:
-            if debug:
-                traceback.print_exc(file=sys.stderr)
-            err(str(exc))
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err("interrupted")
-            raise typer.Exit(130) from None
-        except MemoryError:
-            err("out of memory: use --samples, --batch-size or --params to analyse less at once")
-            raise typer.Exit(2) from None
-        except Exception as exc:
-            if debug:
-                traceback.print_exc(file=sys.stderr)
-            msg = " ".join(str(exc).split())[:300]
-            err(f"unexpected {type(exc).__name__}: {msg} (rerun with --debug for the traceback)")
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
 # ------------------------------------------------------------------------------------- binding
 def project_config(config: Path | None) -> dict[str, Any]:
     return load_config(find_config(config))
@@ -208,60 +152,7 @@ def check_format(fmt: str) -> None:
         raise DiagnosticsError(f"unknown --format '{fmt}'; use one of {', '.join(FORMATS)}")
 
 
-def check_out(out: Path | None, force: bool, protected: list[Path] | None = None) -> None:
-    """Refuse to overwrite an existing file (or an input) unless --force."""
-    if out is None:
-        return
-    for p in protected or []:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise DiagnosticsError(f"--out '{out}' is an input file; choose another path")
-    if out.exists() and not force:
-        raise DiagnosticsError(f"'{out}' exists; pass --force to overwrite it or choose another --out")
-    if out.suffix.lower() not in (".json", ".csv", ".parquet", ".md"):
-        raise DiagnosticsError(f"--out '{out}': unknown suffix; use .json, .csv, .parquet or .md")
+from diag_cli.errors import err, handle_errors, warn  # noqa: E402
+from diag_cli.output import emit, progress_bar  # noqa: E402
 
-
-def emit(result: Result, fmt: str, out: Path | None, quiet: bool = False) -> None:
-    """Print results to stdout in ``fmt``, write ``--out``, and warnings (notes) to stderr."""
-    if not quiet:
-        for note in result.metadata.get("notes", []):
-            warn(note)
-    if fmt == "json":
-        typer.echo(records_to_json(result.records))
-    elif fmt == "csv":
-        typer.echo(records_to_frame(result.records).to_csv(index=False), nl=False)
-    elif fmt == "md":
-        typer.echo(format_markdown(result.records), nl=False)
-    else:
-        typer.echo(format_table(result.records, result.metadata), nl=False)
-    if out is not None:
-        write_result(result, out)
-
-
-# ------------------------------------------------------------------------------------ progress
-@contextmanager
-def progress_bar(quiet: bool = False) -> Iterator[ProgressFn | None]:
-    """A progress bar on stderr (only on a terminal); yields the ``progress(task, done, total)`` callback."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    tasks: dict[str, Any] = {}
-
-    def update(task: str, done: int, total: int) -> None:
-        if task not in tasks:
-            tasks[task] = bar.add_task(task, total=total)
-        bar.update(tasks[task], completed=done, total=max(total, done))
-
-    with bar:
-        yield update
+__all__ = ["emit", "err", "handle_errors", "progress_bar", "warn"]

@@ -38,8 +38,15 @@ def _root(
 
 def _register_commands() -> None:
     from diag_cli import commands
+    from diag_cli.factory import register_analyzers
+    from diagnostics.analyzers.registry import all_analyzers
+    from diagnostics.spec import Analyzer
 
+    generated = {n: a for n, a in all_analyzers().items() if isinstance(a, Analyzer)}
+    register_analyzers(app, generated.values())
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name in generated:
+            continue
         module = importlib.import_module(f"diag_cli.commands.{info.name}")
         register = getattr(module, "register", None)
         if register is not None:

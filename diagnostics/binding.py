@@ -6,19 +6,32 @@ Sources, highest priority first:
 2. a project file ``diag.toml`` (found in the working directory or given with ``--config``);
 3. the factory names stored in a checkpoint by :func:`diagnostics.save_checkpoint`.
 
-Security: names found *inside a checkpoint* are imported only when they belong to this package's own
-examples (``diagnostics.examples``), are also named in ``diag.toml``, or ``trust_checkpoint=True``
-(``--trust-checkpoint-factories``). A checkpoint from a stranger cannot make the tool import anything.
+A spec is ``"package.module:callable"`` or, from flags and ``diag.toml`` only, ``"path/to/file.py:callable"``.
 
-A spec is ``"package.module:callable"`` or ``"path/to/file.py:callable"``.
+Security. A name found *inside a checkpoint* is imported only when
+
+* it is an exact ``module:callable`` name: a dotted module path of identifiers, one identifier after the
+  colon (no attribute path such as ``digits:torch.load``, no ``file.py``, no relative module);
+* it is trusted: one of this package's example factories (the explicit list :data:`EXAMPLE_FACTORIES`,
+  not a prefix), named in ``diag.toml`` (``model``/``data``/``loss`` or ``trusted_factories``), or the
+  user passes ``trust_checkpoint=True`` (``--trust-checkpoint-factories``);
+* the object found is *defined* in that module (``obj.__module__ == module``), so names a module merely
+  imports (``digits:os``, ``mod:system`` after ``from os import system``) are refused.
+
+The working directory is importable (a user's ``mymodels.py`` works with ``--model mymodels:build``) but
+is searched *after* the installed packages while factories are imported and called, so a ``sklearn.py``
+or ``torch.py`` lying in it never shadows the real package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +40,128 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics.errors import DiagnosticsError
+from diagnostics.options import CONFIG_NAME, find_config
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TRUSTED_PREFIXES = ("diagnostics.examples.", "diagnostics.examples:")
-CONFIG_NAME = "diag.toml"
-LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits")
+# The example factories a checkpoint may name without being trusted otherwise: an explicit list of the
+# model/data callables (never a prefix: the same modules also hold helpers such as train_gd that write files).
+EXAMPLE_FACTORIES = frozenset(
+    {
+        "diagnostics.examples.digits:build_mlp",
+        "diagnostics.examples.digits:build_cnn",
+        "diagnostics.examples.digits:train_data",
+        "diagnostics.examples.digits:test_data",
+        "diagnostics.examples.digits:train_loader",
+        "diagnostics.examples.detector:build_detector",
+        "diagnostics.examples.detector:train_images",
+        "diagnostics.examples.detector:test_images",
+        "diagnostics.examples.grokking:build_model",
+        "diagnostics.examples.grokking:train_data",
+        "diagnostics.examples.grokking:val_data",
+        "diagnostics.examples.tiny_gpt:build_gpt",
+        "diagnostics.examples.tiny_gpt:zen_batches",
+    }
+)
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+LOSS_NAMES = ("cross_entropy", "mse", "nll", "bce_with_logits", "model")
+
+
+# ---------------------------------------------------------------------------------- model outputs
+IGNORE_INDEX = -100  # the ignore_index of torch's and transformers' cross-entropy: such targets are not counted
+MODEL_LOSS = "model"
+# the model of a transformers model folder: built from its config.json (diagnostics.hf), nothing imported
+FOLDER_MODEL = "<config.json>"
+
+
+def output_tensor(outputs: Any) -> torch.Tensor | None:
+    """The prediction tensor of a model's outputs: the tensor itself, ``logits`` of a dict or
+    ``ModelOutput``, else the first tensor of a dict (in order) or tuple; None when there is none."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        if isinstance(outputs.get("logits"), torch.Tensor):
+            return outputs["logits"]
+        values = [v for k, v in outputs.items() if k != "loss"]
+    elif isinstance(outputs, (tuple, list)):
+        values = list(outputs)
+    else:
+        return None
+    for v in values:
+        found = output_tensor(v) if isinstance(v, (tuple, list, Mapping)) else v
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
+
+
+def model_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss a model computed itself: ``outputs.loss`` / ``outputs["loss"]`` (None when absent)."""
+    if isinstance(outputs, Mapping):
+        value = outputs.get("loss")
+    else:
+        value = getattr(outputs, "loss", None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def describe_shape(obj: Any) -> str:
+    """``[8, 16, 50] float32``-style description of a tensor, or the structure of other outputs."""
+    if isinstance(obj, torch.Tensor):
+        return f"{list(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, Mapping):
+        inner = ", ".join(f"{k}: {describe_shape(v)}" for k, v in list(obj.items())[:6])
+        return f"{type(obj).__name__}({inner})"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(describe_shape(v) for v in list(obj)[:6])
+        return f"{type(obj).__name__}({inner}{', ...' if len(obj) > 6 else ''})"
+    return type(obj).__name__
 
 
 # ----------------------------------------------------------------------------------------- losses
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _prediction(outputs: Any, loss: str) -> torch.Tensor:
+    pred = output_tensor(outputs)
+    if pred is None:
+        raise DiagnosticsError(
+            f"loss '{loss}' needs a tensor of predictions, but the model returns {describe_shape(outputs)}; "
+            "return the logits, or pass --loss model when the model computes its own loss"
+        )
+    return pred
+
+
+def _class_layout(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [M, C], integer targets [M]) for class-index targets, or (outputs, targets) unchanged.
+
+    Integer targets of shape ``[B, T]`` with outputs ``[B, T, C]`` (token level: the class axis last,
+    as transformers models return) are flattened to ``[B*T, C]`` and ``[B*T]``; ``[N, C]`` with ``[N]``
+    and channels-first ``[B, C, d1, ...]`` with ``[B, d1, ...]`` are kept as torch takes them.
+    """
+    if targets.is_floating_point() or outputs.dim() < 2:
+        return outputs, targets
+    if outputs.dim() == targets.dim() + 1 and tuple(outputs.shape[:-1]) == tuple(targets.shape):
+        if outputs.dim() == 2:
+            return outputs, targets.long()
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long()
+    channels_first = (
+        outputs.dim() == targets.dim() + 1
+        and outputs.shape[0] == targets.shape[0]
+        and tuple(outputs.shape[2:]) == tuple(targets.shape[1:])
+    )
+    if channels_first:
+        return outputs, targets.long()
+    raise DiagnosticsError(
+        f"loss '{loss}' got outputs {list(outputs.shape)} and integer targets {list(targets.shape)}; it takes "
+        "[N, C] with [N], token-level [B, T, C] with [B, T] (ignore_index -100), or [B, C, d...] with [B, d...]; "
+        "check --targets, or pass --loss model to use the model's own loss"
+    )
+
+
+def _mse(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error; integer class labels with 2-d outputs are one-hot encoded first."""
+    outputs = _prediction(outputs, "mse")
     if not targets.is_floating_point() and outputs.dim() == 2 and targets.dim() == 1:
         targets = F.one_hot(targets.long(), outputs.shape[1]).to(outputs.dtype)
     diff = outputs - targets.to(outputs.dtype).reshape(outputs.shape)
@@ -49,24 +170,66 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (diff * diff).mean()
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets if targets.is_floating_point() else targets.long())
+def _cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, mean over the counted targets (``ignore_index`` -100 not counted)."""
+    logits, y = _class_layout(_prediction(outputs, "cross_entropy"), targets, "cross_entropy")
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
 
-def _nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.nll_loss(outputs, targets.long())
+def _nll(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    logp, y = _class_layout(_prediction(outputs, "nll"), targets.long(), "nll")
+    return F.nll_loss(logp, y, ignore_index=IGNORE_INDEX)
 
 
-def _bce_with_logits(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _bce_with_logits(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    outputs = _prediction(outputs, "bce_with_logits")
     return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _model_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """The loss the model computed itself (``outputs.loss``), e.g. a transformers model given ``labels``."""
+    value = model_loss(outputs)
+    if value is None:
+        raise DiagnosticsError(
+            f"--loss model uses the loss the model returns (outputs.loss or outputs['loss']), but it returns "
+            f"{describe_shape(outputs)}; pass the labels to the model (a dict batch with 'labels') or name a loss "
+            f"({', '.join(LOSS_NAMES)})"
+        )
+    return value
+
+
+def causal_lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own loss written out: the logits at ``t`` predict the label at ``t + 1``,
+    ``-100`` labels are not counted, mean over the counted ones (``ForCausalLMLoss`` without
+    ``num_items_in_batch``), computed in the logits' dtype (transformers upcasts to float32 only)."""
+    logits = _prediction(outputs, MODEL_LOSS)
+    shifted = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shifted, labels[..., 1:].reshape(-1).long(), ignore_index=IGNORE_INDEX)
+
+
+LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
     "nll": _nll,
     "bce_with_logits": _bce_with_logits,
+    MODEL_LOSS: _model_loss,
 }
+
+
+def counted_targets(loss: str, targets: Any, *, shifted: bool = False) -> int | None:
+    """How many targets a token-mean loss averages over in one batch, or None for a per-sample mean.
+
+    For ``cross_entropy``, ``nll`` and ``model`` with integer targets: the entries that are not
+    ``-100`` (``ignore_index``); with ``shifted`` (a causal LM's own loss, which predicts token ``t+1``
+    from tokens ``<= t``) the first position of every row is dropped first. Other losses average over
+    samples: None.
+    """
+    if loss not in ("cross_entropy", "nll", MODEL_LOSS) or not isinstance(targets, torch.Tensor):
+        return None
+    if targets.is_floating_point() or targets.is_complex() or targets.dim() == 0:
+        return None
+    y = targets[..., 1:] if shifted and targets.dim() >= 2 else targets
+    return int((y != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------------------- import specs
@@ -77,9 +240,67 @@ def _split_spec(spec: str, what: str) -> tuple[str, str]:
     return module, attr
 
 
-def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
-    """Import ``"pkg.mod:attr"`` (the working directory is importable) or ``"file.py:attr"``."""
-    module_name, attr = _split_spec(spec, what)
+def check_checkpoint_spec(spec: Any, what: str = "factory") -> tuple[str, str]:
+    """The ``(module, callable)`` of a name read from a checkpoint, or a one-line refusal.
+
+    Only ``dotted.module:identifier``: no attribute path after the colon, no ``file.py``, no relative
+    module, nothing but ASCII identifiers (so no look-alike or whitespace tricks).
+    """
+    if not isinstance(spec, str):
+        raise DiagnosticsError(f"the checkpoint names a {what} that is a {type(spec).__name__}, not 'module:callable'")
+    module, sep, attr = spec.partition(":")
+    bad_module = not _MODULE_NAME.fullmatch(module) or module.endswith(".py")  # 'x.py' is a file, never a module
+    if not sep or bad_module or not _IDENTIFIER.fullmatch(attr):
+        raise DiagnosticsError(
+            f"the checkpoint names the {what} '{spec}', which is not an exact 'package.module:callable' name "
+            "(attribute paths, file paths and relative modules are never imported from a checkpoint); "
+            f"pass --{what.split()[0]} yourself if you know the code"
+        )
+    return module, attr
+
+
+def _is_cwd_entry(entry: str, cwd: str) -> bool:
+    if entry in ("", "."):
+        return True
+    try:
+        return os.path.realpath(entry) == cwd
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def cwd_searched_last() -> Iterator[None]:
+    """While active, the working directory is on ``sys.path`` but *after* every other entry.
+
+    ``python -m``, ``python -c`` and REPLs put the working directory first, where a stray ``sklearn.py``
+    would shadow scikit-learn; the ``diag`` script does not put it on the path at all, where a user's
+    ``mymodels.py`` would not be found. Factories are imported and called inside this context.
+    """
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was removed: nothing to import from it
+        yield
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not _is_cwd_entry(p, cwd)] + [cwd]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool = False) -> Callable[..., Any]:
+    """Import ``"pkg.mod:attr"`` (the working directory is searched last) or ``"file.py:attr"``.
+
+    Args:
+        from_checkpoint: the name was read from a checkpoint: only an exact ``module:callable`` name
+            (:func:`check_checkpoint_spec`) whose object is defined in that module is accepted. The caller
+            has already checked that the name is trusted (:func:`resolve_binding`).
+    """
+    if from_checkpoint:
+        module_name, attr = check_checkpoint_spec(spec, what)
+    else:
+        module_name, attr = _split_spec(spec, what)
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
@@ -95,10 +316,8 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
                 sys.modules[mod_key] = module
                 s.loader.exec_module(module)
         else:
-            cwd = str(Path.cwd())
-            if cwd not in sys.path:
-                sys.path.insert(0, cwd)
-            module = importlib.import_module(module_name)
+            with cwd_searched_last():
+                module = importlib.import_module(module_name)
     except DiagnosticsError:
         raise
     except ModuleNotFoundError as exc:
@@ -110,7 +329,7 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
         raise DiagnosticsError(
             f"{what} '{spec}': importing '{module_name}' raised {type(exc).__name__}: {exc}"
         ) from exc
-    obj = module
+    obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -121,13 +340,31 @@ def import_callable(spec: str, what: str = "factory") -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise DiagnosticsError(f"{what} '{spec}' is a {type(obj).__name__}, not a callable")
+    if from_checkpoint:
+        defined_in = getattr(obj, "__module__", None)
+        if defined_in != module_name:
+            raise DiagnosticsError(
+                f"the checkpoint names the {what} '{spec}', but that object is defined in '{defined_in}', not in "
+                f"'{module_name}' (only what a module defines is imported from a checkpoint); "
+                f"pass --{what.split()[0]} yourself if you know the code"
+            )
     return obj
 
 
 def resolve_loss(
     spec: str | Callable | None,
+    *,
+    from_checkpoint: bool = False,
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
-    """A loss name of :data:`LOSS_NAMES`, a ``module:fn`` spec, or a callable -> ``(fn, name)``."""
+    """A loss name of :data:`LOSS_NAMES`, a ``module:fn`` spec, or a callable -> ``(fn, name)``.
+
+    Built-in losses take the model's prediction tensor (:func:`output_tensor`: the logits of a dict or
+    ``ModelOutput``, the first tensor of a tuple); ``model`` takes the loss the model returns; a
+    ``module:fn`` loss gets the outputs as the model returns them.
+
+    Args:
+        from_checkpoint: the spec was read from a checkpoint (see :func:`import_callable`).
+    """
     if spec is None:
         return LOSSES["cross_entropy"], "cross_entropy"
     if callable(spec):
@@ -136,21 +373,11 @@ def resolve_loss(
         return LOSSES[spec], spec
     if ":" not in spec:
         raise DiagnosticsError(f"unknown loss '{spec}'; use one of {', '.join(LOSS_NAMES)} or 'package.module:fn'")
-    return import_callable(spec, "loss"), spec
+    with cwd_searched_last():
+        return import_callable(spec, "loss", from_checkpoint=from_checkpoint), spec
 
 
 # -------------------------------------------------------------------------------------- config
-def find_config(explicit: str | Path | None = None, cwd: Path | None = None) -> Path | None:
-    """``--config PATH`` if given (must exist), else ``./diag.toml`` if present."""
-    if explicit is not None:
-        p = Path(explicit)
-        if not p.is_file():
-            raise DiagnosticsError(f"no such config file: '{p}'")
-        return p
-    p = (cwd or Path.cwd()) / CONFIG_NAME
-    return p if p.is_file() else None
-
-
 def load_config(path: Path | None) -> dict[str, Any]:
     """Parse ``diag.toml``. Top-level keys: model, data, loss, model_kwargs, data_kwargs, seed,
     samples, batch_size, dtype, trusted_factories (list of specs a checkpoint may name); tables named
@@ -167,6 +394,27 @@ def load_config(path: Path | None) -> dict[str, Any]:
     return cfg
 
 
+def input_files(config: str | Path | None = None, *specs: str | None) -> list[Path]:
+    """Files a command reads besides its checkpoints: the project file and ``file.py`` factories.
+
+    Args:
+        config: ``--config`` (else ``./diag.toml`` when present).
+        specs: the ``--model``/``--data``/``--loss`` flags; the specs of ``diag.toml`` are added.
+
+    Returns:
+        Paths that no output may overwrite (see :func:`diagnostics.outputs.plan_outputs`).
+    """
+    path = find_config(config)
+    cfg = load_config(path) if path is not None else {}
+    found = [path] if path is not None else []
+    for spec in (*specs, cfg.get("model"), cfg.get("data"), cfg.get("loss")):
+        if isinstance(spec, str) and ":" in spec:
+            module = spec.rpartition(":")[0]
+            if module.endswith(".py"):
+                found.append(Path(module))
+    return found
+
+
 # ------------------------------------------------------------------------------------- binding
 @dataclass
 class Binding:
@@ -178,9 +426,11 @@ class Binding:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_kwargs: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    targets: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model,
             "data": self.data,
             "loss": self.loss,
@@ -188,15 +438,20 @@ class Binding:
             "data_kwargs": self.data_kwargs,
             "sources": self.sources,
         }
+        if self.inputs is not None or self.targets is not None:
+            out.update(inputs=self.inputs, targets=self.targets)
+        return out
 
 
 def _is_trusted(spec: str, config: Mapping[str, Any], trust_checkpoint: bool) -> bool:
-    if trust_checkpoint:
-        return True
-    if spec.startswith(TRUSTED_PREFIXES):
+    """Exact-name trust: the example list, diag.toml's names, or the user's trust flag."""
+    if trust_checkpoint or spec in EXAMPLE_FACTORIES:
         return True
     listed = {config.get("model"), config.get("data"), config.get("loss")}
-    listed |= set(config.get("trusted_factories") or [])
+    trusted = config.get("trusted_factories") or []
+    if isinstance(trusted, str):
+        trusted = [trusted]
+    listed |= {t for t in trusted if isinstance(t, str)}
     return spec in listed
 
 
@@ -209,8 +464,14 @@ def resolve_binding(
     config: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
     require: tuple[str, ...] = ("model", "data"),
+    inputs: str | None = None,
+    targets: str | None = None,
 ) -> Binding:
     """Combine flags, ``diag.toml`` and checkpoint metadata into a :class:`Binding`.
+
+    A transformers model folder names its model :data:`FOLDER_MODEL` (built from its ``config.json``,
+    nothing imported), so it needs no ``--model``. ``inputs``/``targets`` (``--inputs``/``--targets``,
+    else the top-level keys of ``diag.toml``) map the parts of dict or tuple batches.
 
     Raises:
         DiagnosticsError: a required part is missing, or a checkpoint names an untrusted factory.
@@ -226,24 +487,37 @@ def resolve_binding(
             spec, source = config[part], f"config {config.get('_path', CONFIG_NAME)}"
         elif ck.get(part):
             spec, source = ck[part], "checkpoint"
-            if (part != "loss" or spec not in LOSSES) and not _is_trusted(spec, config, trust_checkpoint):
-                raise DiagnosticsError(
-                    f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
-                    f"pass --{part} {spec} yourself, list it in diag.toml, "
-                    "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
-                )
+            is_loss_name = part == "loss" and isinstance(spec, str) and spec in LOSSES
+            if part == "model" and spec == FOLDER_MODEL:
+                source = "checkpoint (config.json of the model folder)"
+            elif not is_loss_name:
+                if not isinstance(spec, str) or not _is_trusted(spec, config, trust_checkpoint):
+                    raise DiagnosticsError(
+                        f"the checkpoint names the {part} factory '{spec}', which is not trusted; "
+                        f"pass --{part} {spec} yourself, list it in diag.toml, "
+                        "or add --trust-checkpoint-factories if you trust where the checkpoint came from"
+                    )
+                check_checkpoint_spec(spec, "loss" if part == "loss" else f"{part} factory")
         setattr(b, part, spec)
         if source:
             b.sources[part] = source
         kw_key = f"{part}_kwargs"
         if part in ("model", "data") and spec:
             if source == "flag":
-                kwargs = dict(config.get(kw_key) or {}) if config.get(part) == spec else {}
+                raw = config.get(kw_key) if config.get(part) == spec else None
             elif source and source.startswith("config"):
-                kwargs = dict(config.get(kw_key) or {})
+                raw = config.get(kw_key)
             else:
-                kwargs = dict(ck.get(kw_key) or {})
-            setattr(b, kw_key, kwargs)
+                raw = ck.get(kw_key)
+            if raw is not None and not isinstance(raw, Mapping):
+                where = "the checkpoint" if source == "checkpoint" else "diag.toml"
+                raise DiagnosticsError(f"{kw_key} in {where} must be a table of keyword arguments, got {raw!r:.80}")
+            setattr(b, kw_key, dict(raw or {}))
+    for part, flag in (("inputs", inputs), ("targets", targets)):
+        value = flag if flag is not None else config.get(part)
+        if value is not None and not isinstance(value, str):
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        setattr(b, part, value)
     for part in require:
         if not getattr(b, part):
             raise DiagnosticsError(
@@ -254,11 +528,18 @@ def resolve_binding(
     return b
 
 
-def call_factory(spec: str, kwargs: Mapping[str, Any], what: str) -> Any:
-    """Import and call a factory, turning any failure into a one-line :class:`DiagnosticsError`."""
-    fn = import_callable(spec, what)
+def call_factory(spec: str, kwargs: Mapping[str, Any], what: str, *, from_checkpoint: bool = False) -> Any:
+    """Import and call a factory, turning any failure into a one-line :class:`DiagnosticsError`.
+
+    The call runs with the working directory searched last (:func:`cwd_searched_last`), so imports
+    the factory makes lazily (e.g. scikit-learn inside a data function) find the installed packages.
+    """
+    fn = import_callable(spec, what, from_checkpoint=from_checkpoint)
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise DiagnosticsError(f"{what} '{spec}': keyword arguments must be a table of names, got {kwargs!r:.80}")
     try:
-        return fn(**dict(kwargs))
+        with cwd_searched_last():
+            return fn(**dict(kwargs))
     except DiagnosticsError:
         raise
     except Exception as exc:

@@ -7,19 +7,29 @@ Formats read (always without executing code: ``torch.load(..., weights_only=True
   (a PyTorch Lightning ``.ckpt`` is such a dict: ``state_dict`` plus ``global_step``, ``optimizer_states``);
 * a ``.safetensors`` file (metadata written by :func:`save_checkpoint` is kept in its header);
 * a checkpoint written by :func:`save_checkpoint` (weights, step, lr, optimizer hyper-parameters and
-  state, and the names of the model/data/loss factories, so ``diag hessian ckpt.pt`` needs no flags).
+  state, and the names of the model/data/loss factories, so ``diag hessian ckpt.pt`` needs no flags);
+* a transformers *model folder* written by ``save_pretrained`` (``config.json`` + ``model.safetensors``,
+  or shards listed in ``model.safetensors.index.json``, or ``pytorch_model.bin``), including the
+  ``checkpoint-N/`` folders a ``transformers.Trainer`` writes: the step is ``global_step`` of
+  ``trainer_state.json``, the learning rate the last one of its ``log_history``, the optimizer state
+  ``optimizer.pt`` (read with ``weights_only=True``). ``training_args.bin``, ``rng_state.pth``,
+  ``scheduler.pt`` and any Python file in the folder are never opened (pickles and code); the model is
+  built from ``config.json`` by :mod:`diagnostics.hf` (no ``trust_remote_code``, ever).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import pickle
 import re
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -28,8 +38,14 @@ from diagnostics.errors import DiagnosticsError
 
 FORMAT_TAG = "diagnostics-checkpoint/1"
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module")
-STEP_KEYS = ("step", "global_step", "iteration", "iter", "epoch")
-_STEP_IN_NAME = re.compile(r"(?:step|iter|it|epoch|ckpt|checkpoint)[_\-=]?(\d+)", re.IGNORECASE)
+# metadata keys holding the training step (an epoch is not a step)
+STEP_KEYS = ("step", "global_step", "iteration", "iter")
+# a step token in a name: 'step_2000', 'step=120', 'global_step1200', 'iter_250', 'checkpoint-500'; it must
+# start the name or follow a separator, and its digits must end the token
+_STEP_IN_NAME = re.compile(
+    r"(?:(?<=[_\-.=\s])|^)(?:(?:global_step|step|iteration|iter)[_=\-]?(\d+)|checkpoint-(\d+))(?![0-9A-Za-z])",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -50,6 +66,12 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     optimizer_state: dict[str, Any] | None = None
     sha256: str = ""
+    model_config: dict[str, Any] | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        """A transformers model folder: the model is built from :attr:`model_config` (``config.json``)."""
+        return self.model_config is not None
 
     @property
     def name(self) -> str:
@@ -67,34 +89,224 @@ class Checkpoint:
 
     @property
     def factories(self) -> dict[str, Any]:
-        return dict(self.metadata.get("factories") or {})
+        """Factory names saved with the checkpoint; a model folder's model is its ``config.json``."""
+        found = self.metadata.get("factories")
+        out = dict(found) if isinstance(found, Mapping) else {}
+        if self.is_folder:
+            from diagnostics.binding import FOLDER_MODEL
+
+            out["model"] = FOLDER_MODEL
+        return out
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class CheckpointChanged(DiagnosticsError):
+    """The file changed while it was being read (a trainer still writing it): read it again later."""
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """The whole content of a checkpoint file, read once, and the SHA-256 of exactly these bytes.
+
+    Everything downstream (the hash that keys caches and manifests, the step, the tensors) comes from
+    ``data``, so what is analysed is always what was hashed.
+    """
+
+    path: Path
+    data: bytes
+    sha256: str
+    files: Mapping[str, bytes] | None = None  # a model folder: {file name: bytes} of the files read
+
+
+# ------------------------------------------------------------------------------ model folders
+CONFIG_FILE = "config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+# never opened: pickles that could run code (training_args.bin, rng_state.pth, scheduler.pt) and code files
+NEVER_READ = ("training_args.bin", "rng_state.pth", "scheduler.pt")
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_.\-]+\.safetensors")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A folder holding ``config.json`` and weights (``model.safetensors``, its shard index, or
+    ``pytorch_model.bin``): what ``save_pretrained`` and ``transformers.Trainer`` write."""
+    p = Path(path)
+    return (
+        p.is_dir()
+        and (p / CONFIG_FILE).is_file()
+        and any((p / w).is_file() for w in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS))
+    )
+
+
+def _folder_weight_files(folder: Path, index: bytes | None) -> list[str]:
+    """The weight files of a model folder: the shards named by the index, or the single file."""
+    if index is None:
+        return [SAFE_WEIGHTS] if (folder / SAFE_WEIGHTS).is_file() else [BIN_WEIGHTS]
+    try:
+        parsed = json.loads(index)
+        weight_map = parsed["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DiagnosticsError(
+            f"'{folder / SAFE_INDEX}' is not a readable shard index (no 'weight_map' of tensor -> file)"
+        ) from exc
+    bad = [s for s in shards if not _SHARD_NAME.fullmatch(s) or s.startswith(".")]
+    if bad or not shards:
+        raise DiagnosticsError(
+            f"'{folder / SAFE_INDEX}' names shard file {bad[0] if bad else None!r:.80}; shards must be "
+            "'.safetensors' files inside the folder"
+        )
+    return shards
+
+
+def read_model_folder(path: str | Path) -> FileBytes:
+    """Read the files of a model folder once into memory (see :func:`read_checkpoint_file`).
+
+    Read: ``config.json``, the weights (single file or every shard of the index), and when present
+    ``trainer_state.json`` and ``optimizer.pt``. Nothing else is opened (:data:`NEVER_READ`, Python
+    files). The hash covers each file's name and bytes, so any change to what is analysed changes it.
+
+    Raises:
+        DiagnosticsError: a missing or unreadable file.
+        CheckpointChanged: a file changed while it was being read.
+    """
+    folder = Path(path)
+    files: dict[str, bytes] = {}
+    index = None
+    if (folder / SAFE_INDEX).is_file() and not (folder / SAFE_WEIGHTS).is_file():
+        index = read_checkpoint_file(folder / SAFE_INDEX).data
+        files[SAFE_INDEX] = index
+    names = [CONFIG_FILE, *_folder_weight_files(folder, index)]
+    names += [n for n in (TRAINER_STATE, OPTIMIZER_FILE) if (folder / n).is_file()]
+    for name in names:
+        files[name] = read_checkpoint_file(folder / name).data
+    h = hashlib.sha256(b"diagnostics-model-folder/1\n")
+    for name in sorted(files):
+        h.update(f"{name}\0{len(files[name])}\0".encode())
+        h.update(hashlib.sha256(files[name]).digest())
+    return FileBytes(path=folder, data=b"", sha256=h.hexdigest(), files=files)
+
+
+def read_checkpoint_file(path: str | Path) -> FileBytes:
+    """Read a regular file once into memory, refusing one that changes while it is read.
+
+    The file's size and modification time (``fstat`` of the open file) are compared before and after the
+    read, and the number of bytes read with the size: a trainer writing the file in place, or appending to
+    it, is caught. A file replaced by an atomic rename during the read is fine (the open file still holds
+    the old, complete version).
+
+    Raises:
+        DiagnosticsError: missing, not a regular file (FIFO, device, folder), or empty.
+        CheckpointChanged: the file changed during the read.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DiagnosticsError(f"no such checkpoint: '{path}'") from None
+    except OSError as exc:
+        raise DiagnosticsError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        if is_model_folder(path):
+            return read_model_folder(path)
+        raise DiagnosticsError(
+            f"'{path}' is a directory, not a checkpoint file (a transformers model folder needs {CONFIG_FILE} and "
+            f"{SAFE_WEIGHTS}, {SAFE_INDEX} or {BIN_WEIGHTS}); pass a checkpoint file or a model folder"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise DiagnosticsError(f"'{path}' is not a regular file (a FIFO, socket or device); pass a checkpoint file")
+    try:
+        with open(path, "rb") as fh:
+            before = os.fstat(fh.fileno())
+            data = fh.read()
+            after = os.fstat(fh.fileno())
+    except OSError as exc:
+        raise DiagnosticsError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    if (
+        len(data) != before.st_size
+        or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+        or before.st_ino != st.st_ino
+    ):
+        raise CheckpointChanged(
+            f"'{path}' changed while it was being read (still being written?); it is read again next time"
+        )
+    if not data:
+        raise DiagnosticsError(f"'{path}' is empty (0 bytes)")
+    return FileBytes(path=path, data=data, sha256=hashlib.sha256(data).hexdigest())
 
 
 def step_from_name(name: str) -> int | None:
-    """``step_2000.pt`` -> 2000, ``epoch=3-step=120.ckpt`` -> 120, ``ckpt_00050.pt`` -> 50."""
-    matches = _STEP_IN_NAME.findall(name)
-    if matches:
-        # Lightning names 'epoch=3-step=120': prefer the last (step) match.
-        return int(matches[-1])
-    digits = re.findall(r"\d+", Path(name).stem)
-    return int(digits[-1]) if digits else None
+    """The training step a file name states, or None: only recognised patterns count.
+
+    Recognised (case-insensitive): ``step``, ``global_step``, ``iteration`` or ``iter``, an optional
+    ``_``, ``-`` or ``=``, then digits (``step_2000``, ``step=120``, ``global_step1200``, ``iter_250``), and
+    ``checkpoint-N`` (Hugging Face Trainer folders). The token must start the name or follow a separator
+    (``_ - . =`` or a space) and its digits must end it; of several (Lightning's ``epoch=3-step=120``),
+    the last wins. Any other number is not a step: ``quad2.pt``, ``resnet50.pt``, ``ckpt_00050.pt`` (it
+    counts checkpoints) and ``epoch=3.ckpt`` (an epoch) give None. ``name`` may be a relative path: the
+    file name (without suffix) is tried first, then its folders from the innermost
+    (``checkpoint-500/model.safetensors`` -> 500).
+
+    Examples: ``step_02000.pt`` -> 2000, ``epoch=3-step=120.ckpt`` -> 120, ``checkpoint-500`` -> 500.
+    """
+    parts = PurePosixPath(str(name).replace("\\", "/")).parts
+    if not parts:
+        return None
+    last = parts[-1]
+    for part in (last.rsplit(".", 1)[0] if "." in last else last, *reversed(parts[:-1])):
+        found = [int(a or b) for a, b in _STEP_IN_NAME.findall(part)]
+        if found:
+            return found[-1]
+    return None
 
 
-def _torch_load(path: Path) -> Any:
+def _check_zip(data: bytes, path: Path) -> None:
+    """Refuse zip archives that ``torch.save`` never writes: compressed, escaping or lying members.
+
+    ``torch.save`` stores its members uncompressed under one folder; a deflated member (a zip bomb that
+    would inflate in memory), a member name that is absolute or climbs out with ``..``, or a directory that
+    declares more bytes than the file holds is refused from the central directory alone, before any
+    member is read.
+    """
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        raise DiagnosticsError(
+            f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt zip archive: {exc})"
+        ) from exc
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = PurePosixPath(name).parts
+        if name.startswith(("/", "\\")) or "\\" in name or ".." in parts or (parts and ":" in parts[0]):
+            raise DiagnosticsError(
+                f"refusing to load '{path}': its zip archive has a member named {name[:80]!r} that points outside "
+                "the archive; torch.save never writes such names"
+            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise DiagnosticsError(
+                f"refusing to load '{path}': its zip member {name[:80]!r} is compressed (a zip bomb?); "
+                "torch.save stores members uncompressed: save it again with torch.save"
+            )
+        total += info.file_size
+        if info.file_size > len(data) or total > len(data):
+            raise DiagnosticsError(
+                f"refusing to load '{path}': its zip directory declares {total} bytes in a {len(data)}-byte file "
+                "(corrupt or crafted archive)"
+            )
+
+
+def _torch_load(data: bytes, path: Path) -> Any:
     import warnings
 
+    if data[:4] == b"PK\x03\x04":
+        _check_zip(data, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notes from the weights-only unpickler
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s]+)", text, re.IGNORECASE)
@@ -114,25 +326,50 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    try:
-        from safetensors import safe_open
+SAFETENSORS_MAX_HEADER = 100 << 20  # the limit of the safetensors format itself
 
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            header = fh.metadata() or {}
-            for key in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                tensors[key] = fh.get_tensor(key)
+
+def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked before any tensor is read."""
+    if len(data) < 8:
+        raise DiagnosticsError(f"'{path}' is not a readable safetensors file (shorter than its 8-byte header size)")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, SAFETENSORS_MAX_HEADER):
+        raise DiagnosticsError(
+            f"'{path}' is not a readable safetensors file (its header claims {n} bytes, the file has {len(data)})"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, RecursionError) as exc:
+        raise DiagnosticsError(f"'{path}' is not a readable safetensors file (its header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise DiagnosticsError(f"'{path}' is not a readable safetensors file (its header is not a JSON object)")
+    return header
+
+
+def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    header = _safetensors_header(data, path)
+    try:
+        from safetensors.torch import load as load_safetensors
+
+        tensors = dict(load_safetensors(data))
     except Exception as exc:
-        raise DiagnosticsError(f"'{path}' is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
+        first = " ".join(str(exc).split())[:200]
+        raise DiagnosticsError(f"'{path}' is not a readable safetensors file: {type(exc).__name__}: {first}") from exc
+    raw = header.get("__metadata__") or {}
     meta: dict[str, Any] = {}
-    if "diagnostics" in header:
+    if not isinstance(raw, dict):
+        raw = {}
+    if isinstance(raw.get("diagnostics"), str):
         try:
-            meta = json.loads(header["diagnostics"])
-        except json.JSONDecodeError:
-            meta = {}
-    for k, v in header.items():
-        if k != "diagnostics":
+            parsed = json.loads(raw["diagnostics"])
+        except (ValueError, RecursionError) as exc:
+            raise DiagnosticsError(
+                f"'{path}': its safetensors metadata 'diagnostics' is not valid JSON; save it again"
+            ) from exc
+        meta = parsed if isinstance(parsed, dict) else {}
+    for k, v in raw.items():
+        if k != "diagnostics" and isinstance(k, str):
             meta.setdefault(k, v)
     return tensors, meta
 
@@ -213,26 +450,33 @@ def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, di
     return weights, meta, optimizer_state if isinstance(optimizer_state, Mapping) else None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Checkpoint:
     """Read a checkpoint of any supported format; never executes code from it.
+
+    The file is read once into memory (:func:`read_checkpoint_file`); its hash, metadata and tensors all
+    come from those bytes.
+
+    Args:
+        content: the bytes already read (e.g. by a sweep that hashed them first); ``path`` then only
+            names the checkpoint.
 
     Raises:
         DiagnosticsError: missing, unreadable, code-carrying or weightless files.
+        CheckpointChanged: the file changed while it was being read.
     """
     path = Path(path)
-    if not path.exists():
-        raise DiagnosticsError(f"no such checkpoint: '{path}'")
-    if path.is_dir():
-        raise DiagnosticsError(f"'{path}' is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise DiagnosticsError(f"'{path}' is empty (0 bytes)")
+    if content is None:
+        content = read_checkpoint_file(path)
+    if content.files is not None:
+        return _load_model_folder(path, content)
+    data = content.data
     optimizer_state = None
     if path.suffix.lower() == ".safetensors":
-        state_dict, meta = _load_safetensors(path)
+        state_dict, meta = _load_safetensors(data, path)
         if not state_dict:
             raise DiagnosticsError(f"'{path}' holds no tensors")
     else:
-        obj = _torch_load(path)
+        obj = _torch_load(data, path)
         if _is_tensor_dict(obj):
             state_dict, meta = dict(obj), {}
         elif isinstance(obj, Mapping):
@@ -241,8 +485,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise DiagnosticsError(
                 f"'{path}' holds a {type(obj).__name__}, not a state_dict; save model.state_dict() instead"
             )
+    for key, kinds in (("step", (int,)), ("lr", (int, float))):  # metadata is data: drop values of the wrong type
+        if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
+            meta.pop(key)
     if meta.get("step") is None:
-        guessed = step_from_name(path.name)
+        guessed = step_from_name(f"{path.parent.name}/{path.name}")
         if guessed is not None:
             meta["step"] = guessed
             meta["step_source"] = "file name"
@@ -251,7 +498,106 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state_dict=state_dict,
         metadata=meta,
         optimizer_state=optimizer_state,
-        sha256=file_sha256(path),
+        sha256=content.sha256,
+    )
+
+
+def _json_file(files: Mapping[str, bytes], name: str, path: Path) -> Any:
+    try:
+        return json.loads(files[name])
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise DiagnosticsError(f"'{path / name}' is not valid JSON; save the folder again") from exc
+
+
+def trainer_state_metadata(state: Any) -> dict[str, Any]:
+    """Step and learning rate from a ``transformers.Trainer``'s ``trainer_state.json``.
+
+    The step is ``global_step``; the learning rate is the ``learning_rate`` of the last ``log_history``
+    entry whose ``step`` is at most ``global_step`` (the Trainer logs the rate of the latest update).
+
+    Returns:
+        ``{"step", "lr", "lr_source"}`` (keys present only when found).
+    """
+    meta: dict[str, Any] = {}
+    if not isinstance(state, Mapping):
+        return meta
+    step = state.get("global_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        meta["step"] = step
+    best = None
+    for entry in state.get("log_history") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        lr, at = entry.get("learning_rate"), entry.get("step")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not isinstance(at, int):
+            continue
+        if ("step" in meta and at > meta["step"]) or (best is not None and at < best[0]):
+            continue
+        best = (at, float(lr))
+    if best is not None:
+        meta["lr"] = best[1]
+        meta["lr_source"] = f"trainer_state.json log_history (step {best[0]})"
+    return meta
+
+
+def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
+    """A model folder (:func:`read_model_folder`) -> :class:`Checkpoint` with ``model_config`` set."""
+    files = dict(content.files or {})
+    config = _json_file(files, CONFIG_FILE, path)
+    if not isinstance(config, dict):
+        raise DiagnosticsError(f"'{path / CONFIG_FILE}' is not a JSON object of model settings")
+    state_dict: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    if SAFE_INDEX in files:
+        index = _json_file(files, SAFE_INDEX, path)
+        for shard in _folder_weight_files(path, files[SAFE_INDEX]):
+            tensors, _ = _load_safetensors(files[shard], path / shard)
+            state_dict.update(tensors)
+        missing = sorted(set(index["weight_map"]) - set(state_dict))
+        if missing:
+            raise DiagnosticsError(
+                f"'{path}': the shard index lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[:3]}; "
+                "the folder is incomplete"
+            )
+    elif SAFE_WEIGHTS in files:
+        state_dict, _ = _load_safetensors(files[SAFE_WEIGHTS], path / SAFE_WEIGHTS)
+    else:
+        obj = _torch_load(files[BIN_WEIGHTS], path / BIN_WEIGHTS)
+        if not _is_tensor_dict(obj):
+            raise DiagnosticsError(f"'{path / BIN_WEIGHTS}' holds a {type(obj).__name__}, not a state_dict")
+        state_dict = dict(obj)
+    if not state_dict:
+        raise DiagnosticsError(f"'{path}' holds no tensors")
+    if TRAINER_STATE in files:
+        meta.update(trainer_state_metadata(_json_file(files, TRAINER_STATE, path)))
+    optimizer_state = None
+    if OPTIMIZER_FILE in files:
+        try:
+            loaded = _torch_load(files[OPTIMIZER_FILE], path / OPTIMIZER_FILE)
+        except DiagnosticsError as exc:
+            meta["optimizer_note"] = f"optimizer.pt not used: {exc}"
+        else:
+            if isinstance(loaded, Mapping) and isinstance(loaded.get("param_groups"), list):
+                optimizer_state = dict(loaded)
+                hp = _optimizer_meta(optimizer_state)
+                if hp:
+                    meta["optimizer"] = {"name": _guess_optimizer_name(hp), "hyperparameters": hp}
+                    if "lr" not in meta and isinstance(hp.get("lr"), (int, float)):
+                        meta["lr"] = float(hp["lr"])
+                        meta["lr_source"] = "optimizer.pt param_groups"
+    if meta.get("step") is None:
+        guessed = step_from_name(path.name)
+        if guessed is not None:
+            meta["step"] = guessed
+            meta["step_source"] = "file name"
+    meta["format"] = "transformers model folder"
+    return Checkpoint(
+        path=path,
+        state_dict=state_dict,
+        metadata=meta,
+        optimizer_state=optimizer_state,
+        sha256=content.sha256,
+        model_config=config,
     )
 
 

@@ -9,6 +9,8 @@ turning curvature estimates into noise.
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,12 +20,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from diagnostics import batches as B
+from diagnostics.batches import Batch, batch_size, fingerprint
 from diagnostics.binding import Binding, call_factory, resolve_loss
 from diagnostics.checkpoint import Checkpoint, check_finite
 from diagnostics.errors import DiagnosticsError
+from diagnostics.seeding import stream_generator
 
-Batch = tuple[Any, Any]  # (inputs, targets); targets may be None for unlabelled data
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FEATURE_NOTES = "_diagnostics_feature_notes"  # notes diagnostics.features leaves on a model (a list)
 _STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "network.")
 
 
@@ -41,83 +46,200 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     return obj
 
 
-def batch_size(batch: Batch) -> int:
-    """Number of samples in a batch: rows of the targets, else of the inputs.
+# ------------------------------------------------------------------------------------ batch layouts
+# keys of a dict batch taken as its targets when --targets does not name one, in this order
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
-    A tuple of inputs is several model arguments (rows of the first count); a list of inputs is a
-    list of samples (e.g. detector images of different sizes).
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which parts of a batch are the model's inputs and which its targets (``--inputs``/``--targets``).
+
+    Attributes:
+        inputs: dict keys (or tuple positions) passed to the model, in order; None: every part that is
+            not the targets.
+        targets: the dict key (or tuple position) of the targets; None: the first of :data:`TARGET_KEYS`
+            in a dict, the second item of a tuple.
     """
-    x, y = batch
-    for t in (y, x):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-        if isinstance(t, tuple) and t and isinstance(t[0], torch.Tensor) and t[0].dim() > 0:
-            return int(t[0].shape[0])
-        if isinstance(t, list) and t:
-            return len(t)
-    raise DiagnosticsError("cannot tell the batch size: a batch's inputs/targets are not tensors or lists")
+
+    inputs: tuple[str, ...] | None = None
+    targets: str | None = None
+
+    @classmethod
+    def parse(cls, inputs: str | Sequence[str] | None = None, targets: str | None = None) -> BatchLayout:
+        """``--inputs "input_ids,attention_mask"`` and ``--targets labels`` -> a layout."""
+        if isinstance(inputs, str):
+            inputs = [k.strip() for k in inputs.split(",")]
+        keys = tuple(k for k in (inputs or []) if k)
+        if inputs is not None and not keys:
+            raise DiagnosticsError("--inputs names no key; pass --inputs KEY[,KEY] (dict keys or tuple positions)")
+        target = str(targets).strip() if targets is not None else None
+        if target is not None and target in keys:
+            raise DiagnosticsError(f"--targets '{target}' is also one of --inputs {','.join(keys)}; name it once")
+        return cls(keys or None, target or None)
+
+    @property
+    def given(self) -> bool:
+        return self.inputs is not None or self.targets is not None
 
 
-def _fingerprint(obj: Any) -> tuple:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().double() if obj.is_floating_point() else obj.detach().to(torch.float64)
-        return (tuple(obj.shape), float(t.sum()), float((t * t).sum()))
-    if isinstance(obj, (list, tuple)):
-        return tuple(_fingerprint(o) for o in obj)
-    if isinstance(obj, Mapping):
-        return tuple((k, _fingerprint(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
-    return (repr(obj),)
+def numpy_to_torch(obj: Any) -> Any:
+    """Every numpy array (and numpy scalar) of a batch becomes a tensor (a copy; dtypes kept)."""
+    import numpy as np
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray):
+            if leaf.dtype == object:
+                raise DiagnosticsError(
+                    f"the data holds a numpy array of Python objects (shape {leaf.shape}); give numeric arrays"
+                )
+            return torch.from_numpy(np.array(leaf, copy=True))
+        if isinstance(leaf, np.generic):
+            return torch.as_tensor(leaf.item())
+        if isinstance(leaf, list) and leaf and all(isinstance(x, np.ndarray) for x in leaf):
+            return [convert(x) for x in leaf]
+        return leaf
+
+    return B.map_leaves(convert, obj)
 
 
-def _as_pair(item: Any, where: str) -> Batch:
-    if isinstance(item, (tuple, list)) and len(item) >= 2:
-        return item[0], item[1]
-    if isinstance(item, Mapping):
-        for xk, yk in (("inputs", "targets"), ("x", "y"), ("input", "target"), ("images", "labels")):
-            if xk in item:
-                return item[xk], item.get(yk)
+def _keys_text(keys: Sequence[Any]) -> str:
+    return ", ".join(str(k) for k in keys)
+
+
+def _position(key: str, n: int, where: str, flag: str) -> int:
+    try:
+        i = int(key)
+    except ValueError:
+        raise DiagnosticsError(
+            f"{where} yields tuples of {n} items; {flag} '{key}' must be a position 0..{n - 1}"
+        ) from None
+    if not -n <= i < n:
+        raise DiagnosticsError(f"{where} yields tuples of {n} items; {flag} {key} is not a position 0..{n - 1}")
+    return i % n
+
+
+def _is_mask_like(ids: Any, mask: Any) -> bool:
+    """``mask`` is an attention mask for the token ids ``ids``: a bool or 0/1 integer tensor of the
+    same ``[B, T]`` shape whose rows are contiguous (right or left padding)."""
+    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)):
+        return False
+    if ids.dim() != 2 or ids.shape != mask.shape or ids.is_floating_point() or mask.is_floating_point():
+        return False
+    if ids.dtype == torch.bool:
+        return False
+    m = mask.to(torch.int64)
+    if not bool(((m == 0) | (m == 1)).all()):
+        return False
+    step = m[:, 1:] - m[:, :-1]
+    return bool((step <= 0).all(dim=1).logical_or((step >= 0).all(dim=1)).all())
+
+
+def split_item(
+    item: Any, layout: BatchLayout, where: str, notes: list[str] | None = None, info: dict[str, Any] | None = None
+) -> Batch:
+    """One batch as the data gives it -> ``(inputs, targets)``.
+
+    * a tensor: ``(tensor, None)``;
+    * a tuple or list: ``(item[0], item[1])`` (further items such as sample indices are ignored); a
+      ``(token ids [B, T], attention mask [B, T])`` pair is taken as two inputs without targets, with a
+      note; ``--inputs 0,1 --targets 2`` picks positions;
+    * a dict: targets under ``--targets`` or the first of :data:`TARGET_KEYS`; the inputs are the other
+      keys (or ``--inputs``), kept as a dict and passed to the model as keyword arguments.
+
+    Raises:
+        DiagnosticsError: a key or position that is not there, listing what the batch holds and the flags.
+    """
     if isinstance(item, torch.Tensor):
+        if layout.given:
+            raise DiagnosticsError(
+                f"{where} yields bare tensors (shape {list(item.shape)}), which have no keys for --inputs/--targets; "
+                "drop those flags or yield (inputs, targets) tuples or dicts"
+            )
         return item, None
+    if isinstance(item, Mapping):
+        keys = list(item)
+        if layout.targets is not None:
+            if layout.targets not in item:
+                raise DiagnosticsError(
+                    f"{where} yields dicts with keys {_keys_text(keys)}; --targets '{layout.targets}' is not one "
+                    "of them"
+                )
+            target_key: Any = layout.targets
+        else:
+            target_key = next((k for k in TARGET_KEYS if k in item), None)
+        if layout.inputs is not None:
+            missing = [k for k in layout.inputs if k not in item]
+            if missing:
+                raise DiagnosticsError(
+                    f"{where} yields dicts with keys {_keys_text(keys)}; --inputs {','.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} not among them"
+                )
+            input_keys = list(layout.inputs)
+        else:
+            input_keys = [k for k in keys if k != target_key]
+        if not input_keys:
+            raise DiagnosticsError(
+                f"{where} yields dicts with keys {_keys_text(keys)} and no model inputs besides the targets "
+                f"'{target_key}'; name them with --inputs KEY[,KEY] (and the targets with --targets KEY)"
+            )
+        inputs = {k: item[k] for k in input_keys}
+        if info is not None:
+            info["target_key"] = target_key
+        return inputs, (item[target_key] if target_key is not None else None)
+    if isinstance(item, (tuple, list)) and item:
+        n = len(item)
+        if layout.given:
+            t = None if layout.targets is None else _position(layout.targets, n, where, "--targets")
+            if layout.inputs is not None:
+                idx = [_position(k, n, where, "--inputs") for k in layout.inputs]
+            else:
+                idx = [0] if t != 0 else [1]
+            inputs = item[idx[0]] if len(idx) == 1 else tuple(item[i] for i in idx)
+            return inputs, (None if t is None else item[t])
+        if n == 1:
+            return item[0], None
+        if _is_mask_like(item[0], item[1]) and n == 2:
+            if notes is not None and not any("attention mask" in x for x in notes):
+                notes.append(
+                    f"{where} yields (token ids, 0/1 mask) pairs of the same shape [B, T]: taken as two model "
+                    "inputs (ids, attention mask) without targets; pass --inputs 0 --targets 1 if the second "
+                    "item is the targets"
+                )
+            return (item[0], item[1]), None
+        return item[0], item[1]
     raise DiagnosticsError(
-        f"{where} yields {type(item).__name__} items; expected (inputs, targets) pairs or input tensors"
+        f"{where} yields {type(item).__name__} items; expected (inputs, targets) pairs, dicts of tensors "
+        "(map their keys with --inputs KEY[,KEY] and --targets KEY) or input tensors"
     )
+
+
+def _is_tensor_like(obj: Any) -> bool:
+    import numpy as np
+
+    return isinstance(obj, (torch.Tensor, np.ndarray))
+
+
+def _is_whole_data(data: Any) -> bool:
+    """The data callable returned all the data at once: a tensor, an ``(inputs, targets)`` tuple of
+    tensors (or several inputs), or a dict of tensors."""
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, Mapping):
+        return bool(data) and all(_is_tensor_like(v) or v is None for v in data.values())
+    if isinstance(data, tuple) and 2 <= len(data) <= 3:
+        first = data[0]
+        inputs_ok = _is_tensor_like(first) or (
+            isinstance(first, tuple) and bool(first) and all(_is_tensor_like(t) for t in first)
+        )
+        return inputs_ok and all(_is_tensor_like(v) or v is None for v in data[1:])
+    if isinstance(data, list) and len(data) == 2 and all(_is_tensor_like(v) or v is None for v in data):
+        return _is_tensor_like(data[0])
+    return False
 
 
 def _subset_indices(n: int, samples: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sort(torch.randperm(n, generator=generator)[:samples]).values
-
-
-def _take(obj: Any, idx: torch.Tensor) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[idx]
-    if isinstance(obj, tuple) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        return tuple(t[idx] for t in obj)  # several model arguments stay a tuple
-    if isinstance(obj, (list, tuple)):
-        return [obj[i] for i in idx.tolist()]
-    if obj is None:
-        return None
-    raise DiagnosticsError(f"cannot subsample data of type {type(obj).__name__}")
-
-
-def _split(x: Any, y: Any, size: int | None) -> list[Batch]:
-    n = batch_size((x, y))
-    if not size or size >= n:
-        return [(x, y)]
-    out = []
-    for start in range(0, n, size):
-        idx = torch.arange(start, min(start + size, n))
-        out.append((_take(x, idx), _take(y, idx)))
-    return out
-
-
-def _concat(parts: Sequence[Any]) -> Any:
-    if parts[0] is None:
-        return None
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, 0)
-    if isinstance(parts[0], tuple) and all(isinstance(t, torch.Tensor) for t in parts[0]):
-        return tuple(torch.cat(cols, 0) for cols in zip(*parts))
-    return [item for p in parts for item in p]
 
 
 def _is_image_list(obj: Any) -> bool:
@@ -148,6 +270,23 @@ class PreparedData:
     batches: list[Batch]
     notes: list[str]
     total_available: int
+    target_key: str | None = None  # the dict key the targets were found under (dict batches)
+
+
+def _check_rows(batch: Batch, where: str) -> int:
+    """The batch's sample count; every tensor with a sample axis must agree on it."""
+    sizes = {int(t.shape[0]) for t in B.tensors(batch) if t.dim() > 0}
+    if len(sizes) > 1:
+        x, y = batch
+        xs = [int(t.shape[0]) for t in B.tensors(x) if t.dim() > 0]
+        ys = [int(t.shape[0]) for t in B.tensors(y) if t.dim() > 0]
+        if xs and ys and len(set(xs)) == 1 and len(set(ys)) == 1:
+            raise DiagnosticsError(f"{where}: inputs have {xs[0]} rows but targets {ys[0]}; they must match")
+        raise DiagnosticsError(
+            f"{where}: the parts of a batch disagree on the number of samples ({sorted(sizes)}); every tensor "
+            "needs the sample axis first"
+        )
+    return sizes.pop() if sizes else 0
 
 
 def prepare_batches(
@@ -157,49 +296,53 @@ def prepare_batches(
     samples: int | None = None,
     generator: torch.Generator | None = None,
     where: str = "data",
+    layout: BatchLayout | None = None,
 ) -> PreparedData:
     """Materialise what a data callable returned into a fixed list of (inputs, targets) batches.
 
-    Accepts ``(inputs, targets)`` tensors (or a bare input tensor), a python list of ``[C, H, W]``
-    images or ``(images, per-image targets)`` (detectors; the list is the batch), or an iterable of
-    batches (a DataLoader). ``samples`` draws a seeded subset without replacement. Batches are kept as given
-    (ragged last batch included) unless ``samples`` or ``batch_size_`` asks for re-batching; every
-    product over the data weights a batch by its size, so a ragged split is exact.
+    Accepts all the data at once (a tensor, an ``(inputs, targets)`` tuple whose inputs may be a tuple of
+    several tensors, a dict of tensors), a python list of ``[C, H, W]`` images or ``(images, per-image
+    targets)`` (detectors; the list is the batch), or an iterable of batches (a DataLoader) of any of
+    these forms (:func:`split_item`). numpy arrays are converted to tensors. ``samples`` draws a seeded
+    subset without replacement. Batches are kept as given (ragged last batch included) unless
+    ``samples`` or ``batch_size_`` asks for re-batching; every product over the data weights a batch by
+    its size (or, for token-level losses, by its number of counted targets), so a ragged split is exact.
     """
+    layout = layout or BatchLayout()
     notes: list[str] = []
+    info: dict[str, Any] = {}
     gen = generator or torch.Generator().manual_seed(0)
+    data = numpy_to_torch(data) if not isinstance(data, (str, bytes)) and _has_numpy(data) else data
     images = _image_list_data(data)
     if images is not None:  # a list of [C, H, W] images (with optional per-image targets) is one batch
         x, y = images
         n = len(x)
+        batch: Batch = (x, y)
         if samples is not None and samples < n:
-            idx = _subset_indices(n, samples, gen)
-            x, y = _take(x, idx), _take(y, idx)
-        return PreparedData(_split(x, y, batch_size_), notes, n)
-    if isinstance(data, torch.Tensor) or (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], torch.Tensor)
-        and (data[1] is None or isinstance(data[1], torch.Tensor))
-    ):
-        x, y = (data, None) if isinstance(data, torch.Tensor) else data
-        if y is not None and x.shape[0] != y.shape[0]:
-            raise DiagnosticsError(f"{where}: inputs have {x.shape[0]} rows but targets {y.shape[0]}; they must match")
-        n = int(x.shape[0]) if x.dim() else 0
+            batch = B.take(batch, _subset_indices(n, samples, gen))
+        return PreparedData(B.split(batch, batch_size_), notes, n, info.get("target_key"))
+    if _is_whole_data(data):
+        batch = split_item(data, layout, where, notes, info)
+        n = _check_rows(batch, where)
         if n == 0:
             raise DiagnosticsError(f"{where} is empty (0 samples)")
         if samples is not None and samples < n:
-            idx = _subset_indices(n, samples, gen)
-            x, y = x[idx], (None if y is None else y[idx])
-        return PreparedData(_split(x, y, batch_size_), notes, n)
+            batch = B.take(batch, _subset_indices(n, samples, gen))
+        return PreparedData(B.split(batch, batch_size_), notes, n, info.get("target_key"))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
-        items = [_as_pair(item, where) for item in data]
+        items = []
+        for item in data:
+            item = numpy_to_torch(item) if _has_numpy(item) else item
+            items.append(split_item(item, layout, where, notes, info))
         if not items:
             raise DiagnosticsError(f"{where} yielded no batches")
+        for b in items:
+            _check_rows(b, where)
         if iter(data) is not data:  # re-iterable: check two passes agree
             try:
-                second = _as_pair(next(iter(data)), where)
-                if _fingerprint(second) != _fingerprint(items[0]):
+                first = next(iter(data))
+                second = split_item(numpy_to_torch(first) if _has_numpy(first) else first, layout, where)
+                if fingerprint([second]) != fingerprint([items[0]]):
                     notes.append(
                         f"{where} gives different batches on two passes (shuffle=True or random "
                         "augmentation); one fixed pass of it is analysed"
@@ -210,19 +353,34 @@ def prepare_batches(
         if total == 0:
             raise DiagnosticsError(f"{where} is empty (0 samples)")
         if samples is not None and samples < total:
-            x = _concat([b[0] for b in items])
-            y = _concat([b[1] for b in items])
-            idx = _subset_indices(total, samples, gen)
+            whole = B.concat(items)
             size = batch_size_ or batch_size(items[0])
-            return PreparedData(_split(_take(x, idx), _take(y, idx), size), notes, total)
+            return PreparedData(
+                B.split(B.take(whole, _subset_indices(total, samples, gen)), size), notes, total, info.get("target_key")
+            )
         if batch_size_:
-            x = _concat([b[0] for b in items])
-            y = _concat([b[1] for b in items])
-            return PreparedData(_split(x, y, batch_size_), notes, total)
-        return PreparedData(items, notes, total)
+            return PreparedData(B.split(B.concat(items), batch_size_), notes, total, info.get("target_key"))
+        return PreparedData(items, notes, total, info.get("target_key"))
     raise DiagnosticsError(
-        f"{where} returned a {type(data).__name__}; expected (inputs, targets) tensors or an iterable of batches"
+        f"{where} returned a {type(data).__name__}; expected (inputs, targets) tensors, a dict of tensors or an "
+        "iterable of batches"
     )
+
+
+def _has_numpy(obj: Any) -> bool:
+    import sys
+
+    if "numpy" not in sys.modules:
+        return False
+    import numpy as np
+
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return True
+    if isinstance(obj, (tuple, list)):
+        return any(_has_numpy(o) for o in obj[:64])
+    if isinstance(obj, Mapping):
+        return any(_has_numpy(o) for o in obj.values())
+    return False
 
 
 # ------------------------------------------------------------------------------------ context
@@ -253,6 +411,37 @@ class Context:
     loss_name: str = "cross_entropy"
     notes: list[str] = field(default_factory=list)
     binding: dict[str, Any] = field(default_factory=dict)
+    label_key: str = "labels"
+    shifted_labels: bool = False
+    token_weighted: bool = False
+    counted: int | None = None
+    own_causal_loss: bool = False  # --loss model of a transformers causal LM, recomputed in float64
+
+    def __post_init__(self) -> None:
+        if self.token_weighted and self.counted is None:
+            self.counted = self._count_all(self.batches)
+
+    # -- what the loss averages over
+    def batch_count(self, batch: Batch) -> int | None:
+        """Counted targets of one batch for a token-mean loss (:func:`~diagnostics.binding.counted_targets`)."""
+        from diagnostics.binding import counted_targets
+
+        return counted_targets(self.loss_name, batch[1], shifted=self.shifted_labels)
+
+    def _count_all(self, batches: Sequence[Batch]) -> int:
+        counts = [self.batch_count(b) for b in batches]
+        return int(sum(c if c is not None else batch_size(b) for c, b in zip(counts, batches)))
+
+    @property
+    def weighting(self) -> str:
+        """How batches are weighted in the full-data loss, in words (stated in every result's metadata)."""
+        if not self.token_weighted:
+            return "samples: the loss is the mean over samples; each batch is weighted by its number of samples"
+        shift = " (labels shifted by one: the model's own causal-LM loss)" if self.shifted_labels else ""
+        return (
+            f"tokens: the loss is the mean over the {self.counted} counted targets; each batch is weighted by its "
+            f"number of counted targets{shift}, targets equal to -100 are not counted"
+        )
 
     # -- sizes and randomness
     @property
@@ -277,19 +466,54 @@ class Context:
         return None if lr is None else float(lr)
 
     # -- functional evaluation
-    def forward(self, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-        """Model output with ``params`` substituted (``functional_call``; buffers from ``frozen``)."""
-        args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
-        return functional_call(self.model, {**self.frozen, **params}, args)
+    def forward(self, params: Mapping[str, torch.Tensor], inputs: Any, **extra: Any) -> Any:
+        """Model output with ``params`` substituted (``functional_call``; buffers from ``frozen``).
 
-    def batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        A tuple of inputs is passed as positional arguments, a dict as keyword arguments (``extra``
+        keyword arguments are added, e.g. the labels for ``--loss model``).
+        """
+        if isinstance(inputs, Mapping):
+            args: tuple = ()
+            kwargs = {**inputs, **extra}
+        else:
+            args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
+            kwargs = dict(extra)
+        return functional_call(self.model, {**self.frozen, **params}, args, kwargs or None)
+
+    def raw_batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The loss of one batch as the loss function computes it (a token mean for token-level losses)."""
         x, y = batch
         if y is None:
             raise DiagnosticsError("the data gives no targets, but this analysis needs (inputs, targets)")
+        if self.own_causal_loss:
+            from diagnostics.binding import causal_lm_loss
+
+            return causal_lm_loss(self.forward(params, x), y)
+        if self.loss_name == "model":
+            return self.loss_fn(self.forward(params, x, **{self.label_key: y}), y)
         return self.loss_fn(self.forward(params, x), y)
 
+    def batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The batch's loss ``L_b``, scaled so that the sample-weighted mean over batches is the full-data loss.
+
+        For a per-sample mean this is the loss itself. For a token-mean loss (``counted`` targets ``T``
+        over ``N`` samples in all) it is ``L_b * (T_b / n_b) * (N / T)``, so that
+        ``sum_b (n_b / N) L'_b = sum_b T_b L_b / T``: the mean over every counted target of the data, for
+        any batching (micro-batches and data shards compute their own ``T_b``). A batch without counted
+        targets contributes zero.
+        """
+        if not self.token_weighted:
+            return self.raw_batch_loss(params, batch)
+        count = self.batch_count(batch)
+        n = batch_size(batch)
+        if count == 0:
+            return sum(p.sum() for p in params.values()) * 0.0
+        scale = (count / n) * (self.n_samples / max(int(self.counted or 1), 1))
+        return self.raw_batch_loss(params, batch) * scale
+
     def loss(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Sample-weighted mean loss over all batches: ``sum_b n_b L_b / N``."""
+        """Mean loss over all data: ``sum_b n_b L_b / N`` (for token-level losses the mean over counted
+        targets, see :meth:`batch_loss`)."""
         params = self.params if params is None else params
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad():
@@ -303,7 +527,7 @@ class Context:
         if names is not None:
             keep = [n for n in everything if n in set(names)]
         elif pattern:
-            rx = re.compile(pattern)
+            rx = compile_params(pattern)
             keep = [n for n in everything if rx.search(n)]
         else:
             return self
@@ -317,7 +541,18 @@ class Context:
         return replace(self, params=params, frozen=frozen)
 
     def with_batches(self, batches: list[Batch]) -> Context:
-        return replace(self, batches=batches)
+        """The same model and loss over other batches (a token-level loss recounts its targets)."""
+        return replace(self, batches=batches, counted=None)
+
+
+def compile_params(pattern: str) -> re.Pattern[str]:
+    """``--params REGEX`` compiled, or a one-line error naming what is wrong with it."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise DiagnosticsError(
+            f"--params '{pattern}' is not a valid regular expression ({exc}); e.g. --params '^fc' or 'layer[12]'"
+        ) from exc
 
 
 def parameter_groups(names: Iterable[str]) -> dict[str, list[str]]:
@@ -330,24 +565,55 @@ def parameter_groups(names: Iterable[str]) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- building it up
-def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str) -> dict[str, torch.Tensor]:
-    want = model.state_dict()
-    keys = set(want)
-    if set(state) != keys:
+def _strip_wrappers(state: dict[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
+    """Keys saved from wrapped models: ``torch.compile`` (``_orig_mod.``, also inside submodules), DDP and
+    DataParallel (``module.``), Lightning (``model.``) and similar prefixes, removed until the keys fit."""
+    if any("_orig_mod." in k for k in state) and not any("_orig_mod." in k for k in keys):
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    changed = True
+    while changed and set(state) != keys:
+        changed = False
         for prefix in _STRIP_PREFIXES:
             if state and all(k.startswith(prefix) for k in state):
                 stripped = {k[len(prefix) :]: v for k, v in state.items()}
                 if set(stripped) == keys or len(set(stripped) & keys) > len(set(state) & keys):
-                    state = stripped
-        # Lightning: only keys under 'model.' belong to the network
-        if set(state) != keys:
-            for prefix in _STRIP_PREFIXES:
-                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                if set(sub) == keys:
-                    state = sub
+                    state, changed = stripped, True
                     break
-    missing = sorted(keys - set(state))
-    unexpected = sorted(set(state) - keys)
+    # Lightning: only keys under 'model.' belong to the network
+    if set(state) != keys:
+        for prefix in _STRIP_PREFIXES:
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(sub) == keys:
+                return sub
+    return state
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys that name one shared tensor (tied weights such as GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``); ``save_pretrained`` stores only one key of each group."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(t), []).append(name)
+    for name, t in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(t), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str) -> dict[str, torch.Tensor]:
+    from diagnostics.hf import ignored_key_patterns
+
+    want = model.state_dict()
+    keys = set(want)
+    state = _strip_wrappers(dict(state), keys)
+    for group in tied_groups(model):  # a tied weight saved under one of its names fills the others
+        present = [k for k in group if k in state]
+        if present:
+            for k in group:
+                state.setdefault(k, state[present[0]])
+    may_miss, may_carry = ignored_key_patterns(model)
+    missing = sorted(k for k in keys - set(state) if not any(p.search(k) for p in may_miss))
+    unexpected = sorted(k for k in set(state) - keys if not any(p.search(k) for p in may_carry))
+    state = {k: v for k, v in state.items() if k in keys}
     if missing or unexpected:
         parts = []
         if missing:
@@ -356,18 +622,44 @@ def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str)
             parts.append(f"unexpected {len(unexpected)} key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         raise DiagnosticsError(f"the checkpoint does not fit the model built by '{spec}': {'; '.join(parts)}")
     for k, t in want.items():
+        if k not in state:
+            continue
         if tuple(state[k].shape) != tuple(t.shape):
             raise DiagnosticsError(
                 f"the checkpoint does not fit the model built by '{spec}': '{k}' has shape "
                 f"{tuple(state[k].shape)} in the checkpoint but {tuple(t.shape)} in the model"
             )
+        got = state[k]
+        if t.is_floating_point() and not got.is_floating_point():
+            # load_state_dict would cast silently (complex: the imaginary part dropped with only a warning)
+            raise DiagnosticsError(
+                f"tensor '{k}' is {str(got.dtype).replace('torch.', '')} in the checkpoint but the model's is "
+                f"{str(t.dtype).replace('torch.', '')}: only floating-point weights are analysed; "
+                "save the real floating-point weights"
+            )
     return state
 
 
-def build_model(checkpoint: Checkpoint, binding: Binding, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Call the model factory, load the checkpoint's weights strictly, move to device/dtype, eval mode."""
+def build_model(
+    checkpoint: Checkpoint, binding: Binding, device: torch.device, dtype: torch.dtype, notes: list[str] | None = None
+) -> nn.Module:
+    """Build the model (the factory, or a model folder's ``config.json``), load the checkpoint's weights
+    strictly (tied weights saved once are filled in), move to device/dtype, eval mode, caches off."""
+    from diagnostics.binding import FOLDER_MODEL
+    from diagnostics.hf import build_from_config, disable_cache
+
     assert binding.model is not None
-    model = call_factory(binding.model, binding.model_kwargs, "model factory")
+    if binding.model == FOLDER_MODEL:
+        if checkpoint.model_config is None:
+            raise DiagnosticsError(
+                f"'{checkpoint.name}' is not a transformers model folder; pass --model package.module:callable"
+            )
+        model, built_notes = build_from_config(checkpoint.model_config, f"'{checkpoint.name}'")
+        if notes is not None:
+            notes.extend(built_notes)
+    else:
+        from_ck = binding.sources.get("model") == "checkpoint"
+        model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=from_ck)
     if not isinstance(model, nn.Module):
         raise DiagnosticsError(
             f"model factory '{binding.model}' returned a {type(model).__name__}, not a torch.nn.Module"
@@ -375,13 +667,15 @@ def build_model(checkpoint: Checkpoint, binding: Binding, device: torch.device, 
     check_finite(checkpoint.state_dict, f"checkpoint '{checkpoint.name}'")
     state = _fit_state_dict(model, checkpoint.state_dict, binding.model)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise DiagnosticsError(
             f"loading '{checkpoint.name}' into '{binding.model}' failed: {str(exc).splitlines()[0]}"
         ) from exc
     model = model.to(device=device, dtype=dtype)
     model.eval()
+    if disable_cache(model) and notes is not None:
+        notes.append("the model's key/value cache is turned off for the analysis (use_cache=False)")
     return model
 
 
@@ -411,6 +705,143 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[name]
 
 
+def _accepts(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether ``model.forward`` takes every one of ``names`` as a keyword argument."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return True
+    ps = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
+        return True
+    ok = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return all(n in ps and ps[n].kind in ok for n in names)
+
+
+def bind_inputs(model: nn.Module, batches: list[Batch], where: str, notes: list[str]) -> list[Batch]:
+    """Dict inputs are passed as keyword arguments when ``model.forward`` takes those names, else
+    positionally in the dict's order (``{image, label}`` for ``forward(x)``), with a note."""
+    if not batches:
+        return batches
+    first = batches[0][0]
+    if not isinstance(first, Mapping) or _accepts(model, [str(k) for k in first]):
+        return batches
+    keys = list(first)
+    notes.append(
+        f"{where} yields dicts whose inputs {', '.join(map(str, keys))} are not all argument names of "
+        f"{type(model).__name__}.forward; they are passed positionally in that order (choose them with --inputs)"
+    )
+
+    def positional(x: Any) -> Any:
+        values = tuple(x[k] for k in keys)
+        return values[0] if len(values) == 1 else values
+
+    return [(positional(x), y) for x, y in batches]
+
+
+def align_optimizer_state(
+    model: nn.Module, state: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """An optimizer ``state_dict`` re-ordered so that its parameters follow ``model.named_parameters()``.
+
+    Param groups list parameter indices, not names. They are matched to names by, in this order: the
+    groups' own ``param_names`` (optimizers built from ``named_parameters()``); the order of
+    ``named_parameters()`` when it fits every state entry's shape; transformers ``Trainer``'s two groups
+    (weight decay on every parameter except biases and normalisation weights, then the rest, each in
+    ``named_parameters()`` order). The result has one param group per run of consecutive parameters of
+    the same original group (hyper-parameters kept) and ``param_names`` added.
+
+    Returns:
+        (the re-ordered state, or the state unchanged when nothing needed doing or no rule fits;
+        a note saying which rule matched, or None).
+    """
+    if not isinstance(state, Mapping) or not isinstance(state.get("param_groups"), list):
+        return (dict(state) if isinstance(state, Mapping) else None), None
+    groups = [g for g in state["param_groups"] if isinstance(g, Mapping)]
+    entries = state.get("state") or {}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = {n: tuple(p.shape) for n, p in named}
+    ids = [(gi, pid) for gi, g in enumerate(groups) for pid in g.get("params", [])]
+    if len(ids) != len(named):
+        return dict(state), None
+
+    def fits(order: Sequence[str]) -> bool:
+        for name, (_, pid) in zip(order, ids):
+            entry = entries.get(pid, entries.get(str(pid)))
+            v = entry.get("exp_avg_sq", entry.get("exp_avg")) if isinstance(entry, Mapping) else None
+            if isinstance(v, torch.Tensor) and tuple(v.shape) != shapes.get(name):
+                return False
+        return True
+
+    order: list[str] | None = None
+    rule = None
+    names_given = [n for g in groups for n in (g.get("param_names") or [])]
+    if len(names_given) == len(ids) and set(names_given) == set(shapes):
+        order, rule = names_given, "the optimizer's param_names"
+    elif fits([n for n, _ in named]):
+        return dict(state), None  # already in named_parameters() order
+    elif len(groups) == 2:
+        decay = set(_decay_parameter_names(model))
+        trainer = [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
+        sizes = [len(g.get("params", [])) for g in groups]
+        if sizes[0] == sum(1 for n, _ in named if n in decay) and fits(trainer):
+            order, rule = trainer, "transformers Trainer's param groups (weight decay, then no weight decay)"
+    if order is None:
+        return dict(state), (
+            "the optimizer state's parameter order could not be matched to the model's parameter names; "
+            "Adam preconditioning (diag sharpness) may refuse it"
+        )
+    position = {name: i for i, name in enumerate(order)}
+    new_groups: list[dict[str, Any]] = []
+    last = None
+    for name, _ in named:
+        gi, pid = ids[position[name]]
+        if gi != last:
+            g = {k: v for k, v in groups[gi].items() if k not in ("params", "param_names")}
+            new_groups.append({**g, "params": [], "param_names": []})
+            last = gi
+        new_groups[-1]["params"].append(pid)
+        new_groups[-1]["param_names"].append(name)
+    return {**dict(state), "param_groups": new_groups}, f"optimizer state matched to parameter names by {rule}"
+
+
+def _decay_parameter_names(model: nn.Module) -> list[str]:
+    """transformers ``Trainer``'s weight-decay parameters: not in a LayerNorm, not a bias or a norm weight."""
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    try:
+        from transformers import Trainer
+
+        return list(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    except Exception:  # transformers missing or its helper changed: the same rule, written out
+        rx = [re.compile(p) for p in patterns]
+        out = []
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, nn.LayerNorm):
+                continue
+            for pname, _ in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                if not any(r.search(full.lower()) for r in rx):
+                    out.append(full)
+        return out
+
+
+def _default_loss(ctx: Context, target_key: str | None) -> bool:
+    """``--loss model`` by default: the batches are dicts carrying labels and the model returns a loss."""
+    if not ctx.batches:
+        return False
+    x, y = ctx.batches[0]
+    if target_key not in ("labels", "label") or y is None or not isinstance(x, Mapping):
+        return False
+    from diagnostics.binding import model_loss
+
+    try:
+        with torch.no_grad():
+            out = ctx.forward(ctx.params, x, **{ctx.label_key: y})
+    except Exception:
+        return False
+    return model_loss(out) is not None
+
+
 def build_context(
     checkpoint: Checkpoint,
     binding: Binding,
@@ -423,6 +854,7 @@ def build_context(
     params: str | None = None,
     check: bool = True,
     need_targets: bool = True,
+    need_data: bool = True,
 ) -> Context:
     """Checkpoint + binding -> :class:`Context` (model, data, loss), then the determinism check.
 
@@ -430,24 +862,53 @@ def build_context(
         params: regex restricting the analysed parameters (others are held fixed).
         samples: seeded subset size of the data (stream 0 of ``seed``).
         check: run :func:`check_determinism` (and the finite-loss check when targets exist).
+        need_data: False for data-free analyses (weight spectra): no data factory is called, the context
+            has no batches and no determinism check runs.
     """
+    from diagnostics.binding import MODEL_LOSS, counted_targets
+    from diagnostics.hf import is_causal_lm
+
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
     if samples is not None and samples <= 0:
         raise DiagnosticsError(f"--samples must be positive, got {samples}")
     if batch_size_ is not None and batch_size_ <= 0:
         raise DiagnosticsError(f"--batch-size must be positive, got {batch_size_}")
-    model = build_model(checkpoint, binding, dev, dt)
-    loss_fn, loss_name = resolve_loss(binding.loss)
-    assert binding.data is not None
-    raw = call_factory(binding.data, binding.data_kwargs, "data factory")
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 % (2**63 - 1))
-    prepared = prepare_batches(
-        raw, batch_size_=batch_size_, samples=samples, generator=gen, where=f"data '{binding.data}'"
-    )
+    notes: list[str] = []
+    model = build_model(checkpoint, binding, dev, dt, notes)
+    loss_fn, loss_name = resolve_loss(binding.loss, from_checkpoint=binding.sources.get("loss") == "checkpoint")
+    prepared = PreparedData([], [], None)
+    where = f"data '{binding.data}'"
+    if need_data:
+        assert binding.data is not None
+        raw = call_factory(
+            binding.data,
+            binding.data_kwargs,
+            "data factory",
+            from_checkpoint=binding.sources.get("data") == "checkpoint",
+        )
+        layout = BatchLayout.parse(binding.inputs, binding.targets)
+        prepared = prepare_batches(
+            raw,
+            batch_size_=batch_size_,
+            samples=samples,
+            generator=stream_generator(seed, 0),
+            where=where,
+            layout=layout,
+        )
+    notes.extend(prepared.notes)
     batches = [to_device(b, dev, dt) for b in prepared.batches]
+    batches = bind_inputs(model, batches, where, notes)
+    check_data(batches, where)
     if need_targets and any(b[1] is None for b in batches):
-        raise DiagnosticsError(f"data '{binding.data}' gives inputs only; this analysis needs (inputs, targets)")
+        keys = list(batches[0][0]) if isinstance(batches[0][0], Mapping) else None
+        hint = (
+            f"; its dicts have keys {', '.join(map(str, keys))} and none of {', '.join(TARGET_KEYS)}: name the "
+            "targets with --targets KEY"
+            if keys
+            else ""
+        )
+        raise DiagnosticsError(f"{where} gives inputs only; this analysis needs (inputs, targets){hint}")
     named = dict(model.named_parameters())
     analysed = {n: p.detach() for n, p in named.items() if p.requires_grad}
     if not analysed:
@@ -456,6 +917,16 @@ def build_context(
     frozen.update({n: b for n, b in model.named_buffers()})
     meta = dict(checkpoint.metadata)
     meta["samples_available"] = prepared.total_available
+    meta["sha256"] = checkpoint.sha256
+    if meta.get("optimizer_note"):
+        notes.append(str(meta["optimizer_note"]))
+    optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)
+    if opt_note and opt_note.startswith("optimizer state matched"):
+        meta["optimizer_matching"] = opt_note  # how Adam's state was matched to names: metadata, not a warning
+    elif opt_note:
+        notes.append(opt_note)
+    target_key = prepared.target_key
+    label_key = target_key if target_key and _accepts(model, [target_key]) else "labels"
     ctx = Context(
         model=model,
         params=analysed,
@@ -468,27 +939,330 @@ def build_context(
         checkpoint=checkpoint.name,
         step=checkpoint.step,
         checkpoint_metadata=meta,
-        optimizer_state=checkpoint.optimizer_state,
+        optimizer_state=optimizer_state,
         loss_name=loss_name,
-        notes=list(prepared.notes),
+        notes=notes,
         binding=binding.describe(),
+        label_key=label_key,
     )
+    if binding.loss is None and _default_loss(ctx, target_key):
+        ctx.loss_fn, ctx.loss_name = resolve_loss(MODEL_LOSS)
+        ctx.binding["loss"] = MODEL_LOSS
+        ctx.binding.setdefault("sources", {})["loss"] = "default: the batches carry labels and the model returns a loss"
+    ctx.shifted_labels = ctx.loss_name == MODEL_LOSS and is_causal_lm(model)
+    if ctx.shifted_labels and dt == torch.float64 and type(model).__module__.startswith("transformers."):
+        ctx.own_causal_loss = True
+        notes.append(
+            "--loss model: transformers computes a causal LM's loss in float32; for the float64 analysis the same "
+            "loss (labels shifted by one, -100 ignored, mean over counted tokens) is computed in float64 from the "
+            "logits"
+        )
+    counts = [counted_targets(ctx.loss_name, y, shifted=ctx.shifted_labels) for _, y in batches]
+    ctx.token_weighted = any(c is not None and (c != batch_size(b) or b[1].dim() >= 2) for c, b in zip(counts, batches))
+    if ctx.token_weighted:
+        ctx.counted = sum(int(c or 0) for c in counts)
+        if ctx.counted == 0:
+            raise DiagnosticsError(
+                f"{where}: every target is -100 (ignore_index), so the loss averages over nothing; check the labels"
+            )
+        if ctx.loss_name in ("cross_entropy", "nll") and is_causal_lm(model):
+            ctx.notes.append(
+                f"loss '{ctx.loss_name}' compares the logits at position t with the targets at position t; a causal "
+                "LM's own loss shifts the labels by one (use --loss model, or shift the targets in the data)"
+            )
     if params:
         ctx = ctx.restrict(params)
-    if check:
+    if check and need_data:
         ctx.notes.extend(check_determinism(ctx, need_loss=need_targets))
     return ctx
 
 
+# ------------------------------------------------------------------------------- data and loss checks
+def _count_nonfinite(obj: Any) -> tuple[int, int]:
+    """(NaN count, Inf count) over every floating tensor in ``obj`` (nested tuples/lists/dicts)."""
+    if isinstance(obj, torch.Tensor):
+        if not (obj.is_floating_point() or obj.is_complex()):
+            return 0, 0
+        t = obj.detach()
+        return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if isinstance(obj, (list, tuple)):
+        counts = [_count_nonfinite(o) for o in obj]
+    elif isinstance(obj, Mapping):
+        counts = [_count_nonfinite(o) for o in obj.values()]
+    else:
+        return 0, 0
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def check_data(batches: Sequence[Batch], where: str) -> None:
+    """Every floating value of every batch is finite; else name the first bad batch.
+
+    A NaN or Inf in the data does not always make the loss NaN (``tanh(inf) = 1``), but it makes
+    gradients and Hessian-vector products NaN, so it is refused before any analysis.
+    """
+    for i, (x, y) in enumerate(batches):
+        for part, obj in (("inputs", x), ("targets", y)):
+            n_nan, n_inf = _count_nonfinite(obj)
+            if n_nan or n_inf:
+                raise DiagnosticsError(
+                    f"{where}: batch {i} ({batch_size((x, y))} samples) has {n_nan} NaN and {n_inf} Inf values in "
+                    f"its {part}; clean the data or drop those samples"
+                )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"shape {list(obj.shape)}, {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, Mapping):
+        return "a dict of " + ", ".join(f"{k}: {_describe(v)}" for k, v in list(obj.items())[:8])
+    if isinstance(obj, (list, tuple)):
+        if obj and len(obj) <= 4 and all(isinstance(o, torch.Tensor) for o in obj):
+            return f"a {type(obj).__name__} of " + "; ".join(_describe(o) for o in obj)
+        return f"a {type(obj).__name__} of {len(obj)}"
+    return type(obj).__name__
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+_DTYPE_WORDS = re.compile(r"dtype|scalar type|Long|Int|Byte|Bool|not implemented for", re.IGNORECASE)
+
+
+def _forward_error(ctx: Context, inputs: Any, exc: Exception) -> DiagnosticsError:
+    """A one-line explanation of why the model cannot take the data's inputs."""
+    msg = " ".join(str(exc).split())[:240]
+    model, data = ctx.binding.get("model"), ctx.binding.get("data")
+    m = re.search(r"unexpected keyword argument '([^']+)'|missing \d+ required positional argument", msg)
+    if isinstance(exc, TypeError) and m:
+        keys = ", ".join(map(str, inputs)) if isinstance(inputs, Mapping) else None
+        seen = f"the batches have keys {keys}" if keys else f"the inputs are {_describe(inputs)}"
+        return DiagnosticsError(
+            f"model '{model}' cannot be called with the inputs of data '{data}' ({msg}); {seen}: choose the model "
+            "inputs with --inputs KEY[,KEY] (dict keys or tuple positions) and the targets with --targets KEY"
+        )
+    ints = [t for t in _tensors(inputs) if not (t.is_floating_point() or t.is_complex())]
+    if ints and _DTYPE_WORDS.search(msg) and not any(n in type(ctx.model).__name__ for n in ("LMHead", "ForCausalLM")):
+        kind = str(ints[0].dtype).replace("torch.", "")
+        return DiagnosticsError(
+            f"data '{data}' gives {kind} inputs but model '{model}' computes in {str(ctx.dtype).replace('torch.', '')} "
+            f"({msg}); return floating-point inputs from the data callable (e.g. X.float())"
+        )
+    shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else None
+    m = re.search(r"shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", msg)
+    if m:
+        return DiagnosticsError(
+            f"model '{model}' expects {m.group(3)} input features but data '{data}' gives inputs of shape {shape} "
+            f"({m.group(2)} features; {msg}); check --data, --model and its model_kwargs"
+        )
+    m = re.search(r"expected input\[([^\]]*)\] to have (\d+) channels, but got (\d+) channels", msg)
+    if m:
+        return DiagnosticsError(
+            f"model '{model}' expects {m.group(2)} input channels but data '{data}' gives inputs of shape {shape} "
+            f"({m.group(3)} channels); check --data, --model and its model_kwargs"
+        )
+    return DiagnosticsError(
+        f"model '{model}' fails on the first batch of data '{data}' (inputs: {_describe(inputs)}): "
+        f"{type(exc).__name__}: {msg}; check --data and --inputs/--targets (which parts of a batch go to the model)"
+    )
+
+
+def _check_labels(ctx: Context, outputs: Any) -> None:
+    """Integer labels of the built-in classification losses must index the model's outputs."""
+    from diagnostics.binding import output_tensor
+
+    name = ctx.loss_name
+    outputs = output_tensor(outputs)
+    if name not in ("cross_entropy", "nll", "mse") or not isinstance(outputs, torch.Tensor) or outputs.dim() < 2:
+        return
+    y0 = ctx.batches[0][1]
+    # the outputs are of the first batch: token-level ([B, T, C] with [B, T]) is decided there
+    token_level = isinstance(y0, torch.Tensor) and outputs.dim() > 2 and tuple(outputs.shape[:-1]) == tuple(y0.shape)
+    classes = int(outputs.shape[-1] if token_level else outputs.shape[1])
+    for i, (_, y) in enumerate(ctx.batches):
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.numel() == 0:
+            continue
+        if name == "mse" and not (outputs.dim() == 2 and y.dim() == 1):
+            continue  # integer regression targets, not labels
+        counted = y != -100 if name != "mse" else torch.ones_like(y, dtype=torch.bool)  # -100: ignore_index
+        bad = ((y < 0) | (y >= classes)) & counted
+        if bool(bad.any()):
+            raise DiagnosticsError(
+                f"data '{ctx.binding.get('data')}': batch {i} has label {int(y[bad][0])}, but the model has {classes} "
+                f"outputs, so loss '{name}' needs labels 0..{classes - 1} ({classes} classes; -100 is ignored); fix "
+                "the labels or the model's output size"
+            )
+
+
+def _checked_loss(ctx: Context, i: int, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """The batch's (scaled, see :meth:`Context.batch_loss`) loss, or a one-line error when the model or the
+    loss raises or the loss is not a scalar tensor."""
+    name = ctx.loss_name
+    x, y = batch
+    count, n = (ctx.batch_count(batch) if ctx.token_weighted else None), batch_size(batch)
+    if count == 0:
+        return sum(p.sum() for p in params.values()) * 0.0
+    extra = {ctx.label_key: y} if name == "model" and not ctx.own_causal_loss else {}
+    try:
+        outputs = ctx.forward(params, x, **extra)
+    except DiagnosticsError:
+        raise
+    except Exception as exc:
+        raise _forward_error(ctx, x, exc) from exc
+    try:
+        if ctx.own_causal_loss:
+            from diagnostics.binding import causal_lm_loss
+
+            value = causal_lm_loss(outputs, y)
+        else:
+            value = ctx.loss_fn(outputs, y)
+    except DiagnosticsError:
+        raise
+    except Exception as exc:
+        from diagnostics.binding import describe_shape
+
+        msg = " ".join(str(exc).split())[:200]
+        raise DiagnosticsError(
+            f"loss '{name}' raised {type(exc).__name__}: {msg} on batch {i} (outputs: {describe_shape(outputs)}; "
+            f"targets: {_describe(y)}); check --loss and --targets"
+        ) from exc
+    if not isinstance(value, torch.Tensor):
+        raise DiagnosticsError(
+            f"loss '{name}' returned a {type(value).__name__}, not a tensor: compute it from the outputs with torch "
+            "operations, so that it can be differentiated"
+        )
+    if value.numel() != 1:
+        raise DiagnosticsError(
+            f"loss '{name}' returned a tensor of shape {tuple(value.shape)}, not a scalar: return the mean over the "
+            "batch (e.g. .mean())"
+        )
+    value = value.reshape(())
+    if count is not None:
+        value = value * ((count / n) * (ctx.n_samples / max(int(ctx.counted or 1), 1)))
+    return value
+
+
+def _check_loss(ctx: Context) -> None:
+    """The loss is a differentiable scalar on every batch and finite on the whole data."""
+    params = {n: p.detach().requires_grad_(True) for n, p in ctx.params.items()}
+    with torch.enable_grad():
+        first = _checked_loss(ctx, 0, params, ctx.batches[0])
+    if not first.requires_grad:
+        raise DiagnosticsError(
+            f"loss '{ctx.loss_name}' does not depend on the model outputs through torch operations (the value it "
+            "returns carries no gradient): no .item(), float() or torch.tensor(...) inside the loss"
+        )
+    total = first.detach().to(ctx.dtype) * batch_size(ctx.batches[0])
+    with torch.no_grad():
+        for i, b in enumerate(ctx.batches[1:], start=1):
+            total = total + _checked_loss(ctx, i, ctx.params, b).to(ctx.dtype) * batch_size(b)
+    value = total / ctx.n_samples
+    if not torch.isfinite(value):
+        raise DiagnosticsError(
+            f"the loss at checkpoint '{ctx.checkpoint}' is {float(value)}; check the data, the loss "
+            "('--loss') and whether training diverged"
+        )
+
+
+# -------------------------------------------------------------------------------- determinism check
+ROUNDING_ULPS = 1024
+
+
+@dataclass(frozen=True)
+class OutputDifference:
+    """How far two evaluations are apart: the worst floating output tensor.
+
+    Attributes:
+        agree: every tensor within ``allowed``, integer outputs equal, structure equal.
+        max_abs: ``max |a - b|`` of the worst tensor (``inf`` when shapes or structure differ).
+        scale: ``max(|a|, |b|)`` over that tensor (the output magnitude).
+        allowed: ``ROUNDING_ULPS * eps(dtype) * scale``: what float re-association may change.
+    """
+
+    agree: bool
+    max_abs: float = 0.0
+    scale: float = 0.0
+    allowed: float = 0.0
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
+
+
+def compare_outputs(a: Any, b: Any) -> OutputDifference:
+    """Compare two evaluations of the same input up to float rounding.
+
+    Floating tensors agree when ``max |a - b| <= 1024 * eps(dtype) * max(|a|, |b|)``: parallel reductions
+    (multi-threaded BLAS, GPU kernels) sum in varying orders, which moves results by a few units of
+    roundoff of the magnitudes involved; dropout or injected noise moves them by a sizeable fraction of
+    the output. NaN in the same places counts as equal. Integer tensors must be equal; tuples, lists, dicts
+    and ``ModelOutput``s are walked; other objects (a ``DynamicCache``, None) are not compared: only tensors.
+
+    Returns:
+        The :class:`OutputDifference` of the tensor furthest from its allowance.
+    """
+    mismatch = OutputDifference(False, math.inf, math.nan, 0.0)
+    worst, worst_ratio = OutputDifference(True), -1.0
+    pairs: list[tuple[Any, Any]] = [(a, b)]
+    while pairs:
+        x, y = pairs.pop()
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+                return mismatch
+            if not (x.is_floating_point() or x.is_complex()):
+                if not torch.equal(x, y):
+                    return mismatch
+                continue
+            wide = torch.complex128 if x.is_complex() else torch.float64
+            xd, yd = x.detach().to(wide), y.detach().to(wide)
+            diff = (xd - yd).abs()
+            diff = torch.where(torch.isnan(xd) & torch.isnan(yd), torch.zeros_like(diff), diff)
+            mags = torch.cat([xd.abs().flatten(), yd.abs().flatten()])
+            mags = mags[torch.isfinite(mags)]
+            scale = float(mags.max()) if mags.numel() else 0.0
+            d = float(diff.max()) if diff.numel() else 0.0
+            d = math.inf if math.isnan(d) else d
+            info = torch.finfo(x.dtype)
+            allowed = ROUNDING_ULPS * info.eps * scale + info.tiny
+            if d / allowed > worst_ratio:
+                worst, worst_ratio = OutputDifference(True, d, scale, allowed), d / allowed
+        elif isinstance(x, (list, tuple)):
+            if not isinstance(y, (list, tuple)) or len(x) != len(y):
+                return mismatch
+            pairs += list(zip(x, y))
+        elif isinstance(x, Mapping):
+            if not isinstance(y, Mapping) or x.keys() != y.keys():
+                return mismatch
+            pairs += [(x[k], y[k]) for k in x]
+        # anything else (a key/value cache object, None, numbers) is not an output to compare
+    return replace(worst, agree=worst_ratio <= 1.0)
+
+
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(o) for o in obj) if not hasattr(obj, "_fields") else [_detached(o) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
 def _random_modules(model: nn.Module, batch: Batch, forward: Callable[[Any], Any]) -> list[str]:
-    """Names of the first modules whose outputs differ between two passes on the same input."""
+    """Names of the modules whose outputs differ (beyond rounding) between two passes on the same input."""
     records: list[dict[str, Any]] = [{}, {}]
     handles = []
     current = {"i": 0}
 
     def hook(name):
         def fn(mod, inp, out):
-            records[current["i"]][name] = (_fingerprint(inp), _fingerprint(out), type(mod).__name__)
+            records[current["i"]][name] = (_detached(inp), _detached(out), type(mod).__name__)
 
         return fn
 
@@ -506,20 +1280,23 @@ def _random_modules(model: nn.Module, batch: Batch, forward: Callable[[Any], Any
     culprits = []
     for name, (inp, out, kind) in records[0].items():
         other = records[1].get(name)
-        if other is not None and other[0] == inp and other[1] != out:
+        if other is not None and compare_outputs(inp, other[0]).agree and not compare_outputs(out, other[1]).agree:
             culprits.append(f"'{name}' ({kind})")
     return culprits
 
 
 def check_determinism(ctx: Context, need_loss: bool = True) -> list[str]:
-    """Two evaluations of the same batch must agree; name the culprit when they do not.
+    """Two evaluations of the same batch must agree up to float rounding (:func:`compare_outputs`); name
+    the culprit and say by how much when they do not. Also checks that the model takes the data's
+    inputs, that integer labels fit its outputs and, with ``need_loss``, that the loss is a
+    differentiable, finite scalar on every batch.
 
     Returns:
         notes (warnings) that do not stop the analysis, e.g. BatchNorm without running statistics.
 
     Raises:
-        DiagnosticsError: modules stuck in training mode, random layers in eval mode, or a
-            non-finite loss.
+        DiagnosticsError: modules stuck in training mode, random layers in eval mode, inputs the model
+            cannot take, labels out of range, a loss that raises or is not a scalar, or a non-finite loss.
     """
     notes: list[str] = []
     training = [n for n, m in ctx.model.named_modules() if m.training]
@@ -535,40 +1312,34 @@ def check_determinism(ctx: Context, need_loss: bool = True) -> list[str]:
                 "even in eval mode: the results depend on --batch-size"
             )
     batch = ctx.batches[0]
+    try:
+        with torch.no_grad():
+            out1 = ctx.forward(ctx.params, batch[0])
+    except DiagnosticsError:
+        raise
+    except Exception as exc:
+        raise _forward_error(ctx, batch[0], exc) from exc
     with torch.no_grad():
-        out1 = ctx.forward(ctx.params, batch[0])
         out2 = ctx.forward(ctx.params, batch[0])
-    if not _outputs_agree(out1, out2):
+    diff = compare_outputs(out1, out2)
+    if not diff.agree:
         culprits = _random_modules(ctx.model, batch, lambda x: ctx.forward(ctx.params, x))
         where = f" at {', '.join(culprits[:3])}" if culprits else ""
+        by = (
+            f"max abs difference {diff.max_abs:.3g} (relative {diff.relative:.3g} to the largest output "
+            f"{diff.scale:.3g}; rounding allows {ROUNDING_ULPS} x eps = {diff.allowed / diff.scale if diff.scale else 0:.2g})"
+            if math.isfinite(diff.max_abs)
+            else "the outputs differ in shape, type or integer values"
+        )
         raise DiagnosticsError(
-            f"the model gives different outputs for the same batch in eval mode{where} (dropout applied "
-            "with training=True, or random noise in forward()); curvature estimates would be noise. "
+            f"the model gives different outputs for the same batch in eval mode{where}: {by}; dropout applied "
+            "with training=True, or random noise in forward(), would make curvature estimates noise. "
             "Make forward() deterministic in eval mode"
         )
     if need_loss:
-        value = ctx.loss()
-        if not torch.isfinite(value):
-            raise DiagnosticsError(
-                f"the loss at checkpoint '{ctx.checkpoint}' is {float(value)}; check the data, the loss "
-                "('--loss') and whether training diverged"
-            )
+        _check_labels(ctx, out1)
+        _check_loss(ctx)
     return notes
-
-
-def _outputs_agree(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return False
-        if a.is_floating_point():
-            tol = 1e-5 if a.dtype == torch.float32 else 1e-12
-            return bool(torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True))
-        return bool(torch.equal(a, b))
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_outputs_agree, a, b))
-    if isinstance(a, Mapping):
-        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_outputs_agree(a[k], b[k]) for k in a)
-    return a == b
 
 
 def describe_context(ctx: Context) -> dict[str, Any]:
@@ -588,8 +1359,12 @@ def describe_context(ctx: Context) -> dict[str, Any]:
         "loss": ctx.loss_name,
         "binding": ctx.binding,
         "checkpoint_metadata": {
-            k: v for k, v in ctx.checkpoint_metadata.items() if k in ("lr", "optimizer", "step_source")
+            k: v
+            for k, v in ctx.checkpoint_metadata.items()
+            if k in ("lr", "optimizer", "step_source", "lr_source", "optimizer_matching")
         },
-        "notes": list(ctx.notes),
+        "loss_weighting": ctx.weighting,
+        "counted_targets": ctx.counted if ctx.token_weighted else None,
+        "notes": list(dict.fromkeys([*ctx.notes, *getattr(ctx.model, FEATURE_NOTES, [])])),
         "versions": package_versions(),
     }

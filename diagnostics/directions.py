@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -219,9 +219,9 @@ def hessian_directions(
         (directions ``[{name: tensor}] * k``, eigenvalues (descending), Lanczos info).
     """
     from diagnostics.linalg.lanczos import lanczos
-    from diagnostics.linalg.operator import HessianOperator
+    from diagnostics.operators import hessian_operator
 
-    op = HessianOperator.from_context(ctx)
+    op = hessian_operator(ctx)
     if k > op.dim:
         raise DiagnosticsError(f"asked for {k} Hessian directions of a {op.dim}-parameter model")
     res = lanczos(op, k_top=k, tol=tol, max_iter=max_iter, generator=generator, progress=progress)
@@ -535,26 +535,4 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor], h: hashlib._Hash | None 
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h
-
-
-def data_digest(batches: Sequence[Batch], h: hashlib._Hash | None = None) -> hashlib._Hash:
-    """Feed the tensors of every batch into a sha256."""
-    h = h or hashlib.sha256()
-
-    def feed(obj, path: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            tensors_digest({path: obj}, h)
-        elif isinstance(obj, (list, tuple)):
-            for i, o in enumerate(obj):
-                feed(o, f"{path}.{i}")
-        elif isinstance(obj, Mapping):
-            for key in sorted(obj, key=str):
-                feed(obj[key], f"{path}.{key}")
-        else:
-            h.update(f"{path}={obj!r};".encode())
-
-    for i, (x, y) in enumerate(batches):
-        feed(x, f"x{i}")
-        feed(y, f"y{i}")
     return h

@@ -17,8 +17,15 @@ Two ways the data can arrive, told apart automatically (:func:`shard_data`):
 * *pre-sharded* (each rank was given its own part, e.g. by a ``DistributedSampler``): nothing is cut;
   ``N`` is the all-reduced sum of the ranks' sample counts.
 
+Whether an operator is sharded is a property of its data loop (:class:`diagnostics.linalg.data.DataLoop`
+built with ``reduce=all_reduce_sum`` over a :class:`Shard`), decided when the operator is built from a
+context (:func:`diagnostics.operators.hessian_operator`, argument ``shard``). When that argument is not
+given, the default is :func:`data_parallel_active`: a group of more than one process, outside a
+:func:`local_only` block. This module provides the pieces (process group, collectives, cutting data)
+and imports nothing of the numerical core.
+
 Sweeps over many checkpoints use the other axis: :func:`shard_items` gives each rank its checkpoints,
-each is analysed locally (inside :func:`local_only`, so no product is all-reduced) and
+each is analysed locally (inside :func:`local_only`, so no operator built there is sharded) and
 :func:`gather_items` brings the results back in the original order.
 
 gloo is used for CPU tensors, NCCL for CUDA tensors (``"cpu:gloo,cuda:nccl"`` when CUDA is present).
@@ -28,8 +35,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import datetime
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,13 +45,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from diagnostics.context import Batch, batch_size
+from diagnostics.batches import Batch, batch_size, fingerprint, slice_batch
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.operator import slice_batch
 
 T = TypeVar("T")
 
-_STATE: dict[str, Any] = {"local_only": 0, "initialised_here": False}
+_STATE: dict[str, Any] = {"initialised_here": False}
+# the default of hessian_operator(shard=None) inside a local_only() block (scoped, per thread/task)
+_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("diagnostics_local_only", default=False)
 
 
 # ------------------------------------------------------------------------------ process group
@@ -135,19 +143,23 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def local_only() -> Iterator[None]:
-    """Inside this block operators are local (no sharding, no all-reduce), e.g. one checkpoint of a
-    sweep analysed by one rank."""
-    _STATE["local_only"] += 1
+    """Inside this block operators built from a context default to local data (no sharding, no
+    all-reduce), e.g. one checkpoint of a sweep analysed by one rank.
+
+    Only the default of :func:`diagnostics.operators.hessian_operator` (``shard=None``) reads this;
+    an operator, once built, keeps the sharding of its data loop.
+    """
+    token = _LOCAL_ONLY.set(True)
     try:
         yield
     finally:
-        _STATE["local_only"] -= 1
+        _LOCAL_ONLY.reset(token)
 
 
 def data_parallel_active() -> bool:
-    """Whether ``HessianOperator.from_context`` shards data and all-reduces: a group of more than one
-    process is initialised and we are not inside :func:`local_only`."""
-    return _STATE["local_only"] == 0 and world().active
+    """The default for building an operator from a context: shard its data and all-reduce its
+    products when a group of more than one process is initialised, outside :func:`local_only`."""
+    return not _LOCAL_ONLY.get() and world().active
 
 
 # ---------------------------------------------------------------------------------- collectives
@@ -230,28 +242,8 @@ def shard_batches(batches: Sequence[Batch], rank: int, size: int) -> tuple[list[
 
 
 def data_fingerprint(batches: Sequence[Batch]) -> str:
-    """A hash of the batch sizes and of the bytes of every tensor (equal data -> equal fingerprint)."""
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            h.update(str((tuple(obj.shape), obj.dtype)).encode())
-            h.update(obj.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, (list, tuple)):
-            h.update(f"[{len(obj)}".encode())
-            for o in obj:
-                feed(o)
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                h.update(str(k).encode())
-                feed(obj[k])
-        else:
-            h.update(repr(obj).encode())
-
-    for b in batches:
-        h.update(str(batch_size(b)).encode())
-        feed(b)
-    return h.hexdigest()
+    """A hash of the data as batched here (equal data and batching -> equal fingerprint on every rank)."""
+    return fingerprint(batches)
 
 
 @dataclass

@@ -5,10 +5,19 @@ A *layer* is named as in ``model.named_modules()``:
 * ``"features"`` or ``"layer1.0.conv1"``: the module's output;
 * ``"head:input"``: the first positional input of the module (what a classifier sees).
 
-Feature maps with more than two dimensions are never flattened implicitly: ``pool="mean"`` averages
-every dimension after the channel dimension (``[B, C, H, W] -> [B, C]``, channels-first as in
-``Conv2d``), ``pool="flatten"`` keeps everything (``[B, C, H, W] -> [B, C*H*W]``). Captured features
-are cast to float64 so accumulators downstream never lose precision to the model's dtype.
+Features with more than two dimensions are never flattened implicitly; ``--pool`` says how they become
+vectors:
+
+* token sequences ``[B, T, D]`` (the token axis is known when the batch carries token ids ``[B, T]`` or an
+  ``attention_mask``, or the module is an embedding, a recurrent or a transformer layer): ``mean`` averages
+  over the real tokens (``attention_mask == 1``), ``last`` / ``first`` take the last / first real token
+  (left or right padding alike), ``flatten`` keeps ``T * D`` values (padding included);
+* feature maps ``[B, C, *spatial]`` (channels-first as in ``Conv2d``): ``mean`` averages the trailing
+  dimensions (one feature per channel), ``flatten`` keeps ``C * prod(spatial)``.
+
+A module that returns a tuple, dict or ``ModelOutput`` (a transformers block) contributes its first tensor,
+with a note. Captured features are cast to float64 so accumulators downstream never lose precision to the
+model's dtype.
 
 :func:`stream_features` yields one :class:`FeatureBatch` per data batch; nothing holds an ``N x D``
 matrix unless the caller keeps one.
@@ -17,7 +26,8 @@ matrix unless the caller keeps one.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +36,9 @@ from torch import nn
 
 from diagnostics.errors import DiagnosticsError
 
-POOLS = ("mean", "flatten")
+POOLS = ("mean", "last", "first", "flatten")
+TOKEN_POOLS = ("last", "first")
+FEATURE_NOTES = "_diagnostics_feature_notes"  # the list of notes left on the model (read by describe_context)
 INPUT_SUFFIX = ":input"
 
 
@@ -134,11 +146,101 @@ def classifier_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor
     return weight, bias
 
 
-def pool_features(out: Any, layer: str, pool: str | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class Tokens:
+    """The token axis of a batch: ``length`` T and the ``[B, T]`` attention mask (None: every token is real)."""
+
+    length: int
+    mask: torch.Tensor | None = None
+
+
+def token_info(inputs: Any) -> Tokens | None:
+    """The token axis of a batch's model inputs, or None when they are not token sequences.
+
+    Token ids are an integer ``[B, T]`` tensor (``input_ids`` of a dict, the first such tensor of a tuple);
+    the mask is ``attention_mask`` of a dict, or a 0/1 tensor of the same shape following the ids in a tuple.
+    """
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        ref = ids if isinstance(ids, torch.Tensor) else mask
+        if isinstance(ref, torch.Tensor) and ref.dim() == 2:
+            m = mask if isinstance(mask, torch.Tensor) and mask.shape == ref.shape else None
+            return Tokens(int(ref.shape[1]), m)
+        return None
+    parts = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    for i, t in enumerate(parts):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and not (t.is_floating_point() or t.dtype == torch.bool):
+            mask = None
+            for other in parts[i + 1 :]:
+                if isinstance(other, torch.Tensor) and other.shape == t.shape and not other.is_floating_point():
+                    if bool(((other == 0) | (other == 1)).all()):
+                        mask = other
+                    break
+            return Tokens(int(t.shape[1]), mask)
+    return None
+
+
+_SEQUENCE_MODULES = (
+    nn.Embedding,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+)
+
+
+def _token_axis(x: torch.Tensor, tokens: Tokens | None, module: nn.Module | None) -> int | None:
+    """Which axis of a 3-d activation is the token axis (1 for ``[B, T, D]``, 2 for ``[B, D, T]``), or None."""
+    if x.dim() != 3:
+        return None
+    if tokens is not None:
+        if x.shape[1] == tokens.length:
+            return 1
+        if x.shape[2] == tokens.length:
+            return 2
+        return None
+    if module is not None and isinstance(module, _SEQUENCE_MODULES):
+        batch_first = getattr(module, "batch_first", True)
+        return 1 if batch_first else None
+    return None
+
+
+def _real_tokens(x: torch.Tensor, tokens: Tokens | None, layer: str) -> torch.Tensor:
+    """``[B, T]`` float64 weights of the real tokens (1 real, 0 padding)."""
+    if tokens is None or tokens.mask is None:
+        return torch.ones(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    m = tokens.mask.to(device=x.device, dtype=torch.float64)
+    if m.shape != x.shape[:2]:
+        raise DiagnosticsError(
+            f"layer '{layer}': attention_mask {list(m.shape)} does not match the features' [batch, tokens] "
+            f"{list(x.shape[:2])}"
+        )
+    if bool((m.sum(1) == 0).any()):
+        raise DiagnosticsError(f"layer '{layer}': a sequence of the batch has no real token (attention_mask all 0)")
+    return m
+
+
+def pool_features(
+    out: Any, layer: str, pool: str | None = None, *, tokens: Tokens | None = None, module: nn.Module | None = None
+) -> torch.Tensor:
     """A captured activation -> ``[B, D]`` float64 features.
 
-    ``[B, D]`` is kept; ``[B]`` becomes ``[B, 1]``; ``[B, C, *spatial]`` needs ``pool``:
-    ``"mean"`` averages the trailing dimensions (per channel), ``"flatten"`` keeps all ``C * prod(spatial)``.
+    ``[B, D]`` is kept; ``[B]`` becomes ``[B, 1]``. Token sequences ``[B, T, D]`` (see :func:`token_info`;
+    ``[B, D, T]`` is transposed first) need ``pool``: ``"mean"`` is ``sum_t m_bt h_bt / sum_t m_bt`` with
+    the attention mask ``m`` (1 for real tokens), ``"last"`` / ``"first"`` take ``h`` at the last / first
+    ``t`` with ``m_bt = 1``, ``"flatten"`` keeps all ``T * D``. Feature maps ``[B, C, *spatial]`` need
+    ``pool``: ``"mean"`` averages the trailing dimensions (per channel), ``"flatten"`` keeps all
+    ``C * prod(spatial)``.
+
+    Args:
+        out: the activation.
+        layer: its name, for messages.
+        pool: ``mean``, ``last``, ``first`` or ``flatten``.
+        tokens: the batch's token axis (:func:`token_info`).
+        module: the module that produced it (recurrent and transformer layers have a token axis).
 
     Raises:
         DiagnosticsError: the activation is not a floating tensor, is not finite, or needs ``pool``.
@@ -153,25 +255,77 @@ def pool_features(out: Any, layer: str, pool: str | None = None) -> torch.Tensor
     if out.dim() == 0:
         raise DiagnosticsError(f"layer '{layer}' gives a scalar; capture a layer with one row per sample")
     if pool is not None and pool not in POOLS:
-        raise DiagnosticsError(f"unknown --pool '{pool}'; use {' or '.join(POOLS)}")
+        raise DiagnosticsError(f"unknown --pool '{pool}'; use {', '.join(POOLS)}")
     x = out.detach()
     if x.dim() == 1:
         x = x.unsqueeze(1)
     elif x.dim() > 2:
-        if pool is None:
-            raise DiagnosticsError(
-                f"layer '{layer}' gives shape {tuple(out.shape)}; pass --pool mean (average over the trailing "
-                "dimensions, one feature per channel) or --pool flatten (all of them)"
-            )
-        x = x.flatten(2).mean(-1) if pool == "mean" else x.flatten(1)
+        axis = _token_axis(x, tokens, module)
+        if axis is not None:
+            if axis == 2:
+                x = x.transpose(1, 2)
+            b, t, d = x.shape
+            if pool is None:
+                raise DiagnosticsError(
+                    f"layer '{layer}' gives token features of shape {list(out.shape)}: [batch {b}, tokens {t}, "
+                    f"features {d}]; pass --pool mean (over the real tokens), last or first (one token per "
+                    "sequence), or flatten (all of them)"
+                )
+            if pool == "flatten":
+                x = x.flatten(1)
+            else:
+                m = _real_tokens(x, tokens, layer)
+                xd = x.to(torch.float64)
+                if pool == "mean":
+                    x = (xd * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+                else:
+                    pos = torch.arange(t, device=x.device, dtype=torch.float64)
+                    score = torch.where(m > 0, pos if pool == "last" else -pos, torch.full_like(pos, -math.inf))
+                    idx = score.argmax(1)
+                    x = xd[torch.arange(b, device=x.device), idx]
+        else:
+            if pool is None or pool in TOKEN_POOLS:
+                why = f"--pool {pool} takes one token of a sequence, but it" if pool else "it"
+                raise DiagnosticsError(
+                    f"layer '{layer}' gives shape {tuple(out.shape)}; pass --pool mean (average over the trailing "
+                    "dimensions, one feature per channel) or --pool flatten (all of them); "
+                    f"{why} is read as [batch, channels, positions...] with no token axis (the batch carries no "
+                    "token ids or attention_mask)"
+                )
+            x = x.flatten(2).mean(-1) if pool == "mean" else x.flatten(1)
     x = x.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise DiagnosticsError(f"layer '{layer}' gives non-finite values (NaN or inf); check the checkpoint")
     return x
 
 
+def first_tensor(out: Any) -> Any:
+    """A module's output as one tensor: itself, or the first tensor of a tuple, list, dict or ``ModelOutput``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        return out
+    for v in values:
+        found = first_tensor(v)
+        if isinstance(found, torch.Tensor):
+            return found
+    return out
+
+
+def _note(model: nn.Module, text: str) -> None:
+    notes = model.__dict__.setdefault(FEATURE_NOTES, [])
+    if text not in notes:
+        notes.append(text)
+
+
 def _default_forward(model: nn.Module) -> Callable[[Any], Any]:
     def forward(inputs: Any) -> Any:
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
         return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
     return forward
@@ -228,6 +382,7 @@ def stream_features(
                 values.clear()
             with torch.no_grad():
                 forward(x)
+            tokens = token_info(x)
             feats: dict[str, torch.Tensor] = {}
             for layer in layers:
                 values = captured[layer.name]
@@ -241,7 +396,17 @@ def stream_features(
                         f"layer '{layer.name}' runs {len(values)} times per forward pass (a shared module); "
                         "capture a module that runs once"
                     )
-                feats[layer.name] = pool_features(values[0], layer.name, pool)
+                value = values[0]
+                if not isinstance(value, torch.Tensor):
+                    picked = first_tensor(value)
+                    if isinstance(picked, torch.Tensor):
+                        _note(
+                            model,
+                            f"layer '{layer.name}' returns a {type(value).__name__}; its first tensor "
+                            f"{list(picked.shape)} is used as the features",
+                        )
+                        value = picked
+                feats[layer.name] = pool_features(value, layer.name, pool, tokens=tokens, module=layer.module)
             sizes = {int(t.shape[0]) for t in feats.values()}
             if len(sizes) != 1:
                 raise DiagnosticsError(

@@ -8,7 +8,10 @@ Lanczos start vector, both from random stream 0 of ``s_i`` -- exactly what
 
 **Baseline.** :func:`make_baseline` stores every replicate measurement with its settings: seeds,
 the SHA-256 of each replicate's data subset, sample counts, dtype, Lanczos tolerance, the parameter
-layout and the package versions.
+layout and the package versions, plus ``checksum``, the SHA-256 of the canonical JSON of everything
+else (:func:`baseline_checksum`). :func:`read_baseline` refuses a file whose content no longer matches
+it: a baseline edited by hand (e.g. halved, which would make any model look 2x sharper) is refused
+with a line saying how to regenerate it, instead of failing or passing the gate.
 
 **Check (paired).** :func:`check_against_baseline` measures the candidate with the *same* seeds, so
 replicate ``i`` of the candidate sees the same data subset and start vector as replicate ``i`` of the
@@ -36,62 +39,82 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from diagnostics.context import Batch, Context, describe_context, prepare_batches
+from diagnostics.analyzers.hessian import SCALE_OPTIONS, HessianConfig, ScaleOptions, build_operator, run_lanczos
+from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.lanczos import lanczos
-from diagnostics.linalg.operator import BACKENDS, HessianOperator
-from diagnostics.progress import ProgressFn
+from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.results import package_versions
+from diagnostics.seeding import stream_generator
+from diagnostics.spec import check_config, option
 
-BASELINE_FORMAT = "diagnostics-sharpness-baseline/1"
+if TYPE_CHECKING:
+    from diagnostics.context import Batch, Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+describe_context, prepare_batches = lazy_from("diagnostics.context", "describe_context", "prepare_batches")
+
+BASELINE_FORMAT = "diagnostics-sharpness-baseline/2"  # 2: data subsets hashed by diagnostics.batches.fingerprint
 METRIC = "eigenvalue_0 (lambda_max of the loss Hessian, Lanczos)"
 
 
 # ------------------------------------------------------------------------------------ settings
 @dataclass
-class GateSettings:
+class GateSettings(ScaleOptions):
     """How sharpness is measured (stored in the baseline; the check reuses it unchanged).
+
+    The options (``[gate]`` in diag.toml, flags of ``diag baseline``) are the replicate count, the Lanczos
+    tolerance and cap, and the scale options of ``diag hessian`` (:class:`ScaleOptions`, the same
+    declarations). ``seed``, ``samples`` and ``batch_size`` come from the shared data options.
 
     Attributes:
         replicates: ``K``, the number of seeded replicates (>= 2 for a confidence bound).
+        tol: Lanczos relative tolerance on the eigenvalue error bound (as ``diag hessian --tol``).
+        max_iter: Lanczos iteration cap.
         seed: replicate ``i`` uses seed ``seed + i``.
         samples: size of each replicate's seeded data subset (None: all data, only the start
             vector varies).
         batch_size: re-batch each subset (the Hessian does not depend on it; memory does).
-        tol: Lanczos relative tolerance on the eigenvalue error bound (as ``diag hessian --tol``).
-        max_iter: Lanczos iteration cap.
-        backend: HVP backend (auto | forward | reverse).
     """
 
-    replicates: int = 5
+    replicates: int = option(5, help="seeded sharpness replicates K", short="-K", min=2)
+    tol: float = option(
+        1e-4, help="Lanczos tolerance of each replicate's lambda_max", min=0, max=1, min_open=True, max_open=True
+    )
+    max_iter: int = option(300, help="Lanczos iteration cap", min=1)
     seed: int = 0
     samples: int | None = None
     batch_size: int | None = None
-    tol: float = 1e-4
-    max_iter: int = 300
-    backend: str = "auto"
 
     def validate(self) -> None:
-        if self.replicates < 2:
-            raise DiagnosticsError(f"--replicates must be at least 2 for a confidence bound, got {self.replicates}")
+        """The fields without a declaration (read back from a baseline file) have the right types and ranges."""
+        kinds = {"seed": (int,), "samples": (int, type(None)), "batch_size": (int, type(None))}
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                what = "a whole number" + (" or null" if type(None) in allowed else "")
+                raise DiagnosticsError(f"settings.{name} is {value!r}, expected {what}")
         if self.samples is not None and self.samples < 1:
             raise DiagnosticsError(f"--samples must be positive, got {self.samples}")
         if self.batch_size is not None and self.batch_size < 1:
             raise DiagnosticsError(f"--batch-size must be positive, got {self.batch_size}")
-        if not 0 < self.tol < 1:
-            raise DiagnosticsError(f"--tol must be in (0, 1), got {self.tol}")
-        if self.max_iter < 1:
-            raise DiagnosticsError(f"--max-iter must be positive, got {self.max_iter}")
-        if self.backend not in BACKENDS:
-            raise DiagnosticsError(f"unknown --backend '{self.backend}'; use {', '.join(BACKENDS)}")
+        super().validate()
 
     @property
     def seeds(self) -> list[int]:
         return [int(self.seed) + i for i in range(int(self.replicates))]
+
+
+@dataclass
+class CheckOptions:
+    """How ``diag check`` decides (``[gate]`` in diag.toml beside the :class:`GateSettings` options)."""
+
+    tolerance: float = option(
+        0.10, help="allowed relative increase of sharpness (0.10 = 10%)", short="-t", min=0, min_open=True
+    )
+    confidence: float = option(0.95, help="one-sided confidence level of the test", min=0.5, max=1, max_open=True)
 
 
 @dataclass
@@ -108,34 +131,9 @@ class Replicate:
 
 
 # -------------------------------------------------------------------------------- measurement
-def _stream_generator(seed: int, stream: int = 0) -> torch.Generator:
-    """The generator :meth:`Context.generator` gives for ``stream`` of ``seed`` (and build_context's subset)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(stream)) % (2**63 - 1))
-
-
-def _hash_into(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().contiguous().cpu()
-        h.update(f"{t.dtype}|{tuple(t.shape[1:])}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _hash_into(h, o)
-    elif isinstance(obj, Mapping):
-        for k in sorted(obj, key=str):
-            h.update(str(k).encode())
-            _hash_into(h, obj[k])
-    elif obj is not None:
-        h.update(repr(obj).encode())
-
-
 def subset_sha256(batches: Sequence[Batch]) -> str:
-    """SHA-256 of the inputs and targets of ``batches`` in order (inputs and targets hashed apart)."""
-    hx, hy = hashlib.sha256(), hashlib.sha256()
-    for x, y in batches:
-        _hash_into(hx, x)
-        _hash_into(hy, y)
-    return hashlib.sha256((hx.hexdigest() + hy.hexdigest()).encode()).hexdigest()
+    """SHA-256 of the samples of ``batches`` in order, however they are batched (see :func:`diagnostics.batches.fingerprint`)."""
+    return fingerprint(batches, ignore_batching=True)
 
 
 def parameter_layout(ctx: Context) -> dict[str, Any]:
@@ -155,7 +153,7 @@ def replicate_batches(ctx: Context, seed: int, settings: GateSettings) -> list[B
         list(ctx.batches),
         samples=settings.samples,
         batch_size_=settings.batch_size,
-        generator=_stream_generator(seed, 0),
+        generator=stream_generator(seed, 0),
         where="data",
     )
     return prepared.batches
@@ -166,15 +164,22 @@ def measure_sharpness(
     settings: GateSettings,
     progress: ProgressFn | None = None,
 ) -> list[Replicate]:
-    """``K`` seeded sharpness replicates of the model in ``ctx`` (``ctx`` holds all the data)."""
+    """``K`` seeded sharpness replicates of the model in ``ctx`` (``ctx`` holds all the data).
+
+    Each replicate is ``lambda_max`` measured exactly as ``diag hessian --top-k 1`` measures it
+    (:func:`diagnostics.analyzers.hessian.build_operator` and ``run_lanczos``), so the scale options
+    of ``settings`` that ``diag hessian`` has (``SCALE_OPTIONS``: backend, max_vectors, micro_batch,
+    autocast, accumulate_dtype, compile, basis_device, block_size) apply the same way.
+    """
     settings.validate()
+    scale = {name: getattr(settings, name) for name in SCALE_OPTIONS if hasattr(settings, name)}
+    config = check_config(HessianConfig(top_k=1, tol=settings.tol, max_iter=settings.max_iter, **scale))
     out = []
     seeds = settings.seeds
     for i, seed in enumerate(seeds):
         batches = replicate_batches(ctx, seed, settings)
         sub = ctx.with_batches(batches)
-        op = HessianOperator.from_context(sub, backend=settings.backend)
-        res = lanczos(op, k_top=1, tol=settings.tol, max_iter=settings.max_iter, generator=_stream_generator(seed, 0))
+        res = run_lanczos(build_operator(sub, config), config, stream_generator(seed, 0))
         out.append(
             Replicate(
                 seed=seed,
@@ -199,6 +204,17 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------- baseline
+def baseline_checksum(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of a baseline without its ``checksum`` key.
+
+    Canonical JSON is independent of indentation and key order, and Python's float repr round-trips
+    exactly through JSON, so re-serialising an unchanged baseline keeps its checksum.
+    """
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def make_baseline(
     ctx: Context,
     settings: GateSettings,
@@ -214,7 +230,7 @@ def make_baseline(
     notes = list(info.get("notes") or [])
     if not all(r.converged for r in reps):
         notes.append(f"Lanczos did not reach tol={settings.tol} in every replicate; raise --max-iter")
-    return {
+    doc = {
         "format": BASELINE_FORMAT,
         "metric": METRIC,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -238,6 +254,9 @@ def make_baseline(
         "notes": notes,
         "versions": package_versions(),
     }
+    doc = json.loads(json.dumps(doc))  # exactly what a reader of the file will see
+    doc["checksum"] = baseline_checksum(doc)
+    return doc
 
 
 def _bad(path: str, why: str) -> DiagnosticsError:
@@ -260,9 +279,9 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
     if not isinstance(settings, dict) or not isinstance(reps, list):
         raise _bad(path, "no 'settings' or 'replicates'")
     try:
-        GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}).validate()
+        check_config(GateSettings(**{k: settings[k] for k in asdict(GateSettings()) if k in settings}), "settings")
     except (TypeError, DiagnosticsError) as exc:
-        raise _bad(path, f"bad settings: {exc}") from exc
+        raise _bad(path, str(exc)) from exc
     seeds = settings.get("seeds")
     if not isinstance(seeds, list) or len(seeds) != len(reps) or len(reps) != settings.get("replicates"):
         raise _bad(path, "the seeds, replicates and their count disagree")
@@ -276,6 +295,13 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
             raise _bad(path, f"replicate {i} lacks its seed or data-subset hash")
     if not isinstance(doc.get("parameters"), dict) or not isinstance(doc.get("data"), dict):
         raise _bad(path, "no 'parameters' or 'data' section")
+    params = doc["parameters"]
+    digest = params.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise _bad(path, "no parameters.sha256, the hash of the analysed parameters' names and shapes")
+    for key in ("n_params", "n_tensors"):
+        if not isinstance(params.get(key), int) or isinstance(params.get(key), bool):
+            raise _bad(path, f"parameters.{key} is not a whole number")
     return doc
 
 
@@ -286,9 +312,19 @@ def read_baseline(path: str | Path) -> dict[str, Any]:
         raise DiagnosticsError(f"no such baseline file: '{path}'; create it with 'diag baseline ... --out {path}'")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _bad(str(path), f"not JSON: {exc}") from exc
-    return validate_baseline(doc, str(path))
+    validate_baseline(doc, str(path))
+    regenerate = f"regenerate it with 'diag baseline CKPT ... --out {path} --force'"
+    recorded = doc.get("checksum")
+    if not isinstance(recorded, str):
+        raise DiagnosticsError(f"'{path}' has no checksum (written by an older diag, or edited): {regenerate}")
+    if recorded != baseline_checksum(doc):
+        raise DiagnosticsError(
+            f"'{path}' was modified after 'diag baseline' wrote it (its checksum does not match its content): "
+            f"{regenerate}"
+        )
+    return doc
 
 
 def baseline_settings(doc: Mapping[str, Any]) -> GateSettings:
@@ -505,10 +541,20 @@ def check_against_baseline(
     layout = parameter_layout(ctx)
     base_layout = doc["parameters"]
     if base_layout.get("sha256") != layout["sha256"]:
+        same_counts = (base_layout.get("n_params"), base_layout.get("n_tensors")) == (
+            layout["n_params"],
+            layout["n_tensors"],
+        )
+        how = (
+            f"have the same size ({layout['n_params']} in {layout['n_tensors']} tensors) but other names or shapes "
+            "than the baseline's"
+            if same_counts
+            else f"({layout['n_params']} in {layout['n_tensors']} tensors) differ from the baseline's "
+            f"({base_layout.get('n_params')} in {base_layout.get('n_tensors')})"
+        )
         raise DiagnosticsError(
-            f"the candidate's analysed parameters ({layout['n_params']} in {layout['n_tensors']} tensors) differ "
-            f"from the baseline's ({base_layout.get('n_params')} in {base_layout.get('n_tensors')}); "
-            "sharpness is only compared between models of the same architecture: recreate the baseline"
+            f"the candidate's analysed parameters {how}; sharpness is only compared between models of the same "
+            "architecture: recreate the baseline"
         )
     data = doc["data"]
     if data.get("loss") not in (None, ctx.loss_name):

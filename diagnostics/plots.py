@@ -6,6 +6,7 @@ Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, no display
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -83,6 +84,42 @@ def class_cosine_figure(cosines: dict[str, pd.DataFrame], title: str = "Cosines 
         fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
     fig.suptitle(title)
     return fig
+
+
+def cosine_matrices(cosine: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tidy ``cosine`` artifact of ``diag collapse`` (``group, class, other, cosine``) as one ``C x C`` matrix
+    per layer (rows and columns labelled by class), in the order the layers appear."""
+    out = {}
+    for group, sub in cosine.groupby("group", sort=False):
+        matrix = sub.pivot(index="class", columns="other", values="cosine")
+        matrix.index.name = matrix.columns.name = None
+        out[str(group)] = matrix
+    return out
+
+
+def collapse_cosine_section(frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame | None]) -> list[tuple]:
+    """Report figure of the collapse analyzer: the class-mean cosines of the last checkpoint, per layer.
+
+    Args:
+        frame: the run's records (unused: the figure comes from the artifact).
+        artifacts: the collapse analyzer's artifacts over the run, ``{name: frame}``; ``cosine`` holds the tidy
+            cosines of every checkpoint with ``checkpoint`` and ``step`` columns in front.
+
+    Returns:
+        ``[(name, title, Figure)]``; empty when no cosines were kept.
+    """
+    cosine = artifacts.get("cosine")
+    if cosine is None or not len(cosine):
+        return []
+    title = "Cosines between centred class means"
+    if "checkpoint" in cosine.columns:
+        last = list(dict.fromkeys(cosine["checkpoint"]))[-1]
+        if "step" in cosine.columns and cosine["step"].notna().all():
+            last = cosine.loc[cosine["step"].astype(float).idxmax(), "checkpoint"]
+        cosine = cosine[cosine["checkpoint"] == last]
+        step = cosine["step"].iloc[0] if "step" in cosine.columns else None
+        title += f" at {last}" + ("" if step is None or pd.isna(step) else f" (step {int(step)})")
+    return [("collapse-cosines", title, class_cosine_figure(cosine_matrices(cosine), title=title))]
 
 
 def layer_metrics_figure(
@@ -175,73 +212,6 @@ def _require(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"no {what} records to plot")
 
 
-def sharpness_figure(frame: pd.DataFrame, order: list[str] | None = None) -> Figure:
-    """Top Hessian eigenvalues against the step with the stability threshold ``2/eta`` (when the step
-    size is known), and ``eos_ratio = lambda_max / threshold`` below with the line at 1."""
-    df, xlabel = _with_x(_whole_model(frame), order)
-    eig = df[df["metric"] == "eigenvalue"]
-    _require(eig, "'eigenvalue'")
-    thr = df[df["metric"] == "eos_threshold"]
-    ratio = df[df["metric"] == "eos_ratio"]
-    if len(ratio):
-        fig = Figure(figsize=(7.2, 5.2), layout="constrained")
-        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    else:
-        fig = Figure(figsize=(7.2, 3.8), layout="constrained")
-        ax, ax2 = fig.add_subplot(), None
-    for idx, sub in eig.groupby("index", dropna=False, sort=True):
-        first = not pd.isna(idx) and int(idx) == 0
-        label = "λ_max (eigenvalue_0)" if first else _series_label(None, idx, "eigenvalue")
-        _draw_series(ax, sub, label, lw=1.8 if first else 0.9, alpha=1.0 if first else 0.6, band=first)
-    if len(thr):
-        t = thr.sort_values("_x")
-        ax.plot(t["_x"], t["value"], ls="--", color="k", lw=1.2, label="2/η (stability threshold)")
-    ax.set_ylabel("Hessian eigenvalue")
-    ax.set_title("Sharpness and the edge of stability")
-    ax.legend(fontsize="small", loc="best")
-    ax.grid(alpha=0.3)
-    if ax2 is not None:
-        _draw_series(ax2, ratio, "eos_ratio = λ_max·η/2", color="C3", band=False)
-        ax2.axhline(1.0, color="k", ls="--", lw=1.0)
-        ax2.set_ylabel("eos_ratio")
-        ax2.grid(alpha=0.3)
-        ax2.set_xlabel(xlabel)
-    else:
-        ax.set_xlabel(xlabel)
-    return fig
-
-
-def metric_figure(
-    frame: pd.DataFrame,
-    metric: str,
-    *,
-    title: str | None = None,
-    ylabel: str | None = None,
-    logy: bool = False,
-    order: list[str] | None = None,
-    max_series: int = 12,
-) -> Figure:
-    """One metric against the step: a line per (group, index), with +-stderr bands."""
-    df, xlabel = _with_x(frame[frame["metric"] == metric], order)
-    _require(df, f"'{metric}'")
-    fig = Figure(figsize=(7.2, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    keys = list(df.groupby(["group", "index"], dropna=False, sort=False).groups)
-    for n, ((group, index), sub) in enumerate(df.groupby(["group", "index"], dropna=False, sort=False)):
-        if n >= max_series:
-            break
-        _draw_series(ax, sub, _series_label(group, index, metric), lw=1.4)
-    if logy and (df["value"] > 0).all():
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel or metric)
-    ax.set_title(title or metric + ("" if len(keys) <= max_series else f" (first {max_series} of {len(keys)} series)"))
-    ax.grid(alpha=0.3)
-    if len(keys) > 1:
-        ax.legend(fontsize="small", loc="best")
-    return fig
-
-
 def metric_panels_figure(
     frame: pd.DataFrame,
     metrics: list[str],
@@ -251,36 +221,70 @@ def metric_panels_figure(
     order: list[str] | None = None,
     max_series: int = 8,
     max_panels: int = 12,
+    thresholds: Sequence[tuple[pd.DataFrame, str]] = (),
 ) -> Figure:
-    """Small multiples: one panel per metric in ``metrics`` that has records (at most ``max_panels``),
-    a line per (group, index)."""
+    """Small multiples: one panel per metric in ``metrics`` that has records (at most ``max_panels``), a line
+    per (group, index) with a +-stderr band where the stderr is known.
+
+    Args:
+        frame: tidy records (``checkpoint, step, metric, value, stderr, index, group``).
+        metrics: the metrics, in panel order.
+        title: the figure's title.
+        logy: metrics drawn on a log axis (when all their values are positive).
+        order: checkpoint order, for the x axis when a step is unknown.
+        max_series: at most this many lines per panel (the first in record order).
+        max_panels: at most this many panels.
+        thresholds: ``(records of the threshold metric, label)``: dashed reference lines drawn on the first
+            panel (the metric they bound), one value per checkpoint.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: none of ``metrics`` has records.
+    """
     present = [m for m in metrics if (frame["metric"] == m).any()][:max_panels]
     if not present:
         raise ValueError(f"none of {metrics} has records to plot")
     df, xlabel = _with_x(frame[frame["metric"].isin(present)], order)
     ncols = min(3, len(present))
     nrows = -(-len(present) // ncols)
-    fig = Figure(figsize=(3.4 * ncols + 0.6, 2.9 * nrows + 0.4), layout="constrained")
+    fig = Figure(figsize=(3.4 * ncols + 0.6 + (1.0 if ncols == 1 else 0.0), 2.9 * nrows + 0.4), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax, metric in zip(axes.flat, present):
+    for n_panel, (ax, metric) in enumerate(zip(axes.flat, present)):
         sub = df[df["metric"] == metric]
         groups = sub.groupby(["group", "index"], dropna=False, sort=False)
         for n, ((group, index), part) in enumerate(groups):
             if n >= max_series:
                 break
             _draw_series(ax, part, _series_label(group, index, metric), lw=1.3)
+        drawn = 0
+        if n_panel == 0:
+            for records, label in thresholds:
+                drawn += _draw_threshold(ax, records, label, order)
         if metric in logy and (sub["value"] > 0).all():
             ax.set_yscale("log")
-        ax.set_title(metric, fontsize="medium")
+        ax.set_title(metric if groups.ngroups <= max_series else f"{metric} (first {max_series})", fontsize="medium")
         ax.set_xlabel(xlabel, fontsize="small")
         ax.grid(alpha=0.3)
-        if groups.ngroups > 1:
+        if groups.ngroups > 1 or drawn:
             ax.legend(fontsize="x-small", loc="best")
     for ax in list(axes.flat)[len(present) :]:
         ax.set_visible(False)
     groups = {str(g) for g in df["group"] if g is not None and not pd.isna(g) and str(g) != ""}
     fig.suptitle(f"{title} ({groups.pop()})" if len(groups) == 1 else title)
     return fig
+
+
+def _draw_threshold(ax, records: pd.DataFrame, label: str, order: list[str] | None) -> int:
+    """A dashed reference line through the threshold value of each checkpoint (1 when drawn, else 0)."""
+    t = _whole_model(records) if len(records) else records
+    if t.empty:
+        return 0
+    t, _ = _with_x(t, order)
+    t = t.sort_values("_x")
+    ax.plot(t["_x"], t["value"], ls="--", color="k", lw=1.2, label=label)
+    return 1
 
 
 def _edges(x):
@@ -346,90 +350,116 @@ def density_heatmap_figure(
     return fig
 
 
-def parse_coordinates(group: object) -> tuple[str, dict[str, float]] | None:
-    """``"alpha=0.25"`` / ``"x=0.1,y=-0.2"`` / ``"direction=random0 alpha=0.5"`` / ``"0.25"`` ->
-    ``(label of the non-numeric parts, {name: value})``; None when no coordinate is found."""
-    import re
-
-    if group is None or (isinstance(group, float) and pd.isna(group)):
-        return None
-    text = str(group).strip()
-    try:
-        return "", {"alpha": float(text)}
-    except ValueError:
-        pass
-    coords: dict[str, float] = {}
-    labels = []
-    for token in filter(None, re.split(r"[,;\s]+", text)):
-        key, sep, value = token.partition("=") if "=" in token else token.partition(":")
-        if not sep:
-            labels.append(token)
-            continue
-        try:
-            coords[key] = float(value)
-        except ValueError:
-            labels.append(token)
-    return (" ".join(labels), coords) if coords else None
+def _grid_kind(grid: pd.DataFrame) -> pd.Series:
+    """Per row of a landscape grid, the names of its coordinates (``("x",)``, ``("x", "y")``, ``("alpha",)``)."""
+    coords = [c for c in ("x", "y", "alpha") if c in grid.columns]
+    present = grid[coords].notna()
+    return present.apply(lambda row: tuple(c for c in coords if row[c]), axis=1)
 
 
-def landscape_figure(frame: pd.DataFrame, order: list[str] | None = None, max_curves: int = 8) -> Figure:
-    """Loss-landscape slices (metric ``loss`` with coordinates in ``group``).
+def landscape_figure(grid: pd.DataFrame, order: list[str] | None = None, max_curves: int = 8) -> Figure:
+    """Loss-landscape slices of a run from the ``grid`` artifact of every checkpoint.
 
-    1-d slices: the loss along the slice at (up to ``max_curves``) checkpoints, coloured by step; one
-    panel per slice kind. 2-d slices: contours at the last checkpoint that has them.
+    Args:
+        grid: the concatenated ``grid`` artifacts (:meth:`diagnostics.runs.SweepResult.artifact_frame`): columns
+            ``checkpoint, step``, the coordinates (``x[, y]`` of a slice, ``alpha`` of a line) and ``loss``.
+        order: checkpoint order, when a step is unknown.
+        max_curves: at most this many checkpoints' curves per 1-D panel (evenly spread over the run).
+
+    Returns:
+        One panel per kind of grid: 1-D slices (and lines) as loss curves coloured by training step, 2-D
+        slices as contours of the last checkpoint that has them.
+
+    Raises:
+        ValueError: the grid is empty.
     """
     import numpy as np
     from matplotlib import colormaps
 
-    df = frame[frame["metric"] == "loss"].copy()
-    parsed = df["group"].map(parse_coordinates)
-    df = df[parsed.notna()]
-    _require(df, "landscape 'loss'")
-    parsed = parsed[parsed.notna()]
-    df["_label"] = [p[0] for p in parsed]
-    df["_coords"] = [p[1] for p in parsed]
+    _require(grid, "landscape grid")
+    df = grid.assign(value=grid["loss"], stderr=float("nan"), _kind=_grid_kind(grid))
+    df = df[df["_kind"].map(len) > 0]
+    _require(df, "landscape grid")
     df, xlabel = _with_x(df, order)
-    kinds = list(dict.fromkeys(zip(df["analyzer"], df["_label"], df["_coords"].map(lambda c: tuple(sorted(c))))))
-    kinds = kinds[:4]
+    kinds = list(dict.fromkeys(df["_kind"]))[:4]
     fig = Figure(figsize=(3.8 * len(kinds) + 0.8, 3.6), layout="constrained")
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
     cmap = colormaps["viridis"]
-    for ax, (analyzer, label, names) in zip(axes, kinds):
-        sub = df[(df["analyzer"] == analyzer) & (df["_label"] == label)]
-        sub = sub[sub["_coords"].map(lambda c, names=names: tuple(sorted(c)) == names)]
+    for ax, names in zip(axes, kinds):
+        sub = df[df["_kind"] == names]
         xs = sorted(sub["_x"].unique())
         if len(names) == 1:
             pick = xs if len(xs) <= max_curves else [xs[round(i)] for i in np.linspace(0, len(xs) - 1, max_curves)]
             span = (max(xs) - min(xs)) or 1.0
             for x in pick:
-                part = sub[sub["_x"] == x]
-                coord = part["_coords"].map(lambda c, k=names[0]: c[k]).to_numpy(dtype=float)
-                o = np.argsort(coord)
-                step_label = part["step"].iloc[0] if xlabel == _STEP_LABEL else part["checkpoint"].iloc[0]
+                part = sub[sub["_x"] == x].sort_values(names[0])
+                first = part.iloc[0]
                 ax.plot(
-                    coord[o],
-                    part["value"].to_numpy(dtype=float)[o],
+                    part[names[0]].to_numpy(dtype=float),
+                    part["loss"].to_numpy(dtype=float),
                     color=cmap((x - min(xs)) / span),
                     lw=1.3,
-                    label=f"{'step ' if xlabel == _STEP_LABEL else ''}{step_label}",
+                    label=f"step {first['step']}" if xlabel == _STEP_LABEL else str(first["checkpoint"]),
                 )
             ax.set_xlabel(names[0])
             ax.set_ylabel("loss")
             ax.legend(fontsize="x-small", loc="best")
+            ax.set_title("line between two checkpoints" if names == ("alpha",) else "1-D slice", fontsize="medium")
         else:
             last = sub[sub["_x"] == xs[-1]]
-            cx = last["_coords"].map(lambda c, k=names[0]: c[k]).to_numpy(dtype=float)
-            cy = last["_coords"].map(lambda c, k=names[1]: c[k]).to_numpy(dtype=float)
-            tri = ax.tricontourf(cx, cy, last["value"].to_numpy(dtype=float), levels=20, cmap="viridis")
+            first = last.iloc[0]
+            tri = ax.tricontourf(
+                last[names[0]].to_numpy(dtype=float),
+                last[names[1]].to_numpy(dtype=float),
+                last["loss"].to_numpy(dtype=float),
+                levels=20,
+                cmap="viridis",
+            )
             ax.plot([0], [0], "r+", ms=10)
             fig.colorbar(tri, ax=ax, label="loss")
             ax.set_xlabel(names[0])
             ax.set_ylabel(names[1])
-            label = f"{label} ({'step ' + str(last['step'].iloc[0]) if xlabel == _STEP_LABEL else last['checkpoint'].iloc[0]})"
-        ax.set_title(f"{analyzer}: {label}".strip(": ") if label else analyzer, fontsize="medium")
+            at = f"step {first['step']}" if xlabel == _STEP_LABEL else str(first["checkpoint"])
+            ax.set_title(f"2-D slice ({at})", fontsize="medium")
         ax.grid(alpha=0.3)
     fig.suptitle("Loss-landscape slices")
     return fig
+
+
+def landscape_section(frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, Figure]]:
+    """The report figure of the landscape analyzer (:class:`~diagnostics.spec.Section` ``figure``).
+
+    Args:
+        frame: the analyzer's records (unused: the coordinates and losses are in the grid).
+        artifacts: ``{"grid": every checkpoint's grid}`` (see :func:`landscape_figure`).
+
+    Returns:
+        ``[("landscape", title, figure)]``, or nothing without a grid.
+    """
+    grid = artifacts.get("grid")
+    if grid is None or len(grid) == 0:
+        return []
+    order = list(dict.fromkeys(frame["checkpoint"])) if len(frame) else None
+    return [("landscape", "Loss-landscape slices", landscape_figure(grid, order))]
+
+
+def density_section(frame: pd.DataFrame, artifacts: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, Figure]]:
+    """The Hessian's spectral-density heatmap over training (:class:`~diagnostics.spec.Section` ``figure``).
+
+    Args:
+        frame: the analyzer's records (``eigenvalue_0`` and ``bottom_eigenvalue_0`` are drawn on top).
+        artifacts: ``{"density": every checkpoint's SLQ density}`` (see :func:`density_heatmap_figure`).
+
+    Returns:
+        ``[("density", title, figure)]``, or nothing without a density.
+    """
+    density = artifacts.get("density")
+    if density is None or len(density) == 0:
+        return []
+    order = list(dict.fromkeys(frame["checkpoint"])) if len(frame) else None
+    records = frame if len(frame) else None
+    fig = density_heatmap_figure(density, records, order=order)
+    return [("density", "Hessian spectral density over training", fig)]
 
 
 def bos_map_figure(

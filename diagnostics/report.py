@@ -1,21 +1,28 @@
 """Post-hoc report of a whole run: tidy records + figures -> one self-contained HTML file and Markdown.
 
-:func:`build_report` turns the records of every checkpoint (and the spectral-density artifact, when
-the Hessian analyzer computed it) into figures (drawn by :mod:`diagnostics.plots`), a summary table
-and the run metadata. The HTML embeds every figure as a base64 ``data:`` URI and has no scripts or
-external resources, so it opens from disk with no server; the Markdown links the same figures as PNG
-files under ``figures/``. Nothing here writes files: :meth:`Report.files` gives the bytes, and the
-CLI (or an example script) writes them.
+Everything the report shows comes from the analyzers' declarations (:mod:`diagnostics.spec`), not from
+lists kept here:
 
-Sections appear only when their records exist, so a run analysed with the Hessian alone gets the
-Hessian sections and a run with RankMe / neural-collapse / landscape records gets those too:
+* **sections**: each analyzer with records contributes its :class:`~diagnostics.spec.Section` s, in registry
+  order. A section draws its ``metrics`` against the training step (one panel per metric, a line per
+  index/group, up to ``max_series``; a +-1 stderr band where the records carry one - with ``--replicates K``
+  the standard error across the ``K`` data subsets), its ``thresholds`` as dashed lines on the panel of its
+  first metric, each labelled with the formula and the value it draws (``Threshold.label``, ``{rule}`` from
+  the run info, e.g. ``(2+2β)/η = 7.6`` with heavy-ball momentum), or, when it names a ``figure``, that
+  function's figures instead (``figure(frame, artifacts) -> [(name, title, Figure)]``; its ``metrics``
+  then say which metrics it shows). A section whose records are absent is left out, so a run analysed
+  with the Hessian alone gets the Hessian's sections only.
+* **other metrics**: metrics of an analyzer that none of its sections shows (undeclared ones too, e.g. of
+  a user analyzer passed as ``specs``) get one generic figure per analyzer, a panel per metric.
+* **tables**: the key table has one column per metric declared ``headline=True`` (index 0 of an indexed
+  one, e.g. ``eigenvalue_0``); the metric overview lists every metric with one value per checkpoint with
+  its first/last/min/max and its declared definition.
+* **metadata** is read through :class:`~diagnostics.runner.RunInfo` (per checkpoint and analyzer) and
+  :class:`SweepManifest` (the sweep's manifest), never as free-form dicts.
 
-* sharpness: ``eigenvalue`` (index 0 = lambda_max) with ``eos_threshold`` (2/eta) and ``eos_ratio``;
-* ``trace``, ``bottom_eigenvalue``, ``negative_mass``; the SLQ spectral density as a heatmap;
-* representation rank: ``rankme`` (and ``effective_rank``, ``stable_rank``, ``participation_ratio``);
-* neural collapse: ``nc1``, ``nc2_equinorm``, ``nc2_equiangular``, ``nc3``, ``nc4`` (and ``cdnv``);
-* loss-landscape slices: metric ``loss`` with coordinates in ``group``;
-* any other metric of the whole model, one small panel each.
+The HTML embeds every figure as a base64 ``data:`` URI and has no scripts or external resources, so it
+opens from disk with no server; the Markdown links the same figures as PNG files under ``figures/``.
+Nothing here writes files: :meth:`Report.files` gives the bytes, the CLI (or an example script) writes them.
 """
 
 from __future__ import annotations
@@ -24,35 +31,155 @@ import base64
 import html
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from diagnostics import plots
+from diagnostics.lazy import lazy_import
 from diagnostics.results import COLUMNS
+from diagnostics.runner import RunInfo
+from diagnostics.spec import Analyzer, Metric, Section, Threshold, load_callable
 
-HESSIAN_SECTION_METRICS = ["eigenvalue", "eos_threshold", "eos_ratio", "trace", "bottom_eigenvalue", "negative_mass"]
-RANK_METRICS = ["rankme", "effective_rank", "effective_rank_cov", "stable_rank", "participation_ratio", "alpha_req"]
-COLLAPSE_METRICS = ["nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "cdnv"]
-# Columns of the per-checkpoint table, in this order, when present (every metric is in the overview).
-KEY_COLUMNS = [
-    "eigenvalue_0",
-    "eos_ratio",
-    "trace",
-    "bottom_eigenvalue_0",
-    "negative_mass",
-    "sharpness_worst",
-    "sharpness_average",
-    "rankme",
-    *COLLAPSE_METRICS[:5],
-    "rashomon_ratio",
-    "prediction_agreement",
-    "bos",
-]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
+
+pd = lazy_import("pandas")
+plots = lazy_import("diagnostics.plots")
+
+DPI = 110
+MAX_RECORD_ROWS = 2000  # the full records table is embedded in the HTML up to this many rows
+KEY_COLUMN_LIMIT = 10
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What the report knows about one analyzer: the metrics and sections it declares (empty when none)."""
+
+    name: str
+    metrics: tuple[Metric, ...] = ()
+    sections: tuple[Section, ...] = ()
+
+    def metric(self, name: str) -> Metric | None:
+        """The declaration of one metric (None when undeclared)."""
+        return next((m for m in self.metrics if m.name == name), None)
+
+    @property
+    def shown(self) -> set[str]:
+        """Metrics some section shows (as lines, in a custom figure or as a threshold)."""
+        return {m for s in self.sections for m in (*s.metrics, *(t.metric for t in s.thresholds))}
+
+
+def declarations(specs: Mapping[str, Any] | None = None) -> dict[str, Declared]:
+    """Every analyzer's declarations, in registry order; ``specs`` (e.g. user analyzers of a sweep) are added.
+
+    Args:
+        specs: ``{name: Analyzer}`` (or a legacy spec, which declares nothing) overriding/adding to the registry.
+
+    Returns:
+        ``{name: Declared}``; an analyzer that is not an :class:`~diagnostics.spec.Analyzer` (a legacy spec)
+        declares nothing, so each of its metrics gets a generic panel.
+    """
+    from diagnostics.analyzers.registry import all_analyzers
+
+    found: dict[str, Any] = {**all_analyzers(), **dict(specs or {})}
+    out = {}
+    for name, spec in found.items():
+        if isinstance(spec, Analyzer):
+            out[name] = Declared(name, tuple(spec.metrics), tuple(spec.sections))
+        else:
+            out[name] = Declared(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- metadata
+@dataclass
+class CheckpointEntry:
+    """One checkpoint of the sweep manifest."""
+
+    checkpoint: str = ""
+    step: int | None = None
+    step_source: str | None = None
+    sha256: str = ""
+    status: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A result the sweep could not compute."""
+
+    checkpoint: str = ""
+    analyzer: str = ""
+    message: str = ""
+
+
+def _typed(cls: type, data: Any) -> Any:
+    """``cls(**known keys of data)`` (unknown keys ignored; a non-mapping gives the defaults)."""
+    data = data if isinstance(data, Mapping) else {}
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+
+
+@dataclass
+class SweepManifest:
+    """Typed view of a sweep's metadata (:meth:`diagnostics.runs.SweepResult.metadata`, ``diag-run.json``).
+
+    Attributes:
+        run, run_name: the run folder and its name.
+        settings: what was run and how it was bound (:class:`diagnostics.runs.SweepSettings`).
+        analyzer_configs: each analyzer's option values.
+        checkpoints: the run's checkpoints with their step, its source, hash and per-analyzer status.
+        counts: results computed, cached and failed.
+        failures: the results that could not be computed.
+        results: ``{checkpoint: {analyzer: RunInfo}}`` (the manifest keeps a summary of each).
+        notes: warnings collected from the results.
+        versions: package versions.
+        created: when the sweep's metadata was made.
+    """
+
+    run: str = ""
+    run_name: str = "run"
+    settings: Any = None
+    analyzer_configs: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    results: dict[str, dict[str, RunInfo]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any] | None) -> SweepManifest:
+        """Read a sweep's metadata dict (missing keys take their defaults)."""
+        from diagnostics.runs import SweepSettings
+
+        meta = dict(meta or {})
+        results = {
+            str(ck): {str(a): RunInfo.from_metadata(m or {}) for a, m in (per or {}).items()}
+            for ck, per in (meta.get("results") or {}).items()
+        }
+        return cls(
+            run=str(meta.get("run") or ""),
+            run_name=str(meta.get("run_name") or "run"),
+            settings=SweepSettings.from_description(meta.get("settings")),
+            analyzer_configs=dict(meta.get("analyzer_configs") or {}),
+            checkpoints=[_typed(CheckpointEntry, c) for c in meta.get("checkpoints") or []],
+            counts={str(k): int(v) for k, v in (meta.get("counts") or {}).items()},
+            failures=[_typed(Failure, f) for f in meta.get("failures") or []],
+            results=results,
+            notes=[str(n) for n in meta.get("notes") or []],
+            versions={str(k): str(v) for k, v in (meta.get("versions") or {}).items()},
+            created=str(meta.get("created") or ""),
+        )
+
+    def run_infos(self) -> dict[tuple[str, str], RunInfo]:
+        """``{(checkpoint, analyzer): RunInfo}`` of the results the manifest summarises."""
+        return {(ck, a): info for ck, per in self.results.items() for a, info in per.items()}
+
+
+# ------------------------------------------------------------------------------------- report types
 @dataclass
 class ReportFigure:
     """One figure of the report: ``key`` names its PNG file (``figures/<key>.png``)."""
@@ -80,17 +207,54 @@ class Report:
         return out
 
 
-# ------------------------------------------------------------------------------------- tables
+@dataclass
+class RunData:
+    """Everything a report is built from.
+
+    Attributes:
+        frame: the tidy records of every checkpoint (:data:`diagnostics.results.COLUMNS`).
+        manifest: the sweep's metadata.
+        artifacts: ``{analyzer: {name: DataFrame}}``: each table artifact of every checkpoint, with
+            ``checkpoint, step`` columns (:meth:`diagnostics.runs.SweepResult.artifact_frame`).
+        runs: ``{(checkpoint, analyzer): RunInfo}``.
+        analyzers: the declarations (:func:`declarations`).
+    """
+
+    frame: DataFrame
+    manifest: SweepManifest
+    artifacts: dict[str, dict[str, DataFrame]]
+    runs: dict[tuple[str, str], RunInfo]
+    analyzers: dict[str, Declared]
+
+    @property
+    def order(self) -> list[str]:
+        """The checkpoints in run order."""
+        listed = [c.checkpoint for c in self.manifest.checkpoints]
+        return listed or list(dict.fromkeys(self.frame["checkpoint"]))
+
+    def declared(self, analyzer: str) -> Declared:
+        """One analyzer's declarations (empty for an unknown analyzer)."""
+        return self.analyzers.get(analyzer) or Declared(analyzer)
+
+    def infos(self, analyzer: str) -> list[RunInfo]:
+        """The run infos of one analyzer, over the checkpoints."""
+        return [info for (_, a), info in self.runs.items() if a == analyzer]
+
+    def analyzer_order(self) -> list[str]:
+        """Analyzers with records: declared ones in registry order, then the others in record order."""
+        present = list(dict.fromkeys(self.frame["analyzer"]))
+        return [a for a in self.analyzers if a in present] + [a for a in present if a not in self.analyzers]
+
+
+# ------------------------------------------------------------------------------------------ tables
 def _is_whole(group: Any) -> bool:
     return group is None or (isinstance(group, float) and math.isnan(group)) or group is pd.NA or str(group) == ""
 
 
 def _is_series_group(group: Any) -> bool:
-    """A group that names a series (layer, parameter group): not a per-class row or a grid coordinate."""
-    if _is_whole(group):
-        return True
-    text = str(group)
-    return "/" not in text and plots.parse_coordinates(text) is None
+    """A group that names a series (the whole model, a layer, a parameter group), not a sub-group such as
+    one class of a layer (``layer/class=3``)."""
+    return _is_whole(group) or "/" not in str(group)
 
 
 def _column_name(metric: str, index: Any, group: Any) -> str:
@@ -98,19 +262,43 @@ def _column_name(metric: str, index: Any, group: Any) -> str:
     return name if _is_whole(group) else f"{name}@{group}"
 
 
-def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per checkpoint (in order), one column per scalar metric of the run.
+def _one_value(frame: DataFrame, analyzers: Mapping[str, Declared]) -> DataFrame:
+    """Rows that give one value per checkpoint: no index, or index 0 of a headline (or undeclared) metric."""
 
-    A metric is a column when it has one value per checkpoint: index null or 0 (``eigenvalue_0``) and
-    a single group over the run (the whole model, or e.g. the one layer RankMe was measured at:
-    ``rankme@head:input``). Per-layer, per-class and grid metrics are left out (they are in the
-    records and the figures). A name used by two analyzers is prefixed with the analyzer.
+    def index_ok(row: Any) -> bool:
+        if pd.isna(row.index_):
+            return True
+        if int(row.index_) != 0:
+            return False
+        decl = analyzers.get(row.analyzer)
+        metric = decl.metric(row.metric) if decl is not None else None
+        return metric is None or metric.headline
+
+    view = frame.rename(columns={"index": "index_"})
+    keep = [index_ok(r) for r in view[["analyzer", "metric", "index_"]].itertuples(index=False)]
+    return frame.loc[pd.Series(keep, index=frame.index, dtype=bool) & frame["group"].map(_is_series_group).astype(bool)]
+
+
+def summary_table(frame: DataFrame, analyzers: Mapping[str, Declared] | None = None) -> DataFrame:
+    """One row per checkpoint (in order), one column per metric with one value per checkpoint.
+
+    A metric is a column when it has no index, or at index 0 when it is declared ``headline`` (``eigenvalue_0``)
+    or undeclared, and a single group over the run (the whole model, or e.g. the one layer RankMe was measured
+    at: ``rankme@head:input``). Per-point (landscape grid), per-layer and per-class metrics are left out (they
+    are in the records and the figures). A name used by two analyzers is prefixed with the analyzer.
+
+    Args:
+        frame: the tidy records.
+        analyzers: the declarations (default: :func:`declarations`).
+
+    Returns:
+        Columns ``checkpoint, step`` and one per metric.
     """
+    analyzers = declarations() if analyzers is None else analyzers
     if frame.empty:
         return pd.DataFrame(columns=["checkpoint", "step"])
-    df = frame[(frame["index"].isna() | (frame["index"] == 0)) & frame["group"].map(_is_series_group)].copy()
-    key = df["group"].map(lambda g: "" if _is_whole(g) else str(g))
-    df["_g"] = key
+    df = _one_value(frame, analyzers).copy()
+    df["_g"] = df["group"].map(lambda g: "" if _is_whole(g) else str(g))
     n_groups = df.groupby(["analyzer", "metric"])["_g"].transform("nunique")
     df = df[n_groups == 1]
     df["column"] = [_column_name(m, i, g) for m, i, g in zip(df["metric"], df["index"], df["group"])]
@@ -127,21 +315,72 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def key_columns(table: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
-    """The per-checkpoint table narrowed to the headline metrics (:data:`KEY_COLUMNS`) that exist."""
+def _base(column: str) -> str:
+    """``hessian.eigenvalue_0@fc1`` -> ``eigenvalue_0``."""
+    return column.split("@", 1)[0].split(".", 1)[-1]
+
+
+def _metric_of(column: str) -> str:
+    """``eigenvalue_0@fc1`` -> ``eigenvalue``; ``trace`` -> ``trace``."""
+    return re.sub(r"_\d+$", "", _base(column))
+
+
+def headline_names(analyzers: Mapping[str, Declared]) -> list[str]:
+    """Column names of the headline metrics, in registry and declaration order (``eigenvalue`` and
+    ``eigenvalue_0`` both, since the table names an indexed metric with its index)."""
+    out: list[str] = []
+    for decl in analyzers.values():
+        for m in decl.metrics:
+            if m.headline:
+                out += [m.name, f"{m.name}_0"]
+    return list(dict.fromkeys(out))
+
+
+def key_columns(
+    table: DataFrame, analyzers: Mapping[str, Declared] | None = None, limit: int = KEY_COLUMN_LIMIT
+) -> DataFrame:
+    """The per-checkpoint table narrowed to the headline metrics that exist (the first columns without any).
+
+    Args:
+        table: :func:`summary_table`.
+        analyzers: the declarations (default: :func:`declarations`).
+        limit: at most this many metric columns.
+
+    Returns:
+        ``checkpoint, step`` and the chosen columns.
+    """
+    analyzers = declarations() if analyzers is None else analyzers
     cols = list(table.columns[2:])
-
-    def base(c: str) -> str:
-        return c.split("@", 1)[0].split(".", 1)[-1]
-
-    chosen = [c for k in KEY_COLUMNS for c in cols if base(c) == k]
+    chosen = [c for name in headline_names(analyzers) for c in cols if _base(c) == name]
     chosen = list(dict.fromkeys(chosen))[:limit] or cols[:limit]
     return table[["checkpoint", "step", *chosen]]
 
 
-def metric_overview(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per scalar metric: value at the first and last checkpoint, minimum and maximum (with steps)."""
-    table = summary_table(frame)
+def _definition(column: str, frame: DataFrame, analyzers: Mapping[str, Declared]) -> str:
+    owner = column.split(".", 1)[0] if "." in column.split("@", 1)[0] else None
+    metric = _metric_of(column)
+    candidates = [owner] if owner else list(dict.fromkeys(frame.loc[frame["metric"] == metric, "analyzer"]))
+    for a in candidates:
+        decl = analyzers.get(a)
+        found = decl.metric(metric) if decl is not None else None
+        if found is not None:
+            return found.definition + (f" ({found.reference})" if found.reference else "")
+    return ""
+
+
+def metric_overview(frame: DataFrame, analyzers: Mapping[str, Declared] | None = None) -> DataFrame:
+    """Per metric of :func:`summary_table`: value at the first and last checkpoint, minimum and maximum (with
+    their steps), and the metric's declared definition.
+
+    Args:
+        frame: the tidy records.
+        analyzers: the declarations (default: :func:`declarations`).
+
+    Returns:
+        Columns ``metric, first, last, min, min at, max, max at, checkpoints, definition``.
+    """
+    analyzers = declarations() if analyzers is None else analyzers
+    table = summary_table(frame, analyzers)
     rows = []
     for col in table.columns[2:]:
         s = table[col]
@@ -159,182 +398,200 @@ def metric_overview(frame: pd.DataFrame) -> pd.DataFrame:
                 "max": s.max(),
                 "max at": _where(table, s.idxmax()),
                 "checkpoints": int(valid.sum()),
+                "definition": _definition(col, frame, analyzers),
             }
         )
-    return pd.DataFrame(rows, columns=["metric", "first", "last", "min", "min at", "max", "max at", "checkpoints"])
+    columns = ["metric", "first", "last", "min", "min at", "max", "max at", "checkpoints", "definition"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _where(table: pd.DataFrame, i: Any) -> str:
+def _where(table: DataFrame, i: Any) -> str:
     step = table.loc[i, "step"]
     return f"step {int(step)}" if not pd.isna(step) else str(table.loc[i, "checkpoint"])
 
 
-# ------------------------------------------------------------------------------------ figures
-def _owners(frame: pd.DataFrame, metrics: list[str]) -> list[str]:
-    """Analyzers that produced any of ``metrics``."""
-    return list(dict.fromkeys(frame.loc[frame["metric"].isin(metrics), "analyzer"]))
+# ------------------------------------------------------------------------------------ thresholds
+_RULE_SYMBOLS = (("beta1", "β₁"), ("beta", "β"), ("lr", "η"), ("eta", "η"), ("*", ""))
 
 
-def _series_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows that form per-step series: no per-class rows, no grid coordinates."""
-    return frame[frame["group"].map(_is_series_group)]
+def pretty_rule(rule: str) -> str:
+    """A rule as recorded (``(2+2*beta)/lr``) as it reads in a figure (``(2+2β)/η``)."""
+    for plain, symbol in _RULE_SYMBOLS:
+        rule = rule.replace(plain, symbol)
+    return rule
 
 
-FigureSpec = tuple[str, str, str, Callable[[], Any]]
+def rule_of(info: RunInfo) -> str | None:
+    """The threshold formula an analyzer recorded: the ``rule`` of a section of its own metadata (``eos.rule``)."""
+    details = info.details
+    eos = details.get("eos")
+    if isinstance(eos, Mapping) and eos.get("rule"):
+        return str(eos["rule"])
+    for value in details.values():
+        if isinstance(value, Mapping) and value.get("rule"):
+            return str(value["rule"])
+    return None
 
 
-def report_figures(
-    frame: pd.DataFrame,
-    density: pd.DataFrame | None = None,
-    order: list[str] | None = None,
-    dpi: int = 110,
-) -> tuple[list[ReportFigure], list[str]]:
-    """The figures whose records exist -> ``(figures, notes)``; a figure that fails to draw becomes a note.
+def _num(x: float) -> str:
+    return f"{x:.4g}"
 
-    Sections: the Hessian (analyzers producing ``eigenvalue``), representation rank (analyzers producing
-    ``rankme``), neural collapse (``nc1``..``nc4``), landscape slices (``loss`` on a coordinate grid),
-    and one figure per other analyzer with a panel per metric.
+
+def threshold_label(threshold: Threshold, values: Iterable[float], infos: Sequence[RunInfo]) -> str:
+    """The label of a threshold line: its formula and the value it draws (``(2+2β)/η = 7.6``).
+
+    Args:
+        threshold: the declaration (``label`` with ``{rule}`` and ``{value}``).
+        values: the threshold's value at each checkpoint (a range is shown when they differ).
+        infos: the run infos of those checkpoints (the formula is their recorded ``rule``; when checkpoints
+            recorded different rules, all are named; without any, the threshold metric's name stands in).
+
+    Returns:
+        The label.
     """
-    specs: list[FigureSpec] = []
-    covered: set[tuple[str, str]] = set()  # (analyzer, metric) already drawn
-
-    hess_names = _owners(frame, ["eigenvalue"])
-    hess = frame[frame["analyzer"].isin(hess_names)]
-    hess_whole = hess[hess["group"].map(_is_whole)]
-    if len(hess_whole) and (hess_whole["metric"] == "eigenvalue").any():
-        specs.append(
-            (
-                "sharpness",
-                "Sharpness and the edge of stability",
-                "Top Hessian eigenvalues (eigenvalue_0 = λ_max, band = Lanczos residual bound) against the "
-                "training step. Dashed: the stability threshold 2/η of gradient descent with step size η "
-                "((2+2β)/η with heavy-ball momentum β); under full-batch GD λ_max rises to it and hovers there "
-                "(Cohen et al. 2021). Below: eos_ratio = λ_max / threshold (1 = edge of stability).",
-                lambda: plots.sharpness_figure(hess_whole, order),
-            )
-        )
-    for metric, title, caption in (
-        ("trace", "Hessian trace", "Trace of the loss Hessian (Hutch++; band = ±1 standard error)."),
-        (
-            "bottom_eigenvalue",
-            "Bottom Hessian eigenvalues",
-            "Smallest Hessian eigenvalues (index 0 = smallest); negative values mean negative curvature (saddle).",
-        ),
-        (
-            "negative_mass",
-            "Negative spectral mass",
-            "Fraction of the SLQ spectral density below -tol·|λ_max| (band = ±1 standard error over probes).",
-        ),
-    ):
-        if (hess_whole["metric"] == metric).any():
-            specs.append(
-                (
-                    metric,
-                    title,
-                    caption,
-                    lambda metric=metric, title=title: plots.metric_figure(
-                        hess_whole, metric, title=title, order=order
-                    ),
-                )
-            )
-    covered |= {(a, m) for a in hess_names for m in HESSIAN_SECTION_METRICS}
-    if density is not None and len(density):
-        specs.append(
-            (
-                "density",
-                "Hessian spectral density over training",
-                "Spectral density of the loss Hessian at each checkpoint by stochastic Lanczos quadrature "
-                "(Gaussian-smoothed, log colour scale); lines: eigenvalue_0 and bottom_eigenvalue_0.",
-                lambda: plots.density_heatmap_figure(density, hess_whole if len(hess_whole) else None, order=order),
-            )
-        )
-
-    rank_names = _owners(frame, ["rankme"])
-    if rank_names:
-        rank = _series_rows(frame[frame["analyzer"].isin(rank_names)])
-        rank_metrics = _ordered(rank, RANK_METRICS)
-        covered |= {(a, m) for a in rank_names for m in rank_metrics}
-        specs.append(
-            (
-                "rank",
-                "Representation rank",
-                "RankMe = exp(entropy of the normalised singular values of the raw embedding matrix) (Garrido et al. "
-                "2023), with effective rank, stable rank and participation ratio of the centred features, per layer.",
-                lambda: plots.metric_panels_figure(rank, rank_metrics, title="Representation rank", order=order),
-            )
-        )
-
-    nc_names = _owners(frame, COLLAPSE_METRICS[:5])
-    if nc_names:
-        nc = _series_rows(frame[frame["analyzer"].isin(nc_names)])
-        nc_metrics = _ordered(nc, COLLAPSE_METRICS)
-        covered |= {(a, m) for a in nc_names for m in nc_metrics}
-        specs.append(
-            (
-                "collapse",
-                "Neural collapse",
-                "NC1 = Tr(Σ_W Σ_B⁺)/C (within-class variability), NC2 equinorm = std/mean of centred class-mean "
-                "norms, NC2 equiangular = mean |cos + 1/(C-1)| over class pairs, NC3 = distance between the "
-                "normalised classifier and class means, NC4 = disagreement of the classifier with the nearest "
-                "class mean (Papyan, Han, Donoho 2020); all tend to 0 under neural collapse.",
-                lambda: plots.metric_panels_figure(
-                    nc, nc_metrics, title="Neural collapse", logy=("nc1", "cdnv"), order=order, max_panels=12
-                ),
-            )
-        )
-
-    grid = frame[(frame["metric"] == "loss") & frame["group"].map(lambda g: plots.parse_coordinates(g) is not None)]
-    if len(grid):
-        covered |= {(a, "loss") for a in grid["analyzer"].unique()}
-        specs.append(
-            (
-                "landscape",
-                "Loss-landscape slices",
-                "Loss along slices through the weights at each checkpoint (coordinates from the record's group; "
-                "filter-normalised random directions by default, Li et al. 2018); curves coloured by training step, "
-                "2-d slices as contours of the last checkpoint.",
-                lambda: plots.landscape_figure(grid, order),
-            )
-        )
-
-    series = _series_rows(frame)
-    for analyzer in dict.fromkeys(series["analyzer"]):
-        rest = series[(series["analyzer"] == analyzer) & ~series["metric"].map(lambda m, a=analyzer: (a, m) in covered)]
-        metrics = list(dict.fromkeys(rest["metric"]))
-        if not metrics:
-            continue
-        specs.append(
-            (
-                f"analyzer-{analyzer}",
-                f"{analyzer}: other metrics" if analyzer in hess_names + rank_names + nc_names else analyzer,
-                f"Metrics of the '{analyzer}' analyzer against the training step, one line per layer/group "
-                "(bands = ±1 standard error where known).",
-                lambda rest=rest, metrics=metrics, analyzer=analyzer: plots.metric_panels_figure(
-                    rest, metrics, title=analyzer, order=order, max_panels=12
-                ),
-            )
-        )
-
-    figures, notes = [], []
-    for key, title, caption, make in specs:
-        try:
-            fig = make()
-        except ValueError as exc:
-            notes.append(f"figure '{title}' left out: {exc}")
-            continue
-        figures.append(ReportFigure(_safe_key(key), title, caption, plots.figure_png(fig, dpi=dpi)))
-    return figures, notes
+    rules = list(dict.fromkeys(pretty_rule(r) for r in (rule_of(i) for i in infos) if r))
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        value = "?"
+    else:
+        lo, hi = min(finite), max(finite)
+        value = _num(lo) if math.isclose(lo, hi, rel_tol=1e-9, abs_tol=0.0) else f"{_num(lo)}–{_num(hi)}"
+    slots = {"rule": " or ".join(rules) or threshold.metric, "value": value, "metric": threshold.metric}
+    return threshold.label.format_map(_Slots(slots))
 
 
-def _ordered(frame: pd.DataFrame, first: list[str]) -> list[str]:
-    present = list(dict.fromkeys(frame["metric"]))
-    return [m for m in first if m in present] + [m for m in present if m not in first]
+class _Slots(dict):
+    """``str.format_map`` mapping that leaves unknown ``{names}`` as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+# --------------------------------------------------------------------------------------- figures
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "figure"
 
 
 def _safe_key(key: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+
+def _series(frame: DataFrame) -> DataFrame:
+    """Rows that form per-step series (no sub-groups such as per-class rows)."""
+    return frame.loc[frame["group"].map(_is_series_group).astype(bool)]
+
+
+def _band_text(frame: DataFrame, infos: Sequence[RunInfo]) -> str:
+    if not frame["stderr"].notna().any():
+        return ""
+    k = max((i.replicates for i in infos), default=1)
+    if k > 1:
+        return f" Bands: ±1 standard error across {k} disjoint data subsets (--replicates {k})."
+    return " Bands: ±1 standard error (or error bound) of each value."
+
+
+@dataclass
+class SectionFigure:
+    """A figure of a section before it is rendered: ``key`` names its file."""
+
+    key: str
+    title: str
+    caption: str
+    figure: Figure
+
+
+def section_figures(data: RunData, analyzer: str, section: Section) -> list[SectionFigure]:
+    """The figures of one section of one analyzer (nothing when its records are absent).
+
+    Args:
+        data: the run.
+        analyzer: the analyzer's name.
+        section: its declaration.
+
+    Returns:
+        A custom figure function's figures, or one figure of the section's metrics against the step with
+        its threshold lines.
+
+    Raises:
+        ValueError: a figure could not be drawn (the caller turns it into a note).
+    """
+    own = data.frame[data.frame["analyzer"] == analyzer]
+    if section.figure is not None:
+        made = load_callable(section.figure)(own, data.artifacts.get(analyzer, {}))
+        return [SectionFigure(name, title, section.text, fig) for name, title, fig in made]
+    series = _series(own[own["metric"].isin(section.metrics)])
+    metrics = [m for m in section.metrics if (series["metric"] == m).any()]
+    if not metrics:
+        return []
+    infos = data.infos(analyzer)
+    lines, labels = [], []
+    for th in section.thresholds:
+        records = own[own["metric"] == th.metric]
+        if len(records):
+            by_ck = {ck: info for (ck, a), info in data.runs.items() if a == analyzer}
+            th_infos = [by_ck[c] for c in dict.fromkeys(records["checkpoint"]) if c in by_ck] or infos
+            label = threshold_label(th, records["value"], th_infos)
+            lines.append((records, label))
+            labels.append(label)
+    fig = plots.metric_panels_figure(
+        series,
+        metrics,
+        title=section.title,
+        logy=tuple(metrics) if section.log_y else (),
+        order=data.order,
+        max_series=section.max_series,
+        thresholds=lines,
+    )
+    caption = section.text
+    if labels:
+        caption += f" Dashed: {'; '.join(labels)}."
+    caption += _band_text(series, infos)
+    return [SectionFigure(_slug(section.title), section.title, caption.strip(), fig)]
+
+
+def other_metrics_figure(data: RunData, analyzer: str) -> list[SectionFigure]:
+    """One generic figure of the metrics of ``analyzer`` that none of its sections shows (a panel each)."""
+    decl = data.declared(analyzer)
+    own = _series(data.frame[data.frame["analyzer"] == analyzer])
+    rest = own[~own["metric"].isin(decl.shown)]
+    metrics = list(dict.fromkeys(rest["metric"]))
+    if not metrics:
+        return []
+    title = f"{analyzer}: other metrics" if decl.sections else analyzer
+    caption = (
+        f"Metrics of the '{analyzer}' analyzer against the training step, one line per layer/group/index."
+        + _band_text(rest, data.infos(analyzer))
+    )
+    fig = plots.metric_panels_figure(rest, metrics, title=title, order=data.order, max_panels=12)
+    return [SectionFigure(f"analyzer-{analyzer}", title, caption, fig)]
+
+
+def report_figures(data: RunData, dpi: int = DPI) -> tuple[list[ReportFigure], list[str]]:
+    """Every section of every analyzer with records, then each analyzer's other metrics -> ``(figures, notes)``.
+
+    A figure that fails to draw becomes a note instead of failing the report.
+    """
+    figures: list[ReportFigure] = []
+    notes: list[str] = []
+    keys: set[str] = set()
+    for analyzer in data.analyzer_order():
+        decl = data.declared(analyzer)
+        plans: list[tuple[str, Any]] = [(s.title, s) for s in decl.sections] + [("other metrics", None)]
+        for title, section in plans:
+            try:
+                made = section_figures(data, analyzer, section) if section else other_metrics_figure(data, analyzer)
+            except ValueError as exc:
+                notes.append(f"figure '{title}' of {analyzer} left out: {exc}")
+                continue
+            for f in made:
+                key = _safe_key(f.key)
+                if key in keys:
+                    key = _safe_key(f"{analyzer}-{f.key}")
+                while key in keys:
+                    key += "_"
+                keys.add(key)
+                figures.append(ReportFigure(key, f.title, f.caption, plots.figure_png(f.figure, dpi=dpi)))
+    return figures, notes
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -350,7 +607,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _html_table(df: pd.DataFrame, cls: str = "") -> str:
+def _html_table(df: DataFrame, cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = []
     for row in df.itertuples(index=False):
@@ -359,10 +616,13 @@ def _html_table(df: pd.DataFrame, cls: str = "") -> str:
             num = isinstance(v, (int, float)) and not isinstance(v, bool)
             cells.append(f"<td{' class=num' if num else ''}>{html.escape(_fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (
+        f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
-def _md_table(df: pd.DataFrame) -> str:
+def _md_table(df: DataFrame) -> str:
     def cell(v: Any) -> str:
         return _fmt(v).replace("|", "\\|")
 
@@ -386,118 +646,96 @@ dd{margin:0 0 .4rem 1rem}footer{color:#777;font-size:.8rem;margin-top:2rem}
 """
 
 
-def _metadata_items(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(label, text) pairs of the run metadata worth a line in the report."""
-    settings = metadata.get("settings") or {}
-    items: list[tuple[str, str]] = []
-    items.append(("run folder", str(metadata.get("run", ""))))
-    binding = {k: settings.get(k) for k in ("model", "data", "loss") if settings.get(k)}
-    if settings.get("config_file"):
-        binding["config"] = settings["config_file"]
-    items.append(("binding", ", ".join(f"{k}={v}" for k, v in binding.items()) or "from checkpoint metadata"))
-    items.append(("seed", str(settings.get("seed", ""))))
-    per = metadata.get("results") or {}
-    used = sorted({v.get("samples") for d in per.values() for v in d.values() if v.get("samples") is not None})
-    avail = sorted({v.get("samples_available") for d in per.values() for v in d.values() if v.get("samples_available")})
-    req = settings.get("samples")
+def _sorted_set(values: Iterable[Any]) -> list[Any]:
+    return sorted({v for v in values if v is not None and v != ""}, key=str)
+
+
+def _samples_text(infos: Sequence[RunInfo], requested: int | None) -> str:
+    used = _sorted_set(i.samples for i in infos)
+    avail = _sorted_set(i.samples_available for i in infos)
     text = f"{', '.join(map(str, used)) or '?'} analysed"
     if avail:
         text += f" of {', '.join(map(str, avail))} available"
-    text += f" ({'seeded subset of ' + str(req) if req else 'all data'})"
-    items.append(("samples", text))
+    return text + f" ({'seeded subset of ' + str(requested) if requested else 'all data'})"
+
+
+def metadata_items(manifest: SweepManifest, infos: Sequence[RunInfo]) -> list[tuple[str, str]]:
+    """(label, text) pairs of the run metadata worth a line in the report."""
+    s = manifest.settings
+    binding = {k: v for k, v in (("model", s.model), ("data", s.data), ("loss", s.loss)) if v}
+    if s.config.get("_path"):
+        binding["config"] = s.config["_path"]
+    seeds = _sorted_set(i.seed for i in infos)
+    items = [
+        ("run folder", manifest.run),
+        ("binding", ", ".join(f"{k}={v}" for k, v in binding.items()) or "from checkpoint metadata"),
+        ("seed", str(s.seed) if s.seed is not None else ", ".join(map(str, seeds))),
+        ("samples", _samples_text(infos, s.samples)),
+    ]
+    replicates = max((i.replicates for i in infos), default=1)
+    if replicates > 1:
+        items.append(
+            ("replicates", f"{replicates} disjoint data subsets; values are their mean, bands ±1 standard error")
+        )
     for key in ("batch_size", "dtype", "device", "params", "pattern"):
-        if settings.get(key) is not None:
-            items.append((key.replace("_", " "), str(settings[key])))
-    devices = sorted({str(v.get("device")) for d in per.values() for v in d.values() if v.get("device")})
-    if devices and settings.get("device") is None:
+        if getattr(s, key) is not None:
+            items.append((key.replace("_", " "), str(getattr(s, key))))
+    devices = _sorted_set(i.device for i in infos)
+    if devices and s.device is None:
         items.append(("device", ", ".join(devices)))
-    n_params = sorted({v.get("n_params") for d in per.values() for v in d.values() if v.get("n_params")})
+    n_params = _sorted_set(i.n_params for i in infos)
     if n_params:
         items.append(("parameters analysed", ", ".join(map(str, n_params))))
-    hvps = sum(int(v.get("hvp_count") or 0) for d in per.values() for v in d.values())
-    secs = sum(float(v.get("seconds") or 0.0) for d in per.values() for v in d.values())
+    hvps = sum(int(i.hvp_count or 0) for i in infos)
+    secs = sum(float(i.seconds or 0.0) for i in infos)
     if hvps or secs:
         items.append(("compute", f"{hvps} Hessian-vector products, {secs:.1f} s of analysis"))
-    counts = metadata.get("counts") or {}
-    if counts:
-        items.append(
-            (
-                "this sweep",
-                f"{counts.get('computed', 0)} results computed, {counts.get('cached', 0)} from the cache, "
-                f"{counts.get('failed', 0)} failed",
-            )
+    c = manifest.counts
+    if c:
+        text = (
+            f"{c.get('computed', 0)} results computed, {c.get('cached', 0)} from the cache, {c.get('failed', 0)} failed"
         )
-    versions = metadata.get("versions") or {}
+        items.append(("this sweep", text))
+    versions = manifest.versions or next((i.versions for i in infos if i.versions), {})
     if versions:
         items.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     return items
 
 
-def _checkpoint_table(metadata: Mapping[str, Any]) -> pd.DataFrame:
-    rows = []
-    for c in metadata.get("checkpoints") or []:
-        status = c.get("status") or {}
-        rows.append(
-            {
-                "checkpoint": c.get("checkpoint"),
-                "step": c.get("step"),
-                "step from": c.get("step_source"),
-                "sha256": str(c.get("sha256", ""))[:12],
-                "analyzers": ", ".join(f"{a}: {s}" for a, s in status.items()),
-            }
-        )
+def _checkpoint_table(manifest: SweepManifest) -> DataFrame:
+    rows = [
+        {
+            "checkpoint": c.checkpoint,
+            "step": c.step,
+            "step from": c.step_source,
+            "sha256": c.sha256[:12],
+            "analyzers": ", ".join(f"{a}: {s}" for a, s in c.status.items()),
+        }
+        for c in manifest.checkpoints
+    ]
     return pd.DataFrame(rows, columns=["checkpoint", "step", "step from", "sha256", "analyzers"])
 
 
-def build_report(
-    frame: pd.DataFrame,
-    metadata: Mapping[str, Any] | None = None,
-    *,
-    density: pd.DataFrame | None = None,
-    title: str | None = None,
-    max_record_rows: int = 2000,
-    dpi: int = 110,
-) -> Report:
-    """Records (+ run metadata, + spectral density) -> :class:`Report` (HTML, Markdown, PNG figures).
+@dataclass
+class _Page:
+    """The parts of a report page, rendered to HTML and Markdown."""
 
-    Args:
-        frame: the tidy records of every checkpoint (``diagnostics.results.COLUMNS``), in checkpoint order.
-        metadata: the sweep's metadata (:meth:`diagnostics.runs.SweepResult.metadata`): settings,
-            checkpoints, versions, failures, notes.
-        density: the Hessian ``density`` artifact of every checkpoint with ``checkpoint, step`` columns.
-        max_record_rows: the full records table is included in the HTML up to this many rows.
-    """
-    from diagnostics import __version__
+    title: str
+    subtitle: str
+    overview: DataFrame
+    key_table: DataFrame
+    figures: list[ReportFigure]
+    notes: list[str]
+    failures: int
+    items: list[tuple[str, str]]
+    checkpoints: DataFrame
+    configs: dict[str, Any]
+    records: DataFrame
 
-    metadata = dict(metadata or {})
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"records table lacks the columns {missing}")
-    order = [c["checkpoint"] for c in metadata.get("checkpoints") or []] or list(dict.fromkeys(frame["checkpoint"]))
-    run_name = metadata.get("run_name") or "run"
-    title = title or f"Training diagnostics: {run_name}"
-    figures, fig_notes = report_figures(frame, density, order, dpi=dpi)
-    summary = summary_table(frame)
-    overview = metric_overview(frame)
-    steps = frame["step"].dropna()
-    analyzers = list(dict.fromkeys(frame["analyzer"]))
-    n_ck = len(order)
-    span = f"steps {int(steps.min())}–{int(steps.max())}" if len(steps) else "steps unknown"
-    created = metadata.get("created", "")
-    subtitle = (
-        f"{n_ck} checkpoint{'s' if n_ck != 1 else ''} ({span}); analyzers: {', '.join(analyzers) or 'none'}; "
-        f"{len(frame)} records; generated {created} by diag {__version__}"
-    )
-    failures = metadata.get("failures") or []
-    notes = [f"{f['checkpoint']} [{f['analyzer']}] failed: {f['message']}" for f in failures]
-    notes += list(metadata.get("notes") or []) + fig_notes
-    configs = metadata.get("analyzer_configs") or {}
-    items = _metadata_items(metadata)
-    checkpoints = _checkpoint_table(metadata)
 
-    # ---------------------------------------------------------------- HTML
-    toc = [("summary", "Summary")] + [(f"fig-{f.key}", f.title) for f in figures]
-    if notes:
+def _html(p: _Page, version: str) -> str:
+    toc = [("summary", "Summary")] + [(f"fig-{f.key}", f.title) for f in p.figures]
+    if p.notes:
         toc.append(("notes", "Warnings and notes"))
     toc += [("metadata", "Run metadata"), ("records", "All records")]
     h: list[str] = [
@@ -505,77 +743,189 @@ def build_report(
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{html.escape(title)}</h1><p class=sub>{html.escape(subtitle)}</p></header>",
+        f"<title>{html.escape(p.title)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{html.escape(p.title)}</h1><p class=sub>{html.escape(p.subtitle)}</p></header>",
         "<nav><ul>" + "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc) + "</ul></nav>",
         '<section id="summary"><h2>Summary</h2>',
     ]
-    if failures:
-        h.append(f'<p class="warn">{len(failures)} result(s) could not be computed; see the notes below.</p>')
-    if len(overview):
-        h.append("<h3>Metrics over the run</h3>" + _html_table(overview))
-    if len(summary):
-        h.append("<h3>Per checkpoint</h3>" + _html_table(key_columns(summary)))
+    if p.failures:
+        h.append(f'<p class="warn">{p.failures} result(s) could not be computed; see the notes below.</p>')
+    if len(p.overview):
+        h.append("<h3>Metrics over the run</h3>" + _html_table(p.overview))
+    if len(p.key_table):
+        h.append("<h3>Per checkpoint</h3>" + _html_table(p.key_table))
     h.append("</section>")
-    for f in figures:
+    for f in p.figures:
         data = base64.b64encode(f.png).decode()
         h.append(
             f'<section id="fig-{f.key}"><h2>{html.escape(f.title)}</h2><figure>'
             f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.title)}">'
             f"<figcaption>{html.escape(f.caption)}</figcaption></figure></section>"
         )
-    if notes:
+    if p.notes:
         h.append('<section id="notes"><h2>Warnings and notes</h2><ul>')
-        h += [f"<li>{html.escape(n)}</li>" for n in notes]
+        h += [f"<li>{html.escape(n)}</li>" for n in p.notes]
         h.append("</ul></section>")
     h.append('<section id="metadata"><h2>Run metadata</h2><dl>')
-    h += [f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items]
+    h += [f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in p.items]
     h.append("</dl>")
-    if len(checkpoints):
-        h.append("<h3>Checkpoints</h3>" + _html_table(checkpoints))
-    if configs:
+    if len(p.checkpoints):
+        h.append("<h3>Checkpoints</h3>" + _html_table(p.checkpoints))
+    if p.configs:
         h.append("<h3>Analyzer settings</h3>")
-        for name, cfg in configs.items():
+        for name, cfg in p.configs.items():
             h.append(f"<p><b>{html.escape(name)}</b></p><pre>{html.escape(json.dumps(cfg, indent=2))}</pre>")
-    h.append("</section>")
-    h.append(f'<section id="records"><h2>All records</h2><p>{len(frame)} records')
+    n = len(p.records)
+    h.append(f'<section id="records"><h2>All records</h2><p>{n} records')
     h.append(" (also in <code>records.csv</code> and <code>records.parquet</code> next to this file).</p>")
-    if 0 < len(frame) <= max_record_rows:
-        h.append(f"<details><summary>show the table</summary>{_html_table(frame[COLUMNS])}</details>")
-    elif len(frame):
-        h.append(f"<p>The table has more than {max_record_rows} rows; open records.csv.</p>")
+    if 0 < n <= MAX_RECORD_ROWS:
+        h.append(f"<details><summary>show the table</summary>{_html_table(p.records[COLUMNS])}</details>")
+    elif n:
+        h.append(f"<p>The table has more than {MAX_RECORD_ROWS} rows; open records.csv.</p>")
     h.append("</section>")
-    h.append(f"<footer>diag {html.escape(__version__)} — training-dynamics diagnostics</footer></body></html>")
+    h.append(f"<footer>diag {html.escape(version)} — training-dynamics diagnostics</footer></body></html>")
+    return "\n".join(h) + "\n"
 
-    # ------------------------------------------------------------- Markdown
-    m: list[str] = [f"# {title}", "", subtitle, "", "## Summary", ""]
-    if failures:
-        m += [f"> **{len(failures)} result(s) could not be computed**; see the notes below.", ""]
-    if len(overview):
-        m += ["### Metrics over the run", "", _md_table(overview), ""]
-    if len(summary):
-        m += ["### Per checkpoint", "", _md_table(key_columns(summary)), ""]
-    for f in figures:
+
+def _markdown(p: _Page) -> str:
+    m: list[str] = [f"# {p.title}", "", p.subtitle, "", "## Summary", ""]
+    if p.failures:
+        m += [f"> **{p.failures} result(s) could not be computed**; see the notes below.", ""]
+    if len(p.overview):
+        m += ["### Metrics over the run", "", _md_table(p.overview), ""]
+    if len(p.key_table):
+        m += ["### Per checkpoint", "", _md_table(p.key_table), ""]
+    for f in p.figures:
         m += [f"## {f.title}", "", f"![{f.title}](figures/{f.key}.png)", "", f.caption, ""]
-    if notes:
-        m += ["## Warnings and notes", ""] + [f"- {n}" for n in notes] + [""]
-    m += ["## Run metadata", ""] + [f"- **{k}**: {v}" for k, v in items] + [""]
-    if len(checkpoints):
-        m += ["### Checkpoints", "", _md_table(checkpoints), ""]
-    if configs:
+    if p.notes:
+        m += ["## Warnings and notes", ""] + [f"- {n}" for n in p.notes] + [""]
+    m += ["## Run metadata", ""] + [f"- **{k}**: {v}" for k, v in p.items] + [""]
+    if len(p.checkpoints):
+        m += ["### Checkpoints", "", _md_table(p.checkpoints), ""]
+    if p.configs:
         m += ["### Analyzer settings", ""]
-        for name, cfg in configs.items():
+        for name, cfg in p.configs.items():
             m += [f"**{name}**", "", "```json", json.dumps(cfg, indent=2), "```", ""]
-    m += ["## All records", "", f"{len(frame)} records in `records.csv` and `records.parquet`.", ""]
-    return Report(title=title, html="\n".join(h) + "\n", markdown="\n".join(m), figures=figures)
+    m += ["## All records", "", f"{len(p.records)} records in `records.csv` and `records.parquet`.", ""]
+    return "\n".join(m)
 
 
-def report_from_sweep(result: Any, title: str | None = None, **kwargs: Any) -> Report:
-    """:func:`build_report` of a :class:`diagnostics.runs.SweepResult`."""
-    return build_report(
-        result.frame,
-        result.metadata(),
-        density=result.artifact_frame("hessian", "density"),
-        title=title,
-        **kwargs,
+def _subtitle(data: RunData, version: str) -> str:
+    frame = data.frame
+    steps = frame["step"].dropna()
+    analyzers = list(dict.fromkeys(frame["analyzer"]))
+    n_ck = len(data.order)
+    span = f"steps {int(steps.min())}–{int(steps.max())}" if len(steps) else "steps unknown"
+    return (
+        f"{n_ck} checkpoint{'s' if n_ck != 1 else ''} ({span}); analyzers: {', '.join(analyzers) or 'none'}; "
+        f"{len(frame)} records; generated {data.manifest.created} by diag {version}"
     )
+
+
+def render_report(data: RunData, title: str | None = None) -> Report:
+    """A :class:`RunData` -> :class:`Report` (HTML, Markdown, PNG figures)."""
+    from diagnostics import __version__
+
+    m = data.manifest
+    title = title or f"Training diagnostics: {m.run_name}"
+    figures, fig_notes = report_figures(data)
+    summary = summary_table(data.frame, data.analyzers)
+    notes = [f"{f.checkpoint} [{f.analyzer}] failed: {f.message}" for f in m.failures] + m.notes + fig_notes
+    page = _Page(
+        title=title,
+        subtitle=_subtitle(data, __version__),
+        overview=metric_overview(data.frame, data.analyzers),
+        key_table=key_columns(summary, data.analyzers) if len(summary) else summary,
+        figures=figures,
+        notes=notes,
+        failures=len(m.failures),
+        items=metadata_items(m, list(data.runs.values())),
+        checkpoints=_checkpoint_table(m),
+        configs=m.analyzer_configs,
+        records=data.frame,
+    )
+    return Report(title=title, html=_html(page, __version__), markdown=_markdown(page), figures=figures)
+
+
+def run_data(
+    frame: DataFrame,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    artifacts: Mapping[str, Mapping[str, DataFrame]] | None = None,
+    runs: Mapping[tuple[str, str], RunInfo | Mapping[str, Any]] | None = None,
+    specs: Mapping[str, Any] | None = None,
+) -> RunData:
+    """The inputs of a report, read and typed (arguments as for :func:`build_report`).
+
+    Raises:
+        ValueError: the records lack a column.
+    """
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"records table lacks the columns {missing}")
+    manifest = SweepManifest.from_metadata(metadata)
+    if runs is None:
+        infos = manifest.run_infos()
+    else:
+        infos = {k: v if isinstance(v, RunInfo) else RunInfo.from_metadata(v) for k, v in runs.items()}
+    return RunData(
+        frame=frame,
+        manifest=manifest,
+        artifacts={a: dict(named) for a, named in (artifacts or {}).items()},
+        runs=infos,
+        analyzers=declarations(specs),
+    )
+
+
+def build_report(
+    frame: DataFrame,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    artifacts: Mapping[str, Mapping[str, DataFrame]] | None = None,
+    runs: Mapping[tuple[str, str], RunInfo | Mapping[str, Any]] | None = None,
+    specs: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Report:
+    """Records (+ the sweep's metadata, artifacts and run infos) -> :class:`Report`.
+
+    Args:
+        frame: the tidy records of every checkpoint (:data:`diagnostics.results.COLUMNS`), in checkpoint order.
+        metadata: the sweep's metadata (:meth:`diagnostics.runs.SweepResult.metadata`), read as
+            :class:`SweepManifest`.
+        artifacts: ``{analyzer: {name: DataFrame}}``, each table artifact of every checkpoint with ``checkpoint,
+            step`` columns (e.g. ``{"hessian": {"density": ...}, "landscape": {"grid": ...}}``), for the sections'
+            custom figures.
+        runs: ``{(checkpoint, analyzer): RunInfo or result metadata}``; default: the manifest's summaries.
+        specs: analyzers besides the registry's (e.g. user analyzers of the sweep), see :func:`declarations`.
+        title: the report's title (default from the run's name).
+
+    Returns:
+        The report.
+
+    Raises:
+        ValueError: the records lack a column.
+    """
+    return render_report(run_data(frame, metadata, artifacts=artifacts, runs=runs, specs=specs), title)
+
+
+def report_from_sweep(result: Any, title: str | None = None, specs: Mapping[str, Any] | None = None) -> Report:
+    """:func:`build_report` of a :class:`diagnostics.runs.SweepResult` (its table artifacts and run infos).
+
+    Args:
+        result: the sweep.
+        title: the report's title.
+        specs: the analyzers the sweep ran besides the registry's (its ``specs``).
+
+    Returns:
+        The report.
+    """
+    names: dict[str, set[str]] = {}
+    for (_, analyzer), res in result.results.items():
+        for name, value in res.artifacts.items():
+            if isinstance(value, pd.DataFrame):
+                names.setdefault(analyzer, set()).add(name)
+    artifacts = {
+        a: {n: df for n in sorted(ns) if (df := result.artifact_frame(a, n)) is not None} for a, ns in names.items()
+    }
+    runs = {key: RunInfo.from_metadata(res.metadata) for key, res in result.results.items()}
+    return build_report(result.frame, result.metadata(), artifacts=artifacts, runs=runs, specs=specs, title=title)

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from diagnostics.errors import DiagnosticsError
+from diagnostics.lazy import lazy_import
+from diagnostics.outputs import RECORD_SUFFIXES, atomic_write_bytes
+
+pd = lazy_import("pandas")
 
 COLUMNS = ["checkpoint", "step", "analyzer", "metric", "value", "stderr", "index", "group"]
-OUTPUT_SUFFIXES = (".json", ".csv", ".parquet", ".md")
+OUTPUT_SUFFIXES = RECORD_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -228,19 +228,24 @@ def format_markdown(records: Sequence[Record], metadata: dict[str, Any] | None =
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def result_json_bytes(result: Result) -> bytes:
+    """The ``.json`` form of a result: ``{"metadata": {...}, "records": [...]}``."""
+    payload = {
+        "metadata": json.loads(json.dumps(result.metadata, default=_json_default)),
+        "records": [r.to_dict() for r in result.records],
+    }
+    return json.dumps(payload, indent=2, default=_json_default).encode()
+
+
+def result_from_json_bytes(data: bytes, path: str | Path = "results") -> Result:
+    """Inverse of :func:`result_json_bytes` (also a bare JSON array of records)."""
+    payload = json.loads(data)
+    if isinstance(payload, list):
+        payload = {"records": payload, "metadata": {}}
+    if not isinstance(payload, dict) or "records" not in payload:
+        raise DiagnosticsError(f"'{path}' is not a diagnostics results file (no 'records')")
+    df = pd.DataFrame(payload["records"], columns=COLUMNS)
+    return Result(frame_to_records(df), payload.get("metadata") or {})
 
 
 def write_result(result: Result, path: str | Path) -> Path:
@@ -259,11 +264,7 @@ def write_result(result: Result, path: str | Path) -> Path:
         )
     meta_json = json.dumps(result.metadata, indent=2, default=_json_default)
     if suffix == ".json":
-        payload = {
-            "metadata": json.loads(meta_json),
-            "records": [r.to_dict() for r in result.records],
-        }
-        atomic_write_bytes(path, json.dumps(payload, indent=2, default=_json_default).encode())
+        atomic_write_bytes(path, result_json_bytes(result))
     elif suffix == ".csv":
         atomic_write_bytes(path, result.frame().to_csv(index=False).encode())
         atomic_write_bytes(path.with_name(path.name + ".meta.json"), meta_json.encode())
@@ -291,13 +292,7 @@ def read_result(path: str | Path) -> Result:
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
-            payload = json.loads(path.read_text())
-            if isinstance(payload, list):
-                payload = {"records": payload, "metadata": {}}
-            if not isinstance(payload, dict) or "records" not in payload:
-                raise DiagnosticsError(f"'{path}' is not a diagnostics results file (no 'records')")
-            df = pd.DataFrame(payload["records"], columns=COLUMNS)
-            return Result(frame_to_records(df), payload.get("metadata") or {})
+            return result_from_json_bytes(path.read_bytes(), path)
         if suffix == ".csv":
             df = pd.read_csv(path)
             meta_path = path.with_name(path.name + ".meta.json")

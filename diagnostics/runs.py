@@ -1,14 +1,17 @@
 """Whole training runs: discover the checkpoints of a run and sweep analyzers over them, cached.
 
 A *run* is a folder of checkpoints (``.pt .pth .ckpt .safetensors``, searched recursively; hidden
-folders and the output folder are skipped). Each checkpoint's step comes from its metadata
-(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else its file name
-(``step_00200.pt``, ``epoch=3-step=120.ckpt``).
+folders and the output folder are skipped). A transformers model folder (``config.json`` + weights, e.g.
+the ``checkpoint-N/`` folders a ``transformers.Trainer`` writes) is one checkpoint, its step the
+``global_step`` of its ``trainer_state.json``; the files inside it are not checkpoints of their own. Each checkpoint's step comes from its metadata
+(``step``/``global_step``/... or what :func:`diagnostics.save_checkpoint` wrote) or else a recognised
+pattern of its name (``step_00200.pt``, ``epoch=3-step=120.ckpt``, ``checkpoint-500/``; see
+:func:`diagnostics.checkpoint.step_from_name`), else it is null: ``quad2.pt`` has no step.
 
 A *sweep* runs the chosen analyzers (looked up in :mod:`diagnostics.analyzers.registry`, never a
 hard-coded list) on every checkpoint and gathers one tidy table of all records. With a cache folder,
 each ``(checkpoint content, analyzer, config, binding/seed/samples/dtype)`` result is stored as a
-results JSON (plus its table artifacts as CSV) written atomically right after it is computed, so a
+results JSON (plus its table artifacts as Parquet) written atomically right after it is computed, so a
 rerun computes only what is new and an interrupted sweep loses nothing it finished. The cache key is
 the SHA-256 of the canonical JSON of::
 
@@ -17,9 +20,22 @@ the SHA-256 of the canonical JSON of::
 
 The device is not part of the key (results agree across devices to floating-point accuracy).
 
+Nothing read back from disk is trusted blindly:
+
+* every cache file (result JSON, its Parquet tables, the per-checkpoint step/lr summary) has a checksum
+  sidecar ``<file>.sha256`` written after it; a file that no longer matches (a value or a step edited
+  by hand) is recomputed, with a warning naming it;
+* a checkpoint is read once into memory and hashed from those bytes
+  (:func:`diagnostics.checkpoint.read_checkpoint_file`); when it is analysed, the bytes analysed must
+  hash to the value recorded when the run was scanned. A file that changes while being read, or
+  between the scan and its analysis (a trainer still writing it), is skipped with a note and picked up
+  by the next run, never recorded under the wrong hash or step.
+
 Output folder layout (:func:`write_sweep`; only the CLI and the examples call the writers)::
 
-    <out>/diag-run.json       manifest: settings, checkpoints, what was computed/cached/failed
+    <out>/diag-run.json       manifest: settings, checkpoints, what was computed/cached/failed/skipped;
+                              written with status "in progress" before the first result (so a killed
+                              first sweep resumes with the same command), "complete" at the end
     <out>/records.parquet     every record of every checkpoint (metadata in the file)
     <out>/records.csv         the same table (+ records.csv.meta.json)
     <out>/cache/...           the per-result cache
@@ -33,36 +49,57 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from diagnostics import distributed
-from diagnostics.binding import resolve_binding
-from diagnostics.checkpoint import file_sha256, load_checkpoint, step_from_name
-from diagnostics.context import build_context
+from diagnostics.checkpoint import (
+    CheckpointChanged,
+    FileBytes,
+    is_model_folder,
+    load_checkpoint,
+    read_checkpoint_file,
+    step_from_name,
+)
 from diagnostics.errors import DiagnosticsError
+from diagnostics.options import BindingOptions
+from diagnostics.outputs import plan_outputs
 from diagnostics.progress import ProgressFn
 from diagnostics.results import (
     COLUMNS,
     Result,
     atomic_write_bytes,
     package_versions,
-    read_result,
     records_to_frame,
+    result_from_json_bytes,
+    result_json_bytes,
     write_result,
 )
+from diagnostics.spec import Analyzer, did_you_mean, resolve_config
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 MANIFEST_NAME = "diag-run.json"
 MANIFEST_FORMAT = "diagnostics-run/1"
 CACHE_DIR = "cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cache files carry checksum sidecars
+CHECKSUM_SUFFIX = ".sha256"
+# files a sweep (write_sweep) and a report (write_report) put in the output folder
+FOLDER_FILES = (
+    MANIFEST_NAME,
+    "records.parquet",
+    "records.csv",
+    "records.csv.meta.json",
+    "hessian_density.csv",
+    "index.html",
+    "report.md",
+)
 DEFAULT_ANALYZERS = ("hessian",)
+SWEEP_WITH = (None, "first", "previous")
 # Top-level keys of diag.toml that bind checkpoints to code (part of the cache key).
-_BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs")
+_BINDING_CONFIG_KEYS = ("model", "data", "loss", "model_kwargs", "data_kwargs", "inputs", "targets")
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -113,46 +150,100 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
         raise DiagnosticsError(f"no such run folder: '{run}'")
     if not run.is_dir():
         raise DiagnosticsError(f"'{run}' is a file; pass the folder that holds the run's checkpoints")
+
+    def hidden(p: Path) -> bool:
+        return any(part.startswith(".") for part in p.relative_to(run).parts)
+
+    # transformers model folders (save_pretrained, a Trainer's checkpoint-N/) are checkpoints; nothing inside
+    # one is a checkpoint of its own (optimizer.pt, rng_state.pth, ... belong to the folder)
+    folders = [
+        c.parent
+        for c in ([run / "config.json"] if (run / "config.json").is_file() else []) + list(run.rglob("config.json"))
+        if is_model_folder(c.parent) and not hidden(c.parent) and not any(_inside(c.parent, ex) for ex in exclude)
+    ]
+    folders = sorted(set(folders))
     candidates = run.glob(pattern) if pattern else run.rglob("*")
     files = []
     for p in candidates:
-        rel = p.relative_to(run)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+        if hidden(p) or any(_inside(p, ex) for ex in exclude):
             continue
-        if any(_inside(p, ex) for ex in exclude):
+        if p in folders:
+            files.append(p)  # a model folder matched by the pattern
+            continue
+        if not p.is_file() or any(_inside(p, f) for f in folders):
             continue
         if pattern is None and p.suffix.lower() not in CHECKPOINT_SUFFIXES:
             continue
         files.append(p)
+    if pattern is None:
+        files += folders
     if not files:
-        what = f"matching '{pattern}'" if pattern else f"({', '.join(CHECKPOINT_SUFFIXES)})"
+        what = f"matching '{pattern}'" if pattern else f"({', '.join(CHECKPOINT_SUFFIXES)} or model folders)"
         raise DiagnosticsError(f"no checkpoint files {what} in '{run}'")
-    return sorted(files, key=lambda p: _natural_key(p.relative_to(run).as_posix()))
+    return sorted(set(files), key=lambda p: _natural_key(p.relative_to(run).as_posix()))
 
 
+# ------------------------------------------------------------------------------ checked cache files
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checked(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically, then its SHA-256 in the sidecar ``<path>.sha256`` (written last)."""
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(_checksum_path(path), (hashlib.sha256(data).hexdigest() + "\n").encode())
+
+
+def read_checked(path: Path, warn: Callable[[str], None] | None = None) -> bytes | None:
+    """The bytes of a cache file when they match their checksum sidecar, else None.
+
+    A missing file or sidecar (a write that was interrupted) is a silent miss; a file that does not
+    match its checksum (edited by hand, or damaged) is a miss reported through ``warn``.
+    """
+    try:
+        data = path.read_bytes()
+        recorded = _checksum_path(path).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if warn is not None:
+            warn(f"cannot read cache file '{path}' ({exc.strerror or exc}); recomputing it")
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        if warn is not None:
+            warn(f"cache file '{path}' does not match its checksum (edited by hand?); recomputing it")
+        return None
+    return data
+
+
+# ------------------------------------------------------------------------------------ discovery
 def _info_path(cache_dir: Path, sha: str) -> Path:
     return cache_dir / "checkpoints" / f"{sha}.json"
 
 
-def _metadata_step(path: Path, sha: str, cache_dir: Path | None) -> int | None:
-    """The step stored in a checkpoint's metadata (not guessed from its name); cached by content hash."""
+def _metadata_step(content: FileBytes, cache_dir: Path | None, warn: Callable[[str], None] | None = None) -> int | None:
+    """The step stored in a checkpoint's metadata (not guessed from its name), from the bytes read.
+
+    Remembered by content hash in ``cache_dir`` (checksummed), so reruns do not parse the file again.
+    """
+    sha = content.sha256
     if cache_dir is not None:
-        info_file = _info_path(cache_dir, sha)
-        if info_file.is_file():
+        raw = read_checked(_info_path(cache_dir, sha), warn)
+        if raw is not None:
             try:
-                info = json.loads(info_file.read_text())
-                if info.get("sha256") == sha:
-                    return None if info.get("step") is None else int(info["step"])
-            except (json.JSONDecodeError, TypeError, ValueError, OSError):
-                pass  # unreadable cache entry: read the checkpoint again and rewrite it
+                info = json.loads(raw)
+                if info.get("sha256") == sha and (info.get("step") is None or isinstance(info["step"], int)):
+                    return info.get("step")
+            except (ValueError, AttributeError):
+                pass  # unreadable: parse the checkpoint again and rewrite it
     try:
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(content.path, content=content)
     except DiagnosticsError:
         return None  # unreadable: the sweep reports it for this checkpoint; the file name gives the step
     step = None if ck.metadata.get("step_source") == "file name" else ck.step
     if cache_dir is not None:
         info = {"sha256": sha, "step": step, "lr": ck.lr, "keys": len(ck.state_dict)}
-        atomic_write_bytes(_info_path(cache_dir, sha), json.dumps(info, indent=2).encode())
+        write_checked(_info_path(cache_dir, sha), json.dumps(info, indent=2).encode())
     return step
 
 
@@ -162,28 +253,95 @@ def discover_checkpoints(
     pattern: str | None = None,
     exclude: Sequence[Path] = (),
     cache_dir: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> list[RunCheckpoint]:
     """The checkpoints of a run with their content hash and step, ordered by step then name.
 
-    The step is read from the checkpoint's metadata (the file is loaded once; with ``cache_dir`` the
-    answer is remembered by content hash, so reruns do not load it again), else from its file name.
+    Each file is read once into memory; its hash and its step come from those bytes. The step is read
+    from the checkpoint's metadata (with ``cache_dir`` the answer is remembered by content hash, so
+    reruns do not parse it again), else from its file name (:func:`diagnostics.checkpoint.step_from_name`).
+
+    Args:
+        warn: ``warn(line)`` for cache files that fail their checksum.
+        on_skip: ``on_skip(name, reason)`` for a file that changed while it was read; it is left out
+            (without ``on_skip`` the :class:`~diagnostics.checkpoint.CheckpointChanged` error is raised).
 
     Raises:
-        DiagnosticsError: a missing/empty run folder or an unreadable checkpoint.
+        DiagnosticsError: a missing/empty run folder.
     """
     run = Path(run_dir)
     cache = None if cache_dir is None else Path(cache_dir)
     out = []
     for path in checkpoint_files(run, pattern, exclude):
-        sha = file_sha256(path)
         name = path.relative_to(run).as_posix()
-        step = _metadata_step(path, sha, cache)
+        try:
+            content = read_checkpoint_file(path)
+        except CheckpointChanged as exc:
+            if on_skip is None:
+                raise
+            on_skip(name, str(exc))
+            continue
+        except DiagnosticsError:
+            content = None  # unreadable: analysing it reports why, as a failure of this checkpoint
+        step = None if content is None else _metadata_step(content, cache, warn)
         source = "metadata"
         if step is None:
-            step = step_from_name(path.name)
+            step = step_from_name(name)  # relative to the run: 'checkpoint-500/model.safetensors' too
             source = "unknown" if step is None else "file name"
+        sha = "" if content is None else content.sha256
         out.append(RunCheckpoint(path=path, name=name, sha256=sha, step=step, step_source=source))
     return sorted(out, key=_sort_key)
+
+
+def paired_checkpoints(
+    run_a: str | Path, run_b: str | Path, pattern: str | None = None
+) -> tuple[list[tuple[RunCheckpoint, RunCheckpoint]], list[str]]:
+    """The checkpoints of two runs that share a step (e.g. two seeds of one recipe), ordered by step.
+
+    Args:
+        run_a, run_b: the run folders.
+        pattern: a glob selecting the checkpoint files in both.
+
+    Returns:
+        (pairs ``(checkpoint of A, checkpoint of B)``, notes naming the steps only one run has).
+
+    Raises:
+        DiagnosticsError: a folder without checkpoints, or no step in common.
+    """
+    a = discover_checkpoints(run_a, pattern=pattern)
+    b = discover_checkpoints(run_b, pattern=pattern)
+    by_step: dict[int, RunCheckpoint] = {}
+    for rc in b:
+        if rc.step is not None:
+            by_step.setdefault(rc.step, rc)
+    pairs: list[tuple[RunCheckpoint, RunCheckpoint]] = []
+    for rc in a:
+        if rc.step in by_step and all(p[0].step != rc.step for p in pairs):
+            pairs.append((rc, by_step[rc.step]))
+    steps_a = [rc.step for rc in a if rc.step is not None]
+    steps_b = list(by_step)
+    if not pairs:
+        raise DiagnosticsError(
+            f"runs '{run_a}' (steps {_steps_text(steps_a)}) and '{run_b}' (steps {_steps_text(steps_b)}) share no "
+            "step; checkpoints are paired by their step"
+        )
+    notes = []
+    for name, own, other in (("first", steps_a, steps_b), ("second", steps_b, steps_a)):
+        alone = sorted(set(own) - set(other))
+        if alone:
+            notes.append(f"steps only in the {name} run are left out: {_steps_text(alone)}")
+    unknown = [rc.name for rc in [*a, *b] if rc.step is None]
+    if unknown:
+        notes.append(f"checkpoints without a step are left out: {', '.join(unknown[:5])}")
+    return pairs, notes
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = sorted(steps)
+    if not steps:
+        return "none known"
+    return ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -197,7 +355,7 @@ class SweepSettings:
         model, data, loss: binding flags (None: from ``config`` or the checkpoint's metadata).
         config: the parsed ``diag.toml`` (binding keys, trusted factories).
         trust_checkpoint: import factories named in checkpoints (``--trust-checkpoint-factories``).
-        seed, samples, batch_size, dtype, device, params: as for the single-checkpoint commands.
+        seed, samples, batch_size, dtype, device, params, replicates: as for the single-checkpoint commands.
         pattern: glob selecting the checkpoint files.
     """
 
@@ -215,6 +373,35 @@ class SweepSettings:
     device: str | None = None
     params: str | None = None
     pattern: str | None = None
+    replicates: int = 1
+    inputs: str | None = None
+    targets: str | None = None
+
+    def binding(self) -> BindingOptions:
+        """The binding and data options of every checkpoint's context."""
+        return BindingOptions(
+            model=self.model,
+            data=self.data,
+            loss=self.loss,
+            seed=self.seed,
+            samples=self.samples,
+            batch_size=self.batch_size,
+            dtype=self.dtype or "float32",
+            device=self.device,
+            params=self.params,
+            replicates=self.replicates,
+            inputs=self.inputs,
+            targets=self.targets,
+        )
+
+    @classmethod
+    def from_description(cls, described: Mapping[str, Any] | None) -> SweepSettings:
+        """The settings :meth:`describe` wrote into a manifest (the config reduced to its path)."""
+        d = dict(described or {})
+        names = {f.name for f in fields(cls)} - {"config"}
+        out = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        out.config = {"_path": d["config_file"]} if d.get("config_file") else {}
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings for the manifest and the report (without the raw config)."""
@@ -260,6 +447,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
+
+
 def resolve_settings(
     config: Mapping[str, Any] | None = None,
     *,
@@ -276,6 +466,9 @@ def resolve_settings(
     device: str | None = None,
     params: str | None = None,
     pattern: str | None = None,
+    replicates: int | None = None,
+    inputs: str | None = None,
+    targets: str | None = None,
 ) -> SweepSettings:
     """Flags + ``diag.toml`` -> :class:`SweepSettings` (a flag wins over the file).
 
@@ -287,13 +480,21 @@ def resolve_settings(
     def pick(flag: Any, key: str, default: Any = None) -> Any:
         return flag if flag is not None else cfg.get(key, default)
 
+    from diagnostics.analyzers.registry import all_analyzers
+
+    registered = all_analyzers()
     names = parse_analyzer_list(analyzers) or parse_analyzer_list(cfg.get("analyzers")) or list(DEFAULT_ANALYZERS)
     options: dict[str, dict[str, Any]] = {}
     for name in names:
         table = cfg.get(name) or {}
         if not isinstance(table, Mapping):
             raise DiagnosticsError(f"'{name}' in {cfg.get('_path', 'diag.toml')} must be a table of options")
-        options[name] = {**dict(table), **dict((overrides or {}).get(name) or {})}
+        given = dict((overrides or {}).get(name) or {})
+        if isinstance(registered.get(name), Analyzer):  # each source checked on its own, so errors name it
+            cls = registered[name].config
+            resolve_config(cls, table=table, table_name=name, source=f"[{name}] in {cfg.get('_path', 'diag.toml')}")
+            resolve_config(cls, table=given, table_name=name, source="--set")
+        options[name] = {**dict(table), **given}
     stray = sorted(set(overrides or {}) - set(names))
     if stray:
         raise DiagnosticsError(
@@ -314,6 +515,9 @@ def resolve_settings(
         device=pick(device, "device"),
         params=pick(params, "params"),
         pattern=pattern,
+        replicates=int(pick(replicates, "replicates", 1)),
+        inputs=pick(inputs, "inputs"),
+        targets=pick(targets, "targets"),
     )
 
 
@@ -337,14 +541,15 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
     """Everything that determines one cached result."""
     from diagnostics import __version__
 
-    return {
+    out = {
         "cache_version": CACHE_VERSION,
         "package_version": __version__,
         "checkpoint_sha256": checkpoint_sha256,
         "analyzer": analyzer,
         "config": json.loads(canonical_json(config)),
         "binding": {
-            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss},
+            "flags": {"model": settings.model, "data": settings.data, "loss": settings.loss}
+            | ({"inputs": settings.inputs, "targets": settings.targets} if settings.inputs or settings.targets else {}),
             "config": {k: settings.config.get(k) for k in _BINDING_CONFIG_KEYS},
         },
         "seed": settings.seed,
@@ -352,7 +557,9 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
         "batch_size": settings.batch_size,
         "dtype": settings.dtype or "float32",
         "params": settings.params,
+        "replicates": settings.replicates,
     }
+    return out
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
@@ -379,30 +586,39 @@ def _table_bytes(df: pd.DataFrame) -> bytes:
 
 
 def store_cached(cache_dir: Path, inputs: Mapping[str, Any], result: Result) -> Path:
-    """Write one result (and its DataFrame artifacts) to the cache; the JSON is written last."""
+    """Write one result (and its DataFrame artifacts) to the cache, each file with its checksum; JSON last."""
     key = cache_key(inputs)
     entry = _entry_path(cache_dir, str(inputs["analyzer"]), str(inputs["checkpoint_sha256"]), key)
     tables = {k: v for k, v in result.artifacts.items() if isinstance(v, pd.DataFrame)}
     for name, df in tables.items():
-        atomic_write_bytes(_artifact_path(entry, name), _table_bytes(df))
+        write_checked(_artifact_path(entry, name), _table_bytes(df))
     meta = {**result.metadata, "cache": {"key": key, "inputs": dict(inputs), "artifacts": sorted(tables)}}
-    write_result(Result(result.records, meta), entry)
+    write_checked(entry, result_json_bytes(Result(result.records, meta)))
     return entry
 
 
-def load_cached(cache_dir: Path, inputs: Mapping[str, Any]) -> Result | None:
-    """The cached result for ``inputs``, or None when absent, unreadable or written for other inputs."""
+def load_cached(cache_dir: Path, inputs: Mapping[str, Any], warn: Callable[[str], None] | None = None) -> Result | None:
+    """The cached result for ``inputs``, or None when absent, unreadable, written for other inputs or
+    not matching its checksum (then ``warn`` says so: it is recomputed)."""
+    import io
+
     key = cache_key(inputs)
     entry = _entry_path(cache_dir, str(inputs["analyzer"]), str(inputs["checkpoint_sha256"]), key)
     if not entry.is_file():
         return None
+    raw = read_checked(entry, warn)
+    if raw is None:
+        return None
     try:
-        result = read_result(entry)
+        result = result_from_json_bytes(raw, entry)
         info = result.metadata.get("cache") or {}
         if info.get("key") != key:
             return None
         for name in info.get("artifacts") or []:
-            result.artifacts[name] = pd.read_parquet(_artifact_path(entry, name))
+            table = read_checked(_artifact_path(entry, name), warn)
+            if table is None:
+                return None
+            result.artifacts[name] = pd.read_parquet(io.BytesIO(table))
     except (DiagnosticsError, OSError, ValueError):
         return None
     return result
@@ -414,6 +630,14 @@ class SweepFailure:
     checkpoint: str
     analyzer: str
     message: str
+
+
+@dataclass(frozen=True)
+class SweepSkip:
+    """A checkpoint left for the next run: it changed while (or since) it was read."""
+
+    checkpoint: str
+    reason: str
 
 
 @dataclass
@@ -428,6 +652,8 @@ class SweepResult:
         failures: results that could not be computed (bad checkpoint, diverged weights, ...).
         settings: what was run.
         seconds: wall time of the sweep.
+        skipped: checkpoints that changed while being read (still being written): analysed next run.
+        warnings: what the user should know (cache files that failed their checksum and were recomputed).
     """
 
     frame: pd.DataFrame
@@ -439,6 +665,8 @@ class SweepResult:
     settings: SweepSettings
     run_dir: Path
     seconds: float = 0.0
+    skipped: list[SweepSkip] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def artifact_frame(self, analyzer: str, name: str) -> pd.DataFrame | None:
         """One table artifact (e.g. hessian's ``density``) of every checkpoint, with ``checkpoint`` and
@@ -475,8 +703,22 @@ class SweepResult:
                     notes.append(line)
         computed = set(self.computed)
         failed = {(f.checkpoint, f.analyzer) for f in self.failures}
+        skipped = {s.checkpoint for s in self.skipped}
+        notes += [f"{s.checkpoint}: skipped, {s.reason}" for s in self.skipped]
+        notes += [w for w in self.warnings if w not in notes]
+
+        def status(name: str, analyzer: str) -> str:
+            if (name, analyzer) in failed:
+                return "failed"
+            if (name, analyzer) in computed:
+                return "computed"
+            if name in skipped:
+                return "skipped"
+            return "cached" if (name, analyzer) in self.results else "none"
+
         return {
             "format": MANIFEST_FORMAT,
+            "status": "complete",
             "run": str(self.run_dir),
             "run_name": self.run_dir.resolve().name,
             "settings": self.settings.describe(),
@@ -489,10 +731,7 @@ class SweepResult:
                     "step": rc.step,
                     "step_source": rc.step_source,
                     "sha256": rc.sha256,
-                    "status": {
-                        a: "failed" if (rc.name, a) in failed else "computed" if (rc.name, a) in computed else "cached"
-                        for a in self.settings.analyzers
-                    },
+                    "status": {a: status(rc.name, a) for a in self.settings.analyzers},
                 }
                 for rc in self.checkpoints
             ],
@@ -501,9 +740,11 @@ class SweepResult:
                 "computed": len(self.computed),
                 "cached": len(self.cached),
                 "failed": len(self.failures),
+                "skipped": len(self.skipped),
                 "records": len(self.frame),
             },
             "failures": [asdict(f) for f in self.failures],
+            "skipped": [asdict(s) for s in self.skipped],
             "results": per,
             "notes": notes,
             "seconds": self.seconds,
@@ -530,6 +771,210 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, DiagnosticsError) else f"unexpected {type(exc).__name__}: {text}"
 
 
+@dataclass
+class _Tally:
+    """What a sweep did so far (one per process under torch.distributed, gathered at the end)."""
+
+    results: dict[tuple[str, str], Result] = field(default_factory=dict)
+    computed: list[tuple[str, str]] = field(default_factory=list)
+    cached: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[SweepFailure] = field(default_factory=list)
+    skipped: list[SweepSkip] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, line: str) -> None:
+        if line not in self.warnings:
+            self.warnings.append(line)
+
+    def merge(self, other: _Tally) -> None:
+        self.results.update(other.results)
+        self.computed += other.computed
+        self.cached += other.cached
+        self.failures += other.failures
+        self.skipped += [x for x in other.skipped if x not in self.skipped]
+        self.warnings += [x for x in other.warnings if x not in self.warnings]
+
+
+def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The analyzers of the sweep and their configs (unknown names and options are errors)."""
+    from diagnostics.analyzers.registry import all_analyzers
+
+    if not settings.analyzers:
+        raise DiagnosticsError("no analyzers to run; pass --analyzers hessian,...")
+    available = dict(specs) if specs is not None else all_analyzers()
+    unknown = [a for a in settings.analyzers if a not in available]
+    if unknown:
+        raise DiagnosticsError(
+            f"unknown analyzer{'s' if len(unknown) > 1 else ''} {', '.join(repr(a) for a in unknown)}"
+            f"{did_you_mean(unknown[0], list(available))}; available: {', '.join(sorted(available)) or '(none)'}"
+        )
+    stray = sorted(set(settings.options) - set(settings.analyzers))
+    if stray:
+        raise DiagnosticsError(f"options given for analyzers that are not run: {stray}")
+    chosen = {a: available[a] for a in settings.analyzers}
+    odd = {a: w for a, spec in chosen.items() if (w := getattr(spec, "sweep_with", None)) not in SWEEP_WITH}
+    if odd:
+        raise DiagnosticsError(
+            f"analyzer(s) {sorted(odd)} declare sweep_with {sorted(odd.values())}; known: first, previous"
+        )
+    return chosen, {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
+
+
+def _open(rc: RunCheckpoint, settings: SweepSettings, need_targets: bool, need_data: bool = True) -> Any:
+    """The context of one checkpoint, analysed from the very bytes the run was scanned with."""
+    from diagnostics.runner import open_context
+
+    content = read_checkpoint_file(rc.path)
+    if content.sha256 != rc.sha256:
+        raise CheckpointChanged(
+            f"'{rc.name}' changed since the run was scanned (still being written?); it is analysed by the next run"
+        )
+    return open_context(
+        rc.path,
+        settings.binding(),
+        settings.config,
+        trust=settings.trust_checkpoint,
+        need_targets=need_targets,
+        need_data=need_data,
+        content=content,
+    )
+
+
+def _scoped(progress: ProgressFn | None, analyzer: str) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda task, done, total: progress(f"{analyzer}: {task}", done, total)
+
+
+@dataclass
+class _Job:
+    """A sweep's fixed inputs: settings, analyzers and configs, cache folder, the run's checkpoints."""
+
+    settings: SweepSettings
+    chosen: dict[str, Any]
+    configs: dict[str, Any]
+    cache: Path | None
+    keep_going: bool
+    checkpoints: list[RunCheckpoint] = field(default_factory=list)
+    opened: dict[str, Any] = field(default_factory=dict)  # the last contexts, reused as references
+
+    def reference(self, analyzer: str, i: int) -> RunCheckpoint | None:
+        """The checkpoint that ``sweep_with`` pairs with checkpoint ``i`` (None: none)."""
+        kind = getattr(self.chosen[analyzer], "sweep_with", None)
+        if kind == "first":
+            return self.checkpoints[0]
+        if kind == "previous" and i > 0:
+            return self.checkpoints[i - 1]
+        return None
+
+    def wants_reference(self, analyzer: str) -> bool:
+        return getattr(self.chosen[analyzer], "sweep_with", None) is not None
+
+    def config(self, analyzer: str, i: int) -> Any:
+        """The config, with the reference checkpoint's path in the declared option when the user left it unset."""
+        cfg, option = self.configs[analyzer], getattr(self.chosen[analyzer], "reference_option", None)
+        ref = self.reference(analyzer, i)
+        if option and ref is not None and getattr(cfg, option) is None:
+            cfg = replace(cfg, **{option: ref.path})
+        return cfg
+
+    def inputs(self, i: int, analyzer: str) -> dict[str, Any]:
+        """The cache key's inputs of one result (the reference's content hash included)."""
+        rc, ref = self.checkpoints[i], self.reference(analyzer, i)
+        out = cache_inputs(rc.sha256, analyzer, self.config(analyzer, i), self.settings)
+        if ref is not None:
+            out["reference_sha256"] = ref.sha256
+        return out
+
+    def context(self, rc: RunCheckpoint, need_targets: bool, need_data: bool = True) -> Any:
+        """The context of a checkpoint, reusing the one opened last (a reference is usually the previous one)."""
+        key = f"{rc.sha256}|{need_targets}|{need_data}"
+        if key not in self.opened:
+            while len(self.opened) >= 2:
+                self.opened.pop(next(iter(self.opened)))
+            self.opened[key] = _open(rc, self.settings, need_targets, need_data)
+        return self.opened[key]
+
+
+def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: ProgressFn | None) -> list[str]:
+    """Compute the ``missing`` analyzers of checkpoint ``i`` (the cache filled as each finishes) -> those done."""
+    from diagnostics.runner import run_analyzer
+
+    rc = job.checkpoints[i]
+    try:
+        specs = [job.chosen[a] for a in missing]
+        ctx = job.context(rc, any(a.needs_targets for a in specs), any(getattr(a, "needs_data", True) for a in specs))
+    except CheckpointChanged as exc:
+        tally.skipped.append(SweepSkip(rc.name, str(exc)))
+        return []
+    except Exception as exc:
+        if not job.keep_going:
+            raise
+        tally.failures += [SweepFailure(rc.name, a, _one_line(exc)) for a in missing]
+        return []
+    done = []
+    for a in missing:
+        spec, ref = job.chosen[a], job.reference(a, i)
+        try:
+            others = (
+                [job.context(ref, spec.needs_targets)] if ref and not getattr(spec, "reference_option", None) else []
+            )
+            res = run_analyzer(
+                spec,
+                job.config(a, i),
+                ctx,
+                _scoped(progress, a),
+                others=others,
+                replicates=job.settings.replicates,
+                replicate_samples=job.settings.samples,
+            )
+        except Exception as exc:
+            if not job.keep_going:
+                raise
+            tally.failures.append(SweepFailure(rc.name, a, _one_line(exc)))
+            continue
+        if job.cache is not None:
+            store_cached(job.cache, job.inputs(i, a), res)
+        tally.results[(rc.name, a)] = _relabel(res, rc)
+        tally.computed.append((rc.name, a))
+        done.append(a)
+    return done
+
+
+def _one_checkpoint(
+    i: int, job: _Job, tally: _Tally, progress: ProgressFn | None, log: Callable[[str], None] | None
+) -> None:
+    """Cached results of checkpoint ``i``, then the missing ones computed; one log line."""
+    rc, label = job.checkpoints[i], f"[{i + 1}/{len(job.checkpoints)}]"
+    missing = []
+    for a in job.chosen:
+        if job.wants_reference(a) and job.reference(a, i) is None:
+            continue  # paired with the previous checkpoint: the first one has none
+        hit = load_cached(job.cache, job.inputs(i, a), tally.warn) if job.cache is not None and rc.sha256 else None
+        if hit is None:
+            missing.append(a)
+        else:
+            tally.results[(rc.name, a)] = _relabel(hit, rc)
+            tally.cached.append((rc.name, a))
+    if not missing:
+        if log is not None:
+            log(f"{label} {rc.name} (step {rc.step}): cached")
+        return
+    t0 = time.perf_counter()
+    done = _analyze(i, missing, job, tally, progress)
+    if log is None:
+        return
+    failed = [f.analyzer for f in tally.failures if f.checkpoint == rc.name]
+    parts = [f"computed {','.join(done)} in {time.perf_counter() - t0:.1f} s"] if done else []
+    if len(job.chosen) - len(done) - len(failed):
+        parts.append("rest cached")
+    if failed:
+        parts.append(f"FAILED {','.join(failed)}")
+    if any(s.checkpoint == rc.name for s in tally.skipped):
+        parts.append("skipped (changed while reading; analysed next run)")
+    log(f"{label} {rc.name} (step {rc.step}): {'; '.join(parts)}")
+
+
 def sweep(
     run_dir: str | Path,
     settings: SweepSettings | None = None,
@@ -543,157 +988,138 @@ def sweep(
 ) -> SweepResult:
     """Run ``settings.analyzers`` on every checkpoint of ``run_dir``; reuse and fill the cache.
 
+    Every result goes through :func:`diagnostics.runner.run_analyzer`, the path ``diag NAME`` uses.
+
     Args:
         cache_dir: where results are cached (None: no cache).
         exclude: folders not searched for checkpoints (e.g. the output folder).
         progress: ``progress(task, done, total)``; the sweep reports task ``"checkpoints"`` after each
             checkpoint, analyzers report their own tasks (prefixed with the analyzer's name).
-        specs: ``{name: AnalyzerSpec}`` to use instead of the registry (custom analyzers).
+        specs: ``{name: Analyzer}`` to use instead of the registry (custom analyzers).
         keep_going: on a checkpoint that cannot be analysed (e.g. NaN weights), record a
             :class:`SweepFailure` and go on; otherwise raise.
         log: ``log(line)`` for one line per checkpoint (the CLI prints it when no bar is drawn).
+
+    A checkpoint is analysed from the bytes it is hashed from; one that changed while it was read or
+    since the run was scanned is skipped (:attr:`SweepResult.skipped`) and analysed by the next run.
+    Cache files that fail their checksum are recomputed (:attr:`SweepResult.warnings`).
+
+    Returns:
+        The :class:`SweepResult`.
 
     Raises:
         DiagnosticsError: unknown analyzer or option, no checkpoints, or (with ``keep_going``) every
             result failed.
         KeyboardInterrupt: passed on; everything finished before it is in the cache.
     """
-    from diagnostics.analyzers.registry import all_analyzers
-
     t0 = time.perf_counter()
     settings = settings or SweepSettings()
-    run = Path(run_dir)
-    cache = None if cache_dir is None else Path(cache_dir)
-    if not settings.analyzers:
-        raise DiagnosticsError("no analyzers to run; pass --analyzers hessian,...")
-    available = dict(specs) if specs is not None else all_analyzers()
-    unknown = [a for a in settings.analyzers if a not in available]
-    if unknown:
-        raise DiagnosticsError(
-            f"unknown analyzer{'s' if len(unknown) > 1 else ''} {', '.join(repr(a) for a in unknown)}; "
-            f"available: {', '.join(sorted(available)) or '(none)'}"
-        )
-    chosen = {a: available[a] for a in settings.analyzers}
-    configs = {a: spec.make_config(settings.options.get(a)) for a, spec in chosen.items()}
-    stray_options = sorted(set(settings.options) - set(chosen))
-    if stray_options:
-        raise DiagnosticsError(f"options given for analyzers that are not run: {stray_options}")
-
-    checkpoints = discover_checkpoints(run, pattern=settings.pattern, exclude=exclude, cache_dir=cache)
-    results: dict[tuple[str, str], Result] = {}
-    computed: list[tuple[str, str]] = []
-    cached: list[tuple[str, str]] = []
-    failures: list[SweepFailure] = []
+    chosen, configs = _choose(settings, specs)
+    job = _Job(settings, chosen, configs, None if cache_dir is None else Path(cache_dir), keep_going)
+    tally = _Tally()
+    checkpoints = job.checkpoints = discover_checkpoints(
+        Path(run_dir),
+        pattern=settings.pattern,
+        exclude=exclude,
+        cache_dir=job.cache,
+        warn=tally.warn,
+        on_skip=lambda name, why: tally.skipped.append(SweepSkip(name, why)),
+    )
     total = len(checkpoints)
     if progress is not None:
         progress("checkpoints", 0, total)
     # under torch.distributed each rank takes every world-th checkpoint and analyses it alone (no data
     # sharding inside), then the shares are gathered so that every rank returns the whole sweep
     group = distributed.world()
-    mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else None
-    scope = distributed.local_only() if group.active else contextlib.nullcontext()
-    with scope:
-        for i, rc in enumerate(checkpoints, start=1):
-            if mine is not None and i - 1 not in mine:
-                continue
-            inputs = {a: cache_inputs(rc.sha256, a, configs[a], settings) for a in chosen}
-            missing = []
-            for a in chosen:
-                hit = load_cached(cache, inputs[a]) if cache is not None else None
-                if hit is None:
-                    missing.append(a)
-                else:
-                    results[(rc.name, a)] = _relabel(hit, rc)
-                    cached.append((rc.name, a))
-            done_now: list[str] = []
-            if missing:
-                t_ck = time.perf_counter()
-                try:
-                    ck = load_checkpoint(rc.path)
-                    binding = resolve_binding(
-                        ck.factories,
-                        model=settings.model,
-                        data=settings.data,
-                        loss=settings.loss,
-                        config=settings.config,
-                        trust_checkpoint=settings.trust_checkpoint,
-                    )
-                    ctx = build_context(
-                        ck,
-                        binding,
-                        device=settings.device,
-                        dtype=settings.dtype,
-                        seed=settings.seed,
-                        samples=settings.samples,
-                        batch_size_=settings.batch_size,
-                        params=settings.params,
-                        need_targets=any(chosen[a].needs_targets for a in missing),
-                    )
-                except Exception as exc:
-                    if not keep_going:
-                        raise
-                    failures += [SweepFailure(rc.name, a, _one_line(exc)) for a in missing]
-                    missing = []
-                for a in missing:
-                    inner = None
-                    if progress is not None:
-
-                        def inner(task: str, done: int, tot: int, _a: str = a) -> None:
-                            progress(f"{_a}: {task}", done, tot)
-
-                    try:
-                        res = chosen[a].run(configs[a], ctx, inner)
-                    except Exception as exc:
-                        if not keep_going:
-                            raise
-                        failures.append(SweepFailure(rc.name, a, _one_line(exc)))
-                        continue
-                    if cache is not None:
-                        store_cached(cache, inputs[a], res)
-                    results[(rc.name, a)] = _relabel(res, rc)
-                    computed.append((rc.name, a))
-                    done_now.append(a)
-                if log is not None:
-                    failed_here = [f.analyzer for f in failures if f.checkpoint == rc.name]
-                    parts = []
-                    if done_now:
-                        parts.append(f"computed {','.join(done_now)} in {time.perf_counter() - t_ck:.1f} s")
-                    if len(chosen) - len(done_now) - len(failed_here):
-                        parts.append("rest cached")
-                    if failed_here:
-                        parts.append(f"FAILED {','.join(failed_here)}")
-                    log(f"[{i}/{total}] {rc.name} (step {rc.step}): {'; '.join(parts)}")
-            elif log is not None:
-                log(f"[{i}/{total}] {rc.name} (step {rc.step}): cached")
+    mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else set(range(total))
+    with distributed.local_only() if group.active else contextlib.nullcontext():
+        for i in range(total):
+            if i in mine:
+                _one_checkpoint(i, job, tally, progress, log)
             if progress is not None:
-                progress("checkpoints", i, total)
+                progress("checkpoints", i + 1, total)
     if group.active:
-        shares = distributed.gather_items([(group.rank, (results, computed, cached, failures))], n_items=group.size)
-        results, computed, cached, failures = {}, [], [], []
-        for r, c, h, f in shares:
-            results.update(r)
-            computed += c
-            cached += h
-            failures += f
-
-    if not results and failures:
-        first = failures[0]
+        whole = _Tally(skipped=list(tally.skipped), warnings=list(tally.warnings))
+        for share in distributed.gather_items([(group.rank, tally)], n_items=group.size):
+            whole.merge(share)
+        tally = whole
+    if not tally.results and tally.failures:
+        first = tally.failures[0]
         raise DiagnosticsError(
             f"every checkpoint failed; first: {first.checkpoint} [{first.analyzer}]: {first.message}"
         )
-    records = [r for rc in checkpoints for a in chosen for r in results.get((rc.name, a), Result([])).records]
-    frame = records_to_frame(records)
+    records = [r for rc in checkpoints for a in chosen for r in tally.results.get((rc.name, a), Result([])).records]
     return SweepResult(
-        frame=frame,
+        frame=records_to_frame(records),
         checkpoints=checkpoints,
-        results=results,
-        computed=computed,
-        cached=cached,
-        failures=failures,
+        results=tally.results,
+        computed=tally.computed,
+        cached=tally.cached,
+        failures=tally.failures,
         settings=settings,
-        run_dir=run,
+        run_dir=Path(run_dir),
         seconds=time.perf_counter() - t0,
+        skipped=tally.skipped,
+        warnings=tally.warnings,
     )
+
+
+def sweep_pairs(
+    analyzer: Any,
+    config: Any,
+    runs: Sequence[Path],
+    binding: BindingOptions,
+    project: Mapping[str, Any],
+    *,
+    trust: bool = False,
+    progress: ProgressFn | None = None,
+) -> Result:
+    """Two runs (e.g. two seeds of one recipe): a two-checkpoint analyzer on every pair with the same step.
+
+    Records carry the first run's checkpoint (relative to its folder) and the step; table artifacts are
+    concatenated with a ``step`` column; the metadata lists the pairs (and each pair's own metadata).
+
+    Returns:
+        One :class:`~diagnostics.results.Result` over all pairs.
+
+    Raises:
+        DiagnosticsError: the runs share no step.
+    """
+    from diagnostics.runner import open_context, run_analyzer
+
+    pairs, notes = paired_checkpoints(runs[0], runs[1])
+    records, parts, tables = [], [], {}
+    for i, (a, b) in enumerate(pairs):
+        ctx_a, ctx_b = (
+            open_context(c.path, binding, project, trust=trust, need_targets=analyzer.needs_targets) for c in (a, b)
+        )
+        res = run_analyzer(
+            analyzer,
+            config,
+            ctx_a,
+            progress,
+            others=[ctx_b],
+            replicates=binding.replicates,
+            replicate_samples=binding.samples,
+        )
+        records += [replace(r, checkpoint=a.name, step=a.step) for r in res.records]
+        meta = {k: v for k, v in res.metadata.items() if k not in ("versions", "binding", "config")}
+        parts.append({"step": a.step, "a": a.name, "b": b.name, **meta})
+        for name, df in res.artifacts.items():
+            if isinstance(df, pd.DataFrame):
+                tables.setdefault(name, []).append(df.assign(step=a.step))
+        if progress is not None:
+            progress("pairs", i + 1, len(pairs))
+    first = dict(res.metadata)
+    metadata = {
+        **{k: first[k] for k in ("analyzer", "config", "versions", "binding", "seed", "dtype", "device") if k in first},
+        "runs": [str(r) for r in runs],
+        "pairs": parts,
+        "seconds": sum(float(p.get("seconds") or 0.0) for p in parts),
+        "hvp_count": sum(int(p.get("hvp_count") or 0) for p in parts),
+        "notes": list(dict.fromkeys([*notes, *(n for p in parts for n in p.get("notes") or [])])),
+    }
+    return Result(records, metadata, {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()})
 
 
 # ------------------------------------------------------------------------------- output folders
@@ -709,23 +1135,21 @@ def is_ours(out: Path) -> bool:
 
 
 def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Path] = ()) -> Path:
-    """Check that ``out`` may receive a sweep/report: absent, empty, or one of ours (or ``force``).
+    """Check that ``out`` may receive a sweep/report (:func:`diagnostics.outputs.plan_outputs`), then create it.
 
+    ``out`` must be absent, empty, or one of ours (or ``force``), never an input (``protected``: the run
+    folder, diag.toml); the files a sweep and a report write there must be absent or regular files.
     Nothing is deleted: ``force`` only allows writing our files into a folder we did not create.
     """
     out = Path(out)
-    for p in protected:
-        if out.resolve() == Path(p).resolve():
-            raise DiagnosticsError(
-                f"--out '{out}' is the run folder itself; choose another folder (e.g. reports/<run>)"
-            )
-    if out.exists() and not out.is_dir():
-        raise DiagnosticsError(f"--out '{out}' is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out) and not force:
-        raise DiagnosticsError(
-            f"'{out}' is not empty and was not written by diag (no {MANIFEST_NAME}); "
-            "choose another --out or pass --force to write into it anyway"
-        )
+    plan_outputs(
+        inputs=protected,
+        force=force,
+        folder=("--out", out),
+        folder_owner=(MANIFEST_NAME, MANIFEST_FORMAT),
+        folder_files=FOLDER_FILES,
+        folder_dirs=(CACHE_DIR, "figures"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -742,6 +1166,32 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise DiagnosticsError(f"'{path}' is not a diag run manifest; choose another --out")
     return data
+
+
+def start_manifest(
+    out: str | Path, run_dir: str | Path, settings: SweepSettings, invocation: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the manifest with status ``"in progress"`` before the first result is computed.
+
+    The output folder is then recognised as diag's (:func:`is_ours`) however the sweep ends (Ctrl-C,
+    ``kill -9``, a crash), so the same command resumes from the cache; :func:`write_sweep` replaces it
+    with the complete manifest at the end. Call :func:`prepare_out_dir` first.
+    """
+    run = Path(run_dir)
+    meta: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "status": "in progress",
+        "run": str(run),
+        "run_name": run.resolve().name,
+        "settings": settings.describe(),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if invocation is not None:
+        meta["invocation"] = dict(invocation)
+    path = Path(out) / MANIFEST_NAME
+    atomic_write_bytes(path, json.dumps(meta, indent=2, default=str).encode())
+    return path
 
 
 def write_sweep(out: str | Path, result: SweepResult, invocation: Mapping[str, Any] | None = None) -> dict[str, Path]:

@@ -46,7 +46,7 @@ DEMO_OPTIONS = {
         "bottom_k": 1,
         "trace": True,
         "trace_rtol": 0.02,
-        "trace_max_samples": 100,
+        "trace_samples": 100,
         "density": True,
         "density_probes": 3,
         "density_steps": 40,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from diagnostics.binding import (
     LOSSES,
     call_factory,
+    check_checkpoint_spec,
     find_config,
     import_callable,
     load_config,
@@ -122,3 +125,38 @@ def test_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.toml")
     with pytest.raises(DiagnosticsError, match="no such config file"):
         find_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "diagnostics.examples.digits:torch.load",
+        "diagnostics.examples:digits.build_mlp",
+        "/tmp/x.py:build",
+        "x.py:build",
+        ".relative:build",
+        "mod:build ",
+        "mod:",
+        "mød:build",
+        ["not", "a", "string"],
+    ],
+)
+def test_checkpoint_specs_must_be_exact_module_callable_names(spec) -> None:
+    with pytest.raises(DiagnosticsError, match="not an exact 'package.module:callable' name|not 'module:callable'"):
+        check_checkpoint_spec(spec, "model factory")
+    with pytest.raises(DiagnosticsError):
+        resolve_binding({"model": spec, "data": "diagnostics.examples.digits:train_data"}, trust_checkpoint=True)
+
+
+def test_checkpoint_names_must_be_defined_where_named() -> None:
+    assert import_callable("json:dumps", from_checkpoint=True) is json.dumps
+    with pytest.raises(DiagnosticsError, match="defined in 'posix', not in 'os'"):
+        import_callable("os:system", "model factory", from_checkpoint=True)
+    # a flag is the user's own choice: re-exports work there
+    assert import_callable("os:getcwd")() == os.getcwd()
+
+
+def test_checkpoint_kwargs_must_be_a_table() -> None:
+    ck = {"model": "diagnostics.examples.digits:build_mlp", "data": "diagnostics.examples.digits:train_data"}
+    with pytest.raises(DiagnosticsError, match="model_kwargs in the checkpoint must be a table"):
+        resolve_binding({**ck, "model_kwargs": [1, 2]})

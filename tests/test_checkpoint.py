@@ -112,9 +112,51 @@ def test_step_from_file_name(tmp_path: Path) -> None:
     torch.save(small_model().state_dict(), tmp_path / "step_02000.pt")
     ck = load_checkpoint(tmp_path / "step_02000.pt")
     assert ck.step == 2000 and ck.metadata["step_source"] == "file name"
-    assert step_from_name("epoch=3-step=120.ckpt") == 120
-    assert step_from_name("ckpt_00050.pth") == 50
-    assert step_from_name("final.pt") is None
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("step_2000.pt", 2000),
+        ("step_02000.pt", 2000),
+        ("step-2000.pt", 2000),
+        ("step2000.pt", 2000),
+        ("step=120.ckpt", 120),
+        ("epoch=3-step=120.ckpt", 120),
+        ("model_step_300_final.pth", 300),
+        ("global_step1200.pt", 1200),
+        ("global_step_1200", 1200),
+        ("iter_250.pt", 250),
+        ("iteration-250.pt", 250),
+        ("checkpoint-500", 500),
+        ("checkpoint-500/model.safetensors", 500),
+        ("run/step_40/weights.pt", 40),
+        # issue 18: numbers that are not steps are not steps
+        ("quad2.pt", None),
+        ("resnet50.pt", None),
+        ("ckpt_00050.pth", None),  # counts checkpoints, not steps
+        ("epoch=3.ckpt", None),  # an epoch is not a step
+        ("model-v2.pt", None),
+        ("mystep_2.pt", None),
+        ("my_checkpoint-500.pt", 500),
+        ("mycheckpoint-500.pt", None),
+        ("final.pt", None),
+    ],
+)
+def test_step_only_from_recognised_name_patterns(name: str, step: int | None) -> None:
+    assert step_from_name(name) == step
+
+
+def test_unrecognised_names_give_no_step(tmp_path: Path) -> None:
+    """Issue 18: quad2.pt was reported as step 2 (and resnet50.pt would be step 50)."""
+    for name in ("quad2.pt", "resnet50.pt"):
+        torch.save(small_model().state_dict(), tmp_path / name)
+        ck = load_checkpoint(tmp_path / name)
+        assert ck.step is None and "step_source" not in ck.metadata
+    torch.save({"state_dict": small_model().state_dict(), "epoch": 3}, tmp_path / "e.ckpt")
+    assert load_checkpoint(tmp_path / "e.ckpt").step is None  # metadata: global_step/step, not epoch
+    torch.save({"state_dict": small_model().state_dict(), "epoch": 3, "global_step": 90}, tmp_path / "g.ckpt")
+    assert load_checkpoint(tmp_path / "g.ckpt").step == 90
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,13 @@ from diag_cli.main import app
 from diagnostics import distributed as D
 from diagnostics.analyzers.hessian import HessianConfig, analyze_hessian
 from diagnostics.context import Context
+from diagnostics.errors import DiagnosticsError
+from diagnostics.linalg.data import DataLoop
 from diagnostics.linalg.density import slq
 from diagnostics.linalg.lanczos import lanczos
 from diagnostics.linalg.operator import HessianOperator
 from diagnostics.linalg.trace import hutchpp
+from diagnostics.operators import hessian_operator
 
 WORLD = 2
 TIMEOUT_S = 90
@@ -113,12 +116,13 @@ def _scenarios(rank: int, size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     batches = _data()
     ctx = _context(batches)
-    # replicated data, ragged split, through from_context (auto-detected)
-    op = HessianOperator.from_context(ctx)
+    # replicated data, ragged split, through hessian_operator (sharded by default in a group; auto-detected)
+    op = hessian_operator(ctx)
+    out["replicated_sharded"] = op.loop.sharded
     out["replicated"] = _spectral(op)
-    out["replicated_local_samples"] = sum(len(b[1]) for b in op.batches)
+    out["replicated_local_samples"] = sum(len(b[1]) for b in op.loop.batches)
     # micro-batched on top of the shard
-    op = HessianOperator.from_context(ctx, micro_batch=6)
+    op = hessian_operator(ctx, micro_batch=6)
     out["micro"] = _spectral(op, full=False)
     # pre-sharded: every rank brings its own, different part (unequal sizes: 25 and 12 samples)
     cut = 25
@@ -127,28 +131,55 @@ def _scenarios(rank: int, size: int) -> dict[str, Any]:
     mine = [(X[:cut], y[:cut])] if rank == 0 else [(X[cut:][:6], y[cut:][:6]), (X[cut + 6 :], y[cut + 6 :])]
     shard = D.shard_data(mine)
     out["presharded_mode"] = shard.mode
-    op = HessianOperator(ctx.batch_loss, ctx.params, shard.batches, weights=shard.weights, reduce=D.all_reduce_sum)
+    loop = DataLoop(shard.batches, shard.weights, reduce=D.all_reduce_sum)
+    op = HessianOperator(ctx.batch_loss, ctx.params, loop)
     out["presharded"] = _spectral(op, full=False)
     # one sample for two ranks: rank 0 holds nothing and still takes part
     tiny = _data(n=1)
-    op = HessianOperator.from_context(_context(tiny))
-    out["tiny_local"] = len(op.batches)
+    op = hessian_operator(_context(tiny))
+    out["tiny_local"] = len(op.loop.batches)
     out["tiny_HV"] = op.matmat(torch.eye(op.dim, dtype=torch.float64)[:, :5])
     # the analyzer end to end (records identical on every rank)
-    cfg = HessianConfig(top_k=3, tol=1e-10, trace=True, trace_rtol=0.0, trace_max_samples=12)
+    cfg = HessianConfig(top_k=3, tol=1e-10, trace=True, trace_rtol=0.0, trace_samples=12)
     result = analyze_hessian(cfg, ctx)
     out["records"] = [(r.metric, r.index, r.value) for r in result.records]
-    # inside local_only nothing is sharded or reduced (a sweep's per-checkpoint analysis)
+    # inside local_only nothing is sharded or reduced (a sweep's per-checkpoint analysis) ...
     with D.local_only():
-        op = HessianOperator.from_context(ctx)
-        out["local_only_batches"] = len(op.batches)
+        op = hessian_operator(ctx)
+        out["local_only_batches"] = len(op.loop.batches)
         out["local_only_reduce"] = op.reduce is None
+    # ... and an operator keeps the sharding it was built with, wherever it is used
+    local = hessian_operator(ctx, shard=False)
+    out["local_only_kept"] = local.matmat(torch.eye(local.dim, dtype=torch.float64)[:, :2])
+    out["sharded_kept"] = op_sharded_in_local_only(ctx)
+    # an error on one rank: every rank raises (none waits in the all-reduce), rank 1 its own error
+    out["vote"] = _vote(ctx, rank)
     # a sweep: items spread over ranks, results gathered in order
     items = [f"ckpt{i}" for i in range(5)]
     mine_items = D.shard_items(items)
     out["my_items"] = [i for i, _ in mine_items]
     out["gathered"] = D.gather_items([(i, f"{it}@{rank}") for i, it in mine_items], n_items=len(items))
     return out
+
+
+def op_sharded_in_local_only(ctx: Context) -> torch.Tensor:
+    op = hessian_operator(ctx)  # built sharded ...
+    with D.local_only():  # ... it stays sharded inside local_only
+        return op.matmat(torch.eye(op.dim, dtype=torch.float64)[:, :2])
+
+
+def _vote(ctx: Context, rank: int) -> str:
+    def loss(p, b):
+        if rank == 1:
+            raise RuntimeError("rank 1 broke")
+        return ctx.batch_loss(p, b)
+
+    op = HessianOperator(loss, ctx.params, hessian_operator(ctx).loop, backend="reverse", memory_check=False)
+    try:
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    except (RuntimeError, DiagnosticsError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
 
 
 def _worker(rank: int, size: int, port: int, folder: str) -> None:
@@ -248,6 +279,12 @@ def test_ragged_split_is_balanced_and_complete(runs):
     assert r0["presharded_mode"] == r1["presharded_mode"] == "presharded"
 
 
+def test_an_error_on_one_rank_is_raised_on_every_rank(runs):
+    (r0, r1), _ = runs
+    assert r1["vote"] == "RuntimeError: rank 1 broke"
+    assert r0["vote"].startswith("DiagnosticsError: another process failed")
+
+
 def test_a_rank_without_data_still_takes_part(runs):
     (r0, r1), _ = runs
     assert (r0["tiny_local"], r1["tiny_local"]) == (0, 1)
@@ -264,8 +301,14 @@ def test_analyzer_records_match_single_process(runs):
 
 
 def test_local_only_and_sweep_helpers(runs):
-    (r0, r1), _ = runs
+    (r0, r1), single = runs
+    assert r0["replicated_sharded"] and r1["replicated_sharded"] and not single["replicated_sharded"]
     assert r0["local_only_batches"] == 4 and r0["local_only_reduce"]
+    H = _exact_hessian(_data())
+    for r in (r0, r1):
+        assert _rel(r["local_only_kept"], H[:, :2]) < 1e-12
+        assert _rel(r["sharded_kept"], H[:, :2]) < 1e-12
+    assert torch.equal(r0["sharded_kept"], r1["sharded_kept"])
     assert r0["my_items"] == [0, 2, 4] and r1["my_items"] == [1, 3]
     expected = ["ckpt0@0", "ckpt1@1", "ckpt2@0", "ckpt3@1", "ckpt4@0"]
     assert r0["gathered"] == r1["gathered"] == expected

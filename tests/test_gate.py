@@ -177,7 +177,7 @@ def test_mismatched_baselines_are_refused(eos_pair, baseline_doc, digits_run) ->
         (lambda d: d["replicates"][0].update(sharpness=float("nan")), "no finite 'sharpness'"),
         (
             lambda d: d["settings"].update(replicates=1, seeds=[0]) or d["replicates"].__delitem__(slice(1, None)),
-            "at least 2",
+            "settings.replicates must be >= 2",
         ),
     ],
 )

@@ -14,59 +14,87 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.report import build_report, key_columns, metric_overview, summary_table
+from diagnostics.examples.digits import train_gd
+from diagnostics.report import (
+    SweepManifest,
+    build_report,
+    declarations,
+    key_columns,
+    metric_overview,
+    pretty_rule,
+    report_from_sweep,
+    run_data,
+    section_figures,
+    summary_table,
+    threshold_label,
+)
 from diagnostics.results import COLUMNS, atomic_write_bytes, make_records, records_to_frame
+from diagnostics.runner import RunInfo
 from diagnostics.runs import SweepSettings, sweep
+from diagnostics.spec import Analyzer, Metric, Section, Threshold
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_run(steps=(0, 100, 200, 300), with_all: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Records of a 4-checkpoint run: Hessian, RankMe, NC metrics, a 1-d landscape, plus a density."""
+TOY = Analyzer(
+    name="toy",
+    summary="a user analyzer passed to the report as specs",
+    config=object,
+    run=lambda config, ctx, progress=None: None,
+    metrics=(Metric("gain", "the toy's gain, g = 2^k", headline=True, group="the layer"),),
+    sections=(Section("Toy gain", ("gain",), "The gain doubles every checkpoint.", log_y=True),),
+)
+
+
+def synthetic_run(steps=(0, 100, 200, 300), with_all: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Records of a 4-checkpoint run: Hessian, RankMe, a 1-d landscape, a user analyzer (declared through
+    ``specs``) with an undeclared metric, plus the artifacts (density, landscape grid)."""
     records = []
-    dens = []
+    dens, grids = [], []
     rng = np.random.default_rng(0)
+    xs = np.linspace(-1, 1, 9)
     for k, step in enumerate(steps):
         name = f"step_{step:05d}.pt"
         lam = 0.5 + 0.15 * k
-        rows = [
-            ("eigenvalue", lam, 1e-4, 0),
-            ("eigenvalue", lam * 0.7, 1e-4, 1),
-            ("eos_threshold", 1.0),
-            ("eos_ratio", lam),
-            ("trace", 10.0 + k, 0.2),
-            ("bottom_eigenvalue", -0.1 / (k + 1), 1e-4, 0),
-        ]
-        if with_all:
-            rows += [
-                ("rankme", 20.0 - k, None, None, "features"),
-                ("nc1", 10.0 / (k + 1), None, None, "features"),
-                ("nc2_equinorm", 0.3 - 0.05 * k, None, None, "features"),
-                ("nc2_equiangular", 0.2 - 0.03 * k, None, None, "features"),
-                ("nc3", 1.0 - 0.2 * k, None, None, "features"),
-                ("nc4", 0.5 - 0.1 * k, None, None, "features"),
-                ("nc1", 3.0, None, None, "features/class=0"),  # per-class: never a series
-            ]
-            rows += [
-                ("loss", 0.1 + (x * (1 + k)) ** 2, None, i, f"x={x:g}") for i, x in enumerate(np.linspace(-1, 1, 9))
-            ]
         records += make_records(
             name,
             step,
             "hessian",
-            [r for r in rows if r[0] in ("eigenvalue", "eos_threshold", "eos_ratio", "trace", "bottom_eigenvalue")],
+            [
+                ("eigenvalue", lam, 1e-4, 0),
+                ("eigenvalue", lam * 0.7, 1e-4, 1),
+                ("eos_threshold", 1.0),
+                ("eos_ratio", lam),
+                ("trace", 10.0 + k, 0.2),
+                ("bottom_eigenvalue", -0.1 / (k + 1), 1e-4, 0),
+            ],
         )
-        records += make_records(name, step, "rankme", [r for r in rows if r[0] == "rankme"])
-        records += make_records(name, step, "collapse", [r for r in rows if r[0].startswith("nc")])
-        records += make_records(name, step, "landscape", [r for r in rows if r[0] == "loss"])
+        if with_all:
+            records += make_records(name, step, "rankme", [("rankme", 20.0 - k, None, None, "features")])
+            loss = 0.1 + (xs * (1 + k)) ** 2
+            records += make_records(name, step, "landscape", [("loss", v, None, i) for i, v in enumerate(loss)])
+            grids.append(pd.DataFrame({"checkpoint": name, "step": step, "x": xs, "loss": loss, "accuracy": 0.5}))
+            records += make_records(
+                name,
+                step,
+                "toy",
+                [
+                    ("gain", 2.0**k, None, None, "fc1"),
+                    ("wobble", float(k % 2), None, None, "fc1"),  # undeclared: a generic panel
+                    ("gain", 3.0, None, None, "fc1/class=0"),  # a sub-group: never a series
+                ],
+            )
         grid = np.linspace(-0.2, lam + 0.1, 50)
         dens.append(
             pd.DataFrame(
                 {"checkpoint": name, "step": step, "group": "", "eigenvalue": grid, "density": rng.random(50) + 0.01}
             )
         )
-    return records_to_frame(records), pd.concat(dens, ignore_index=True)
+    artifacts = {"hessian": {"density": pd.concat(dens, ignore_index=True)}}
+    if grids:
+        artifacts["landscape"] = {"grid": pd.concat(grids, ignore_index=True)}
+    return records_to_frame(records), artifacts
 
 
 def img_sources(page: str) -> list[str]:
@@ -80,25 +108,69 @@ def decode_png(src: str) -> bytes:
     return data
 
 
+def threshold_section(analyzer: str = "hessian") -> Section:
+    """The section that draws the edge-of-stability threshold (declared by the analyzer, or transitional)."""
+    return next(s for s in declarations()[analyzer].sections if s.thresholds)
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+SHARP = "sharpness-and-the-edge-of-stability"
+
+
 # --------------------------------------------------------------------------------------- tables
 def test_summary_tables_hold_the_records() -> None:
     frame, _ = synthetic_run()
-    table = summary_table(frame)
+    decl = declarations({"toy": TOY})
+    table = summary_table(frame, decl)
     assert table["checkpoint"].tolist() == [f"step_{s:05d}.pt" for s in (0, 100, 200, 300)]
     assert table["step"].tolist() == [0, 100, 200, 300]
     assert np.allclose(table["eigenvalue_0"], [0.5, 0.65, 0.8, 0.95])
     assert np.allclose(table["rankme@features"], [20, 19, 18, 17])
-    assert "eigenvalue_1" not in table and not any(c.startswith("loss") for c in table.columns)
+    assert "eigenvalue_1" not in table
+    # a landscape grid point is not a per-checkpoint number (loss is declared per point, not headline)
+    assert not any(c.startswith(("loss", "accuracy")) for c in table.columns)
     assert not any("class=" in c for c in table.columns)
-    over = metric_overview(frame).set_index("metric")
+    over = metric_overview(frame, decl).set_index("metric")
     assert over.loc["eigenvalue_0", "first"] == 0.5 and over.loc["eigenvalue_0", "max at"] == "step 300"
-    assert over.loc["nc1@features", "min at"] == "step 300"
-    assert key_columns(table).columns[:4].tolist() == ["checkpoint", "step", "eigenvalue_0", "eos_ratio"]
+    assert over.loc["gain@fc1", "min at"] == "step 0"
+    # every metric comes with its declared definition (none for an undeclared one)
+    assert "Lanczos" in over.loc["eigenvalue_0", "definition"]
+    assert over.loc["rankme@features", "definition"].startswith("exp(-sum_k p_k log p_k)")
+    assert "Garrido et al. 2023" in over.loc["rankme@features", "definition"]
+    assert (
+        over.loc["gain@fc1", "definition"] == "the toy's gain, g = 2^k" and over.loc["wobble@fc1", "definition"] == ""
+    )
+    # the key table: the metrics declared headline (index 0 of an indexed one), registry order, then the user's
+    keys = key_columns(table, decl).columns.tolist()
+    headline = {m.name for d in decl.values() for m in d.metrics if m.headline}
+    expected = {c for c in table.columns[2:] if re.sub(r"_0$", "", c.split("@")[0]) in headline}
+    assert keys[:3] == ["checkpoint", "step", "eigenvalue_0"] and set(keys[2:]) == expected
+    assert keys[-1] == "gain@fc1" and "rankme@features" in keys and "wobble@fc1" not in keys
+    assert "eigenvalue_1" not in keys
+
+
+def test_manifest_reads_typed() -> None:
+    meta = {
+        "run": "/runs/x",
+        "settings": {"seed": 3, "samples": 50, "unknown_key": 1},
+        "checkpoints": [{"checkpoint": "a.pt", "step": 5, "status": {"hessian": "computed"}}],
+        "results": {"a.pt": {"hessian": {"samples": 50, "hvp_count": 7, "replicates": 2}}},
+        "failures": [{"checkpoint": "b.pt", "analyzer": "hessian", "message": "NaN weights"}],
+    }
+    m = SweepManifest.from_metadata(meta)
+    assert m.settings.seed == 3 and m.settings.samples == 50 and m.run_name == "run"
+    assert m.checkpoints[0].step == 5 and m.failures[0].message == "NaN weights"
+    info = m.run_infos()[("a.pt", "hessian")]
+    assert isinstance(info, RunInfo) and info.hvp_count == 7 and info.replicates == 2
+    assert SweepManifest.from_metadata(None).checkpoints == []
 
 
 # -------------------------------------------------------------------------------------- figures
 def test_report_has_every_section_with_embedded_pngs() -> None:
-    frame, density = synthetic_run()
+    frame, artifacts = synthetic_run()
     meta = {
         "run": "/runs/digits",
         "run_name": "digits",
@@ -107,41 +179,57 @@ def test_report_has_every_section_with_embedded_pngs() -> None:
         "versions": {"torch": "2.x"},
         "checkpoints": [{"checkpoint": f"step_{s:05d}.pt", "step": s, "sha256": "ab" * 32} for s in (0, 100, 200, 300)],
     }
-    report = build_report(frame, meta, density=density)
+    report = build_report(frame, meta, artifacts=artifacts, specs={"toy": TOY})
     keys = [f.key for f in report.figures]
-    assert keys == ["sharpness", "trace", "bottom_eigenvalue", "density", "rank", "collapse", "landscape"]
+    # registry order (hessian, landscape, rankme), then the user's analyzer and its undeclared metric
+    assert keys == [
+        SHARP,
+        "hessian-trace",
+        "bottom-hessian-eigenvalues",
+        "density",
+        "landscape",
+        "representation-rank",
+        "toy-gain",
+        "analyzer-toy",
+    ]
     sources = img_sources(report.html)
     assert len(sources) == len(keys)
     for src, fig in zip(sources, report.figures):
         assert decode_png(src) == fig.png
     files = report.files()
     for key in keys:
-        assert "![" in report.markdown and f"(figures/{key}.png)" in report.markdown
+        assert f"(figures/{key}.png)" in report.markdown
         assert files[f"figures/{key}.png"].startswith(PNG_MAGIC)
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(?!data:|#)', report.html)
     assert "<script" not in report.html
-    for text in ("seed", "7", "1437", "torch 2.x", "Training diagnostics: digits"):
+    for text in ("seed", "7", "1437", "torch 2.x", "Training diagnostics: digits", "Bands: ±1 standard error"):
         assert text in report.html and text in report.markdown
+    # the declared text of a section is its caption; no threshold rule recorded: the metric's name stands in
+    sharp = report.figures[0]
+    assert sharp.caption.startswith("Top Hessian eigenvalues") and "Dashed: eos_threshold = 1." in sharp.caption
 
 
 def test_report_degrades_to_what_exists() -> None:
     frame, _ = synthetic_run(with_all=False)
     only_top = frame[frame["metric"] == "eigenvalue"]
     report = build_report(only_top, {})
-    assert [f.key for f in report.figures] == ["sharpness"]
-    for absent in ("Neural collapse", "Representation rank", "Loss-landscape", "spectral density"):
+    assert [f.key for f in report.figures] == [SHARP]
+    assert "Dashed" not in report.figures[0].caption  # no threshold records, no line
+    for absent in ("Representation rank", "Loss-landscape", "spectral density", "Hessian trace"):
         assert absent not in report.html
     full = build_report(frame, {})
-    assert [f.key for f in full.figures] == ["sharpness", "trace", "bottom_eigenvalue"]
+    assert [f.key for f in full.figures] == [SHARP, "hessian-trace", "bottom-hessian-eigenvalues"]
 
 
 def test_report_without_steps_uses_checkpoint_order() -> None:
-    frame, density = synthetic_run()
+    frame, artifacts = synthetic_run()
     frame["step"] = pd.array([None] * len(frame), dtype="Int64")
-    density["step"] = None
-    report = build_report(frame, {}, density=density)
-    assert "sharpness" in [f.key for f in report.figures] and "density" in [f.key for f in report.figures]
+    artifacts["hessian"]["density"]["step"] = None
+    artifacts["landscape"]["grid"]["step"] = None
+    report = build_report(frame, {}, artifacts=artifacts)
+    keys = [f.key for f in report.figures]
+    assert {SHARP, "density", "landscape"} <= set(keys)
     assert "steps unknown" in report.html
 
 
@@ -154,16 +242,87 @@ def test_unknown_analyzer_gets_its_own_figure() -> None:
             for r in make_records(
                 f"step_{s:05d}.pt",
                 s,
-                "weights",
+                "mine",
                 [("spectral_norm", 1 + s / 100, None, None, "fc1"), ("spectral_norm", 2.0, None, None, "fc2")],
             )
         ]
     )
     report = build_report(pd.concat([frame, extra], ignore_index=True), {})
-    assert "analyzer-weights" in [f.key for f in report.figures]
+    assert report.figures[-1].key == "analyzer-mine" and report.figures[-1].title == "mine"
     with pytest.raises(ValueError, match="lacks the columns"):
         build_report(frame.drop(columns=["stderr"]), {})
     assert list(frame.columns) == COLUMNS
+
+
+# ----------------------------------------------------------------------------------- thresholds
+def eos_runs(frame: pd.DataFrame, rule: str | None, replicates: int = 1) -> dict:
+    eos = {} if rule is None else {"rule": rule, "kind": "x", "threshold": 1.0}
+    return {
+        (ck, "hessian"): RunInfo(analyzer="hessian", checkpoint=ck, replicates=replicates, details={"eos": eos})
+        for ck in dict.fromkeys(frame["checkpoint"])
+    }
+
+
+def test_threshold_line_is_labelled_with_its_rule_and_value() -> None:
+    frame, _ = synthetic_run(with_all=False)
+    frame.loc[frame["metric"] == "eos_threshold", "value"] = 7.6
+    data = run_data(frame, {}, runs=eos_runs(frame, "(2+2*beta)/lr"))
+    (made,) = section_figures(data, "hessian", threshold_section())
+    assert "(2+2β)/η = 7.6" in legend_texts(made.figure)
+    assert "Dashed: (2+2β)/η = 7.6." in made.caption
+    # a threshold that moves (a learning-rate schedule): the range it draws
+    frame.loc[frame["metric"] == "eos_threshold", "value"] = [4.0, 4.0, 5.0, 8.0]
+    (moving,) = section_figures(run_data(frame, {}, runs=eos_runs(frame, "2/lr")), "hessian", threshold_section())
+    assert "2/η = 4–8" in legend_texts(moving.figure)
+    assert threshold_label(Threshold("t", "{rule} = {value} {other}"), [2.0], []) == "t = 2 {other}"
+    assert pretty_rule("(2+2*beta1)/((1-beta1)*lr)") == "(2+2β₁)/((1-β₁)η)"
+
+
+def test_replicate_bands_say_what_they_are() -> None:
+    frame, _ = synthetic_run(with_all=False)
+    report = build_report(frame, {}, runs=eos_runs(frame, "2/lr", replicates=4))
+    trace = next(f for f in report.figures if f.key == "hessian-trace")
+    assert "±1 standard error across 4 disjoint data subsets (--replicates 4)" in trace.caption
+    assert "4 disjoint data subsets" in report.html  # and in the run metadata
+
+
+def test_a_momentum_checkpoint_is_labelled_with_the_momentum_threshold(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_gd(run, lr=0.5, steps=4, save_every=2, momentum=0.9, width=8)
+    res = sweep(run, SweepSettings(analyzers=["hessian"], options={"hessian": {"top_k": 1}}, samples=64))
+    thr = res.frame[res.frame["metric"] == "eos_threshold"]["value"]
+    assert np.allclose(thr, (2 + 2 * 0.9) / 0.5)  # heavy-ball: (2+2 beta)/eta
+    report = report_from_sweep(res)
+    sharp = next(f for f in report.figures if f.key == SHARP)
+    assert "Dashed: (2+2β)/η = 7.6." in sharp.caption and "Dashed: 2/η" not in sharp.caption
+    runs = {key: RunInfo.from_metadata(r.metadata) for key, r in res.results.items()}
+    (made,) = section_figures(run_data(res.frame, res.metadata(), runs=runs), "hessian", threshold_section())
+    labels = legend_texts(made.figure)
+    assert "(2+2β)/η = 7.6" in labels and not any(t.startswith("2/η") for t in labels)
+    # plain gradient descent: 2/eta
+    gd = tmp_path / "gd"
+    train_gd(gd, lr=0.5, steps=2, save_every=2, width=8)
+    plain = report_from_sweep(sweep(gd, SweepSettings(analyzers=["hessian"], samples=64)))
+    assert "Dashed: 2/η = 4." in next(f for f in plain.figures if f.key == SHARP).caption
+
+
+# ------------------------------------------------------------------------------------- landscape
+def test_a_swept_landscape_is_drawn_from_its_grid_also_from_the_cache(digits_run: list[Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in digits_run:
+        shutil.copy2(p, run / p.name)
+    settings = SweepSettings(analyzers=["landscape"], options={"landscape": {"dims": 1, "steps": 5}}, samples=100)
+    first = sweep(run, settings, cache_dir=tmp_path / "cache")
+    assert first.frame["group"].isna().all()  # no coordinates packed into group
+    again = sweep(run, settings, cache_dir=tmp_path / "cache")
+    assert len(again.cached) == len(digits_run)
+    for res in (first, again):
+        grid = res.artifact_frame("landscape", "grid")
+        assert list(grid.columns[:3]) == ["checkpoint", "step", "x"] and len(grid) == 5 * len(digits_run)
+        report = report_from_sweep(res)
+        assert [f.key for f in report.figures] == ["landscape"]
+        assert "loss_0" not in report.markdown  # grid points are not per-checkpoint metrics
 
 
 # ----------------------------------------------------------------------- a real headless browser
@@ -224,11 +383,9 @@ def test_report_renders_in_a_headless_browser(digits_run: list[Path], tmp_path: 
     run.mkdir()
     for p in digits_run:
         shutil.copy2(p, run / p.name)
-    options = {"top_k": 2, "bottom_k": 1, "trace": True, "trace_max_samples": 20, "trace_rtol": 0.05}
+    options = {"top_k": 2, "bottom_k": 1, "trace": True, "trace_samples": 20, "trace_rtol": 0.05}
     options.update(density=True, density_probes=2, density_steps=20, density_points=128)
     res = sweep(run, SweepSettings(options={"hessian": options}, samples=300), cache_dir=tmp_path / "cache")
-    from diagnostics.report import report_from_sweep
-
     report = report_from_sweep(res)
     out = tmp_path / "report"
     for rel, data in report.files().items():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -11,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.analyzers.registry import AnalyzerSpec, get_analyzer
+from diagnostics.analyzers.registry import get_analyzer
 from diagnostics.checkpoint import save_checkpoint
 from diagnostics.errors import DiagnosticsError
 from diagnostics.examples.digits import build_mlp
@@ -29,6 +32,7 @@ from diagnostics.runs import (
     sweep,
     write_sweep,
 )
+from diagnostics.spec import Analyzer
 
 FAST = {"hessian": {"top_k": 1, "tol": 1e-3}}
 
@@ -48,7 +52,7 @@ def run_copy(digits_run: list[Path], tmp_path: Path) -> Path:
 
 
 class Counting:
-    """An AnalyzerSpec whose run() is the registered hessian analyzer, counting calls per checkpoint;
+    """The registered hessian analyzer with a run() that, counting calls per checkpoint;
     ``interrupt_at=n`` raises KeyboardInterrupt on the n-th call (before computing it)."""
 
     def __init__(self, interrupt_at: int | None = None) -> None:
@@ -65,8 +69,8 @@ class Counting:
         return self.real.run(config, ctx, progress)
 
     @property
-    def specs(self) -> dict[str, AnalyzerSpec]:
-        return {"hessian": AnalyzerSpec("hessian", self.real.config_cls, self.run, True, self.real.summary)}
+    def specs(self) -> dict[str, Analyzer]:
+        return {"hessian": dataclasses.replace(self.real, run=self.run)}
 
 
 # ---------------------------------------------------------------------------------- discovery
@@ -218,7 +222,7 @@ def test_table_artifacts_survive_the_cache(run_copy: Path, tmp_path: Path) -> No
 def test_unknown_analyzer_and_options(run_copy: Path) -> None:
     with pytest.raises(DiagnosticsError, match=r"unknown analyzer 'nope'; available: .*hessian"):
         sweep(run_copy, SweepSettings(analyzers=["hessian", "nope"]))
-    with pytest.raises(DiagnosticsError, match=r"unknown option\(s\) \['bogus'\] for analyzer 'hessian'"):
+    with pytest.raises(DiagnosticsError, match=r"unknown option 'bogus' in \[hessian\]"):
         sweep(run_copy, SweepSettings(options={"hessian": {"bogus": 1}}))
 
 
@@ -263,7 +267,7 @@ def test_output_folder_rules_and_files(run_copy: Path, tmp_path: Path) -> None:
     (foreign / "keep.txt").write_text("user data")
     with pytest.raises(DiagnosticsError, match="not empty and was not written by diag"):
         prepare_out_dir(foreign)
-    with pytest.raises(DiagnosticsError, match="run folder itself"):
+    with pytest.raises(DiagnosticsError, match="input folder itself"):
         prepare_out_dir(run_copy, protected=[run_copy])
     prepare_out_dir(foreign, force=True)
     out = prepare_out_dir(tmp_path / "reports" / "run")
@@ -274,10 +278,123 @@ def test_output_folder_rules_and_files(run_copy: Path, tmp_path: Path) -> None:
     prepare_out_dir(out)  # ours: fine although not empty
     table = read_result(paths["parquet"])
     pd.testing.assert_frame_equal(table.frame(), res.frame)
-    assert table.metadata["counts"] == {"checkpoints": 3, "computed": 3, "cached": 0, "failed": 0, "records": 9}
+    assert table.metadata["counts"] == {
+        "checkpoints": 3,
+        "computed": 3,
+        "cached": 0,
+        "failed": 0,
+        "skipped": 0,
+        "records": 9,
+    }
     csv = read_result(paths["csv"])
     assert len(csv.records) == len(res.frame)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["invocation"] == {"samples": 300}
     assert [c["step"] for c in manifest["checkpoints"]] == [0, 100, 200]
     assert manifest["settings"]["samples"] == 300 and "versions" in manifest
+
+
+# ------------------------------------------------------------------ trust nothing the disk says
+def _edit_json(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def test_hand_edited_cached_value_is_recomputed_with_a_warning(run_copy: Path, tmp_path: Path) -> None:
+    """Issue 10.5: a cached value edited by hand came out as a result."""
+    cache = tmp_path / "cache"
+    first = sweep(run_copy, settings(), cache_dir=cache)
+    entry = next(
+        p for p in sorted((cache / "hessian").glob("*.json")) if p.name.startswith(first.checkpoints[1].sha256[:16])
+    )
+
+    def tamper(doc):
+        doc["records"][0]["value"] = 123.456
+
+    _edit_json(entry, tamper)
+    counter = Counting()
+    again = sweep(run_copy, settings(), cache_dir=cache, specs=counter.specs)
+    assert counter.calls == Counter({"step_00100.pt": 1})
+    assert 123.456 not in again.frame["value"].tolist()
+    pd.testing.assert_frame_equal(again.frame, first.frame)
+    assert any("checksum" in w and entry.name in w for w in again.warnings), again.warnings
+    third = sweep(run_copy, settings(), cache_dir=cache, specs=Counting().specs)
+    assert len(third.cached) == 3 and not third.warnings  # the recomputed entry is trusted again
+
+
+def test_hand_edited_cached_step_is_read_again_with_a_warning(run_copy: Path, tmp_path: Path) -> None:
+    """Issue 10.5: a hand-edited step (99999) in the cache came out in the table."""
+    cache = tmp_path / "cache"
+    first = sweep(run_copy, settings(), cache_dir=cache)
+    info = cache / "checkpoints" / f"{first.checkpoints[2].sha256}.json"
+    assert info.is_file()
+    _edit_json(info, lambda doc: doc.update(step=99999))
+    again = sweep(run_copy, settings(), cache_dir=cache)
+    assert sorted(again.frame["step"].unique().tolist()) == [0, 100, 200]
+    assert [c.step for c in again.checkpoints] == [0, 100, 200]
+    assert any("checksum" in w and info.name in w for w in again.warnings), again.warnings
+
+
+def test_checkpoint_completed_after_discovery_is_skipped_then_picked_up(run_copy: Path, tmp_path: Path) -> None:
+    """Issue 10.5: a checkpoint being written during a sweep was hashed half-written, analysed complete and
+    recorded under the wrong hash and step. Now the bytes analysed are the bytes hashed: a file that changed
+    since it was hashed is skipped with a note, and the next run analyses it."""
+    cache = tmp_path / "cache"
+    src = save_checkpoint(
+        tmp_path / "src.pt",
+        build_mlp(width=16, seed=3),
+        step=250,
+        lr=2.0,
+        model_factory="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 16},
+        data_factory="diagnostics.examples.digits:train_data",
+        loss="mse",
+    )
+    full = src.read_bytes()
+    late = run_copy / "zz_late.pt"  # no step in its name: only its metadata (step 250) can tell
+    late.write_bytes(full[: len(full) // 2])  # the trainer is still writing it
+
+    def finish_writing(task: str, done: int, total: int) -> None:
+        if task == "checkpoints" and done == 0:
+            late.write_bytes(full)
+
+    res = sweep(run_copy, settings(), cache_dir=cache, progress=finish_writing)
+    assert [s.checkpoint for s in res.skipped] == ["zz_late.pt"]
+    assert "changed" in res.skipped[0].reason
+    assert "zz_late.pt" not in set(res.frame["checkpoint"]) and not res.failures
+    status = {c["checkpoint"]: c["status"] for c in res.metadata()["checkpoints"]}
+    assert status["zz_late.pt"] == {"hessian": "skipped"}
+    counter = Counting()
+    nxt = sweep(run_copy, settings(), cache_dir=cache, specs=counter.specs)
+    assert counter.calls == Counter({"zz_late.pt": 1}) and not nxt.skipped
+    late_rc = next(c for c in nxt.checkpoints if c.name == "zz_late.pt")
+    assert late_rc.sha256 == hashlib.sha256(full).hexdigest()
+    assert (late_rc.step, late_rc.step_source) == (250, "metadata")
+    assert set(nxt.frame.query("checkpoint == 'zz_late.pt'")["step"]) == {250}
+
+
+def test_checkpoint_changing_while_read_is_skipped(run_copy: Path, tmp_path: Path, monkeypatch) -> None:
+    import diagnostics.checkpoint as checkpoint_mod
+
+    real_fstat = os.fstat
+    calls = {"n": 0}
+    target = (run_copy / "step_00100.pt").stat().st_ino
+
+    def fstat_appending(fd: int):
+        st = real_fstat(fd)
+        if st.st_ino == target:
+            calls["n"] += 1
+            if calls["n"] % 2 == 0:  # the fstat after the read sees a grown file
+                return os.stat_result((*st[:6], st.st_size + 1, *st[7:]))
+        return st
+
+    monkeypatch.setattr(checkpoint_mod.os, "fstat", fstat_appending)
+    res = sweep(run_copy, settings(), cache_dir=tmp_path / "c")
+    assert [s.checkpoint for s in res.skipped] == ["step_00100.pt"] and "while it was being read" in res.skipped[
+        0
+    ].reason
+    assert sorted(set(res.frame["checkpoint"])) == ["step_00000.pt", "step_00200.pt"]
+    monkeypatch.undo()
+    nxt = sweep(run_copy, settings(), cache_dir=tmp_path / "c")
+    assert not nxt.skipped and len(nxt.computed) == 1 and len(nxt.cached) == 2

@@ -1,259 +1,190 @@
 """``diag baseline`` and ``diag check``: a CI gate that fails when a model is measurably sharper.
 
-``diag baseline model.pt ... --out sharpness-baseline.json`` measures K seeded sharpness replicates
-and stores them with their settings; ``diag check model.pt ... --baseline sharpness-baseline.json
---tolerance 0.10`` repeats them with the same seeds (paired) and exits 1 only when the one-sided
-lower confidence bound of the sharpness ratio exceeds 1 + tolerance. Defaults may live in the
-``[gate]`` table of diag.toml (replicates, samples, seed, tol, max_iter, tolerance, confidence).
+``diag baseline model.pt ... --out sharpness-baseline.json`` measures K seeded sharpness replicates and stores
+them with their settings; ``diag check model.pt ... --baseline sharpness-baseline.json --tolerance 0.10`` repeats
+them with the same seeds (paired) and exits 1 only when the one-sided lower confidence bound of the sharpness
+ratio exceeds 1 + tolerance. Options are declared once (:class:`~diagnostics.gate.GateSettings`,
+:class:`~diagnostics.gate.CheckOptions`, the shared binding options); defaults may live in the ``[gate]`` table
+of diag.toml. Nothing heavy is imported until a command runs.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from diag_cli.common import (
-    BatchSizeOpt,
-    CheckpointArg,
-    ConfigOpt,
-    DataOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelOpt,
-    ParamsOpt,
-    QuietOpt,
-    SamplesOpt,
-    SeedOpt,
-    TrustOpt,
-    handle_errors,
-    pick,
-    progress_bar,
-    project_config,
-    warn,
-)
-from diagnostics.binding import resolve_binding
-from diagnostics.checkpoint import Checkpoint, load_checkpoint
-from diagnostics.context import Context, build_context
+from diag_cli.errors import cli_errors, warn
+from diag_cli.factory import checkpoint_argument, make_command, options_of, split_values, typer_parameter
 from diagnostics.errors import DiagnosticsError, GateFailed
-from diagnostics.gate import (
-    GateSettings,
-    baseline_settings,
-    check_against_baseline,
-    make_baseline,
-    read_baseline,
-    running_in_github_actions,
-)
-from diagnostics.results import atomic_write_bytes
+from diagnostics.gate import CheckOptions, GateSettings
+from diagnostics.options import BindingOptions, Overwrite, PrintOptions, ProjectOptions
+from diagnostics.spec import PANEL_OUTPUT, check_keys, option, params_of, resolve_config
 
-GATE_TABLE = "gate"
+TABLE = "gate"
 
 
-def _gate_defaults(config: Path | None) -> dict[str, Any]:
-    cfg = project_config(config)
-    table = cfg.get(GATE_TABLE) or {}
-    if not isinstance(table, dict):
-        raise DiagnosticsError(f"[{GATE_TABLE}] in diag.toml must be a table")
-    return {**{k: cfg[k] for k in ("seed", "samples", "batch_size", "dtype") if k in cfg}, **table}
+@dataclass
+class BaselineFile:
+    """Where ``diag baseline`` writes (command line only)."""
 
-
-def _pick(flag: Any, d: dict[str, Any], key: str, default: Any) -> Any:
-    return flag if flag is not None else d.get(key, default)
-
-
-def _full_context(
-    path: Path,
-    *,
-    model: str | None,
-    data: str | None,
-    loss: str | None,
-    config: Path | None,
-    trust: bool,
-    seed: int,
-    batch_size: int | None,
-    dtype: str | None,
-    device: str | None,
-    params: str | None,
-) -> tuple[Checkpoint, Context]:
-    """Checkpoint + binding -> a context over ALL the data (replicates draw their own subsets)."""
-    cfg = project_config(config)
-    ck = load_checkpoint(path)
-    binding = resolve_binding(ck.factories, model=model, data=data, loss=loss, config=cfg, trust_checkpoint=trust)
-    ctx = build_context(
-        ck,
-        binding,
-        device=pick(device, cfg, "device"),
-        dtype=dtype,
-        seed=seed,
-        samples=None,
-        batch_size_=batch_size,
-        params=pick(params, cfg, "params"),
+    out: Path | None = option(
+        None, help="baseline file to write (JSON; required)", short="-o", panel=PANEL_OUTPUT, toml=False
     )
-    return ck, ctx
 
 
-def _refuse_existing(path: Path | None, force: bool, protected: list[Path]) -> None:
-    if path is None:
-        return
-    for p in protected:
-        if path.exists() and p.exists() and path.resolve() == p.resolve():
-            raise DiagnosticsError(f"'{path}' is an input file; choose another output path")
-    if path.exists() and not force:
-        raise DiagnosticsError(f"'{path}' exists; pass --force to overwrite it or choose another path")
-    if path.exists() and path.is_dir():
-        raise DiagnosticsError(f"'{path}' is a folder; pass a file path")
+@dataclass
+class CheckFiles:
+    """What ``diag check`` reads and writes besides the checkpoint (command line only)."""
+
+    baseline: Path | None = option(None, help="baseline written by 'diag baseline' (required)", short="-b", toml=False)
+    out: Path | None = option(None, help="also write the result as JSON", short="-o", panel=PANEL_OUTPUT, toml=False)
+    junit: Path | None = option(None, help="write a JUnit XML report", panel=PANEL_OUTPUT, toml=False)
 
 
-@handle_errors
-def baseline(
-    checkpoint: CheckpointArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="baseline file to write (JSON)")],
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    loss: LossOpt = None,
-    config: ConfigOpt = None,
-    trust_checkpoint_factories: TrustOpt = False,
-    replicates: Annotated[
-        int | None, typer.Option("--replicates", "-K", help="seeded replicates K (default 5)")
-    ] = None,
-    seed: SeedOpt = None,
-    samples: SamplesOpt = None,
-    batch_size: BatchSizeOpt = None,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = None,
-    params: ParamsOpt = None,
-    tol: Annotated[
-        float | None, typer.Option("--tol", help="Lanczos relative residual tolerance (default 1e-4)")
-    ] = None,
-    max_iter: Annotated[int | None, typer.Option("--max-iter", help="Lanczos iteration cap (default 300)")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="stdout: table | json")] = "table",
-    force: Annotated[bool, typer.Option("--force", help="overwrite an existing baseline file")] = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+def gate_table(project: Any, cls: type) -> dict[str, Any]:
+    """The ``[gate]`` table's values for ``cls`` (every key of the table must be a gate option)."""
+    table = project.table(TABLE)
+    check_keys(
+        table, [p.name for c in (GateSettings, CheckOptions) for p in params_of(c)], f"[{TABLE}] in {project.where}"
+    )
+    names = {p.name for p in params_of(cls)}
+    return {k: v for k, v in table.items() if k in names}
+
+
+def _setup(values: dict[str, Any]) -> tuple[PrintOptions, Any, BindingOptions, bool]:
+    """Print options (table or json), the project file, the binding options and the trust flag."""
+    from diag_cli.run_command import load_project
+
+    prints = resolve_config(PrintOptions, flags=split_values(values, PrintOptions))
+    if prints.format not in ("table", "json"):
+        raise DiagnosticsError(f"--format must be table or json for the gate, not '{prints.format}'")
+    project_opts = resolve_config(ProjectOptions, flags=split_values(values, ProjectOptions))
+    project = load_project(project_opts.config)
+    flags = {k: v for k, v in split_values(values, BindingOptions).items() if k != "replicates"}
+    return prints, project, project.binding(flags), project_opts.trust_checkpoint_factories
+
+
+def _context(values: dict[str, Any], project: Any, binding: BindingOptions, trust: bool, **overrides: Any) -> Any:
+    """The checkpoint bound to its model over ALL the data (each replicate draws its own subset)."""
+    from diagnostics.runner import open_context
+
+    return open_context(Path(values["checkpoint"]), replace(binding, samples=None, **overrides), project, trust=trust)
+
+
+def _plan(
+    values: dict[str, Any], project: Any, binding: BindingOptions, files: dict[str, Path | None], *more: Path
 ) -> None:
-    """Measure K seeded sharpness replicates (lambda_max) of a model and store them as the CI baseline.
+    from diagnostics.binding import input_files
+    from diagnostics.outputs import plan_outputs
 
-    Replicate i uses seed SEED+i for its data subset (--samples) and Lanczos start vector; the seeds,
-    subset hashes and settings are stored so 'diag check' can repeat the exact same measurement.
-    """
-    if format not in ("table", "json"):
-        raise DiagnosticsError(f"unknown --format '{format}'; use table or json")
-    _refuse_existing(out, force, [checkpoint])
-    d = _gate_defaults(config)
-    settings = GateSettings(
-        replicates=int(_pick(replicates, d, "replicates", 5)),
-        seed=int(_pick(seed, d, "seed", 0)),
-        samples=_pick(samples, d, "samples", None),
-        batch_size=_pick(batch_size, d, "batch_size", None),
-        tol=float(_pick(tol, d, "tol", 1e-4)),
-        max_iter=int(_pick(max_iter, d, "max_iter", 300)),
-    )
-    settings.validate()
-    ck, ctx = _full_context(
-        checkpoint,
-        model=model,
-        data=data,
-        loss=loss,
-        config=config,
-        trust=trust_checkpoint_factories,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        dtype=_pick(dtype, d, "dtype", None),
-        device=device,
-        params=params,
-    )
-    with progress_bar(quiet) as progress:
-        doc = make_baseline(ctx, settings, progress, checkpoint_sha256=ck.sha256)
-    atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
-    if not quiet:
+    inputs = [Path(values["checkpoint"]), *more, *input_files(project.path, binding.model, binding.data, binding.loss)]
+    force = resolve_config(Overwrite, flags=split_values(values, Overwrite)).force
+    plan_outputs(inputs=inputs, force=force, files={k: (v, ()) for k, v in files.items()})
+
+
+def baseline(values: dict[str, Any]) -> None:
+    """``diag baseline`` with its parsed ``values``."""
+    import json
+
+    from diag_cli.output import progress_bar
+    from diagnostics.gate import make_baseline
+    from diagnostics.outputs import atomic_write_bytes
+
+    with cli_errors(bool(values.get("debug"))):
+        prints, project, binding, trust = _setup(values)
+        out = resolve_config(BaselineFile, flags=split_values(values, BaselineFile)).out
+        if out is None:
+            raise DiagnosticsError("--out is required: the baseline file to write, e.g. --out sharpness-baseline.json")
+        settings = resolve_config(
+            GateSettings,
+            flags=split_values(values, GateSettings),
+            table=gate_table(project, GateSettings),
+            table_name=TABLE,
+        )
+        settings = replace(settings, seed=binding.seed, samples=binding.samples, batch_size=binding.batch_size)
+        _plan(values, project, binding, {"--out": out})
+        ctx = _context(values, project, binding, trust)
+        with progress_bar(prints.quiet) as progress:
+            doc = make_baseline(ctx, settings, progress, checkpoint_sha256=ctx.checkpoint_metadata.get("sha256"))
+        atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
+        _print_baseline(doc, settings, out, prints)
+
+
+def _print_baseline(doc: dict[str, Any], settings: GateSettings, out: Path, prints: PrintOptions) -> None:
+    import json
+
+    if not prints.quiet:
         for note in doc.get("notes") or []:
             warn(note)
-    if format == "json":
+    if prints.format == "json":
         typer.echo(json.dumps(doc, indent=2))
         return
     s = doc["summary"]
     typer.echo(
-        f"baseline: {ck.name}: sharpness (lambda_max) mean {s['mean']:.6g}, sd {s['sd']:.3g} over "
+        f"baseline: {doc['checkpoint']['name']}: sharpness (lambda_max) mean {s['mean']:.6g}, sd {s['sd']:.3g} over "
         f"K={settings.replicates} replicates (seeds {settings.seeds[0]}..{settings.seeds[-1]}, "
         f"{doc['replicates'][0]['samples']} samples each, {doc['settings']['dtype']}) -> {out}"
     )
 
 
-@handle_errors
-def check(
-    checkpoint: CheckpointArg,
-    baseline_file: Annotated[Path, typer.Option("--baseline", "-b", help="baseline written by 'diag baseline'")],
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    loss: LossOpt = None,
-    config: ConfigOpt = None,
-    trust_checkpoint_factories: TrustOpt = False,
-    tolerance: Annotated[
-        float | None,
-        typer.Option("--tolerance", "-t", help="allowed relative increase of sharpness (default 0.10 = 10%)"),
-    ] = None,
-    confidence: Annotated[
-        float | None, typer.Option("--confidence", help="one-sided confidence level (default 0.95)")
-    ] = None,
-    device: DeviceOpt = None,
-    params: ParamsOpt = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="stdout: table (human summary) | json")] = "table",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the result as JSON")] = None,
-    junit: Annotated[Path | None, typer.Option("--junit", help="write a JUnit XML report")] = None,
-    force: Annotated[bool, typer.Option("--force", help="overwrite existing --out/--junit files")] = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Exit 1 when CHECKPOINT is measurably sharper than the baseline (paired, one-sided test).
+def check(values: dict[str, Any]) -> None:
+    """``diag check`` with its parsed ``values``."""
+    from diag_cli.output import progress_bar
+    from diagnostics.gate import baseline_settings, check_against_baseline, read_baseline
 
-    The baseline's seeds and settings (data subsets, dtype, Lanczos tolerance) are reused, so each
-    replicate compares the two models on the same data: d_i = log(new_i / base_i). The check fails
-    iff mean(d) - t_{conf,K-1} sd(d)/sqrt(K) > log(1 + tolerance). Under GitHub Actions it also
-    prints ::error/::notice annotations and appends to the job summary.
-    """
-    if format not in ("table", "json"):
-        raise DiagnosticsError(f"unknown --format '{format}'; use table or json")
-    for target in (out, junit):
-        _refuse_existing(target, force, [checkpoint, baseline_file])
-    if out is not None and junit is not None and out.resolve() == junit.resolve():
-        raise DiagnosticsError("--out and --junit name the same file")
-    d = _gate_defaults(config)
-    tol_value = float(_pick(tolerance, d, "tolerance", 0.10))
-    conf_value = float(_pick(confidence, d, "confidence", 0.95))
-    doc = read_baseline(baseline_file)
-    settings = baseline_settings(doc)
-    _, ctx = _full_context(
-        checkpoint,
-        model=model,
-        data=data,
-        loss=loss,
-        config=config,
-        trust=trust_checkpoint_factories,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        dtype=doc["settings"].get("dtype"),
-        device=device,
-        params=params,
-    )
-    with progress_bar(quiet) as progress:
-        report = check_against_baseline(ctx, doc, tolerance=tol_value, confidence=conf_value, progress=progress)
+    with cli_errors(bool(values.get("debug"))):
+        prints, project, binding, trust = _setup(values)
+        files = resolve_config(CheckFiles, flags=split_values(values, CheckFiles))
+        if files.baseline is None:
+            raise DiagnosticsError("--baseline is required: the file written by 'diag baseline'")
+        opts = resolve_config(
+            CheckOptions,
+            flags=split_values(values, CheckOptions),
+            table=gate_table(project, CheckOptions),
+            table_name=TABLE,
+        )
+        _plan(values, project, binding, {"--out": files.out, "--junit": files.junit}, files.baseline)
+        doc = read_baseline(files.baseline)
+        settings = baseline_settings(doc)
+        ctx = _context(
+            values,
+            project,
+            binding,
+            trust,
+            seed=settings.seed,
+            batch_size=settings.batch_size,
+            dtype=doc["settings"].get("dtype") or binding.dtype,
+        )
+        with progress_bar(prints.quiet) as progress:
+            report = check_against_baseline(
+                ctx, doc, tolerance=opts.tolerance, confidence=opts.confidence, progress=progress
+            )
+        _report_check(report, files, prints)
+
+
+def _report_check(report: Any, files: CheckFiles, prints: PrintOptions) -> None:
+    """Write --out/--junit, print the summary (and GitHub annotations), exit 1 when the gate failed."""
+    import json
+    import os
+
+    from diagnostics.outputs import atomic_write_bytes
+
     payload = report.to_dict()
-    if out is not None:
-        atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())
-    if junit is not None:
-        atomic_write_bytes(junit, report.junit_xml().encode())
-    if format == "json":
-        typer.echo(json.dumps(payload, indent=2))
-    else:
-        typer.echo(report.summary(), nl=False)
-    if not quiet:
+    if files.out is not None:
+        atomic_write_bytes(files.out, (json.dumps(payload, indent=2) + "\n").encode())
+    if files.junit is not None:
+        atomic_write_bytes(files.junit, report.junit_xml().encode())
+    typer.echo(
+        json.dumps(payload, indent=2) if prints.format == "json" else report.summary(), nl=prints.format == "json"
+    )
+    if not prints.quiet:
         for note in report.notes:
             warn(note)
+    from diagnostics.gate import running_in_github_actions
+
     if running_in_github_actions():
         typer.echo(report.github_annotations(), nl=False)
         summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -265,5 +196,31 @@ def check(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("baseline")(baseline)
-    app.command("check")(check)
+    """Add ``diag baseline`` and ``diag check``."""
+    # the gate's own --replicates (GateSettings) replaces the analyzers' data replicates
+    shared = [p for p in options_of(BindingOptions, ProjectOptions) if p.name != "replicates"]
+    prints = options_of(PrintOptions, Overwrite)
+    base = [
+        checkpoint_argument(),
+        *(typer_parameter(p) for p in [*shared, *options_of(GateSettings, BaselineFile), *prints]),
+    ]
+    chk = [
+        checkpoint_argument(),
+        *(typer_parameter(p) for p in [*shared, *options_of(CheckOptions, CheckFiles), *prints]),
+    ]
+    for name, fn, params, doc in (("baseline", baseline, base, BASELINE_HELP), ("check", check, chk, CHECK_HELP)):
+        app.command(name, help=doc, short_help=doc.split("\n")[0])(make_command(name, fn, params, doc))
+
+
+BASELINE_HELP = """Measure K seeded sharpness replicates (lambda_max) of a model and store them as the CI baseline.
+
+Replicate i uses seed SEED+i for its data subset (--samples) and Lanczos start vector; the seeds, subset hashes
+and settings are stored so 'diag check' can repeat the exact same measurement.
+"""
+CHECK_HELP = """Exit 1 when CHECKPOINT is measurably sharper than the baseline (paired, one-sided test).
+
+The baseline's seeds and settings (data subsets, dtype, Lanczos tolerance) are reused, so each replicate
+compares the two models on the same data: d_i = log(new_i / base_i). The check fails iff
+mean(d) - t_{conf,K-1} sd(d)/sqrt(K) > log(1 + tolerance). Under GitHub Actions it also prints ::error/::notice
+annotations and appends to the job summary.
+"""

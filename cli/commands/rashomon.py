@@ -25,7 +25,6 @@ from diag_cli.common import (
     TrustOpt,
     analyzer_defaults,
     check_format,
-    check_out,
     emit,
     handle_errors,
     load_context,
@@ -33,6 +32,8 @@ from diag_cli.common import (
     progress_bar,
 )
 from diagnostics.analyzers.rashomon import RashomonConfig, analyze_rashomon
+from diagnostics.binding import input_files
+from diagnostics.outputs import plan_outputs
 
 
 @handle_errors
@@ -96,7 +97,7 @@ def rashomon(
     also the pattern Rashomon ratio (distinct prediction patterns in R over those in F).
     """
     check_format(format)
-    check_out(out, force, [checkpoint])
+    plan_outputs(inputs=[checkpoint, *input_files(config, model, data, loss)], force=force, out=out)
     d = analyzer_defaults(config, "rashomon")
     cfg = RashomonConfig(
         theta=pick(theta, d, "theta", 0.01),

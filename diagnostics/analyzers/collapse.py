@@ -45,30 +45,26 @@ cancellation). Memory is ``O(C D)``; no ``N x D`` or ``D x D`` matrix is held.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context, describe_context
 from diagnostics.errors import DiagnosticsError
-from diagnostics.features import (
-    INPUT_SUFFIX,
-    POOLS,
-    class_labels,
-    classifier_parameters,
-    find_classifier,
-    resolve_layers,
-    stream_features,
-)
-from diagnostics.progress import ProgressFn, bind
+from diagnostics.lazy import lazy_import
+from diagnostics.options import FeatureOptions
+from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
+from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
-ANALYZER = "collapse"
+if TYPE_CHECKING:
+    from diagnostics.context import Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+pd = lazy_import("pandas")
+features = lazy_import("diagnostics.features")
+
+NAME = "collapse"
 ETF_METRICS = ("nc2_equiangular", "nc2_cos_mean", "nc2_cos_std", "nc2_equiangular_classifier")
 METRICS = (
     "nc1",
@@ -85,17 +81,19 @@ METRICS = (
     "cdnv",
 )
 CLASS_METRICS = ("class_count", "class_variance", "class_mean_norm", "class_cdnv", "class_nc4")
+# the per-layer figure of ``diag collapse --plot`` (more than one layer)
+LAYER_PLOT_METRICS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "cdnv")
 
 
 @dataclass
-class CollapseConfig:
-    """Settings of :func:`analyze_collapse` (CLI flags of ``diag collapse``).
+class CollapseConfig(FeatureOptions):
+    """Settings of :func:`analyze_collapse` (options of ``diag collapse``, ``[collapse]`` in diag.toml).
 
     Attributes:
-        layers: layer names (``module`` or ``module:input``); None: the classifier's input.
+        layers, pool: where features are captured (:class:`~diagnostics.options.FeatureOptions`);
+            ``layers`` None: the classifier's input.
         classifier: module name of the classifier; None: the last ``nn.Linear``.
         use_classifier: False skips the classifier metrics (``nc2_*_classifier``, ``nc3``, ``nc4``).
-        pool: ``"mean"`` or ``"flatten"`` for feature maps with more than two dimensions.
         per_class: also the per-class rows.
         rtol: singular values of ``M`` at or below ``rtol * max`` are treated as zero in ``Sigma_B^+``
             (default ``max(C, D) * float64 eps``).
@@ -103,25 +101,30 @@ class CollapseConfig:
             ``max_c n_c / min_c n_c`` reaches this.
     """
 
-    layers: list[str] | None = None
-    classifier: str | None = None
-    use_classifier: bool = True
-    pool: str | None = None
-    per_class: bool = False
-    rtol: float | None = None
-    imbalance_ratio: float = 1.5
+    classifier: str | None = option(
+        None, help="module name of the classifier W h + b (default: the last nn.Linear)", metavar="MODULE"
+    )
+    use_classifier: bool = option(
+        True, help="compute the classifier metrics nc2_*_classifier, nc3, nc4 (--no-use-classifier skips them)"
+    )
+    per_class: bool = option(False, help="also one row per class and metric")
+    rtol: float | None = option(
+        None,
+        help="singular values of the centred class means at or below rtol * max count as zero in Sigma_B^+ "
+        "(default: max(C, D) * float64 eps)",
+        min=0,
+        max=1,
+        min_open=True,
+        max_open=True,
+    )
+    imbalance_ratio: float = option(
+        1.5, help="max_c n_c / min_c n_c from which the data count as imbalanced (orthogonal-frame metrics)", min=1
+    )
 
     def validate(self) -> None:
-        if self.layers is not None and (isinstance(self.layers, str) or not list(self.layers)):
-            raise DiagnosticsError("layers must be a non-empty list of module names")
-        if self.pool is not None and self.pool not in POOLS:
-            raise DiagnosticsError(f"unknown --pool '{self.pool}'; use {' or '.join(POOLS)}")
-        if self.rtol is not None and not 0 < self.rtol < 1:
-            raise DiagnosticsError(f"rtol must be in (0, 1), got {self.rtol}")
-        if not self.imbalance_ratio >= 1:
-            raise DiagnosticsError(f"imbalance_ratio must be >= 1, got {self.imbalance_ratio}")
+        """Cross-option rules (single options are checked from their declarations)."""
         if self.classifier is not None and not self.use_classifier:
-            raise DiagnosticsError("--classifier and --no-classifier contradict each other; pass one")
+            raise DiagnosticsError("--classifier and --no-use-classifier contradict each other; pass one")
 
 
 # --------------------------------------------------------------------------------- pass 1
@@ -297,38 +300,19 @@ def _orthogonal_frame(rows: torch.Tensor) -> float | None:
     return float((gram / g_norm - diag / d_norm).norm())
 
 
-def summarize(
-    means: ClassMeans,
-    within: WithinClass,
-    basis_singular_values: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    imbalance_ratio: float = 1.5,
-) -> CollapseSummary:
-    """Pass-1 and pass-2 statistics (+ the classifier's ``W``) -> :class:`CollapseSummary`."""
-    classes, counts, mu = means.classes, means.counts, means.means
-    c, d = mu.shape
-    n = float(counts.sum())
-    notes: list[str] = []
-    values: dict[str, float] = {}
-    class_values: dict[str, torch.Tensor] = {}
-    m = mu - mu.mean(0, keepdim=True)
-    norms = m.norm(dim=1)
-    etf_possible = c <= d + 1
-    ratio = float(counts.max() / counts.min())
-    imbalanced = ratio >= imbalance_ratio and ratio > 1.0
-    s = basis_singular_values
-    rank = int(s.numel())
+def _pairs(c: int) -> torch.Tensor:
+    """Indices ``[2, C(C-1)/2]`` of the class pairs ``c < c'``."""
+    return torch.triu_indices(c, c, offset=1)
 
-    if bool((counts == 1).all()):
-        notes.append("every class has a single sample, so the within-class variability is zero by construction")
-    if rank == 0:
-        notes.append("the class means coincide (no between-class variation), so NC1 is undefined")
-    else:
-        values["nc1"] = float((within.proj_sq / (n * s**2)).sum())
+
+def _mean_geometry(m: torch.Tensor, cos: torch.Tensor, etf_possible: bool, notes: list[str]) -> dict[str, float]:
+    """NC2 of the centred class means ``m [C, D]``: equinorm, and the ETF metrics where a simplex ETF exists."""
+    c, d = m.shape
+    norms = m.norm(dim=1)
+    values: dict[str, float] = {}
     if (cv := _cv(norms)) is not None:
         values["nc2_equinorm"] = cv
-    cos = _cosines(m)
-    iu = torch.triu_indices(c, c, offset=1)
+    iu = _pairs(c)
     pair_cos = cos[iu[0], iu[1]]
     if etf_possible and c >= 2 and float(norms.min()) > 0:
         values["nc2_equiangular"] = float((pair_cos + 1.0 / (c - 1)).abs().mean())
@@ -341,12 +325,20 @@ def summarize(
         )
     elif c >= 2:
         notes.append("a class mean equals the global mean, so the cosines between class means are undefined")
+    return values
 
+
+def _variability(
+    mu: torch.Tensor, m: torch.Tensor, counts: torch.Tensor, within: WithinClass, notes: list[str]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """CDNV (Galanti et al. 2022) and the per-class counts, variances, mean norms and CDNVs."""
+    c = mu.shape[0]
+    iu = _pairs(c)
     var = within.sq / counts
-    dist2 = torch.cdist(mu, mu) ** 2
-    pair_d2 = dist2[iu[0], iu[1]]
+    pair_d2 = (torch.cdist(mu, mu) ** 2)[iu[0], iu[1]]
     pair_cdnv = (var[iu[0]] + var[iu[1]]) / (2.0 * pair_d2)
     finite = pair_d2 > 0
+    values: dict[str, float] = {}
     if c >= 2 and bool(finite.any()):
         values["cdnv"] = float(pair_cdnv[finite].mean())
         if not bool(finite.all()):
@@ -355,30 +347,69 @@ def summarize(
     full[iu[0], iu[1]] = pair_cdnv
     full[iu[1], iu[0]] = pair_cdnv
     full[~torch.isfinite(full)] = float("nan")
-    class_values["class_count"] = counts
-    class_values["class_variance"] = var
-    class_values["class_mean_norm"] = norms
-    class_values["class_cdnv"] = torch.nanmean(full, dim=1) if c >= 2 else torch.full((c,), float("nan"))
+    class_values = {
+        "class_count": counts,
+        "class_variance": var,
+        "class_mean_norm": m.norm(dim=1),
+        "class_cdnv": torch.nanmean(full, dim=1) if c >= 2 else torch.full((c,), float("nan")),
+    }
+    return values, class_values
 
+
+def _classifier_geometry(w: torch.Tensor, m: torch.Tensor, etf_possible: bool, imbalanced: bool) -> dict[str, float]:
+    """NC2 of the classifier rows ``w [C, D]`` (matched to the classes) and NC3 against the class means ``m``."""
+    c = w.shape[0]
+    values: dict[str, float] = {}
+    if (cv := _cv(w.norm(dim=1))) is not None:
+        values["nc2_equinorm_classifier"] = cv
+    if etf_possible and c >= 2 and float(w.norm(dim=1).min()) > 0:
+        iu = _pairs(c)
+        wcos = _cosines(w)[iu[0], iu[1]]
+        values["nc2_equiangular_classifier"] = float((wcos + 1.0 / (c - 1)).abs().mean())
+    if float(w.norm()) > 0 and float(m.norm()) > 0:
+        values["nc3"] = float(((w / w.norm() - m / m.norm()) ** 2).sum())
+    if imbalanced and (of := _orthogonal_frame(w)) is not None:
+        values["nc2_orthogonal_frame_classifier"] = of
+    return values
+
+
+def summarize(
+    means: ClassMeans,
+    within: WithinClass,
+    basis_singular_values: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    imbalance_ratio: float = 1.5,
+) -> CollapseSummary:
+    """Pass-1 and pass-2 statistics (+ the classifier's ``W``) -> :class:`CollapseSummary`."""
+    counts, mu = means.counts, means.means
+    c, d = mu.shape
+    n = float(counts.sum())
+    notes: list[str] = []
+    values: dict[str, float] = {}
+    m = mu - mu.mean(0, keepdim=True)
+    etf_possible = c <= d + 1
+    ratio = float(counts.max() / counts.min())
+    imbalanced = ratio >= imbalance_ratio and ratio > 1.0
+    s = basis_singular_values
+    if bool((counts == 1).all()):
+        notes.append("every class has a single sample, so the within-class variability is zero by construction")
+    if s.numel() == 0:
+        notes.append("the class means coincide (no between-class variation), so NC1 is undefined")
+    else:
+        values["nc1"] = float((within.proj_sq / (n * s**2)).sum())
+    cos = _cosines(m)
+    values.update(_mean_geometry(m, cos, etf_possible, notes))
+    cdnv, class_values = _variability(mu, m, counts, within, notes)
+    values.update(cdnv)
     if imbalanced and (of := _orthogonal_frame(mu)) is not None:
         values["nc2_orthogonal_frame"] = of
-
     if weight is not None:
-        w = weight.to(torch.float64)[classes]
-        if (cv := _cv(w.norm(dim=1))) is not None:
-            values["nc2_equinorm_classifier"] = cv
-        if etf_possible and c >= 2 and float(w.norm(dim=1).min()) > 0:
-            wcos = _cosines(w)[iu[0], iu[1]]
-            values["nc2_equiangular_classifier"] = float((wcos + 1.0 / (c - 1)).abs().mean())
-        if float(w.norm()) > 0 and float(m.norm()) > 0:
-            values["nc3"] = float(((w / w.norm() - m / m.norm()) ** 2).sum())
-        if imbalanced and (of := _orthogonal_frame(w)) is not None:
-            values["nc2_orthogonal_frame_classifier"] = of
+        values.update(_classifier_geometry(weight.to(torch.float64)[means.classes], m, etf_possible, imbalanced))
         if within.mismatch is not None:
             values["nc4"] = float(within.mismatch.sum() / n)
             class_values["class_nc4"] = within.mismatch / counts
     return CollapseSummary(
-        classes=classes,
+        classes=means.classes,
         counts=counts,
         dim=d,
         values=values,
@@ -387,7 +418,7 @@ def summarize(
         etf_possible=etf_possible,
         imbalanced=imbalanced,
         imbalance_ratio=ratio,
-        between_rank=rank,
+        between_rank=int(s.numel()),
         notes=notes,
     )
 
@@ -434,7 +465,7 @@ def neural_collapse(
 
     acc = ClassMeanAccumulator()
     for h, y in passes():
-        acc.update(h, class_labels(y))
+        acc.update(h, features.class_labels(y))
     means = acc.finalize()
     _check_classes(means, None if weight is None else int(weight.shape[0]), "features")
     if weight is not None:
@@ -444,7 +475,7 @@ def neural_collapse(
     b64 = None if bias is None else bias.to(torch.float64)
     within = WithinClassAccumulator(means, u, w64, b64)
     for h, y in passes():
-        within.update(h, class_labels(y))
+        within.update(h, features.class_labels(y))
     return summarize(means, within.finalize(), s, w64, imbalance_ratio)
 
 
@@ -472,25 +503,41 @@ def _same_features(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6 * (1.0 + scale)))
 
 
-def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
-    """Neural collapse at each layer of ``config.layers`` -> records (see module docstring).
+@dataclass
+class _Plan:
+    """Which layers are captured and analysed, and where the classifier's metrics apply.
 
-    Classifier metrics are computed for the layers whose features *are* the classifier's input
-    (checked on every batch); when none is, the classifier's input is analysed as well, as layer
-    ``'<classifier>:input'``.
-
-    Artifacts: ``cosine``: ``{layer: DataFrame C x C}`` of cosines between centred class means.
+    Attributes:
+        requested: the layers asked for (or the classifier's input).
+        layers: the resolved layers captured (``requested`` + the classifier's input).
+        classifier: ``(name, module)`` of the classifier, or None.
+        cls_key: ``'<classifier>:input'``, or None.
+        matches: per analysed layer, whether its features are the classifier's input.
+        analysed: the layers reported (``requested``, plus ``cls_key`` when none of them matches).
+        weight, bias: the classifier's parameters (after pass 1).
     """
-    config.validate()
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    model = ctx.model
+
+    requested: list[str]
+    layers: list[Any]
+    classifier: tuple[str, Any] | None
+    cls_key: str | None
+    matches: dict[str, bool]
+    analysed: list[str] = field(default_factory=list)
+    weight: Any = None
+    bias: Any = None
+
+    def classifier_of(self, name: str) -> tuple[Any, Any]:
+        """``(weight, bias)`` for a layer whose features feed the classifier, else ``(None, None)``."""
+        return (self.weight, self.bias) if self.matches.get(name) else (None, None)
+
+
+def _plan(config: CollapseConfig, model: Any, notes: list[str]) -> _Plan:
     classifier = None
     if config.use_classifier:
-        classifier = find_classifier(model, config.classifier)
+        classifier = features.find_classifier(model, config.classifier)
         if classifier is None:
             notes.append("the model has no nn.Linear: classifier metrics (nc2_*_classifier, nc3, nc4) skipped")
-    cls_key = None if classifier is None else classifier[0] + INPUT_SUFFIX
+    cls_key = None if classifier is None else classifier[0] + features.INPUT_SUFFIX
     if config.layers:
         requested = list(dict.fromkeys(config.layers))
     elif cls_key is not None:
@@ -498,118 +545,315 @@ def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn 
     else:
         raise DiagnosticsError("no layer given and no classifier to take the input of: pass --layer NAME")
     capture = requested + ([cls_key] if cls_key is not None and cls_key not in requested else [])
-    layers = resolve_layers(model, capture)
-
-    def run() -> Iterable:
-        return stream_features(
-            model, ctx.batches, layers, pool=config.pool, forward=lambda x: ctx.forward(ctx.params, x)
-        )
-
-    # pass 1: class sums, and which layers equal the classifier's input
-    acc = {layer.name: ClassMeanAccumulator() for layer in layers}
     matches = {name: cls_key is not None for name in requested}
+    return _Plan(requested, features.resolve_layers(model, capture), classifier, cls_key, matches)
+
+
+def _stream(plan: _Plan, ctx: Context, config: CollapseConfig) -> Iterable[Any]:
+    return features.stream_features(
+        ctx.model, ctx.batches, plan.layers, pool=config.pool, forward=lambda x: ctx.forward(ctx.params, x)
+    )
+
+
+def _class_means_pass(
+    plan: _Plan, ctx: Context, config: CollapseConfig, progress: ProgressFn | None
+) -> dict[str, ClassMeans]:
+    """Pass 1: class sums of every captured layer, and which layers equal the classifier's input."""
+    acc = {layer.name: ClassMeanAccumulator() for layer in plan.layers}
     tick = bind(progress, "collapse: class means")
-    for i, fb in enumerate(run()):
-        labels = class_labels(fb.targets)
+    for i, fb in enumerate(_stream(plan, ctx, config)):
+        labels = features.class_labels(fb.targets)
         for name, h in fb.features.items():
             acc[name].update(h, labels)
-        if cls_key is not None:
-            for name in requested:
-                if matches[name] and name != cls_key:
-                    matches[name] = _same_features(fb.features[name], fb.features[cls_key])
+        if plan.cls_key is not None:
+            for name in plan.requested:
+                if plan.matches[name] and name != plan.cls_key:
+                    plan.matches[name] = _same_features(fb.features[name], fb.features[plan.cls_key])
         tick(i + 1, len(ctx.batches))
-    means = {name: a.finalize() for name, a in acc.items()}
+    return {name: a.finalize() for name, a in acc.items()}
 
-    weight = bias = None
-    if classifier is not None:
-        weight, bias = classifier_parameters(classifier[1])
-        some = means[cls_key]
-        explicit = config.classifier is not None
-        if int(some.classes.max()) >= weight.shape[0] and not explicit:
-            notes.append(
-                f"the last nn.Linear '{classifier[0]}' has {weight.shape[0]} outputs but the labels go up to "
-                f"{int(some.classes.max())}: it is not the classifier, so classifier metrics are skipped "
-                "(name it with --classifier)"
-            )
-            classifier = weight = bias = None
-            matches = dict.fromkeys(requested, False)
-        else:
-            _check_classifier_shape(weight, bias, some, classifier[0])
-    analysed = list(requested)
-    if classifier is not None and not any(matches.values()):
-        analysed.append(cls_key)
+
+def _attach_classifier(plan: _Plan, means: dict[str, ClassMeans], config: CollapseConfig, notes: list[str]) -> None:
+    """Take the classifier's ``W, b`` (or drop a last Linear that cannot be it) and fix the analysed layers."""
+    plan.analysed = list(plan.requested)
+    if plan.classifier is None:
+        return
+    name = plan.classifier[0]
+    weight, bias = features.classifier_parameters(plan.classifier[1])
+    some = means[plan.cls_key]
+    if int(some.classes.max()) >= weight.shape[0] and config.classifier is None:
         notes.append(
-            f"none of the layers asked for is the input of the classifier '{classifier[0]}', so the classifier "
-            f"metrics are reported for '{cls_key}'"
+            f"the last nn.Linear '{name}' has {weight.shape[0]} outputs but the labels go up to "
+            f"{int(some.classes.max())}: it is not the classifier, so classifier metrics are skipped "
+            "(name it with --classifier)"
         )
-        matches[cls_key] = True
-    n_outputs = None if weight is None else int(weight.shape[0])
-    for name in analysed:
+        plan.classifier = None
+        plan.matches = dict.fromkeys(plan.requested, False)
+        return
+    _check_classifier_shape(weight, bias, some, name)
+    plan.weight, plan.bias = weight, bias
+    if not any(plan.matches.values()):
+        plan.analysed.append(plan.cls_key)
+        notes.append(
+            f"none of the layers asked for is the input of the classifier '{name}', so the classifier "
+            f"metrics are reported for '{plan.cls_key}'"
+        )
+        plan.matches[plan.cls_key] = True
+
+
+def _check_analysed(plan: _Plan, means: dict[str, ClassMeans], notes: list[str]) -> None:
+    n_outputs = None if plan.weight is None else int(plan.weight.shape[0])
+    for name in plan.analysed:
         _check_classes(means[name], n_outputs, f"layer '{name}'")
-        if weight is not None and n_outputs is not None and len(means[name].classes) < n_outputs:
+        if n_outputs is not None and len(means[name].classes) < n_outputs:
             missing = sorted(set(range(n_outputs)) - set(means[name].classes.tolist()))
             notes.append(
                 f"layer '{name}': classes {missing[:10]}{' ...' if len(missing) > 10 else ''} have no samples; "
                 "metrics use the classes present"
             )
 
-    # pass 2: centred residuals, projections on the between-class subspace, NC4
-    bases = {name: between_class_basis(means[name], config.rtol) for name in analysed}
+
+def _within_class_pass(
+    plan: _Plan,
+    means: dict[str, ClassMeans],
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ctx: Context,
+    config: CollapseConfig,
+    progress: ProgressFn | None,
+) -> dict[str, WithinClass]:
+    """Pass 2: centred residuals, projections on the between-class subspace, NC4 mismatches."""
     within = {
-        name: WithinClassAccumulator(
-            means[name], bases[name][0], weight if matches.get(name) else None, bias if matches.get(name) else None
-        )
-        for name in analysed
+        name: WithinClassAccumulator(means[name], bases[name][0], *plan.classifier_of(name)) for name in plan.analysed
     }
     tick = bind(progress, "collapse: within-class")
-    for i, fb in enumerate(run()):
-        labels = class_labels(fb.targets)
-        h_cls = fb.features.get(cls_key) if cls_key is not None else None
-        for name in analysed:
-            within[name].update(fb.features[name], labels, h_cls if matches.get(name) else None)
+    for i, fb in enumerate(_stream(plan, ctx, config)):
+        labels = features.class_labels(fb.targets)
+        h_cls = fb.features.get(plan.cls_key) if plan.cls_key is not None else None
+        for name in plan.analysed:
+            within[name].update(fb.features[name], labels, h_cls if plan.matches.get(name) else None)
         tick(i + 1, len(ctx.batches))
+    return {name: acc.finalize() for name, acc in within.items()}
 
+
+def cosine_frame(summary: CollapseSummary, group: str) -> pd.DataFrame:
+    """The ``C x C`` cosines between centred class means of one layer as a tidy frame
+    ``group, class, other, cosine`` (``diagnostics.plots.cosine_matrices`` turns it back into matrices)."""
+    labels = [int(c) for c in summary.classes.tolist()]
+    c = len(labels)
+    return pd.DataFrame(
+        {
+            "group": group,
+            "class": [a for a in labels for _ in range(c)],
+            "other": labels * c,
+            "cosine": summary.cosine.reshape(-1).tolist(),
+        }
+    )
+
+
+def _layer_info(summary: CollapseSummary, classifier: str | None) -> dict[str, Any]:
+    labels = summary.classes.tolist()
+    return {
+        "classes": len(labels),
+        "dim": summary.dim,
+        "samples": int(summary.counts.sum()),
+        "class_counts": {int(k): int(v) for k, v in zip(labels, summary.counts.tolist())},
+        "etf_possible": summary.etf_possible,
+        "imbalanced": summary.imbalanced,
+        "imbalance_ratio": summary.imbalance_ratio,
+        "between_class_rank": summary.between_rank,
+        "classifier": classifier,
+    }
+
+
+def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
+    """Neural collapse at each layer of ``config.layers`` -> records (see module docstring).
+
+    Classifier metrics are computed for the layers whose features *are* the classifier's input
+    (checked on every batch); when none is, the classifier's input is analysed as well, as layer
+    ``'<classifier>:input'``.
+
+    Args:
+        config: the options (checked first).
+        ctx: the checkpoint's context; its data must carry class labels.
+        progress: ``progress(task, done, total)``.
+
+    Returns:
+        Records ``group = layer`` (per class: ``group = '<layer>/class=<c>'``, ``index = c``); metadata
+        ``layers``, ``classifier``, ``global_mean``, ``per_layer``, ``notes``; artifact ``cosine``, the tidy
+        frame of :func:`cosine_frame` for every layer.
+    """
+    check_config(config)
+    notes: list[str] = []
+    plan = _plan(config, ctx.model, notes)
+    means = _class_means_pass(plan, ctx, config, progress)
+    _attach_classifier(plan, means, config, notes)
+    _check_analysed(plan, means, notes)
+    bases = {name: between_class_basis(means[name], config.rtol) for name in plan.analysed}
+    within = _within_class_pass(plan, means, bases, ctx, config, progress)
     rows: list[tuple] = []
     per_layer: dict[str, Any] = {}
-    cosine: dict[str, pd.DataFrame] = {}
-    for name in analysed:
-        summary = summarize(means[name], within[name].finalize(), bases[name][1], weight if matches.get(name) else None)
+    cosines = []
+    classifier = None if plan.classifier is None else plan.classifier[0]
+    for name in plan.analysed:
+        weight = plan.classifier_of(name)[0]
+        summary = summarize(means[name], within[name], bases[name][1], weight, config.imbalance_ratio)
         rows += summary_rows(summary, name, config.per_class)
         notes += [f"layer '{name}': {note}" for note in summary.notes]
-        labels = summary.classes.tolist()
-        cosine[name] = pd.DataFrame(summary.cosine.numpy(), index=labels, columns=labels)
-        per_layer[name] = {
-            "classes": len(labels),
-            "dim": summary.dim,
-            "samples": int(summary.counts.sum()),
-            "class_counts": {int(k): int(v) for k, v in zip(labels, summary.counts.tolist())},
-            "etf_possible": summary.etf_possible,
-            "imbalanced": summary.imbalanced,
-            "imbalance_ratio": summary.imbalance_ratio,
-            "between_class_rank": summary.between_rank,
-            "classifier": classifier[0] if classifier is not None and matches.get(name) else None,
-        }
-    meta = describe_context(ctx)
-    meta["notes"] = list(meta["notes"]) + notes
+        cosines.append(cosine_frame(summary, name))
+        per_layer[name] = _layer_info(summary, classifier if weight is not None else None)
     metadata = {
-        "analyzer": ANALYZER,
-        **meta,
-        "config": asdict(config),
-        "layers": analysed,
-        "classifier": None if classifier is None else classifier[0],
+        "layers": plan.analysed,
+        "classifier": classifier,
         "global_mean": "unweighted mean of the class means",
         "per_layer": per_layer,
-        "seconds": time.perf_counter() - t0,
+        "notes": notes,
     }
-    return Result(make_records(ctx.checkpoint, ctx.step, ANALYZER, rows), metadata, {"cosine": cosine})
+    artifacts = {"cosine": pd.concat(cosines, ignore_index=True)}
+    return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=CollapseConfig,
-        run=analyze_collapse,
-        needs_targets=True,
-        summary="neural collapse NC1-NC4, CDNV, orthogonal frame (imbalance) at any layer",
+# ------------------------------------------------------------------------------------ declaration
+_LAYER = "the layer (module name, or 'name:input')"
+_PER_CLASS = "'<layer>/class=<c>'"
+_PAPYAN = "Papyan, Han, Donoho 2020"
+
+
+def _per_class(name: str, definition: str, unit: str = "", higher_is_better: bool | None = None) -> Metric:
+    return Metric(
+        name,
+        definition + " (with --per-class)",
+        unit=unit,
+        higher_is_better=higher_is_better,
+        index="the class label c",
+        group=_PER_CLASS,
+        reference=_PAPYAN,
     )
-}
+
+
+def _nc(
+    name: str, definition: str, reference: str = _PAPYAN, headline: bool = False, hib: bool | None = False
+) -> Metric:
+    return Metric(name, definition, higher_is_better=hib, headline=headline, group=_LAYER, reference=reference)
+
+
+def _plot_suffixes(config: CollapseConfig) -> tuple[str, ...]:
+    return (".cosine.png", ".layers.png") if config.layers and len(config.layers) > 1 else (".cosine.png",)
+
+
+METRIC_DECLARATIONS = (
+    _nc(
+        "nc1",
+        "Tr(Sigma_W Sigma_B^+) / C: within-class covariance Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T "
+        "against the between-class covariance Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T, mu_G = unweighted "
+        "mean of the class means",
+        headline=True,
+    ),
+    _nc(
+        "nc2_equinorm",
+        "std_c ||mu_c - mu_G|| / mean_c ||mu_c - mu_G|| (std with ddof 1): equal norms of the centred class means",
+        headline=True,
+    ),
+    _nc("nc2_equinorm_classifier", "std_c ||W_c|| / mean_c ||W_c|| over the classifier rows W_c of the classes"),
+    _nc(
+        "nc2_equiangular",
+        "mean over class pairs of |cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C-1)| (0 for a simplex ETF; omitted when "
+        "C > D + 1)",
+        headline=True,
+    ),
+    _nc(
+        "nc2_equiangular_classifier",
+        "mean over class pairs of |cos(W_c, W_c') + 1/(C-1)| of the classifier rows (omitted when C > D + 1)",
+    ),
+    _nc(
+        "nc2_cos_mean",
+        "mean over class pairs of cos(mu_c - mu_G, mu_c' - mu_G); a simplex ETF has -1/(C-1)",
+        hib=None,
+    ),
+    _nc(
+        "nc2_cos_std", "std (ddof 1) over class pairs of cos(mu_c - mu_G, mu_c' - mu_G): Papyan et al.'s equiangularity"
+    ),
+    _nc(
+        "nc2_orthogonal_frame",
+        "|| G/||G||_F - diag(G)/||diag(G)||_F ||_F with G = Mu Mu^T the uncentred Gram of the class means (0 for "
+        "orthogonal means of any lengths); only when max_c n_c / min_c n_c >= imbalance_ratio",
+        reference="Dang, Tran, Osher, Tran-The, Ho, Nguyen 2023",
+    ),
+    _nc(
+        "nc2_orthogonal_frame_classifier",
+        "|| G/||G||_F - diag(G)/||diag(G)||_F ||_F with G = W W^T of the classifier rows; only for imbalanced data",
+        reference="Dang, Tran, Osher, Tran-The, Ho, Nguyen 2023",
+    ),
+    _nc(
+        "nc3",
+        "|| W^T/||W||_F - M^T/||M||_F ||_F^2, M = [mu_c - mu_G]: distance between the normalised classifier and the "
+        "normalised centred class means (self-duality)",
+        headline=True,
+    ),
+    _nc(
+        "nc4",
+        "(1/N) #{i : argmax_c (W h_i + b)_c != argmin_c ||h_i - mu_c||}: share of samples where the classifier and "
+        "the nearest class mean disagree",
+        headline=True,
+    ),
+    _nc(
+        "cdnv",
+        "mean over class pairs of (Var_c + Var_c') / (2 ||mu_c - mu_c'||^2), Var_c = (1/n_c) sum_{i in c} "
+        "||h_i - mu_c||^2 (class-distance normalised variance; defined for any C and D)",
+        reference="Galanti, Gyorgy, Hutter 2022",
+    ),
+    _per_class("class_count", "n_c, the number of samples of class c", unit="samples"),
+    _per_class("class_variance", "Var_c = (1/n_c) sum_{i in c} ||h_i - mu_c||^2", higher_is_better=False),
+    _per_class("class_mean_norm", "||mu_c - mu_G||, the norm of the centred class mean"),
+    _per_class("class_cdnv", "mean over c' != c of (Var_c + Var_c') / (2 ||mu_c - mu_c'||^2)", higher_is_better=False),
+    _per_class(
+        "class_nc4",
+        "share of the samples of class c where argmax_k (W h_i + b)_k != argmin_k ||h_i - mu_k||",
+        higher_is_better=False,
+    ),
+)
+
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="neural collapse NC1-NC4, CDNV, orthogonal frame (imbalance) at any layer",
+    description="Neural collapse (Papyan et al. 2020): NC1, NC2 (equinorm, equiangularity), NC3, NC4 and CDNV at "
+    "one or more layers, with the global mean taken as the unweighted mean of the class means.",
+    config=CollapseConfig,
+    run=analyze_collapse,
+    needs_targets=True,
+    uses_loss=False,
+    metrics=METRIC_DECLARATIONS,
+    order=45,
+    outputs=(
+        FileOutput(
+            "plot",
+            "write PREFIX.cosine.png (cosines between centred class means, per layer) and, with several layers, "
+            "PREFIX.layers.png (the metrics against the layer)",
+            render="diagnostics.render:collapse_figures",
+            suffixes=_plot_suffixes,
+        ),
+    ),
+    sections=(
+        Section(
+            "Neural collapse: variability",
+            ("nc1", "cdnv"),
+            "NC1 = Tr(Σ_W Σ_B⁺)/C compares the within-class spread of the features with the spread of the class "
+            "means; CDNV does the same per pair of classes and exists for any number of classes (Papyan, Han, Donoho "
+            "2020; Galanti et al. 2022). Both fall towards 0 under neural collapse.",
+            log_y=True,
+        ),
+        Section(
+            "Neural collapse: geometry and classifier",
+            ("nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_classifier", "nc2_orthogonal_frame"),
+            "NC2: centred class means of equal norm and maximal equal angles (a simplex ETF; under class imbalance "
+            "an orthogonal frame); NC3: classifier rows aligned with the class means; NC4: the classifier decides "
+            "like the nearest class mean. All tend to 0 under neural collapse.",
+        ),
+        Section(
+            "Cosines between class means",
+            (),
+            "Cosines between the centred class means at the last checkpoint, per layer; a simplex ETF has -1/(C-1) "
+            "off the diagonal.",
+            figure="diagnostics.plots:collapse_cosine_section",
+        ),
+    ),
+)

@@ -1,10 +1,9 @@
 """Loss-landscape slices (Li et al. 2018) and the straight line between two checkpoints.
 
-Metrics (records; ``index`` is the flat grid index, ``group`` holds the coordinates):
+Metrics (records; ``index`` is the grid point, ``group`` is null):
 
 * ``loss`` at every grid point: the sample-weighted mean loss ``L(w + x d_1 [+ y d_2])`` over the data
-  (group ``x=..`` or ``x=..,y=..``), or ``L((1 - alpha) w_a + alpha w_b)`` on the line between two
-  checkpoints (group ``alpha=..``).
+  on a slice around one checkpoint, or ``L((1 - alpha) w_a + alpha w_b)`` on the line between two.
 * ``accuracy`` at every grid point (classification only: argmax of the outputs against the labels, or
   the sign of one logit with a BCE loss).
 * ``barrier`` (two checkpoints only): the loss barrier of linear interpolation (Frankle et al. 2020,
@@ -14,7 +13,15 @@ Metrics (records; ``index`` is the flat grid index, ``group`` holds the coordina
 
   the largest rise of the loss above the chord between the end points (0 for a convex loss, since the
   end points contribute 0). It is the maximum over the grid points in [0, 1], refined by golden-section
-  search between the neighbours of the best grid point.
+  search between the neighbours of the best grid point. The definition travels in the metadata
+  (``barrier_definition``).
+
+Where the coordinates are: a grid point's ``index`` is its row in the ``grid`` artifact (a DataFrame
+``x[, y], loss, accuracy`` for a slice, flat index ``i * steps + j`` for ``(x_i, y_j)``; ``alpha, loss,
+accuracy, chord`` for a line), which ``--grid-out`` writes and sweeps cache as Parquet. Coordinates are
+not packed into ``group``: a record is one measured number addressed by (metric, index), the coordinates
+are a property of the grid shared by every checkpoint of a sweep, and a reader (the report, a notebook)
+joins on the row instead of parsing strings whose float formatting would have to round-trip.
 
 Directions (see :mod:`diagnostics.directions`): filter-normalised Gaussian directions by default, with
 biases and norm parameters zeroed (Li et al. 2018), optionally orthogonalised; or the unit top
@@ -22,8 +29,10 @@ eigenvectors of the Hessian (coordinates are then Euclidean distances, and the s
 centre is the eigenvalue). Interpolated checkpoints also interpolate BatchNorm running statistics, or
 recompute them on the data at every point with ``bn_recompute``.
 
-Resumable: the function takes the grid points already evaluated (``done``) and reports every newly
-evaluated chunk to ``on_points``, so a caller can persist them and continue an interrupted grid.
+Resumable: :func:`run_landscape` takes a store of partial work (``resume``, e.g. ``diag landscape
+--cache FILE``); the grid points already evaluated are read from it under the key of
+:func:`landscape_key` and every newly evaluated chunk is saved to it, so an interrupted grid continues
+where it stopped. The pure functions take the points (``done``) and a callback (``on_points``) instead.
 """
 
 from __future__ import annotations
@@ -31,49 +40,56 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
-import torch
-
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context, describe_context
-from diagnostics.directions import (
-    BACKENDS,
-    NORMALIZATIONS,
-    FlatSpace,
-    PointEvaluator,
-    data_digest,
-    hessian_directions,
-    inner,
-    normalize_direction,
-    orthogonalize,
-    random_direction,
-    tensors_digest,
-)
+from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
-from diagnostics.progress import ProgressFn, bind
+from diagnostics.lazy import lazy_import
+from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
+from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, config_values, option
 
-ANALYZER = "landscape"
+if TYPE_CHECKING:
+    from diagnostics.context import Context
+    from diagnostics.directions import PointEvaluator
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+pd = lazy_import("pandas")
+directions = lazy_import("diagnostics.directions")
+
+NAME = "landscape"
 DIRECTIONS = ("random", "hessian")
+NORMALIZATIONS = ("filter", "layer", "unit", "none")  # = diagnostics.directions.NORMALIZATIONS (a test checks)
+BACKENDS = ("auto", "vmap", "loop")  # = diagnostics.directions.BACKENDS
 BARRIER_DEFINITION = (
     "barrier = max over alpha in [0, 1] of L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]"
 )
-PointValues = Mapping[int, tuple[float, float | None]]
-OnPoints = Callable[[dict[int, tuple[float, float | None]]], None]
+KEY_VERSION = b"diagnostics.landscape/2;"
+PointValues = Mapping[int, tuple[float, "float | None"]]
+OnPoints = Callable[[dict[int, tuple[float, "float | None"]]], None]
+
+
+class PartialStore(Protocol):
+    """Where a resumable analyzer keeps finished work (``diag NAME --cache FILE``; see ``diag_cli.resume``)."""
+
+    def load(self, key: str) -> Any:
+        """The data saved under ``key`` (None when there is none)."""
+
+    def save(self, key: str, data: Any) -> None:
+        """Replace the data saved under ``key`` (JSON-ready)."""
 
 
 @dataclass
 class LandscapeConfig:
-    """Settings of :func:`analyze_landscape` / :func:`analyze_interpolation` (flags of ``diag landscape``).
+    """Settings of :func:`run_landscape` (options of ``diag landscape``, ``[landscape]`` in diag.toml).
 
     Attributes:
         direction: ``random`` (Gaussian, normalised) or ``hessian`` (top eigenvectors).
-        dims: 1 (a curve) or 2 (a plane); the interpolation is always 1-D.
+        dims: 1 (a curve) or 2 (a plane); None: 2 around one checkpoint, 1 on the line between two
+            (which is always 1-D).
         steps: grid points per axis.
         span: slice coordinates run over ``[-span, span]``.
         normalize: ``filter`` | ``layer`` | ``unit`` | ``none``; default ``filter`` for random and
@@ -87,49 +103,50 @@ class LandscapeConfig:
         hessian_tol, hessian_max_iter: Lanczos settings for Hessian directions.
     """
 
-    direction: str = "random"
-    dims: int = 2
-    steps: int = 21
-    span: float = 1.0
-    normalize: str | None = None
-    include_1d: bool = False
-    orthogonalize: bool = False
-    bn_recompute: bool = False
-    alpha_min: float = 0.0
-    alpha_max: float = 1.0
-    refine_steps: int = 16
-    chunk: int = 32
-    backend: str = "auto"
-    hessian_tol: float = 1e-3
-    hessian_max_iter: int = 300
+    direction: str = option(
+        "random", help="random (filter-normalised Gaussian) or hessian (top eigenvectors)", choices=DIRECTIONS
+    )
+    dims: int | None = option(
+        None, help="1 (a curve) or 2 (a plane); default 2 around one checkpoint, 1 between two", min=1, max=2
+    )
+    steps: int = option(21, help="grid points per axis", min=2)
+    span: float = option(1.0, help="slice coordinates run over [-span, span]", min=0, min_open=True)
+    normalize: str | None = option(
+        None, help="direction normalisation (default: filter for random, unit for hessian)", choices=NORMALIZATIONS
+    )
+    include_1d: bool = option(False, help="also move biases and norm parameters (zeroed by default)")
+    orthogonalize: bool = option(False, help="make the two random directions exactly orthogonal")
+    bn_recompute: bool = option(False, help="recompute BatchNorm statistics on the data at every point")
+    alpha_min: float = option(0.0, help="interpolation from (e.g. -0.5 to extrapolate)")
+    alpha_max: float = option(1.0, help="interpolation to (e.g. 1.5 to extrapolate)")
+    refine_steps: int = option(16, help="golden-section steps refining the barrier (0: grid maximum only)", min=0)
+    chunk: int = option(32, help="grid points per batched evaluation", min=1)
+    backend: str = option(
+        "auto", help="evaluation: auto (vmap; one point at a time for conv nets on CPU), vmap or loop", choices=BACKENDS
+    )
+    hessian_tol: float = option(
+        1e-3, help="Lanczos tolerance of Hessian directions", min=0, max=1, min_open=True, max_open=True
+    )
+    hessian_max_iter: int = option(300, help="Lanczos iterations for Hessian directions", min=1)
 
     def validate(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise DiagnosticsError(f"unknown --direction '{self.direction}'; use {' or '.join(DIRECTIONS)}")
-        if self.dims not in (1, 2):
-            raise DiagnosticsError(f"--dims must be 1 or 2, got {self.dims}")
-        if self.steps < 2:
-            raise DiagnosticsError(f"--steps must be at least 2, got {self.steps}")
-        if not (math.isfinite(self.span) and self.span > 0):
-            raise DiagnosticsError(f"--span must be positive, got {self.span}")
-        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
-            raise DiagnosticsError(f"unknown --normalize '{self.normalize}'; use one of {', '.join(NORMALIZATIONS)}")
-        if not (math.isfinite(self.alpha_min) and math.isfinite(self.alpha_max)) or self.alpha_min >= self.alpha_max:
+        """Cross-option rules (single options are checked from their declarations)."""
+        if not (math.isfinite(self.span) and math.isfinite(self.alpha_min) and math.isfinite(self.alpha_max)):
+            raise DiagnosticsError("--span, --alpha-min and --alpha-max must be finite numbers")
+        if self.alpha_min >= self.alpha_max:
             raise DiagnosticsError(f"--alpha-min ({self.alpha_min}) must be below --alpha-max ({self.alpha_max})")
-        if self.refine_steps < 0:
-            raise DiagnosticsError(f"--refine-steps must be >= 0, got {self.refine_steps}")
-        if self.chunk < 1:
-            raise DiagnosticsError(f"--chunk must be positive, got {self.chunk}")
-        if self.backend not in BACKENDS:
-            raise DiagnosticsError(f"unknown --backend '{self.backend}'; use {', '.join(BACKENDS)}")
-        if not 0 < self.hessian_tol < 1:
-            raise DiagnosticsError(f"--hessian-tol must be in (0, 1), got {self.hessian_tol}")
 
     @property
     def normalization(self) -> str:
+        """The normalisation used: ``normalize``, or its default for the direction kind."""
         if self.normalize is not None:
             return self.normalize
         return "filter" if self.direction == "random" else "unit"
+
+    @property
+    def slice_dims(self) -> int:
+        """The dimension of a slice around one checkpoint (``dims``, default 2)."""
+        return 2 if self.dims is None else self.dims
 
 
 # ----------------------------------------------------------------------------------- pure maths
@@ -201,10 +218,11 @@ def golden_max(fn: Callable[[float], float], lo: float, hi: float, steps: int) -
 
 # ---------------------------------------------------------------------------------- cache keys
 def _config_for_key(config: LandscapeConfig, mode: str) -> dict[str, Any]:
-    keep = asdict(config)
+    keep = config_values(config)
     for k in ("chunk", "backend", "refine_steps"):
         keep.pop(k)
     keep["normalize"] = config.normalization
+    keep["dims"] = config.slice_dims if mode == "slice" else 1
     keep["mode"] = mode
     return keep
 
@@ -212,25 +230,30 @@ def _config_for_key(config: LandscapeConfig, mode: str) -> dict[str, Any]:
 def landscape_key(config: LandscapeConfig, ctx: Context, other: Context | None = None) -> str:
     """A fingerprint of everything that fixes the grid values: options, weights, buffers, data, loss.
 
-    A cache of grid points may be reused only by a run with the same key.
+    Saved grid points may be reused only by a run with the same key. Options that change how the points
+    are computed but not their values (``chunk``, ``backend``, ``refine_steps``) are left out.
+
+    Args:
+        config: the options.
+        ctx: the (first) checkpoint's context.
+        other: the second checkpoint's context for the line between two.
+
+    Returns:
+        A sha256 hex digest.
     """
-    h = hashlib.sha256(b"diagnostics.landscape/1;")
+    h = hashlib.sha256(KEY_VERSION)
     mode = "slice" if other is None else "interpolation"
     h.update(json.dumps(_config_for_key(config, mode), sort_keys=True).encode())
     h.update(f"seed={ctx.seed};loss={ctx.loss_name};dtype={ctx.dtype};".encode())
     h.update(json.dumps(["analysed", *ctx.params]).encode())
-    tensors_digest({**ctx.params, **ctx.frozen}, h)
+    directions.tensors_digest({**ctx.params, **ctx.frozen}, h)
     if other is not None:
-        tensors_digest({**other.params, **other.frozen}, h)
-    data_digest(ctx.batches, h)
+        directions.tensors_digest({**other.params, **other.frozen}, h)
+    h.update(fingerprint(ctx.batches).encode())
     return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- the grid
-def _fmt(x: float) -> str:
-    return f"{x:.6g}"
-
-
 def _run_grid(
     total: int,
     build: Callable[[list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
@@ -271,17 +294,18 @@ def _run_grid(
     return loss, (acc if has_acc else None), resumed
 
 
-def _grid_rows(coords: list[dict[str, float]], loss: torch.Tensor, acc: torch.Tensor | None) -> list[tuple]:
+def _grid_rows(loss: torch.Tensor, acc: torch.Tensor | None) -> list[tuple]:
+    """``loss`` (and ``accuracy``) records of every grid point: index = row of the grid, no group."""
     rows: list[tuple] = []
-    for i, c in enumerate(coords):
-        group = ",".join(f"{k}={_fmt(v)}" for k, v in c.items())
-        rows.append(("loss", float(loss[i]), None, i, group))
+    for i in range(len(loss)):
+        rows.append(("loss", float(loss[i]), None, i, None))
         if acc is not None:
-            rows.append(("accuracy", float(acc[i]), None, i, group))
+            rows.append(("accuracy", float(acc[i]), None, i, None))
     return rows
 
 
 def _direction_info(dirs: list[dict[str, torch.Tensor]], params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    inner = directions.inner
     wn = math.sqrt(inner(params, params))
     norms = [math.sqrt(inner(d, d)) for d in dirs]
     info: dict[str, Any] = {
@@ -295,8 +319,64 @@ def _direction_info(dirs: list[dict[str, torch.Tensor]], params: Mapping[str, to
     return info
 
 
-def _base_metadata(config: LandscapeConfig, ctx: Context) -> dict[str, Any]:
-    return {"analyzer": ANALYZER, **describe_context(ctx), "config": asdict(config)}
+def _evaluation_info(evaluator: PointEvaluator, config: LandscapeConfig, resumed: int) -> dict[str, Any]:
+    return {
+        "points_evaluated": evaluator.evaluations,
+        "points_resumed": resumed,
+        "evaluation": {
+            "backend": evaluator.backend,
+            "chunk": evaluator.chunk,
+            "bn_recompute": config.bn_recompute,
+            "backend_reason": evaluator.backend_reason,
+        },
+    }
+
+
+def _notes(evaluator: PointEvaluator, acc: torch.Tensor | None) -> list[str]:
+    notes = list(evaluator.notes)
+    if acc is None:
+        notes.append("no accuracy: the outputs/targets are not classification labels")
+    return notes
+
+
+def slice_directions(
+    config: LandscapeConfig, ctx: Context, progress: ProgressFn | None = None
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The ``dims`` directions of a slice (random normalised, or Hessian eigenvectors) and their description.
+
+    Args:
+        config: the options (``direction``, ``dims``, ``normalize``, ``include_1d``, ``orthogonalize``, ...).
+        ctx: the checkpoint's context; random directions come from its generator stream 0, the Lanczos start
+            vector from stream 1.
+        progress: ``progress(task, done, total)``.
+
+    Returns:
+        (directions ``[{name: tensor}]``, info: kind, normalisation, norms, cosine, eigenvalues, hvps).
+    """
+    mode = config.normalization
+    dims = config.slice_dims
+    info: dict[str, Any] = {"kind": config.direction, "normalize": mode, "include_1d": config.include_1d, "hvps": 0}
+    if config.direction == "random":
+        gen = ctx.generator(0)
+        dirs = [directions.random_direction(ctx.params, gen, mode, config.include_1d) for _ in range(dims)]
+        if dims == 2 and config.orthogonalize:
+            dirs[1] = directions.orthogonalize(dirs[0], dirs[1], mode)
+        info["orthogonalized"] = bool(dims == 2 and config.orthogonalize)
+    else:
+        unit, eigenvalues, lanczos_info = directions.hessian_directions(
+            ctx,
+            dims,
+            tol=config.hessian_tol,
+            max_iter=config.hessian_max_iter,
+            generator=ctx.generator(1),
+            progress=bind(progress, "lanczos"),
+        )
+        dirs = unit
+        if mode != "unit":
+            dirs = [directions.normalize_direction(d, ctx.params, mode, config.include_1d) for d in unit]
+        info.update(eigenvalues=eigenvalues, lanczos=lanczos_info, hvps=int(lanczos_info.get("hvps") or 0))
+    info.update(_direction_info(dirs, ctx.params))
+    return dirs, info
 
 
 def analyze_landscape(
@@ -310,86 +390,56 @@ def analyze_landscape(
     """A 1-D or 2-D slice of the loss around ``ctx``'s weights -> records and the grid.
 
     Points ``w + x d_1`` (1-D) or ``w + x d_1 + y d_2`` (2-D) with ``x, y`` in ``[-span, span]``;
-    flat index ``i * steps + j`` for ``(x_i, y_j)``.
+    flat index ``i * steps + j`` for ``(x_i, y_j)`` (Li et al. 2018, "Visualizing the Loss Landscape of
+    Neural Nets").
 
     Args:
+        config: the options.
+        ctx: the checkpoint's context.
+        progress: ``progress(task, done, total)``.
         done: grid points already evaluated ``{index: (loss, accuracy or None)}`` (resuming).
         on_points: called with every chunk of newly evaluated points.
 
     Returns:
-        records ``loss``/``accuracy`` per point; artifacts ``grid`` (DataFrame ``x[, y], loss,
-        accuracy``) and ``directions`` (list of ``{name: tensor}``).
+        records ``loss``/``accuracy`` per point (``index`` = row of the grid); artifacts ``grid`` (DataFrame
+        ``x[, y], loss, accuracy``) and ``directions`` (list of ``{name: tensor}``).
     """
-    config.validate()
-    t0 = time.perf_counter()
-    space = FlatSpace.of(ctx.params)
+    check_config(config)
+    space = directions.FlatSpace.of(ctx.params)
     w = space.flatten(ctx.params)
-    mode = config.normalization
-    dir_info: dict[str, Any] = {"kind": config.direction, "normalize": mode, "include_1d": config.include_1d}
-    if config.direction == "random":
-        gen = ctx.generator(0)
-        dirs = [random_direction(ctx.params, gen, mode, config.include_1d) for _ in range(config.dims)]
-        if config.dims == 2 and config.orthogonalize:
-            dirs[1] = orthogonalize(dirs[0], dirs[1], mode)
-        dir_info["orthogonalized"] = bool(config.dims == 2 and config.orthogonalize)
-    else:
-        unit, eigenvalues, lanczos_info = hessian_directions(
-            ctx,
-            config.dims,
-            tol=config.hessian_tol,
-            max_iter=config.hessian_max_iter,
-            generator=ctx.generator(1),
-            progress=bind(progress, "lanczos"),
-        )
-        dirs = unit
-        if mode != "unit":
-            dirs = [normalize_direction(d, ctx.params, mode, config.include_1d) for d in unit]
-        dir_info["eigenvalues"] = eigenvalues
-        dir_info["lanczos"] = lanczos_info
-    dir_info.update(_direction_info(dirs, ctx.params))
+    dirs, dir_info = slice_directions(config, ctx, progress)
     D = torch.stack([space.flatten(d) for d in dirs])  # [dims, dim]
     ax = slice_axis(config.span, config.steps)
-    if config.dims == 1:
+    if config.slice_dims == 1:
         grid = ax.reshape(-1, 1)
     else:
         gx, gy = torch.meshgrid(ax, ax, indexing="ij")
         grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)  # [steps^2, 2], index i*steps + j
-    evaluator = PointEvaluator(ctx, chunk=config.chunk, backend=config.backend, bn_recompute=config.bn_recompute)
+    evaluator = directions.PointEvaluator(
+        ctx, chunk=config.chunk, backend=config.backend, bn_recompute=config.bn_recompute
+    )
 
     def build(idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = grid[idx].to(dtype=space.dtype, device=space.device)
         return w.unsqueeze(0) + c @ D, {}
 
     loss, acc, resumed = _run_grid(grid.shape[0], build, evaluator, done, on_points, progress)
-    names = ["x", "y"][: config.dims]
-    coords = [{n: float(v) for n, v in zip(names, row.tolist())} for row in grid]
+    names = ["x", "y"][: config.slice_dims]
     frame = pd.DataFrame(grid.numpy(), columns=names)
     frame["loss"] = loss.numpy()
     frame["accuracy"] = acc.numpy() if acc is not None else math.nan
     centre = torch.nonzero((grid.abs() <= 1e-12).all(dim=1)).flatten()
-    metadata = _base_metadata(config, ctx)
-    metadata.update(
-        {
-            "mode": "slice",
-            "directions": dir_info,
-            "grid": {"axes": names, "steps": config.steps, "span": config.span, "points": int(grid.shape[0])},
-            "points_evaluated": evaluator.evaluations,
-            "points_resumed": resumed,
-            "evaluation": {
-                "backend": evaluator.backend,
-                "chunk": evaluator.chunk,
-                "bn_recompute": config.bn_recompute,
-                "backend_reason": evaluator.backend_reason,
-            },
-            "loss_centre": float(loss[centre[0]]) if len(centre) else None,
-            "seconds": time.perf_counter() - t0,
-        }
-    )
-    metadata["notes"] = list(metadata["notes"]) + evaluator.notes
-    if acc is None:
-        metadata["notes"].append("no accuracy: the outputs/targets are not classification labels")
+    metadata: dict[str, Any] = {
+        "mode": "slice",
+        "directions": dir_info,
+        "grid": {"axes": names, "steps": config.steps, "span": config.span, "points": int(grid.shape[0])},
+        **_evaluation_info(evaluator, config, resumed),
+        "loss_centre": float(loss[centre[0]]) if len(centre) else None,
+        "hvp_count": dir_info["hvps"],
+        "notes": _notes(evaluator, acc),
+    }
     artifacts = {"grid": frame, "directions": dirs}
-    return Result(make_records(ctx.checkpoint, ctx.step, ANALYZER, _grid_rows(coords, loss, acc)), metadata, artifacts)
+    return Result(make_records(ctx.checkpoint, ctx.step, NAME, _grid_rows(loss, acc)), metadata, artifacts)
 
 
 def check_same_architecture(a: Context, b: Context) -> None:
@@ -410,6 +460,53 @@ def check_same_architecture(a: Context, b: Context) -> None:
                 )
 
 
+def check_interpolation_options(config: LandscapeConfig) -> None:
+    """Refuse slice-only options on the line between two checkpoints (one line each)."""
+    if config.direction != "random":
+        raise DiagnosticsError("--direction applies to a slice around one checkpoint, not to the line between two")
+    if config.dims not in (None, 1):
+        raise DiagnosticsError("the interpolation between two checkpoints is 1-D; drop --dims 2")
+
+
+def _lerp_buffers(ctx_a: Context, ctx_b: Context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Floating-point buffers (BatchNorm statistics) that differ between the checkpoints: ``{name: (a, b)}``."""
+    param_names = {n for n, _ in ctx_a.model.named_parameters()}
+    out = {}
+    for n, t in ctx_a.frozen.items():
+        if n in param_names or not t.is_floating_point():
+            continue
+        tb = ctx_b.frozen[n].to(device=t.device, dtype=t.dtype)
+        if not torch.equal(t, tb):
+            out[n] = (t, tb)
+    return out
+
+
+def _barrier(
+    alphas: torch.Tensor, loss: torch.Tensor, gap: Callable[[float], float], refine_steps: int
+) -> dict[str, Any]:
+    """The barrier on the grid, refined by golden-section search around the best grid point."""
+    l0 = float(loss[alphas == 0][0])
+    l1 = float(loss[alphas == 1][0])
+    grid_barrier, grid_alpha = loss_barrier(alphas, loss)
+    value, at, refined = grid_barrier, grid_alpha, False
+    j = int(torch.nonzero(alphas == grid_alpha)[0])
+    if refine_steps > 0 and 0 < grid_alpha < 1 and grid_barrier > 0:
+        lo = max(0.0, float(alphas[j - 1]))
+        hi = min(1.0, float(alphas[j + 1]))
+        ra, rv = golden_max(gap, lo, hi, refine_steps)
+        if rv > value:
+            value, at, refined = rv, ra, True
+    return {
+        "value": value,
+        "alpha": at,
+        "grid_value": grid_barrier,
+        "grid_alpha": grid_alpha,
+        "refined": refined,
+        "loss_a": l0,
+        "loss_b": l1,
+    }
+
+
 def analyze_interpolation(
     config: LandscapeConfig,
     ctx_a: Context,
@@ -425,106 +522,192 @@ def analyze_interpolation(
     (or the statistics recomputed on the data with ``bn_recompute``); parameters outside ``--params``
     and integer buffers are those of the first checkpoint. Data and loss are ``ctx_a``'s.
 
+    Args:
+        config: the options (``steps``, ``alpha_min``, ``alpha_max``, ``refine_steps``, ...).
+        ctx_a, ctx_b: the two checkpoints (same architecture).
+        progress: ``progress(task, done, total)``.
+        done: grid points already evaluated ``{index: (loss, accuracy or None)}`` (resuming).
+        on_points: called with every chunk of newly evaluated points.
+
     Returns:
-        records ``loss``/``accuracy`` per alpha (group ``alpha=..``) and ``barrier``; artifact ``grid``
-        (DataFrame ``alpha, loss, accuracy, chord``, where ``chord = (1-alpha) L(w_a) + alpha L(w_b)``).
+        records ``loss``/``accuracy`` per alpha (``index`` = row of the grid) and ``barrier``; artifact
+        ``grid`` (DataFrame ``alpha, loss, accuracy, chord``, ``chord = (1-alpha) L(w_a) + alpha L(w_b)``).
     """
-    config.validate()
+    check_config(config)
+    check_interpolation_options(config)
     check_same_architecture(ctx_a, ctx_b)
-    t0 = time.perf_counter()
-    space = FlatSpace.of(ctx_a.params)
+    space = directions.FlatSpace.of(ctx_a.params)
     wa = space.flatten(ctx_a.params)
     wb = space.flatten(ctx_b.params).to(dtype=wa.dtype, device=wa.device)
-    param_names = {n for n, _ in ctx_a.model.named_parameters()}
-    lerp_buffers = {
-        n: (t, ctx_b.frozen[n].to(device=t.device, dtype=t.dtype))
-        for n, t in ctx_a.frozen.items()
-        if n not in param_names
-        and t.is_floating_point()
-        and not torch.equal(t, ctx_b.frozen[n].to(device=t.device, dtype=t.dtype))
-    }
+    lerp_buffers = _lerp_buffers(ctx_a, ctx_b)
     alphas = interpolation_axis(config.alpha_min, config.alpha_max, config.steps)
-    evaluator = PointEvaluator(ctx_a, chunk=config.chunk, backend=config.backend, bn_recompute=config.bn_recompute)
+    evaluator = directions.PointEvaluator(
+        ctx_a, chunk=config.chunk, backend=config.backend, bn_recompute=config.bn_recompute
+    )
 
     def points_at(a: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         a = a.to(dtype=space.dtype, device=space.device)
         P = (1 - a).unsqueeze(1) * wa.unsqueeze(0) + a.unsqueeze(1) * wb.unsqueeze(0)
         bufs = {}
         for n, (ta, tb) in lerp_buffers.items():
-            shape = (-1,) + (1,) * ta.dim()
-            ak = a.to(ta.dtype).reshape(shape)
+            ak = a.to(ta.dtype).reshape((-1,) + (1,) * ta.dim())
             bufs[n] = (1 - ak) * ta.unsqueeze(0) + ak * tb.unsqueeze(0)
         return P, bufs
 
-    def build(idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return points_at(alphas[idx])
+    loss, acc, resumed = _run_grid(
+        len(alphas), lambda idx: points_at(alphas[idx]), evaluator, done, on_points, progress
+    )
+    l0, l1 = float(loss[alphas == 0][0]), float(loss[alphas == 1][0])
 
-    loss, acc, resumed = _run_grid(len(alphas), build, evaluator, done, on_points, progress)
-    rows = _grid_rows([{"alpha": float(a)} for a in alphas], loss, acc)
-    l0 = float(loss[alphas == 0][0])
-    l1 = float(loss[alphas == 1][0])
-    grid_barrier, grid_alpha = loss_barrier(alphas, loss)
-    value, at = grid_barrier, grid_alpha
-    refined = False
-    j = int(torch.nonzero(alphas == grid_alpha)[0])
-    if config.refine_steps > 0 and 0 < grid_alpha < 1 and grid_barrier > 0:
-        lo = max(0.0, float(alphas[j - 1]))
-        hi = min(1.0, float(alphas[j + 1]))
+    def gap(a: float) -> float:
+        P, bufs = points_at(torch.tensor([a], dtype=torch.float64))
+        return float(evaluator.evaluate(P, buffers=bufs).loss[0]) - ((1 - a) * l0 + a * l1)
 
-        def gap(a: float) -> float:
-            P, bufs = points_at(torch.tensor([a], dtype=torch.float64))
-            return float(evaluator.evaluate(P, buffers=bufs).loss[0]) - ((1 - a) * l0 + a * l1)
-
-        ra, rv = golden_max(gap, lo, hi, config.refine_steps)
-        if rv > value:
-            value, at, refined = rv, ra, True
-    rows.append(("barrier", value, None, None, None))
-    chord = (1 - alphas) * l0 + alphas * l1
+    barrier = _barrier(alphas, loss, gap, config.refine_steps)
+    rows = [*_grid_rows(loss, acc), ("barrier", barrier["value"], None, None, None)]
     frame = pd.DataFrame({"alpha": alphas.numpy(), "loss": loss.numpy()})
     frame["accuracy"] = acc.numpy() if acc is not None else math.nan
-    frame["chord"] = chord.numpy()
-    metadata = _base_metadata(config, ctx_a)
-    metadata.update(
-        {
-            "mode": "interpolation",
-            "checkpoints": [ctx_a.checkpoint, ctx_b.checkpoint],
-            "steps_of": [ctx_a.step, ctx_b.step],
-            "barrier_definition": BARRIER_DEFINITION,
-            "barrier": {
-                "value": value,
-                "alpha": at,
-                "grid_value": grid_barrier,
-                "grid_alpha": grid_alpha,
-                "refined": refined,
-                "loss_a": l0,
-                "loss_b": l1,
-            },
-            "interpolated_buffers": sorted(lerp_buffers) if not config.bn_recompute else [],
-            "distance": float((wb - wa).double().norm()),
-            "grid": {"axes": ["alpha"], "alphas": alphas.tolist(), "points": len(alphas)},
-            "points_evaluated": evaluator.evaluations,
-            "points_resumed": resumed,
-            "evaluation": {
-                "backend": evaluator.backend,
-                "chunk": evaluator.chunk,
-                "bn_recompute": config.bn_recompute,
-                "backend_reason": evaluator.backend_reason,
-            },
-            "seconds": time.perf_counter() - t0,
-        }
-    )
-    metadata["notes"] = list(metadata["notes"]) + evaluator.notes
-    if acc is None:
-        metadata["notes"].append("no accuracy: the outputs/targets are not classification labels")
-    return Result(make_records(ctx_a.checkpoint, ctx_a.step, ANALYZER, rows), metadata, {"grid": frame})
+    frame["chord"] = ((1 - alphas) * l0 + alphas * l1).numpy()
+    metadata: dict[str, Any] = {
+        "mode": "interpolation",
+        "checkpoints": [ctx_a.checkpoint, ctx_b.checkpoint],
+        "steps_of": [ctx_a.step, ctx_b.step],
+        "barrier_definition": BARRIER_DEFINITION,
+        "barrier": barrier,
+        "interpolated_buffers": sorted(lerp_buffers) if not config.bn_recompute else [],
+        "distance": float((wb - wa).double().norm()),
+        "grid": {"axes": ["alpha"], "alphas": alphas.tolist(), "points": len(alphas)},
+        **_evaluation_info(evaluator, config, resumed),
+        "notes": _notes(evaluator, acc),
+    }
+    return Result(make_records(ctx_a.checkpoint, ctx_a.step, NAME, rows), metadata, {"grid": frame})
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=LandscapeConfig,
-        run=analyze_landscape,
-        needs_targets=True,
-        summary="loss/accuracy on a filter-normalised random (or Hessian) 1-D/2-D slice",
-    )
-}
+# --------------------------------------------------------------------------------------- resuming
+def _points_of(data: Any) -> dict[int, tuple[float, float | None]]:
+    """Grid points as saved by :func:`run_landscape` -> ``{index: (loss, accuracy or None)}``."""
+    if data is None:
+        return {}
+    try:
+        return {int(i): (float(v[0]), None if v[1] is None else float(v[1])) for i, v in data["points"].items()}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DiagnosticsError(
+            f"the saved grid points are not readable ({type(exc).__name__}); delete the cache or pass --force"
+        ) from exc
+
+
+def run_landscape(
+    config: LandscapeConfig,
+    ctx: Context,
+    progress: ProgressFn | None = None,
+    *,
+    others: Sequence[Context] = (),
+    resume: PartialStore | None = None,
+) -> Result:
+    """``diag landscape``: a slice around one checkpoint, or the line to a second one (``others=[ctx_b]``).
+
+    Args:
+        config: the options.
+        ctx: the (first) checkpoint's context.
+        progress: ``progress(task, done, total)``.
+        others: nothing (a slice, :func:`analyze_landscape`) or the second checkpoint (the line and its
+            barrier, :func:`analyze_interpolation`).
+        resume: where finished grid points are kept under :func:`landscape_key` (None: nowhere).
+
+    Returns:
+        The result of :func:`analyze_landscape` or :func:`analyze_interpolation`.
+    """
+    check_config(config)
+    if len(others) > 1:
+        raise DiagnosticsError(f"diag landscape takes one or two checkpoints, got {1 + len(others)}")
+    other = others[0] if others else None
+    if other is not None:
+        check_interpolation_options(config)
+    done: dict[int, tuple[float, float | None]] = {}
+    on_points = None
+    if resume is not None:
+        key = landscape_key(config, ctx, other)
+        done = _points_of(resume.load(key))
+        saved = dict(done)
+
+        def on_points(new: dict[int, tuple[float, float | None]]) -> None:
+            saved.update(new)
+            resume.save(key, {"points": {str(i): list(v) for i, v in sorted(saved.items())}})
+
+    if other is None:
+        return analyze_landscape(config, ctx, progress, done=done, on_points=on_points)
+    return analyze_interpolation(config, ctx, other, progress, done=done, on_points=on_points)
+
+
+def plot_suffixes(config: LandscapeConfig) -> tuple[str, ...]:
+    """``--plot PREFIX`` files: ``PREFIX.png`` (the curve, or the contours of a plane) and, for a plane,
+    ``PREFIX_surface.png``. With ``dims`` unset the surface is planned too (a plane is the default around
+    one checkpoint); the line between two checkpoints writes only ``PREFIX.png``."""
+    return (".png",) if config.dims == 1 else (".png", "_surface.png")
+
+
+_POINT = "the grid point: the row of the grid artifact (--grid-out), i * steps + j for (x_i, y_j) on a plane"
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="loss/accuracy on a filter-normalised random (or Hessian) 1-D/2-D slice, or the line between two "
+    "checkpoints and its loss barrier",
+    description="Loss landscape: a filter-normalised random (or Hessian) slice, or the line between two "
+    "checkpoints.\n\nWith one checkpoint: the loss and accuracy on a 1-D or 2-D grid around its weights (Li et "
+    "al. 2018). With two: on (1-alpha) w_a + alpha w_b and the loss barrier "
+    "max_{alpha in [0,1]} L(alpha) - [(1-alpha) L(w_a) + alpha L(w_b)].",
+    config=LandscapeConfig,
+    order=30,
+    run=run_landscape,
+    checkpoints=(1, 2),
+    resumable=True,
+    metrics=(
+        Metric(
+            "loss",
+            "sample-weighted mean loss sum_b n_b L_b / N at a grid point: w + x d_1 [+ y d_2] on a slice, "
+            "(1-alpha) w_a + alpha w_b on the line between two checkpoints",
+            unit="loss",
+            higher_is_better=False,
+            index=_POINT,
+            reference="Li et al. 2018",
+        ),
+        Metric(
+            "accuracy",
+            "fraction correct at a grid point (argmax of the outputs against the labels; sign of the logit for BCE)",
+            higher_is_better=True,
+            index=_POINT,
+        ),
+        Metric(
+            "barrier",
+            "max_{alpha in [0,1]} L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]: grid maximum "
+            "refined by golden-section search; 0 for a convex loss",
+            unit="loss",
+            higher_is_better=False,
+            headline=True,
+            reference="Frankle et al. 2020",
+        ),
+    ),
+    outputs=(
+        FileOutput(
+            "grid_out",
+            "write the grid (coordinates, loss, accuracy) to FILE.csv",
+            render="diagnostics.render:landscape_grid",
+            require_suffix=".csv",
+        ),
+        FileOutput(
+            "plot",
+            "write PREFIX.png (the curve, or the contours of a plane) and PREFIX_surface.png (a plane's surface)",
+            render="diagnostics.render:landscape_plot",
+            suffixes=plot_suffixes,
+        ),
+    ),
+    sections=(
+        Section(
+            "Loss-landscape slices",
+            ("loss", "accuracy"),
+            "Loss along slices through the weights at each checkpoint (filter-normalised random directions by "
+            "default, Li et al. 2018; coordinates from the grid artifact): 1-D curves coloured by training step, "
+            "2-D slices as contours of the last checkpoint.",
+            figure="diagnostics.plots:landscape_section",
+        ),
+    ),
+)

@@ -25,32 +25,35 @@ All five are invariant to rescaling the features.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context, describe_context
 from diagnostics.errors import DiagnosticsError
-from diagnostics.features import POOLS, default_feature_layer, resolve_layers, stream_features
-from diagnostics.progress import ProgressFn, bind
+from diagnostics.lazy import lazy_import
+from diagnostics.options import FeatureOptions
+from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
+from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
-ANALYZER = "rankme"
+if TYPE_CHECKING:
+    from diagnostics.context import Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+pd = lazy_import("pandas")
+features = lazy_import("diagnostics.features")
+
+NAME = "rankme"
 SUBSAMPLE_STREAM = 7_000  # generator stream of the row subsample (independent of other analyzers)
 METRICS = ("rankme", "effective_rank_cov", "stable_rank", "participation_ratio", "alpha_req")
 
 
 @dataclass
-class RankConfig:
-    """Settings of :func:`analyze_rank` (CLI flags of ``diag rankme``).
+class RankConfig(FeatureOptions):
+    """Settings of :func:`analyze_rank` (options of ``diag rankme``, ``[rankme]`` in diag.toml).
 
     Attributes:
-        layers: layer names (``module`` or ``module:input``); None: the input of the last ``nn.Linear``.
-        pool: ``"mean"`` or ``"flatten"`` for feature maps with more than two dimensions.
+        layers, pool: where features are captured (:class:`~diagnostics.options.FeatureOptions`).
         max_samples: rows used (a seeded subsample when the data has more).
         eps: RankMe's ``eps`` (Garrido et al.: 1e-7).
         alpha_kmin, alpha_kmax: the eigenvalue indices (1-based, inclusive) of the alpha-ReQ fit;
@@ -58,32 +61,23 @@ class RankConfig:
         max_bytes: memory budget for the stored float64 rows of all layers.
     """
 
-    layers: list[str] | None = None
-    pool: str | None = None
-    max_samples: int = 25_600
-    eps: float = 1e-7
-    alpha_kmin: int = 1
-    alpha_kmax: int | None = None
-    max_bytes: int = 2 * 1024**3
+    max_samples: int = option(
+        25_600, help="rows of the embedding matrix, a seeded subsample when the data has more", min=2
+    )
+    eps: float = option(1e-7, help="RankMe's eps", min=0, max=1, min_open=True, max_open=True)
+    alpha_kmin: int = option(1, help="first eigenvalue index of the alpha-ReQ fit", min=1)
+    alpha_kmax: int | None = option(None, help="last eigenvalue index of the alpha-ReQ fit (default: numerical rank)")
+    max_bytes: int = option(
+        2 * 1024**3, help="memory budget in bytes for the stored float64 feature rows", min=1, cli=False
+    )
 
     def validate(self) -> None:
-        if self.layers is not None and (isinstance(self.layers, str) or not list(self.layers)):
-            raise DiagnosticsError("layers must be a non-empty list of module names")
-        if self.pool is not None and self.pool not in POOLS:
-            raise DiagnosticsError(f"unknown --pool '{self.pool}'; use {' or '.join(POOLS)}")
-        if self.max_samples < 2:
-            raise DiagnosticsError(f"--samples must be at least 2, got {self.max_samples}")
-        if not 0 < self.eps < 1:
-            raise DiagnosticsError(f"--eps must be in (0, 1), got {self.eps}")
-        if self.alpha_kmin < 1:
-            raise DiagnosticsError(f"--alpha-kmin must be >= 1, got {self.alpha_kmin}")
+        """Cross-option rules (single options are checked from their declarations)."""
         if self.alpha_kmax is not None and self.alpha_kmax < self.alpha_kmin + 2:
             raise DiagnosticsError(
                 f"--alpha-kmax ({self.alpha_kmax}) must be at least --alpha-kmin + 2 ({self.alpha_kmin + 2}): "
                 "a line through fewer than three points says nothing"
             )
-        if self.max_bytes <= 0:
-            raise DiagnosticsError("max_bytes must be positive")
 
 
 # ------------------------------------------------------------------------------ pure metrics
@@ -225,8 +219,8 @@ def collect_features(
     config: RankConfig, ctx: Context, progress: ProgressFn | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stream the data once and keep the (subsampled) float64 rows of every layer: ``{layer: [n, D]}``."""
-    names = list(config.layers) if config.layers else [default_feature_layer(ctx.model)]
-    layers = resolve_layers(ctx.model, names)
+    names = list(config.layers) if config.layers else [features.default_feature_layer(ctx.model)]
+    layers = features.resolve_layers(ctx.model, names)
     n_total = ctx.n_samples
     mask = _subsample_mask(n_total, config.max_samples, ctx.generator(SUBSAMPLE_STREAM))
     n_keep = n_total if mask is None else config.max_samples
@@ -235,7 +229,9 @@ def collect_features(
     offset = 0
     checked = False
     for i, fb in enumerate(
-        stream_features(ctx.model, ctx.batches, layers, pool=config.pool, forward=lambda x: ctx.forward(ctx.params, x))
+        features.stream_features(
+            ctx.model, ctx.batches, layers, pool=config.pool, forward=lambda x: ctx.forward(ctx.params, x)
+        )
     ):
         if not checked:
             need = n_keep * sum(int(t.shape[1]) for t in fb.features.values()) * 8
@@ -243,7 +239,7 @@ def collect_features(
                 dims = ", ".join(f"{k}: {int(t.shape[1])}" for k, t in fb.features.items())
                 raise DiagnosticsError(
                     f"keeping {n_keep} rows of the features ({dims}) needs {need / 1024**3:.1f} GiB, over the "
-                    f"{config.max_bytes / 1024**3:.1f} GiB budget; lower --samples or use --pool mean"
+                    f"{config.max_bytes / 1024**3:.1f} GiB budget; lower --max-samples or use --pool mean"
                 )
             checked = True
         sel = None if mask is None else mask[offset : offset + fb.size]
@@ -262,8 +258,7 @@ def analyze_rank(config: RankConfig, ctx: Context, progress: ProgressFn | None =
 
     Artifacts: ``spectrum``, a DataFrame ``group, k, singular_value, covariance_eigenvalue`` (k 1-based).
     """
-    config.validate()
-    t0 = time.perf_counter()
+    check_config(config)
     feats, info = collect_features(config, ctx, progress)
     rows: list[tuple] = []
     frames = []
@@ -296,33 +291,70 @@ def analyze_rank(config: RankConfig, ctx: Context, progress: ProgressFn | None =
                 }
             )
         )
-    meta = describe_context(ctx)
-    meta["notes"] = list(meta["notes"]) + notes
-    cfg = asdict(config)
-    metadata = {
-        "analyzer": ANALYZER,
-        **meta,
-        "samples": info["samples_used"],
-        "config": cfg,
-        **info,
-        "per_layer": per_layer,
-        "seconds": time.perf_counter() - t0,
-    }
+    metadata: dict[str, Any] = {**info, "samples": info["samples_used"], "per_layer": per_layer, "notes": notes}
     if info["samples_total"] > info["samples_used"]:
         metadata["subsample"] = (
             f"{info['samples_used']} of {info['samples_total']} rows, drawn without replacement with seed "
             f"{ctx.seed} (stream {SUBSAMPLE_STREAM})"
         )
     artifacts = {"spectrum": pd.concat(frames, ignore_index=True)}
-    return Result(make_records(ctx.checkpoint, ctx.step, ANALYZER, rows), metadata, artifacts)
+    return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=RankConfig,
-        run=analyze_rank,
-        needs_targets=False,
-        summary="RankMe, effective rank, stable rank, participation ratio, alpha-ReQ of layer features",
-    )
-}
+_LAYER = "the layer (module name, or 'name:input')"
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="RankMe, effective rank, stable rank, participation ratio, alpha-ReQ of layer features",
+    config=RankConfig,
+    order=40,
+    run=analyze_rank,
+    needs_targets=False,
+    uses_loss=False,
+    metrics=(
+        Metric(
+            "rankme",
+            "exp(-sum_k p_k log p_k), p_k = sigma_k / sum_j sigma_j + 1e-7, sigma = singular values of the raw "
+            "N x D embedding matrix",
+            higher_is_better=True,
+            headline=True,
+            group=_LAYER,
+            reference="Garrido et al. 2023",
+        ),
+        Metric(
+            "effective_rank_cov",
+            "exp(entropy of q_k = lambda_k / sum_j lambda_j), lambda = eigenvalues of the centred covariance",
+            higher_is_better=True,
+            group=_LAYER,
+            reference="Roy & Vetterli 2007",
+        ),
+        Metric("stable_rank", "sum_k lambda_k / lambda_1 of the centred covariance", group=_LAYER),
+        Metric(
+            "participation_ratio",
+            "(sum_k lambda_k)^2 / sum_k lambda_k^2 of the centred covariance",
+            group=_LAYER,
+            reference="Gao et al. 2017",
+        ),
+        Metric(
+            "alpha_req",
+            "decay exponent alpha of lambda_k ~ k^-alpha, least squares of log lambda_k on log k",
+            group=_LAYER,
+            reference="Agrawal et al. 2022",
+        ),
+    ),
+    outputs=(
+        FileOutput(
+            "plot",
+            "write PREFIX.spectrum.png: the singular values of the features",
+            render="diagnostics.render:rank_spectrum",
+            suffixes=(".spectrum.png",),
+        ),
+    ),
+    sections=(
+        Section(
+            "Representation rank",
+            METRICS,
+            "RankMe = exp(entropy of the normalised singular values of the raw embedding matrix) (Garrido et al. "
+            "2023), with effective rank, stable rank and participation ratio of the centred features, per layer.",
+        ),
+    ),
+)

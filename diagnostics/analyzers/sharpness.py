@@ -35,97 +35,83 @@ Metrics (records; ``group`` is null):
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from diagnostics.analyzers.eos import eos_threshold
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context, batch_size, describe_context
-from diagnostics.directions import BACKENDS, FlatSpace, PointEvaluator
 from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.lanczos import lanczos
-from diagnostics.linalg.operator import HessianOperator, LinearOperator
-from diagnostics.progress import ProgressFn, bind
+from diagnostics.lazy import lazy_from, lazy_import
+from diagnostics.progress import bind
 from diagnostics.results import Result, make_records
+from diagnostics.spec import Analyzer, Metric, Section, Threshold, check_config, option
 
-ANALYZER = "sharpness"
+if TYPE_CHECKING:
+    from diagnostics.context import Context
+    from diagnostics.directions import FlatSpace, PointEvaluator
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+batch_size = lazy_from("diagnostics.context", "batch_size")
+FlatSpace, PointEvaluator = lazy_from("diagnostics.directions", "FlatSpace", "PointEvaluator")
+lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
+preconditioned = lazy_from("diagnostics.linalg.operator", "preconditioned")
+hessian_operator = lazy_from("diagnostics.operators", "hessian_operator")
+
+NAME = "sharpness"
 KINDS = ("worst", "adaptive", "average")
+EVAL_BACKENDS = ("auto", "vmap", "loop")
 
 
 @dataclass
 class SharpnessConfig:
-    """Settings of :func:`analyze_sharpness` (flags of ``diag sharpness``).
+    """Settings of :func:`analyze_sharpness` (options of ``diag sharpness``, ``[sharpness]`` in diag.toml).
 
-    Attributes:
-        kind: ``worst``, ``adaptive``, ``average``, a comma-separated list of them, or ``all``.
-        rho: radius of the perturbation ball (in ``T_w``-scaled units for ``adaptive``).
-        sigma: standard deviation of the Gaussian perturbation (default ``rho / sqrt(d)``).
-        restarts: starts of the projected gradient ascent (the first is the SAM one-step point).
-        max_iter: ascent steps per start; tol: stop when a step gains less than ``tol`` times the
-            current sharpness.
-        adaptive_eta: ``eta`` of ``T_w = diag(|w| + eta)``.
-        draws: antithetic pairs for the average case.
-        eos: report the edge-of-stability threshold (and Adam's preconditioned sharpness).
-        lr: learning rate (default: from the checkpoint).
-        eig_tol, eig_max_iter: Lanczos settings for the preconditioned eigenvalue.
-        chunk, backend: batched evaluation of the Gaussian draws (``auto`` | ``vmap`` | ``loop``).
+    ``kind`` lists the sharpness kinds (``all`` = every kind); ``sigma`` defaults to ``rho / sqrt(d)``; the
+    ascent's first start is the SAM one-step point; ``eig_tol``/``eig_max_iter`` drive the Lanczos run of
+    Adam's preconditioned eigenvalue; ``chunk``/``backend`` the batched evaluation of the Gaussian draws.
     """
 
-    kind: str = "worst"
-    rho: float = 0.05
-    sigma: float | None = None
-    restarts: int = 3
-    max_iter: int = 100
-    tol: float = 1e-7
-    adaptive_eta: float = 0.01
-    draws: int = 100
-    eos: bool = True
-    lr: float | None = None
-    eig_tol: float = 1e-3
-    eig_max_iter: int = 300
-    chunk: int = 32
-    backend: str = "auto"
+    kind: list[str] = option(
+        default_factory=lambda: ["worst"], help="which sharpness", choices=(*KINDS, "all"), metavar="KIND"
+    )
+    rho: float = option(0.05, help="radius of the perturbation ball", min=0, min_open=True)
+    sigma: float | None = option(
+        None, help="std of the Gaussian for --kind average (default rho/sqrt(#params))", min=0, min_open=True
+    )
+    restarts: int = option(3, help="starts of the projected gradient ascent", min=1)
+    max_iter: int = option(100, help="ascent steps per start", min=1)
+    tol: float = option(
+        1e-7, help="stop when a step gains < tol x the sharpness", min=0, max=1, min_open=True, max_open=True
+    )
+    adaptive_eta: float = option(0.01, help="eta of ASAM's T_w = |w| + eta", min=0)
+    draws: int = option(100, help="antithetic Gaussian pairs for --kind average", min=2)
+    eos: bool = option(True, help="report the edge-of-stability threshold (and Adam's lambda_max(P^-1 H))")
+    lr: float | None = option(
+        None, help="learning rate for the thresholds (default: from the checkpoint)", min=0, min_open=True
+    )
+    eig_tol: float = option(
+        1e-3, help="Lanczos tolerance for lambda_max(P^-1 H)", min=0, max=1, min_open=True, max_open=True
+    )
+    eig_max_iter: int = option(300, help="Lanczos iteration cap for lambda_max(P^-1 H)", min=1)
+    chunk: int = option(32, help="perturbed models per batched evaluation", min=1)
+    backend: str = option(
+        "auto",
+        help="evaluation of the Gaussian draws (auto: vmap, or one at a time for CPU conv nets)",
+        choices=EVAL_BACKENDS,
+    )
 
     @property
     def kinds(self) -> list[str]:
-        parts = [p.strip() for p in str(self.kind).split(",") if p.strip()]
-        if parts == ["all"]:
-            return list(KINDS)
-        return parts
+        """The kinds asked for, ``all`` expanded."""
+        parts = [self.kind] if isinstance(self.kind, str) else list(self.kind)
+        parts = [p.strip() for item in parts for p in item.split(",") if p.strip()]
+        return list(KINDS) if parts == ["all"] else list(dict.fromkeys(parts))
 
     def validate(self) -> None:
-        kinds = self.kinds
-        bad = [k for k in kinds if k not in KINDS]
-        if not kinds or bad:
-            raise DiagnosticsError(
-                f"unknown --kind '{self.kind}'; use worst, adaptive, average, a comma-separated list or all"
-            )
-        if not (math.isfinite(self.rho) and self.rho > 0):
-            raise DiagnosticsError(f"--rho must be positive, got {self.rho}")
-        if self.sigma is not None and not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise DiagnosticsError(f"--sigma must be positive, got {self.sigma}")
-        if self.restarts < 1:
-            raise DiagnosticsError(f"--restarts must be at least 1, got {self.restarts}")
-        if self.max_iter < 1:
-            raise DiagnosticsError(f"--max-iter must be positive, got {self.max_iter}")
-        if not 0 < self.tol < 1:
-            raise DiagnosticsError(f"--tol must be in (0, 1), got {self.tol}")
-        if self.adaptive_eta < 0:
-            raise DiagnosticsError(f"--adaptive-eta must be >= 0, got {self.adaptive_eta}")
-        if self.draws < 2:
-            raise DiagnosticsError(f"--draws must be at least 2 (for a standard error), got {self.draws}")
-        if self.lr is not None and not self.lr > 0:
-            raise DiagnosticsError(f"--lr must be positive, got {self.lr}")
-        if not 0 < self.eig_tol < 1:
-            raise DiagnosticsError(f"--eig-tol must be in (0, 1), got {self.eig_tol}")
-        if self.chunk < 1:
-            raise DiagnosticsError(f"--chunk must be positive, got {self.chunk}")
-        if self.backend not in BACKENDS:
-            raise DiagnosticsError(f"unknown --backend '{self.backend}'; use {', '.join(BACKENDS)}")
+        """Cross-option rules (single options are checked from their declarations)."""
+        if not self.kinds or ("all" in self.kinds and len(self.kinds) > 1):
+            raise DiagnosticsError("--kind takes worst, adaptive, average (a comma-separated list) or all")
 
 
 # ------------------------------------------------------------------------------ loss and gradient
@@ -307,36 +293,6 @@ def average_case_sharpness(
 
 
 # --------------------------------------------------------------------------- Adam preconditioning
-class ScaledOperator:
-    """``v -> S A S v`` for a symmetric operator ``A`` and a positive diagonal ``S`` (``[n]``).
-
-    With ``S = P^-1/2`` its eigenvalues are those of ``P^-1 A`` (similar matrices).
-    """
-
-    def __init__(self, op: LinearOperator, scale: torch.Tensor) -> None:
-        self.op = op
-        self.scale = scale.to(dtype=op.dtype, device=op.device)
-        self.dim = op.dim
-        self.matvec_count = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += 1
-        return self.scale * self.op.matvec(self.scale * v)
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += int(V.shape[1])
-        s = self.scale.unsqueeze(1)
-        return s * self.op.matmat(s * V)
-
-
 def _state_index(ctx: Context, opt_state: Mapping[str, Any]) -> dict[str, Any]:
     """Optimizer state entry and param group of every analysed parameter, matched by position."""
     groups = opt_state.get("param_groups") or []
@@ -430,9 +386,8 @@ def preconditioned_sharpness(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float, dict[str, Any]]:
     """``lambda_max(P^-1 H)`` by Lanczos on ``P^-1/2 H P^-1/2``; returns (eigenvalue, error bound, info)."""
-    op = HessianOperator.from_context(ctx)
-    scaled = ScaledOperator(op, P.rsqrt())
-    res = lanczos(scaled, k_top=1, tol=tol, max_iter=max_iter, generator=generator, progress=progress)
+    op = hessian_operator(ctx)
+    res = lanczos(preconditioned(op, P), k_top=1, tol=tol, max_iter=max_iter, generator=generator, progress=progress)
     info = {
         "iterations": res.iterations,
         "converged": res.converged,
@@ -445,8 +400,7 @@ def preconditioned_sharpness(
 # ------------------------------------------------------------------------------------- analyzer
 def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
     """Worst-case / adaptive / average-case sharpness and edge-of-stability figures at ``ctx``."""
-    config.validate()
-    t0 = time.perf_counter()
+    check_config(config)
     rows: list[tuple] = []
     info: dict[str, Any] = {}
     notes: list[str] = []
@@ -535,24 +489,74 @@ def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressF
                     if not linfo["converged"]:
                         notes.append("Lanczos for the preconditioned eigenvalue did not converge; raise --eig-max-iter")
         info["eos"] = eos_info
-    metadata = {
-        "analyzer": ANALYZER,
-        **describe_context(ctx),
-        "config": asdict(config),
-        "dim": space.dim,
-        "seconds": time.perf_counter() - t0,
-        **info,
-    }
-    metadata["notes"] = list(metadata["notes"]) + notes
-    return Result(make_records(ctx.checkpoint, ctx.step, ANALYZER, rows), metadata)
+    metadata = {"dim": space.dim, "notes": notes, **info}
+    return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata)
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=SharpnessConfig,
-        run=analyze_sharpness,
-        needs_targets=True,
-        summary="worst-case (SAM), adaptive (ASAM) and average-case sharpness; edge-of-stability figures",
-    )
-}
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="worst-case (SAM), adaptive (ASAM) and average-case sharpness; edge-of-stability figures",
+    description="Sharpness at a checkpoint: max_{||e||<=rho} L(w+e) - L(w) (solved), ASAM, Gaussian; EoS thresholds.",
+    config=SharpnessConfig,
+    order=20,
+    run=analyze_sharpness,
+    metrics=(
+        Metric(
+            "sharpness_worst",
+            "max_{||e||_2 <= rho} L(w+e) - L(w), by projected gradient ascent with backtracking from several starts",
+            unit="loss",
+            higher_is_better=False,
+            headline=True,
+            reference="Foret et al. 2021; Keskar et al. 2017",
+        ),
+        Metric(
+            "sharpness_adaptive",
+            "max_{||T_w^-1 e||_2 <= rho} L(w+e) - L(w) with T_w = diag(|w| + eta) (scale-invariant)",
+            unit="loss",
+            higher_is_better=False,
+            reference="Kwon et al. 2021 (ASAM)",
+        ),
+        Metric(
+            "sharpness_average",
+            "E[L(w+e)] - L(w), e ~ N(0, sigma^2 I), by antithetic pairs; stderr over pairs",
+            unit="loss",
+            higher_is_better=False,
+            headline=True,
+            reference="Keskar et al. 2017; Jiang et al. 2020",
+        ),
+        Metric(
+            "eos_threshold",
+            "edge-of-stability threshold: 2/η (GD), (2+2β)/η (heavy ball), (2+2β)/((1+2β)η) (Nesterov), "
+            "(2+2β1)/((1-β1)η) (Adam, for the preconditioned sharpness)",
+            unit="loss / weight^2",
+            reference="Cohen et al. 2021, 2022",
+        ),
+        Metric(
+            "preconditioned_eigenvalue",
+            "λ_max(P^-1 H) with Adam's preconditioner P = (1-β1^t) diag(sqrt(v_t/(1-β2^t)) + eps); stderr = "
+            "eigenvalue error bound",
+            unit="loss / weight^2",
+            higher_is_better=False,
+            reference="Cohen et al. 2022",
+        ),
+        Metric(
+            "eos_ratio",
+            "preconditioned_eigenvalue / eos_threshold (Adam); about 1 at the edge of stability",
+            reference="Cohen et al. 2022",
+        ),
+    ),
+    sections=(
+        Section(
+            "Sharpness",
+            ("sharpness_worst", "sharpness_adaptive", "sharpness_average"),
+            "Worst-case (SAM), adaptive (ASAM) and average-case (Gaussian) sharpness against the training step.",
+        ),
+        Section(
+            "Adam's preconditioned sharpness",
+            ("preconditioned_eigenvalue", "eos_ratio"),
+            "λ_max(P^-1 H) with Adam's preconditioner against its stability threshold (2+2β1)/((1-β1)η) = 38/η "
+            "for β1 = 0.9 (Cohen et al. 2022).",
+            thresholds=(Threshold("eos_threshold"),),
+        ),
+    ),
+)

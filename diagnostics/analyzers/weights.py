@@ -23,43 +23,47 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import pandas as pd
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from diagnostics.analyzers.rank import entropy_effective_rank
-from diagnostics.analyzers.registry import AnalyzerSpec
-from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
-from diagnostics.progress import ProgressFn, bind
-from diagnostics.results import Result, make_records, package_versions
+from diagnostics.lazy import lazy_import
+from diagnostics.progress import bind
+from diagnostics.results import Result, make_records
+from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
-ANALYZER = "weights"
+if TYPE_CHECKING:
+    from torch import nn
+
+    from diagnostics.context import Context
+    from diagnostics.progress import ProgressFn
+
+torch = lazy_import("torch")
+pd = lazy_import("pandas")
+
+NAME = "weights"
 METRICS = ("spectral_norm", "stable_rank", "effective_rank", "alpha")
 
 
 @dataclass
 class WeightsConfig:
-    """Settings of :func:`analyze_weights` (CLI flags of ``diag weights``).
+    """Settings of :func:`analyze_weights` (options of ``diag weights``, ``[weights]`` in diag.toml).
 
     Attributes:
-        params: regex; only weights whose parameter name matches are analysed.
         min_evals: fewest non-zero eigenvalues for an ``alpha`` fit.
         min_tail: fewest eigenvalues in the power-law tail when choosing ``lambda_min``.
+        params: regex; only weights whose parameter name matches are analysed. For a bare module only (not a
+            user option): on a checkpoint, the shared ``--params`` option restricts the context's parameters.
     """
 
+    min_evals: int = option(10, help="fewest non-zero eigenvalues for a power-law alpha fit", min=2)
+    min_tail: int = option(5, help="fewest eigenvalues in the power-law tail when choosing lambda_min", min=2)
     params: str | None = None
-    min_evals: int = 10
-    min_tail: int = 5
 
     def validate(self) -> None:
-        if self.min_tail < 2:
-            raise DiagnosticsError(f"min_tail must be >= 2, got {self.min_tail}")
+        """Cross-option rules (single options are checked from their declarations)."""
         if self.min_evals < self.min_tail:
             raise DiagnosticsError(f"--min-evals ({self.min_evals}) must be >= min_tail ({self.min_tail})")
         if self.params:
@@ -139,8 +143,11 @@ def weight_matrices(named: Mapping[str, torch.Tensor], pattern: str | None = Non
 def weight_spectrum_metrics(
     matrix: torch.Tensor, config: WeightsConfig
 ) -> tuple[list[tuple[str, float, float | None]], torch.Tensor, PowerLaw | None]:
-    """One weight matrix -> ``[(metric, value, stderr)]``, its singular values, the power-law fit."""
-    w = matrix.to(torch.float64)
+    """One weight matrix -> ``[(metric, value, stderr)]``, its singular values, the power-law fit.
+
+    The SVD runs on the CPU in float64 whatever the model's device and dtype, so the numbers do not depend on them.
+    """
+    w = matrix.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(w).all()):
         raise DiagnosticsError("a weight matrix holds NaN or inf; check the checkpoint")
     s = torch.linalg.svdvals(w)
@@ -158,6 +165,20 @@ def weight_spectrum_metrics(
     return rows, s, fit
 
 
+def _source_weights(
+    config: WeightsConfig, source: Any, checkpoint: str | None, step: int | None
+) -> tuple[dict[str, torch.Tensor], str, int | None]:
+    """``({layer: W}, checkpoint, step)`` of a :class:`Context` (its analysed parameters) or a bare module."""
+    if isinstance(source, torch.nn.Module):
+        named = dict(source.named_parameters())
+        return weight_matrices(named, config.params), checkpoint or "model", step
+    if not hasattr(source, "params") or not hasattr(source, "model"):
+        raise DiagnosticsError(f"analyze_weights needs a Context or an nn.Module, got {type(source).__name__}")
+    # the context's analysed parameters: --params (and requires_grad) already applied
+    mats = weight_matrices(source.params, config.params)
+    return mats, checkpoint or source.checkpoint, source.step if step is None else step
+
+
 def analyze_weights(
     config: WeightsConfig,
     source: Context | nn.Module,
@@ -166,22 +187,22 @@ def analyze_weights(
     checkpoint: str | None = None,
     step: int | None = None,
 ) -> Result:
-    """Spectra of every weight matrix of a model (a :class:`Context` or a bare module; no data used).
+    """Spectra of every weight matrix of a model (no data used).
 
-    Artifacts: ``spectrum``, a DataFrame ``group, k, singular_value`` (k 1-based).
+    Args:
+        config: the options (checked first).
+        source: a :class:`~diagnostics.context.Context` (its analysed parameters, i.e. those matching
+            ``--params``) or a bare ``nn.Module`` (every parameter, filtered by ``config.params``).
+        progress: ``progress(task, done, total)``.
+        checkpoint, step: the names the records carry (default: the context's, or ``"model"``).
+
+    Returns:
+        One record per layer and metric (``group`` = layer); metadata ``layers``, ``per_layer`` (shape and
+        the alpha fit), ``conv_reshape``, ``notes``; artifact ``spectrum``, a DataFrame ``group, k,
+        singular_value`` (k 1-based).
     """
-    config.validate()
-    t0 = time.perf_counter()
-    if isinstance(source, Context):
-        model = source.model
-        checkpoint = checkpoint or source.checkpoint
-        step = source.step if step is None else step
-    elif isinstance(source, nn.Module):
-        model = source
-        checkpoint = checkpoint or "model"
-    else:
-        raise DiagnosticsError(f"analyze_weights needs a Context or an nn.Module, got {type(source).__name__}")
-    mats = weight_matrices(dict(model.named_parameters()), config.params)
+    check_config(config)
+    mats, checkpoint, step = _source_weights(config, source, checkpoint, step)
     if not mats:
         what = f" matching '{config.params}'" if config.params else ""
         raise DiagnosticsError(f"the model has no weight matrix (a parameter with >= 2 dims){what}")
@@ -193,10 +214,7 @@ def analyze_weights(
     for i, (group, w) in enumerate(mats.items()):
         metric_rows, s, fit = weight_spectrum_metrics(w, config)
         rows += [(m, v, se, None, group) for m, v, se in metric_rows]
-        per_layer[group] = {
-            "shape": list(w.shape),
-            "alpha_fit": None if fit is None else asdict(fit),
-        }
+        per_layer[group] = {"shape": list(w.shape), "alpha_fit": None if fit is None else asdict(fit)}
         if fit is None:
             notes.append(
                 f"layer '{group}': fewer than {config.min_evals} non-zero eigenvalues ({min(w.shape)} at most), "
@@ -205,29 +223,74 @@ def analyze_weights(
         frames.append(pd.DataFrame({"group": group, "k": range(1, len(s) + 1), "singular_value": s.numpy()}))
         tick(i + 1, len(mats))
     metadata: dict[str, Any] = {
-        "analyzer": ANALYZER,
-        "checkpoint": checkpoint,
-        "step": step,
-        "config": asdict(config),
         "layers": list(mats),
         "per_layer": per_layer,
-        "notes": notes,
         "conv_reshape": "a kernel [out, in, *k] is read as the matrix [out, in * prod(k)]",
-        "versions": package_versions(),
-        "seconds": time.perf_counter() - t0,
+        "notes": notes,
     }
-    if isinstance(source, Context):
-        metadata["notes"] = list(source.notes) + notes
     artifacts = {"spectrum": pd.concat(frames, ignore_index=True)}
-    return Result(make_records(checkpoint, step, ANALYZER, rows), metadata, artifacts)
+    return Result(make_records(checkpoint, step, NAME, rows), metadata, artifacts)
 
 
-ANALYZERS = {
-    ANALYZER: AnalyzerSpec(
-        name=ANALYZER,
-        config_cls=WeightsConfig,
-        run=analyze_weights,
-        needs_targets=False,
-        summary="data-free spectral norm, stable rank, effective rank and power-law alpha of weights",
-    )
-}
+# ------------------------------------------------------------------------------------ declaration
+_LAYER = "the layer: the module owning the weight (a conv kernel [out, in, *k] read as out x in*prod(k))"
+_MARTIN = "Martin & Mahoney 2021; Clauset, Shalizi, Newman 2009"
+
+ANALYZER = Analyzer(
+    name=NAME,
+    summary="data-free spectral norm, stable rank, effective rank and power-law alpha of weights",
+    description="Spectral norm, stable rank, effective rank and power-law alpha (WeightWatcher-style) of every "
+    "weight matrix, from the weights alone (the data is not used).",
+    config=WeightsConfig,
+    run=analyze_weights,
+    needs_targets=False,
+    needs_data=False,
+    uses_loss=False,
+    order=48,
+    metrics=(
+        Metric(
+            "spectral_norm",
+            "sigma_1 = ||W||_2, the largest singular value of the weight matrix W",
+            headline=True,
+            group=_LAYER,
+        ),
+        Metric(
+            "stable_rank",
+            "||W||_F^2 / ||W||_2^2 = sum_k sigma_k^2 / sigma_1^2",
+            group=_LAYER,
+            reference="Rudelson & Vershynin 2007",
+        ),
+        Metric(
+            "effective_rank",
+            "exp(-sum_k p_k log p_k), p_k = sigma_k / sum_j sigma_j over the singular values of W",
+            group=_LAYER,
+            reference="Roy & Vetterli 2007",
+        ),
+        Metric(
+            "alpha",
+            "power-law exponent of the eigenvalues lambda_k = sigma_k^2 of W^T W: MLE alpha = 1 + n / sum_{lambda_k "
+            ">= lambda_min} log(lambda_k / lambda_min) with the KS-optimal lambda_min, stderr (alpha - 1)/sqrt(n); "
+            "well-trained layers typically read 2 to 6",
+            headline=True,
+            group=_LAYER,
+            reference=_MARTIN,
+        ),
+    ),
+    outputs=(
+        FileOutput(
+            "plot",
+            "write PREFIX.spectrum.png: the singular values of the weight matrices",
+            render="diagnostics.render:weights_spectrum",
+            suffixes=(".spectrum.png",),
+        ),
+    ),
+    sections=(
+        Section(
+            "Weight spectra",
+            METRICS,
+            "Data-free spectra of every weight matrix: spectral norm, stable and effective rank, and the power-law "
+            "exponent alpha of the eigenvalue density (Martin & Mahoney 2021; 2 to 6 in well-trained layers, "
+            "lower = heavier-tailed).",
+        ),
+    ),
+)

@@ -1,5 +1,6 @@
 """The numerical core: pure functions over a symmetric linear operator (``matvec``/``matmat``)."""
 
+from diagnostics.linalg.data import DataLoop
 from diagnostics.linalg.density import (
     SLQResult,
     gaussian_density,
@@ -13,10 +14,18 @@ from diagnostics.linalg.lanczos import (
     lanczos,
     lanczos_tridiagonal,
 )
-from diagnostics.linalg.operator import DenseOperator, HessianOperator, LinearOperator
+from diagnostics.linalg.operator import (
+    DenseOperator,
+    HessianOperator,
+    LinearOperator,
+    preconditioned,
+    restricted,
+    scaled,
+)
 from diagnostics.linalg.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
+    "DataLoop",
     "DenseOperator",
     "HessianOperator",
     "LanczosResult",
@@ -30,6 +39,9 @@ __all__ = [
     "lanczos",
     "lanczos_tridiagonal",
     "negative_mass",
+    "preconditioned",
+    "restricted",
+    "scaled",
     "slq",
     "tridiagonal_quadrature",
 ]

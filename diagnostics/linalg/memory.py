@@ -13,7 +13,7 @@ not use); ``MemAvailable`` of ``/proc/meminfo`` on CPU, else ``os.sysconf`` (ava
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,95 @@ def hvp_block_bytes(dim: int, k: int, dtype: torch.dtype, activation_bytes: int)
     """
     item = torch.empty((), dtype=dtype).element_size()
     return int(activation_bytes) * (1 + 2 * int(k)) + (4 * int(k) + 1) * int(dim) * item
+
+
+def activation_bytes(
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> int:
+    """Bytes autograd saves on ``device`` for one backward pass of ``loss(params)`` (measured).
+
+    The forward runs once with fresh leaves that require gradients, under a
+    ``saved_tensors_hooks`` pack hook that records every distinct saved tensor (by storage, dtype,
+    shape and stride, so a tensor saved twice counts once).
+
+    Args:
+        loss: ``fn(params) -> scalar`` (e.g. one batch's loss).
+        params: ``{name: tensor}``, the point.
+        device: only tensors on this device are counted.
+
+    Returns:
+        The bytes of the saved activations.
+    """
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            seen[key] = t.numel() * t.element_size()
+        return t
+
+    leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss(leaves)
+    return int(sum(seen.values()))
+
+
+@dataclass(frozen=True)
+class HvpBlock:
+    """One Hessian-vector-product block: ``k`` vectors of ``dim`` entries on a batch of ``samples``
+    whose backward saves ``activation_bytes``."""
+
+    dim: int
+    k: int
+    dtype: torch.dtype
+    device: torch.device
+    activation_bytes: int
+    samples: int
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated peak bytes (see :func:`hvp_block_bytes`)."""
+        return hvp_block_bytes(self.dim, self.k, self.dtype, self.activation_bytes)
+
+    def widest_fitting(self, free: int) -> int:
+        """The largest ``k`` whose block fits in ``0.95 free`` (0 if not even one)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        act = self.activation_bytes
+        return max(int((0.95 * free - (self.dim * item + act)) // (2 * act + 4 * self.dim * item)), 0)
+
+
+def check_hvp_block(
+    block: HvpBlock, *, mixed_precision: bool = False, vote: Callable[[bool], bool] | None = None
+) -> None:
+    """Raise :class:`DiagnosticsError` before an HVP block that clearly cannot fit, naming fixes.
+
+    Args:
+        block: the block about to run.
+        mixed_precision: whether the forward already runs under autocast (else it is suggested on CUDA).
+        vote: ``vote(failed) -> whether any process failed``; with it every process raises together,
+            none is left waiting in a collective.
+    """
+    free = available_bytes(block.device)
+    failed = free is not None and block.nbytes > 0.95 * free
+    if vote is not None and vote(failed) and not failed:
+        raise DiagnosticsError("another process ran out of memory for a Hessian-vector product block")
+    if not failed:
+        return
+    fits_k = block.widest_fitting(int(free))
+    fixes = []
+    if 1 <= fits_k < block.k:
+        fixes.append(f"--max-vectors {fits_k}")
+    fixes.append(f"--micro-batch below {block.samples} (activations scale with it)")
+    if not mixed_precision and block.device.type == "cuda":
+        fixes.append("--autocast bfloat16")
+    fixes.append("--params to analyse fewer parameters")
+    what = (
+        f"HVP block of {block.k} vector(s) on a batch of {block.samples} samples "
+        f"(activations {fmt_bytes(block.activation_bytes)} x {1 + 2 * block.k}, vectors)"
+    )
+    check_fits([Requirement(block.device, block.nbytes, what)], "use " + ", ".join(fixes))
 
 
 def check_fits(requirements: Iterable[Requirement], fixes: str, *, headroom: float = 0.95) -> None:

@@ -1,473 +1,409 @@
-"""Symmetric linear operators on flat vectors: the Hessian of a loss over data, and a dense matrix.
+"""Symmetric linear operators on flat vectors: a base with composition, a dense matrix, and the Hessian
+of a loss over data.
 
-An operator has ``dim``, ``dtype``, ``device``, ``matvec(v: [n]) -> [n]``, ``matmat(V: [n, k]) -> [n, k]``
-and counts its products in ``matvec_count`` (for the Hessian, ``hvp_count``: one full-data
-Hessian-vector product per vector, however many batches, micro-batches or processes the data has).
+An operator is a symmetric ``n x n`` matrix known through its products: ``shape == (n, n)`` (``dim ==
+n``), ``dtype``, ``device``, ``matvec(v: [n]) -> [n]`` and ``matmat(V: [n, k]) -> [n, k]`` (``matvec`` is
+``matmat`` of one column). ``matvec_count`` counts the columns multiplied; for the Hessian that is one
+full-data Hessian-vector product per vector however many batches, micro-batches or processes the data
+has. ``reduce`` is the all-reduce an operator's products go through when its data is sharded over
+processes (None otherwise), so that methods running on it can vote on errors collectively.
+
+Composition (each result is an operator; the inner one keeps counting its own products):
+
+* ``c * A``, ``A * c``, ``-A``, :func:`scaled`: ``c A``;
+* ``A + B``, ``A - B``: sums (e.g. ``H - GGN``);
+* :func:`preconditioned`: ``D^-1/2 A D^-1/2`` for a positive diagonal ``d``, whose eigenvalues are those
+  of ``D^-1 A`` (Adam's preconditioned sharpness, Cohen et al. 2022);
+* :func:`restricted`: ``A[block, block] = P^T A P`` for a contiguous block of the flat vector (a
+  parameter block; see :meth:`HessianOperator.group_slices`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from diagnostics.context import Batch, Context, batch_size
-from diagnostics.errors import DiagnosticsError
-from diagnostics.linalg.memory import Requirement, available_bytes, check_fits, fmt_bytes, hvp_block_bytes
+from diagnostics.batches import Batch, batch_size
+from diagnostics.linalg import memory
+from diagnostics.linalg.data import DataLoop, Reduce
+from diagnostics.linalg.products import BACKENDS, Layout, LossFn, Product, as_dtype, evaluate_loss, math_attention
+
+__all__ = [
+    "BACKENDS",
+    "DenseOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "PreconditionedOperator",
+    "RestrictedOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "dense_hessian",
+    "preconditioned",
+    "restricted",
+    "scaled",
+]
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
-    """``scaled_dot_product_attention`` restricted to its twice-differentiable math kernel."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: the old context manager
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
-    return sdpa_kernel(SDPBackend.MATH)
+class LinearOperator:
+    """Base of symmetric linear operators.
 
+    A subclass calls ``super().__init__(dim, dtype, device)`` and implements ``_matmat(V: [n, k]) ->
+    [n, k]``; :meth:`matmat` checks the shape, moves ``V`` to the operator's dtype and device and counts
+    the columns. An operator whose products are summed over processes overrides :attr:`reduce`.
 
-BatchLoss = Callable[[Mapping[str, torch.Tensor], Batch], torch.Tensor]
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-_DTYPE_NAMES = {
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-
-
-def _dtype_or_none(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPE_NAMES:
-        raise ValueError(f"{what}: unknown dtype {value!r}; use one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[value]
-
-
-def _slice(obj: Any, start: int, stop: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.dim() > 0 else obj
-    if isinstance(obj, tuple):  # several model arguments: slice each one that has a batch dimension
-        return tuple(_slice(o, start, stop) for o in obj)
-    if isinstance(obj, list):  # a list of samples
-        return obj[start:stop]
-    if isinstance(obj, Mapping):
-        return {k: _slice(v, start, stop) for k, v in obj.items()}
-    return obj
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Samples ``start:stop`` of a batch (rows of tensors, items of a list of samples; tuples of model
-    arguments and dicts are sliced element-wise; non-tensors are kept)."""
-    x, y = batch
-    return _slice(x, start, stop), _slice(y, start, stop)
-
-
-def split_batches(
-    batches: Sequence[Batch], weights: Sequence[float], micro_batch: int | None
-) -> tuple[list[Batch], list[float]]:
-    """Split every batch larger than ``micro_batch`` into pieces; piece weight ``w_b * n_piece / n_b``.
-
-    For a loss that is a per-sample mean, ``sum_pieces (n_piece / n_b) L_piece = L_b``, so weighted sums
-    over the pieces equal those over the batches (a ragged last piece included).
+    Args:
+        dim: ``n``; the operator is ``n x n``.
+        dtype: dtype of its products.
+        device: device of its products.
     """
-    if micro_batch is None:
-        return list(batches), [float(w) for w in weights]
-    out_b: list[Batch] = []
-    out_w: list[float] = []
-    for b, w in zip(batches, weights):
-        n = batch_size(b)
-        if n <= micro_batch:
-            out_b.append(b)
-            out_w.append(float(w))
-            continue
-        for start in range(0, n, micro_batch):
-            stop = min(start + micro_batch, n)
-            out_b.append(slice_batch(b, start, stop))
-            out_w.append(float(w) * (stop - start) / n)
-    return out_b, out_w
 
-
-class LinearOperator(Protocol):
-    dim: int
-    matvec_count: int
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._dim = int(dim)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.matvec_count = 0
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
+        return self._dim, self._dim
 
     @property
-    def device(self) -> torch.device: ...
+    def dim(self) -> int:
+        """``n``."""
+        return self._dim
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def reduce(self) -> Reduce | None:
+        """The all-reduce over processes the products go through (None for a local operator)."""
+        return None
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V``.
+
+        Args:
+            V: ``[n, k]`` (moved to the operator's dtype and device).
+
+        Returns:
+            ``[n, k]``.
+        """
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"matmat needs a [{self.dim}, k] matrix, got {tuple(V.shape)}")
+        out = self._matmat(V.to(dtype=self.dtype, device=self.device))
+        self.matvec_count += int(V.shape[1])
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for ``v`` of shape ``[n]`` (``matmat`` of one column)."""
+        if v.dim() != 1:
+            raise ValueError(f"matvec needs a [{self.dim}] vector, got {tuple(v.shape)}")
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- composition
+    def __mul__(self, c: float) -> ScaledOperator:
+        return ScaledOperator(self, c)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> ScaledOperator:
+        return ScaledOperator(self, -1.0)
+
+    def __add__(self, other: LinearOperator) -> SumOperator:
+        return SumOperator([self, other], [1.0, 1.0])
+
+    def __sub__(self, other: LinearOperator) -> SumOperator:
+        return SumOperator([self, other], [1.0, -1.0])
 
 
-class DenseOperator:
-    """A symmetric matrix as an operator (reference for tests and benchmarks)."""
+class DenseOperator(LinearOperator):
+    """A symmetric matrix ``[n, n]`` as an operator (reference for tests and benchmarks)."""
 
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"need a square matrix, got shape {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
-        self.dim = int(matrix.shape[0])
-        self.matvec_count = 0
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += 1
-        return self.matrix @ v
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.matvec_count += V.shape[1]
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.matrix @ V
 
 
-BACKENDS = ("auto", "cached", "forward", "reverse")
+class ScaledOperator(LinearOperator):
+    """``c A`` for a real scalar ``c``."""
+
+    def __init__(self, op: LinearOperator, c: float) -> None:
+        super().__init__(op.dim, op.dtype, op.device)
+        self.op = op
+        self.c = float(c)
+
+    @property
+    def reduce(self) -> Reduce | None:
+        return self.op.reduce
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.c * self.op.matmat(V)
 
 
-class HessianOperator:
-    """``v -> H v`` with ``H = d^2/dw^2 sum_b (n_b / N) L_b(w)``, the Hessian of the mean loss over data.
+class SumOperator(LinearOperator):
+    """``sum_i c_i A_i`` of operators of one shape, dtype and device."""
 
-    Products are computed per batch by forward-over-reverse differentiation
-    (``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call``), batched over several vectors
-    with ``torch.func.vmap``, and accumulated with each batch weighted by its size, so a ragged last
-    batch is exact. Where an op lacks forward-mode rules (or ``vmap`` support), the operator falls
-    back to double backward (reverse-over-reverse) and records that in ``backend``.
+    def __init__(self, ops: Sequence[LinearOperator], coefficients: Sequence[float]) -> None:
+        ops = list(ops)
+        if not ops or len(ops) != len(coefficients):
+            raise ValueError(f"need as many coefficients as operators, got {len(coefficients)} for {len(ops)}")
+        first = ops[0]
+        for op in ops[1:]:
+            if (op.dim, op.dtype, op.device) != (first.dim, first.dtype, first.device):
+                raise ValueError(
+                    f"cannot add a {op.dim}-dim {op.dtype} operator on {op.device} to a {first.dim}-dim "
+                    f"{first.dtype} one on {first.device}"
+                )
+        super().__init__(first.dim, first.dtype, first.device)
+        self.ops = ops
+        self.coefficients = [float(c) for c in coefficients]
 
-    ``backend="cached"`` builds each batch's gradient graph once (``create_graph=True``) and answers
-    every later product with one backward pass through it, as PyHessian does for a single batch: the
-    forward and first backward are not repeated, at the price of keeping every batch's graph (its
-    activations) alive for the operator's lifetime. ``"auto"`` uses it when the data is one batch (the
-    memory is then that of a single backward pass) and forward-over-reverse otherwise.
+    @property
+    def reduce(self) -> Reduce | None:
+        return next((op.reduce for op in self.ops if op.reduce is not None), None)
 
-    With ``vmap`` the data pass and the primal forward/backward of a batch are paid once for a whole
-    block of up to ``max_vectors`` vectors, so ``matmat`` on ``k`` vectors costs far less than ``k``
-    calls of ``matvec`` (see ``benchmarks/bench_scale.py``).
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.coefficients[0] * self.ops[0].matmat(V)
+        for c, op in zip(self.coefficients[1:], self.ops[1:]):
+            out += c * op.matmat(V)
+        return out
 
-    Scale options:
 
-    * ``micro_batch``: batches larger than this are split into micro-batches of at most this many
-      samples, each weighted by ``w_b * n_micro / n_b``; for a per-sample mean loss this is exact
-      (it bounds activation memory; results equal the unsplit ones to rounding).
-    * ``autocast``: run the forward (and its derivatives) under ``torch.autocast`` in ``bfloat16`` or
-      ``float16``; parameters, vectors and the accumulation stay in the operator's dtype.
-    * ``accumulate_dtype``: accumulate the batch sum (and the all-reduce) in this dtype, e.g. float64
-      for a float32 model over many batches; results are returned in the operator's dtype.
-    * ``reduce``: a callable summing a tensor over processes (``torch.distributed.all_reduce``); the
-      operator then holds this process's shard of the data with *global* weights ``n_b / N_total``
-      and every process gets the full product. See :mod:`diagnostics.distributed`.
-    * ``memory_check``: before the first product of each block width, estimate its memory from the
-      activations autograd saves for the largest (micro-)batch and raise :class:`DiagnosticsError`
-      with the requirement and a fix when it clearly exceeds the free memory of the device.
+class PreconditionedOperator(LinearOperator):
+    """``D^-1/2 A D^-1/2`` for a positive diagonal ``d`` (``[n]``): the eigenvalues of ``D^-1 A``.
+
+    ``D^-1 A`` is similar to this symmetric matrix (``D^-1 A = D^-1/2 (D^-1/2 A D^-1/2) D^1/2``), so
+    symmetric methods (Lanczos) apply.
+    """
+
+    def __init__(self, op: LinearOperator, d: torch.Tensor) -> None:
+        if d.shape != (op.dim,):
+            raise ValueError(f"the diagonal must have shape [{op.dim}], got {tuple(d.shape)}")
+        if not bool(torch.isfinite(d).all()) or not bool((d > 0).all()):
+            raise ValueError("the diagonal of a preconditioner must be finite and positive")
+        super().__init__(op.dim, op.dtype, op.device)
+        self.op = op
+        self.scale = d.rsqrt().to(dtype=op.dtype, device=op.device)
+
+    @property
+    def reduce(self) -> Reduce | None:
+        return self.op.reduce
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        s = self.scale.unsqueeze(1)
+        return s * self.op.matmat(s * V)
+
+
+class RestrictedOperator(LinearOperator):
+    """``A[block, block] = P^T A P``: the operator on a contiguous block of the flat vector.
+
+    Each product embeds the block in a zero vector of length ``n`` and multiplies by ``A``; for the
+    Hessian of a parameter block, ``diagnostics.operators.hessian_operator(ctx, names=...)`` gives the
+    same matrix while differentiating w.r.t. the block alone (cheaper).
+    """
+
+    def __init__(self, op: LinearOperator, block: slice) -> None:
+        start, stop, step = block.indices(op.dim)
+        if step != 1 or stop <= start:
+            raise ValueError(f"need a non-empty contiguous block of 0..{op.dim}, got {block}")
+        super().__init__(stop - start, op.dtype, op.device)
+        self.op = op
+        self.block = slice(start, stop)
+
+    @property
+    def reduce(self) -> Reduce | None:
+        return self.op.reduce
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(self.op.dim, V.shape[1], dtype=V.dtype, device=V.device)
+        full[self.block] = V
+        return self.op.matmat(full)[self.block]
+
+
+def scaled(op: LinearOperator, c: float) -> ScaledOperator:
+    """``c A`` (same as ``c * op``)."""
+    return ScaledOperator(op, c)
+
+
+def preconditioned(op: LinearOperator, d: torch.Tensor) -> PreconditionedOperator:
+    """``D^-1/2 A D^-1/2`` for a positive diagonal ``d`` of shape ``[n]`` (eigenvalues of ``D^-1 A``)."""
+    return PreconditionedOperator(op, d)
+
+
+def restricted(op: LinearOperator, block: slice) -> RestrictedOperator:
+    """``A[block, block]`` for a contiguous ``block`` of the flat vector (e.g. one parameter's slice)."""
+    return RestrictedOperator(op, block)
+
+
+class HessianOperator(LinearOperator):
+    """``v -> H v`` with ``H = d^2/dw^2 sum_b w_b L_b(w)``, the Hessian of the mean loss over data.
+
+    A :class:`~diagnostics.linalg.data.DataLoop` (batches, weights ``n_b / N``, micro-batching,
+    accumulation dtype, sharding) sums a per-batch product
+    (:class:`~diagnostics.linalg.products.Product`: forward-over-reverse with ``vmap``, double
+    backward, or the cached gradient graph; optionally compiled) over the data. Vectors are split
+    into blocks of at most ``max_vectors`` columns, each block one pass over the data, so ``matmat``
+    on ``k`` vectors costs far less than ``k`` calls of ``matvec`` (``benchmarks/bench_scale.py``).
 
     Args:
         batch_loss: ``fn(params, batch) -> scalar`` mean loss of one batch.
         params: the point ``w`` as ``{name: tensor}``; the operator acts on their flat concatenation.
-        batches: the data (may be empty for a process holding no data when ``reduce`` is given).
-        weights: per-batch weights; default ``n_b / N``.
-        backend: ``"auto"`` (cached graph for one batch, else forward-over-reverse; falling back to
-            reverse), ``"cached"``, ``"forward"``, or ``"reverse"``.
-        max_vectors: at most this many vectors per vmapped pass (bounds activation memory).
+        data: a :class:`DataLoop`, or the batches (then ``loop_options`` build the loop: ``weights``,
+            ``micro_batch``, ``accumulate_dtype``, ``reduce``).
+        backend: ``"auto"``, ``"cached"``, ``"forward"`` or ``"reverse"`` (see ``Product``).
+        max_vectors: at most this many vectors per pass (bounds activation memory).
+        autocast: run the forward (and its derivatives) under ``torch.autocast`` in ``bfloat16`` or
+            ``float16``; parameters, vectors and the accumulation stay in the operator's dtype.
+        compile: ``torch.compile`` the per-batch product (falls back to eager with a note in ``notes``).
+        memory_check: before the first product of each block width, estimate its memory from the
+            activations autograd saves for the largest (micro-)batch and raise ``DiagnosticsError``
+            with the requirement and a fix when it clearly exceeds the free memory of the device.
+        **loop_options: ``weights``, ``micro_batch``, ``accumulate_dtype``, ``reduce`` of the
+            :class:`DataLoop` built from a list of batches.
     """
 
     def __init__(
         self,
-        batch_loss: BatchLoss,
+        batch_loss: LossFn,
         params: Mapping[str, torch.Tensor],
-        batches: Sequence[Batch],
+        data: DataLoop | Sequence[Batch],
         *,
-        weights: Sequence[float] | None = None,
         backend: str = "auto",
         max_vectors: int = 16,
-        micro_batch: int | None = None,
         autocast: torch.dtype | str | None = None,
-        accumulate_dtype: torch.dtype | str | None = None,
-        reduce: Reduce | None = None,
+        compile: bool = False,
         memory_check: bool = True,
+        **loop_options: object,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if not batches and reduce is None:
-            raise ValueError("HessianOperator needs at least one batch")
         if not params:
             raise ValueError("HessianOperator needs at least one parameter")
-        if micro_batch is not None and int(micro_batch) < 1:
-            raise ValueError(f"micro_batch must be positive, got {micro_batch}")
-        self.batch_loss = batch_loss
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.names = list(self.params)
-        self.shapes = [tuple(t.shape) for t in self.params.values()]
-        self.numels = [t.numel() for t in self.params.values()]
-        self.dim = int(sum(self.numels))
-        batches = list(batches)
-        if weights is None:
-            sizes = [batch_size(b) for b in batches]
-            total = float(sum(sizes))
-            weights = [s / total for s in sizes]
-        if len(weights) != len(batches):
-            raise ValueError(f"{len(weights)} weights for {len(batches)} batches")
-        self.micro_batch = None if micro_batch is None else int(micro_batch)
-        self.batches, self.weights = split_batches(batches, [float(w) for w in weights], self.micro_batch)
-        if backend == "auto" and len(self.batches) == 1:
-            backend = "cached"
-        self.backend = backend
-        self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {}
-        self.max_vectors = max(1, int(max_vectors))
-        self.autocast = _dtype_or_none(autocast, "autocast")
+        unknown = sorted(set(loop_options) - {"weights", "micro_batch", "accumulate_dtype", "reduce"})
+        if unknown:
+            raise TypeError(f"HessianOperator got unexpected keyword argument(s) {unknown}")
+        if isinstance(data, DataLoop) and loop_options:
+            raise ValueError(f"pass {sorted(loop_options)} to the DataLoop, not to the operator")
+        self.loop = data if isinstance(data, DataLoop) else DataLoop(data, **loop_options)  # type: ignore[arg-type]
+        self.autocast = as_dtype(autocast, "autocast")
         if self.autocast is not None and self.autocast not in (torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be bfloat16 or float16, not {self.autocast}")
-        self.accumulate_dtype = _dtype_or_none(accumulate_dtype, "accumulate_dtype") or self.dtype
-        self.reduce = reduce
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.layout = Layout.of(self.params)
+        first = next(iter(self.params.values()))
+        super().__init__(self.layout.dim, first.dtype, first.device)
+        self.batch_loss = batch_loss
+        self.product = Product(backend, n_batches=len(self.loop.batches), compile=compile)
+        self.max_vectors = max(1, int(max_vectors))
         self.memory_check = bool(memory_check)
         self._checked_widths: set[int] = set()
         self._activation_bytes: int | None = None
-        self.matvec_count = 0
-
-    @classmethod
-    def from_context(
-        cls,
-        ctx: Context,
-        *,
-        batches: Sequence[Batch] | None = None,
-        names: Sequence[str] | None = None,
-        distributed: bool | None = None,
-        **kwargs: Any,
-    ) -> HessianOperator:
-        """The Hessian of ``ctx``'s loss over its batches (or ``batches``) w.r.t. ``names`` (default all).
-
-        Args:
-            distributed: shard the data over the processes of the initialised ``torch.distributed``
-                group and all-reduce every product (see :func:`diagnostics.distributed.shard_data`).
-                ``None`` (default): do so when :func:`diagnostics.distributed.data_parallel_active`.
-        """
-        from diagnostics import distributed as dist
-
-        sub = ctx if names is None else ctx.restrict(names=names)
-        data = list(batches if batches is not None else sub.batches)
-        if distributed is None:
-            distributed = dist.data_parallel_active()
-        if distributed and "reduce" not in kwargs:
-            shard = dist.shard_data(data)
-            return cls(
-                sub.batch_loss,
-                sub.params,
-                shard.batches,
-                weights=shard.weights,
-                reduce=dist.all_reduce_sum,
-                **kwargs,
-            )
-        return cls(sub.batch_loss, sub.params, data, **kwargs)
 
     # -- bookkeeping
     @property
     def hvp_count(self) -> int:
+        """Hessian-vector products so far (``matvec_count``)."""
         return self.matvec_count
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.params.values())).dtype
+    def backend(self) -> str:
+        """The product backend in use (``"auto"`` until a fallback to ``"reverse"``)."""
+        return self.product.backend
 
     @property
-    def device(self) -> torch.device:
-        return next(iter(self.params.values())).device
+    def notes(self) -> list[str]:
+        """Notes for the user from the products (e.g. why ``compile`` fell back to eager)."""
+        return self.product.notes
+
+    @property
+    def reduce(self) -> Reduce | None:
+        return self.loop.reduce
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layout.names)
 
     def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        seq = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
-        return torch.cat([t.reshape(-1) for t in seq])
+        """``{name: tensor}`` -> ``[n]`` in the operator's order."""
+        return self.layout.flatten(tensors)
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = torch.split(v, self.numels)
-        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
+        """``[n]`` -> ``{name: tensor}``."""
+        return self.layout.unflatten(v)
 
     def group_slices(self) -> dict[str, slice]:
         """Where each parameter sits in the flat vector."""
-        out, start = {}, 0
-        for n, k in zip(self.names, self.numels):
-            out[n] = slice(start, start + k)
-            start += k
-        return out
+        return self.layout.slices()
 
     # -- products
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+    def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        return self.product(self.batch_loss, self.params, batch, V, autocast=self.autocast)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``[dim, k] -> [dim, k]``: one pass over the data per block of ``max_vectors`` columns."""
-        if V.dim() != 2 or V.shape[0] != self.dim:
-            raise ValueError(f"matmat needs a [{self.dim}, k] matrix, got {tuple(V.shape)}")
-        V = V.to(dtype=self.dtype, device=self.device)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``[n, k] -> [n, k]``: one pass over the data per block of ``max_vectors`` columns."""
         k = int(V.shape[1])
         if self.memory_check and k:
             self.check_memory(min(k, self.max_vectors))
-        out = torch.zeros(V.shape, dtype=self.accumulate_dtype, device=self.device)
-        for index, (batch, w) in enumerate(zip(self.batches, self.weights)):
-            for start in range(0, k, self.max_vectors):
-                cols = slice(start, min(start + self.max_vectors, k))
-                out[:, cols] += w * self._batch_products(batch, V[:, cols], index).to(self.accumulate_dtype)
-        if self.reduce is not None:
-            out = self.reduce(out)
-        self.matvec_count += k
-        return out.to(self.dtype)
+        out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
+        for start in range(0, k, self.max_vectors):
+            cols = slice(start, min(start + self.max_vectors, k))
+            W = V[:, cols]
+            out[:, cols] = self.loop.weighted_sum(
+                lambda batch, W=W: self._batch_product(batch, W), W.shape, dtype=self.dtype, device=self.device
+            )
+        return out
 
     # -- memory
     def activation_bytes(self) -> int:
         """Bytes autograd saves for one backward of the largest (micro-)batch's loss (measured once)."""
         if self._activation_bytes is None:
-            if not self.batches:
+            batch = self.loop.largest()
+            if batch is None:
                 self._activation_bytes = 0
-                return 0
-            batch = max(self.batches, key=batch_size)
-            seen: dict[tuple, int] = {}
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                if t.device == self.device:
-                    key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-                    seen[key] = t.numel() * t.element_size()
-                return t
-
-            leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self._loss(leaves, batch)
-            self._activation_bytes = int(sum(seen.values()))
+            else:
+                with math_attention():
+                    self._activation_bytes = memory.activation_bytes(
+                        lambda p: evaluate_loss(self.batch_loss, p, batch, self.autocast), self.params, self.device
+                    )
         return self._activation_bytes
 
     def memory_required(self, k: int) -> int:
         """Estimated peak bytes of one product block of ``k`` vectors (see ``memory.hvp_block_bytes``)."""
-        return hvp_block_bytes(self.dim, k, self.dtype, self.activation_bytes())
+        return memory.hvp_block_bytes(self.dim, k, self.dtype, self.activation_bytes())
 
     def check_memory(self, k: int) -> None:
-        """Raise :class:`DiagnosticsError` before a block of ``k`` vectors that clearly cannot fit.
+        """Raise ``DiagnosticsError`` before a block of ``k`` vectors that clearly cannot fit.
 
-        With ``reduce`` the verdict is shared, so every process raises together (none is left
-        waiting in a collective).
+        Under sharding the verdict is voted on, so every process raises together.
         """
         if k in self._checked_widths:
             return
         self._checked_widths.add(k)
-        free = available_bytes(self.device)
-        need = self.memory_required(k)
-        failed = free is not None and need > 0.95 * free
-        if self.reduce is not None:
-            flag = torch.tensor([1.0 if failed else 0.0], dtype=self.dtype, device=self.device)
-            if float(self.reduce(flag)[0]) > 0 and not failed:
-                raise DiagnosticsError("another process ran out of memory for a Hessian-vector product block")
-        if not failed:
-            return
-        act = self.activation_bytes()
-        item = torch.empty((), dtype=self.dtype).element_size()
-        fits_k = max(int((0.95 * free - (self.dim * item + act)) // (2 * act + 4 * self.dim * item)), 0)
-        largest = max(batch_size(b) for b in self.batches)
-        fixes = []
-        if fits_k >= 1 and fits_k < k:
-            fixes.append(f"--max-vectors {fits_k}")
-        fixes.append(f"--micro-batch below {largest} (activations scale with it)")
-        if self.autocast is None and self.device.type == "cuda":
-            fixes.append("--autocast bfloat16")
-        fixes.append("--params to analyse fewer parameters")
-        check_fits(
-            [
-                Requirement(
-                    self.device,
-                    need,
-                    f"HVP block of {k} vector(s) on a batch of {largest} samples "
-                    f"(activations {fmt_bytes(act)} x {1 + 2 * k}, vectors)",
-                )
-            ],
-            "use " + ", ".join(fixes),
+        largest = self.loop.largest()
+        block = memory.HvpBlock(
+            self.dim, k, self.dtype, self.device, self.activation_bytes(), 0 if largest is None else batch_size(largest)
         )
-
-    # -- one batch
-    def _loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        with contextlib.ExitStack() as stack:
-            # fused attention kernels (flash, memory-efficient) have neither forward-mode rules nor a
-            # second derivative; the math kernel is made of differentiable primitives
-            stack.enter_context(_math_attention())
-            if self.autocast is not None:
-                stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.autocast))
-            return self.batch_loss(params, batch)
-
-    def _batch_products(self, batch: Batch, V: torch.Tensor, index: int = -1) -> torch.Tensor:
-        if self.backend == "cached":
-            return self._cached_reverse(batch, V, index)
-        if self.backend in ("auto", "forward"):
-            try:
-                return self._forward_over_reverse(batch, V)
-            except (RuntimeError, NotImplementedError):
-                if self.backend == "forward":
-                    raise
-                self.backend = "reverse"
-        return self._reverse_over_reverse(batch, V)
-
-    def _forward_over_reverse(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        def grad_flat(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            g = torch.func.grad(lambda q: self._loss(q, batch))(p)
-            return self.flatten(g)
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(grad_flat, (self.params,), (self.unflatten(v),))[1]
-
-        if V.shape[1] == 1:
-            return one(V[:, 0]).reshape(-1, 1)
-        return torch.func.vmap(one, in_dims=1, out_dims=1)(V)
-
-    def _cached_reverse(self, batch: Batch, V: torch.Tensor, index: int) -> torch.Tensor:
-        """Products through batch ``index``'s gradient graph, built on first use and kept."""
-        entry = self._graphs.get(index)
-        if entry is None:
-            leaves = [t.detach().requires_grad_(True) for t in self.params.values()]
-            with torch.enable_grad():
-                loss = self._loss(dict(zip(self.names, leaves)), batch)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            # a gradient that does not depend on the parameters has a zero second derivative
-            entry = (leaves, [g if g is not None and g.requires_grad else None for g in grads])
-            self._graphs[index] = entry
-        leaves, grads = entry
-        used = [i for i, g in enumerate(grads) if g is not None]
-        cols = []
-        for j in range(V.shape[1]):
-            if not used:
-                cols.append(torch.zeros(self.dim, dtype=self.dtype, device=self.device))
-                continue
-            parts = torch.split(V[:, j], self.numels)
-            hv = torch.autograd.grad(
-                [grads[i] for i in used],
-                leaves,
-                grad_outputs=[parts[i].reshape(self.shapes[i]) for i in used],
-                retain_graph=True,
-                allow_unused=True,
-            )
-            cols.append(self.flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, leaves)]).detach())
-        return torch.stack(cols, dim=1)
-
-    def _reverse_over_reverse(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
-        leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-        with torch.enable_grad():
-            loss = self._loss(leaves, batch)
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-        cols = []
-        k = V.shape[1]
-        for j in range(k):
-            tangent = [t.reshape(s) for t, s in zip(torch.split(V[:, j], self.numels), self.shapes)]
-            hv = torch.autograd.grad(
-                grads, list(leaves.values()), grad_outputs=tangent, retain_graph=j < k - 1, allow_unused=True
-            )
-            hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, leaves.values())]
-            cols.append(self.flatten(hv).detach())
-        return torch.stack(cols, dim=1)
+        vote = None if self.reduce is None else (lambda failed: self.loop.any_process(failed, self.device))
+        memory.check_hvp_block(block, mixed_precision=self.autocast is not None, vote=vote)
 
 
-def dense_hessian(op: HessianOperator) -> torch.Tensor:
-    """The full ``dim x dim`` Hessian by ``dim`` products (tests and tiny models only)."""
+def dense_hessian(op: LinearOperator) -> torch.Tensor:
+    """The full ``[n, n]`` matrix of a symmetric operator by ``n`` products, symmetrised (tests and tiny
+    models only)."""
     eye = torch.eye(op.dim, dtype=op.dtype, device=op.device)
     H = op.matmat(eye)
     return 0.5 * (H + H.T)

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from diagnostics.analyzers.collapse import (
+    ANALYZER,
+    CLASS_METRICS,
     ETF_METRICS,
+    METRICS,
     CollapseConfig,
     analyze_collapse,
     neural_collapse,
@@ -22,6 +25,8 @@ from diagnostics.checkpoint import load_checkpoint
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.examples.digits import train_data
+from diagnostics.plots import cosine_matrices
+from diagnostics.spec import check_config
 
 F64 = torch.float64
 
@@ -268,8 +273,12 @@ def test_bad_inputs_raise_one_line_errors():
         neural_collapse([(h, torch.randn(6))])
     with pytest.raises(DiagnosticsError, match="needs class labels"):
         neural_collapse([(h, None)])
-    with pytest.raises(DiagnosticsError, match="unknown --pool"):
-        CollapseConfig(pool="max").validate()
+    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, last, first, flatten, not 'max'"):
+        check_config(CollapseConfig(pool="max"))
+    with pytest.raises(DiagnosticsError, match="--imbalance-ratio must be >= 1"):
+        check_config(CollapseConfig(imbalance_ratio=0.5))
+    with pytest.raises(DiagnosticsError, match="--classifier and --no-use-classifier contradict"):
+        check_config(CollapseConfig(classifier="head", use_classifier=False))
 
 
 # --------------------------------------------------------------------------- the analyzer
@@ -296,7 +305,13 @@ def test_analyzer_on_digits_matches_features_computed_by_hand(digits_run):
     assert [r.index for r in per_class] == list(range(10))
     assert [int(r.value) for r in per_class] == torch.bincount(y).tolist()
     assert {r.group for r in per_class} == {f"features/class={k}" for k in range(10)}
-    assert result.artifacts["cosine"]["features"].shape == (10, 10)
+    cosines = cosine_matrices(result.artifacts["cosine"])
+    assert list(cosines) == ["features"] and cosines["features"].shape == (10, 10)
+    assert list(cosines["features"].columns) == list(range(10))
+    m = torch.stack([torch.as_tensor(h[y == c].mean(0)) for c in range(10)])
+    m = m - m.mean(0)
+    m = m / m.norm(dim=1, keepdim=True)
+    assert np.allclose(cosines["features"].to_numpy(), (m @ m.T).numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_layerwise_collapse_reports_classifier_metrics_where_they_apply(digits_run):
@@ -350,5 +365,44 @@ def test_analyzer_skips_a_last_linear_that_is_not_the_classifier():
 
 def test_collapse_is_registered():
     spec = all_analyzers()["collapse"]
-    assert spec.needs_targets and spec.config_cls is CollapseConfig
+    assert spec.needs_targets and spec.config is CollapseConfig and not spec.uses_loss
     assert spec.make_config({"layers": ["features"], "per_class": True}).per_class
+    with pytest.raises(DiagnosticsError, match=r"unknown option 'per_clas' in \[collapse\]; did you mean 'per_class'"):
+        spec.make_config({"per_clas": True})
+
+
+def test_every_metric_the_analyzer_can_emit_is_declared(digits_run):
+    """Per-class rows, classifier metrics and the imbalance-only orthogonal frame are all declared."""
+    declared = {m.name for m in ANALYZER.metrics}
+    assert declared == set(METRICS) | set(CLASS_METRICS)
+    assert all(m.definition and m.group for m in ANALYZER.metrics)
+    ctx = _digits_context(digits_run[-1])
+    cfg = CollapseConfig(layers=["features", "features.1"], per_class=True, imbalance_ratio=1.0 + 1e-9)
+    result = analyze_collapse(cfg, ctx)
+    emitted = {r.metric for r in result.records}
+    assert emitted <= declared
+    assert {"nc1", "nc4", "class_nc4", "class_cdnv"} <= emitted
+    # counts 133..149: imbalanced for this ratio, so the analyzer reports the orthogonal-frame metrics
+    assert {"nc2_orthogonal_frame", "nc2_orthogonal_frame_classifier"} <= emitted
+    default = analyze_collapse(CollapseConfig(layers=["features"]), ctx)  # ratio 149/133 < 1.5
+    assert "nc2_orthogonal_frame" not in {r.metric for r in default.records}
+
+
+def test_report_figure_draws_the_cosines_of_the_last_checkpoint(digits_run):
+    from diagnostics.plots import collapse_cosine_section
+
+    parts = []
+    for step, path in ((0, digits_run[0]), (200, digits_run[-1])):
+        result = analyze_collapse(CollapseConfig(layers=["features", "features.1"]), _digits_context(path))
+        part = result.artifacts["cosine"].copy()
+        part.insert(0, "step", step)
+        part.insert(0, "checkpoint", path.name)
+        parts.append(part)
+    import pandas as pd
+
+    figures = collapse_cosine_section(pd.DataFrame(), {"cosine": pd.concat(parts[::-1], ignore_index=True)})
+    assert len(figures) == 1
+    name, title, fig = figures[0]
+    assert name == "collapse-cosines" and f"at {digits_run[-1].name} (step 200)" in title
+    assert [ax.get_title().split()[0] for ax in fig.axes if ax.get_title()] == ["features", "features.1"]
+    assert collapse_cosine_section(pd.DataFrame(), {}) == []

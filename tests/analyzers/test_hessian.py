@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 import tinymodels as tm
-from diagnostics.analyzers.hessian import HessianConfig, analyze_hessian, class_batches
+from diagnostics.analyzers.hessian import ANALYZER, HessianConfig, analyze_hessian, class_batches
 from diagnostics.binding import Binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import build_context
-from diagnostics.linalg.operator import HessianOperator, dense_hessian
+from diagnostics.linalg.operator import dense_hessian
+from diagnostics.operators import hessian_operator
+from diagnostics.runner import run_analyzer
 
 
 def tiny_ctx(tmp_path: Path, optimizer=None, lr=None, data="tinymodels:tiny_data", seed=0):
@@ -37,8 +39,8 @@ def values(result, metric, group=None):
 
 def test_top_and_bottom_match_dense_eigenvalues(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
-    exact = np.linalg.eigvalsh(dense_hessian(HessianOperator.from_context(ctx)).numpy())
-    res = analyze_hessian(HessianConfig(top_k=3, bottom_k=2, tol=1e-8), ctx)
+    exact = np.linalg.eigvalsh(dense_hessian(hessian_operator(ctx)).numpy())
+    res = run_analyzer(ANALYZER, HessianConfig(top_k=3, bottom_k=2, tol=1e-8), ctx)
     np.testing.assert_allclose(values(res, "eigenvalue"), exact[::-1][:3], rtol=1e-6)
     np.testing.assert_allclose(values(res, "bottom_eigenvalue"), exact[:2], rtol=1e-6)
     assert exact[0] < 0  # the tiny random model sits at a saddle: bottom eigenvalues are negative
@@ -93,9 +95,9 @@ def test_quadratic_with_known_spectrum(tmp_path: Path) -> None:
 
 def test_trace_converges_to_the_exact_trace(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
-    exact = float(torch.trace(dense_hessian(HessianOperator.from_context(ctx))))
-    coarse = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.2, trace_max_samples=200), ctx)
-    fine = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.01, trace_max_samples=5000), ctx)
+    exact = float(torch.trace(dense_hessian(hessian_operator(ctx))))
+    coarse = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.2, trace_samples=200), ctx)
+    fine = analyze_hessian(HessianConfig(trace=True, trace_sketch=2, trace_rtol=0.01, trace_samples=5000), ctx)
     t_c = next(r for r in coarse.records if r.metric == "trace")
     t_f = next(r for r in fine.records if r.metric == "trace")
     assert t_f.stderr < t_c.stderr
@@ -106,7 +108,7 @@ def test_trace_converges_to_the_exact_trace(tmp_path: Path) -> None:
 
 def test_negative_mass_against_exact_fraction(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
-    exact = np.linalg.eigvalsh(dense_hessian(HessianOperator.from_context(ctx)).numpy())
+    exact = np.linalg.eigvalsh(dense_hessian(hessian_operator(ctx)).numpy())
     res = analyze_hessian(HessianConfig(density=True, density_probes=30, density_steps=43), ctx)
     rec = next(r for r in res.records if r.metric == "negative_mass")
     info = res.metadata["model"]["density"]["negative_mass"]
@@ -123,7 +125,7 @@ def test_negative_mass_against_exact_fraction(tmp_path: Path) -> None:
 
 def test_per_layer_spectra_are_the_diagonal_blocks(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
-    H = dense_hessian(HessianOperator.from_context(ctx)).numpy()
+    H = dense_hessian(hessian_operator(ctx)).numpy()
     res = analyze_hessian(HessianConfig(top_k=2, tol=1e-9, per_layer=True), ctx)
     blocks = {"fc1": slice(0, 25), "fc2": slice(25, 43)}
     for name, sl in blocks.items():
@@ -133,13 +135,13 @@ def test_per_layer_spectra_are_the_diagonal_blocks(tmp_path: Path) -> None:
 
 def test_per_class_hessians_sum_to_the_full_one(tmp_path: Path) -> None:
     ctx = tiny_ctx(tmp_path)
-    H = dense_hessian(HessianOperator.from_context(ctx))
+    H = dense_hessian(hessian_operator(ctx))
     parts = class_batches(ctx.batches)
     total = torch.zeros_like(H)
     res = analyze_hessian(HessianConfig(top_k=1, tol=1e-9, per_class=True), ctx)
     for c, batches in parts.items():
         n_c = sum(int(b[1].shape[0]) for b in batches)
-        Hc = dense_hessian(HessianOperator.from_context(ctx, batches=batches))
+        Hc = dense_hessian(hessian_operator(ctx, batches=batches))
         total += (n_c / ctx.n_samples) * Hc
         lam = float(torch.linalg.eigvalsh(Hc)[-1])
         assert values(res, "eigenvalue", f"class={c}")[0] == pytest.approx(lam, rel=1e-6)
@@ -193,7 +195,7 @@ def test_agrees_with_pyhessian_top_eigenvalue(digits_run: list[Path]) -> None:
         model_kwargs={"width": 16},
     )
     ctx = build_context(ck, binding, samples=400, seed=0)
-    exact = np.linalg.eigvalsh(dense_hessian(HessianOperator.from_context(ctx.restrict())).double().numpy())
+    exact = np.linalg.eigvalsh(dense_hessian(hessian_operator(ctx.restrict())).double().numpy())
     assert exact[-1] > abs(exact[0])  # power iteration finds the largest magnitude; make sure that is the top
     ours = values(analyze_hessian(HessianConfig(top_k=1, tol=1e-5), ctx), "eigenvalue")[0]
     model = ctx.model

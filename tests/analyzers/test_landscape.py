@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from diagnostics.analyzers import landscape as landscape_module
 from diagnostics.analyzers.landscape import (
+    ANALYZER,
     LandscapeConfig,
     analyze_interpolation,
     analyze_landscape,
@@ -18,6 +21,7 @@ from diagnostics.analyzers.landscape import (
     interpolation_axis,
     landscape_key,
     loss_barrier,
+    run_landscape,
 )
 from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.binding import LOSSES
@@ -31,6 +35,7 @@ from diagnostics.directions import (
     random_direction,
 )
 from diagnostics.errors import DiagnosticsError
+from diagnostics.spec import check_config
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -164,7 +169,11 @@ def test_one_d_slice_curvature_is_dT_H_d() -> None:
     assert float(first) == pytest.approx(float(d @ (H @ (w - c))), rel=1e-9)
     assert float(L[steps // 2]) == pytest.approx(float(0.5 * (w - c) @ H @ (w - c)), rel=1e-12)
     assert [r.metric for r in res.records] == ["loss"] * steps  # no accuracy for a regression-type loss
-    assert res.records[0].group == "x=-0.8" and res.records[steps // 2].group == "x=0"
+    # a record's index is its row of the grid; the coordinates live in the grid, not in the group
+    assert [r.index for r in res.records] == list(range(steps)) and {r.group for r in res.records} == {None}
+    x = res.artifacts["grid"]["x"]
+    assert x[res.records[0].index] == pytest.approx(-0.8) and x[res.records[steps // 2].index] == 0.0
+    assert [r.value for r in res.records] == res.artifacts["grid"]["loss"].tolist()
 
 
 def test_two_d_slice_mixed_curvature_is_d1T_H_d2() -> None:
@@ -394,7 +403,8 @@ def test_interpolation_extrapolates_and_matches_direct_evaluation() -> None:
     for alpha, loss in zip(grid["alpha"], grid["loss"]):
         x = -1 + 2 * alpha
         assert loss == pytest.approx((x**2 - 1) ** 2, rel=1e-12, abs=1e-15)
-    assert [r.group for r in res.records if r.metric == "loss"][:2] == ["alpha=-0.5", "alpha=-0.25"]
+    loss = [r for r in res.records if r.metric == "loss"]
+    assert [grid["alpha"][r.index] for r in loss[:2]] == [-0.5, -0.25] and loss[0].group is None
 
 
 def test_interpolation_axis_always_holds_both_checkpoints() -> None:
@@ -494,8 +504,11 @@ def test_landscape_records_loss_and_accuracy_with_coordinates() -> None:
     res = analyze_landscape(LandscapeConfig(dims=2, steps=3, span=0.5), model_context(model, X, y))
     metrics = [r.metric for r in res.records]
     assert metrics.count("loss") == 9 and metrics.count("accuracy") == 9
-    centre = [r for r in res.records if r.group == "x=0,y=0"]
-    assert {r.metric for r in centre} == {"loss", "accuracy"} and centre[0].index == 4
+    grid = res.artifacts["grid"]
+    at_centre = grid.index[(grid["x"] == 0) & (grid["y"] == 0)].tolist()
+    assert at_centre == [4]  # flat index i * steps + j of (x_1, y_1)
+    centre = [r for r in res.records if r.index == 4]
+    assert {r.metric for r in centre} == {"loss", "accuracy"} and {r.group for r in res.records} == {None}
     with torch.no_grad():
         out = model(X)
     assert centre[0].value == pytest.approx(float(LOSSES["cross_entropy"](out, y)), rel=1e-12)
@@ -518,7 +531,7 @@ def test_a_grid_resumes_from_points_already_done() -> None:
     assert sorted(i for c in calls for i in c) == list(range(1, 36, 2))
     # same values up to the rounding of a different chunking of the batched evaluation
     np.testing.assert_allclose([r.value for r in resumed.records], [r.value for r in full.records], rtol=1e-13)
-    assert [r.group for r in resumed.records] == [r.group for r in full.records]
+    assert [(r.metric, r.index) for r in resumed.records] == [(r.metric, r.index) for r in full.records]
     with pytest.raises(DiagnosticsError, match="outside this grid"):
         analyze_landscape(cfg, ctx, done={99: (1.0, None)})
 
@@ -550,11 +563,94 @@ def test_cache_key_depends_on_what_fixes_the_values() -> None:
 )
 def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(DiagnosticsError, match=message) as info:
-        LandscapeConfig(**kwargs).validate()
+        check_config(LandscapeConfig(**kwargs))
     assert "\n" not in str(info.value)
+    ctx, *_ = quadratic_problem()
+    with pytest.raises(DiagnosticsError, match=message):  # the analyzer checks a config built in Python
+        analyze_landscape(LandscapeConfig(**kwargs), ctx)
 
 
 def test_landscape_is_registered_for_sweeps() -> None:
     spec = all_analyzers()["landscape"]
-    assert spec.config_cls is LandscapeConfig and spec.run is analyze_landscape
+    assert spec is ANALYZER and spec.config is LandscapeConfig and spec.run is run_landscape
+    assert spec.checkpoints == (1, 2) and spec.resumable
     assert spec.make_config({"dims": 1, "steps": 7}).steps == 7
+    with pytest.raises(DiagnosticsError, match=r"unknown option 'step' in \[landscape\]; did you mean 'steps'"):
+        spec.make_config({"step": 7})
+
+
+def test_choices_match_the_directions_module() -> None:
+    from diagnostics import directions
+
+    assert landscape_module.NORMALIZATIONS == directions.NORMALIZATIONS
+    assert landscape_module.BACKENDS == directions.BACKENDS
+
+
+def test_every_record_is_a_declared_metric_without_coordinates_in_group() -> None:
+    declared = {m.name for m in ANALYZER.metrics}
+    ctx, *_ = quadratic_problem(seed=5)
+    a, b = scalar_context(-1.0, double_well), scalar_context(1.0, double_well)
+    model, X, y = conv_bn_problem()
+    results = [
+        run_landscape(LandscapeConfig(dims=1, steps=3), ctx),
+        run_landscape(LandscapeConfig(steps=5), a, others=[b]),
+        run_landscape(LandscapeConfig(dims=2, steps=3), model_context(model, X, y)),
+    ]
+    for res in results:
+        assert {r.metric for r in res.records} <= declared
+        assert all(r.group is None for r in res.records)
+        grid = res.artifacts["grid"]
+        assert all(r.index is None or 0 <= r.index < len(grid) for r in res.records)
+        for key in ("analyzer", "config", "seconds", "samples"):  # run_analyzer adds those
+            assert key not in res.metadata
+    assert "barrier" in {r.metric for r in results[1].records}
+    assert results[1].metadata["barrier_definition"].startswith("barrier = max over alpha in [0, 1]")
+
+
+class DictStore:
+    """An in-memory store of partial work (the CLI's is a file)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, object] = {}
+        self.saves = 0
+
+    def load(self, key: str) -> object:
+        return self.saved.get(key)
+
+    def save(self, key: str, data: object) -> None:
+        self.saved = {key: json.loads(json.dumps(data))}  # what a JSON file would give back
+        self.saves += 1
+
+
+def test_run_landscape_resumes_from_a_store_under_its_own_key() -> None:
+    ctx, *_ = quadratic_problem(seed=6)
+    cfg = LandscapeConfig(dims=2, steps=4, chunk=5)
+    store = DictStore()
+    full = run_landscape(cfg, ctx, resume=store)
+    key = landscape_key(cfg, ctx)
+    assert list(store.saved) == [key] and store.saves == 4  # 16 points in chunks of 5
+    assert len(store.saved[key]["points"]) == 16
+    # keep every other point, as if interrupted: the rest is evaluated, the kept ones are not
+    store.saved[key]["points"] = {i: v for i, v in store.saved[key]["points"].items() if int(i) % 2 == 0}
+    again = run_landscape(cfg, ctx, resume=store)
+    assert again.metadata["points_resumed"] == 8 and again.metadata["points_evaluated"] == 8
+    np.testing.assert_allclose([r.value for r in again.records], [r.value for r in full.records], rtol=1e-13)
+    # the line between two checkpoints has another key: nothing is reused from the slice
+    a, b = scalar_context(-1.0, double_well), scalar_context(1.0, double_well)
+    line = run_landscape(LandscapeConfig(steps=5), a, others=[b], resume=DictStore())
+    assert line.metadata["points_resumed"] == 0 and line.metadata["mode"] == "interpolation"
+    assert landscape_key(LandscapeConfig(steps=5), a, b) != landscape_key(LandscapeConfig(steps=5), a)
+    bad = DictStore()
+    bad.saved = {landscape_key(cfg, ctx): {"points": "garbage"}}
+    with pytest.raises(DiagnosticsError, match="not readable"):
+        run_landscape(cfg, ctx, resume=bad)
+
+
+def test_slice_options_are_refused_on_the_line_between_two_checkpoints() -> None:
+    a, b = scalar_context(-1.0, double_well), scalar_context(1.0, double_well)
+    with pytest.raises(DiagnosticsError, match="--direction"):
+        run_landscape(LandscapeConfig(direction="hessian"), a, others=[b])
+    with pytest.raises(DiagnosticsError, match="1-D"):
+        run_landscape(LandscapeConfig(dims=2), a, others=[b])
+    line = run_landscape(LandscapeConfig(dims=1, steps=3), a, others=[b])  # dims 1 is the line itself
+    assert line.metadata["grid"]["points"] == 3

@@ -208,17 +208,19 @@ def test_bad_inputs():
     ctx = make_context()
     with pytest.raises(DiagnosticsError, match=r"unknown layer 'encodr'; did you mean 'encoder'\?"):
         analyze_rank(RankConfig(layers=["encodr"]), ctx)
-    with pytest.raises(DiagnosticsError, match=r"over the .* budget; lower --samples or use --pool mean"):
+    with pytest.raises(DiagnosticsError, match=r"over the .* budget; lower --max-samples or use --pool mean"):
         analyze_rank(RankConfig(layers=["encoder"], max_bytes=1000), ctx)
-    with pytest.raises(DiagnosticsError, match="--samples must be at least 2"):
-        RankConfig(max_samples=1).validate()
+    with pytest.raises(DiagnosticsError, match="--max-samples must be >= 2, got 1"):
+        analyze_rank(RankConfig(max_samples=1), ctx)
+    with pytest.raises(DiagnosticsError, match="--pool must be one of mean, last, first, flatten, not 'max'"):
+        analyze_rank(RankConfig(pool="max"), ctx)
     with pytest.raises(DiagnosticsError, match="--alpha-kmax"):
         RankConfig(alpha_kmin=5, alpha_kmax=6).validate()
 
 
 def test_rankme_is_registered_and_needs_no_targets():
     spec = all_analyzers()["rankme"]
-    assert not spec.needs_targets and spec.config_cls is RankConfig
+    assert not spec.needs_targets and spec.config is RankConfig
     result = spec.run(spec.make_config({"layers": ["encoder"]}), make_context(), None)
     assert {r.metric for r in result.records} == {
         "rankme",

@@ -14,7 +14,6 @@ from torch import nn
 from diagnostics.analyzers.eos import eos_threshold
 from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.sharpness import (
-    ScaledOperator,
     SharpnessConfig,
     adam_preconditioner,
     analyze_sharpness,
@@ -24,7 +23,9 @@ from diagnostics.binding import resolve_binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import Context, build_context
 from diagnostics.examples.digits import build_mlp, train_data, train_gd
-from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian
+from diagnostics.linalg.operator import DenseOperator, dense_hessian, preconditioned
+from diagnostics.operators import hessian_operator
+from diagnostics.spec import check_config
 
 F64 = torch.float64
 
@@ -248,7 +249,7 @@ def test_adam_preconditioned_sharpness_matches_the_dense_reference(tmp_path: Pat
             for p in params
         ]
     )
-    H = dense_hessian(HessianOperator.from_context(ctx))
+    H = dense_hessian(hessian_operator(ctx))
     S = torch.diag(P.rsqrt())
     exact = float(torch.linalg.eigvalsh(S @ H @ S).max())
     rec = metric(res, "preconditioned_eigenvalue")
@@ -281,12 +282,12 @@ def test_adam_without_saved_state_explains_what_is_missing(tmp_path: Path) -> No
     assert any("second moments" in n for n in res.metadata["notes"])
 
 
-def test_scaled_operator_is_S_A_S() -> None:
+def test_preconditioned_operator_is_S_A_S() -> None:
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, generator=g, dtype=F64)
     A = A + A.T
     s = torch.rand(5, generator=g, dtype=F64) + 0.5
-    op = ScaledOperator(DenseOperator(A), s)
+    op = preconditioned(DenseOperator(A), s**-2)  # D^-1/2 A D^-1/2 with D^-1/2 = diag(s)
     V = torch.randn(5, 3, generator=g, dtype=F64)
     torch.testing.assert_close(op.matmat(V), torch.diag(s) @ A @ torch.diag(s) @ V)
     torch.testing.assert_close(op.matvec(V[:, 0]), torch.diag(s) @ A @ torch.diag(s) @ V[:, 0])
@@ -312,7 +313,7 @@ def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     from diagnostics.errors import DiagnosticsError
 
     with pytest.raises(DiagnosticsError, match=message) as info:
-        SharpnessConfig(**kwargs).validate()
+        check_config(SharpnessConfig(**kwargs))
     assert "\n" not in str(info.value)
 
 

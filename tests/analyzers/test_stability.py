@@ -15,8 +15,11 @@ import torch
 from scipy import stats
 from torch import nn
 
+from diagnostics import boxes, features
 from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.stability import (
+    BOX_FORMATS,
+    INPUT_SUFFIX,
     BosConfig,
     StabilityConfig,
     analyze_bos,
@@ -27,6 +30,7 @@ from diagnostics.analyzers.stability import (
 )
 from diagnostics.context import Context
 from diagnostics.errors import DiagnosticsError
+from diagnostics.spec import check_config
 
 
 def make_ctx(model: nn.Module, batches: list, seed: int = 0) -> Context:
@@ -251,7 +255,7 @@ def test_output_without_boxes_is_an_error_and_adapter_fixes_it():
     ctx = make_ctx(Wrapped("tuple"), [(images(3), None)])
     with pytest.raises(DiagnosticsError, match="not a list of per-image dicts"):
         analyze_bos(BosConfig(modules=["inner.feat"]), ctx)
-    adapted = analyze_bos(BosConfig(modules=["inner.feat"], p=0.3, passes=2, adapter=tuple_adapter), ctx)
+    adapted = analyze_bos(BosConfig(modules=["inner.feat"], p=0.3, passes=2, adapter_fn=tuple_adapter), ctx)
     direct = analyze_bos(BosConfig(modules=["feat"], p=0.3, passes=2), make_ctx(WidthDetector(), [(images(3), None)]))
     assert adapted.metadata["bos"]["per_pass"] == direct.metadata["bos"]["per_pass"]
 
@@ -283,10 +287,40 @@ def test_bos_registered():
     specs = all_analyzers()
     assert specs["bos"].needs_targets is False and specs["stability"].needs_targets is False
     assert specs["bos"].make_config({"modules": ["a"], "p": 0.2}).p == 0.2
-    with pytest.raises(DiagnosticsError, match="--p must be in"):
+    with pytest.raises(DiagnosticsError, match=r"bos.p must be in \[0, 1\), got 1.0"):
         specs["bos"].make_config({"modules": ["a"], "p": 1.0})
-    with pytest.raises(DiagnosticsError, match="at least one module"):
-        BosConfig().validate()
+    with pytest.raises(DiagnosticsError, match=r"unknown option 'module' in \[bos\]; did you mean 'modules'\?"):
+        specs["bos"].make_config({"module": "a"})
+    assert specs["stability"].make_config({"modules": "a,b"}).modules == ["a", "b"]
+    assert specs["bos"].make_config({}).modules == []  # empty: the input of the last nn.Linear
+    with pytest.raises(DiagnosticsError, match="at least one module.*the input of the last nn.Linear, does not exist"):
+        analyze_bos(BosConfig(), make_ctx(WidthDetector(), [(images(2), None)]))
+    with pytest.raises(DiagnosticsError, match="--score-threshold must be a finite number"):
+        check_config(BosConfig(modules=["a"], score_threshold=float("inf")))
+    with pytest.raises(DiagnosticsError, match="give the adapter once"):
+        check_config(BosConfig(modules=["a"], adapter="m:f", adapter_fn=tuple_adapter))
+    assert BOX_FORMATS == boxes.BOX_FORMATS  # the declaration's copies, kept without importing torch
+    assert INPUT_SUFFIX == features.INPUT_SUFFIX
+
+
+def test_every_metric_is_declared_and_the_interval_is_a_note():
+    declared = {a: {m.name for m in all_analyzers()[a].metrics} for a in ("bos", "stability")}
+    assert declared == {
+        "bos": {"bos", "bos_unmatched_fraction", "bos_skipped_images"},
+        "stability": {"prediction_agreement", "prediction_kl"},
+    }
+    ctx = make_ctx(WidthDetector(), [(images(4, 0.5) + images(4, 2.0), None)])
+    res = analyze_bos(BosConfig(modules=["feat"], p=0.3, passes=4, label="set_a"), ctx)
+    assert {r.metric for r in res.records} == declared["bos"]
+    low, high = res.metadata["bos"]["ci"]
+    line = f"bos = {res.records[0].value:.4f}, 95% t-interval over 4 passes [{low:.4f}, {high:.4f}]"
+    assert line in res.metadata["notes"] and res.metadata["label"] == "set_a"
+    assert not any("t-interval" in n for n in analyze_bos(BosConfig(modules=["feat"], passes=1), ctx).metadata["notes"])
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    clf = make_ctx(LinearClassifier().double(), [(x, None)])
+    st = analyze_stability(StabilityConfig(modules=["features"], p=0.3, passes=3, confidence=0.9), clf)
+    assert {r.metric for r in st.records} == declared["stability"]
+    assert sum("90% t-interval over 3 passes" in n for n in st.metadata["notes"]) == 2
 
 
 # ---------------------------------------------------------------------------- prediction stability
@@ -335,6 +369,22 @@ def test_prediction_stability_matches_masks_exactly(binary):
         assert res.metadata["prediction_agreement"]["per_pass"][k] == pytest.approx(agree, abs=1e-15)
         assert res.metadata["prediction_kl"]["per_pass"][k] == pytest.approx(kl, rel=1e-6)
     assert [r.metric for r in res.records] == ["prediction_agreement", "prediction_kl"]
+
+
+def test_default_site_is_the_input_of_the_last_linear():
+    """``head:input`` (a pre-hook on the head) and ``features`` (the Identity feeding it) drop the same tensor
+    with the same masks, so the passes agree exactly; the default is ``head:input``."""
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ctx = make_ctx(LinearClassifier().double(), [(x[:20], None), (x[20:], None)])
+    by_output = analyze_stability(StabilityConfig(modules=["features"], p=0.3, passes=3), ctx)
+    for modules in ([], ["head:input"]):
+        res = analyze_stability(StabilityConfig(modules=modules, p=0.3, passes=3), ctx)
+        assert res.metadata["modules"] == ["head:input"]
+        for metric in ("prediction_agreement", "prediction_kl"):
+            assert res.metadata[metric]["per_pass"] == by_output.metadata[metric]["per_pass"]
+    assert 0.0 < by_output.records[0].value < 1.0
+    with pytest.raises(DiagnosticsError, match="no module 'haed'.*did you mean: head"):
+        analyze_stability(StabilityConfig(modules=["haed:input"]), ctx)
 
 
 def test_prediction_stability_p_zero_and_probs():

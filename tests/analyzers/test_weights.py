@@ -11,6 +11,7 @@ from torch import nn
 
 from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.weights import (
+    METRICS,
     WeightsConfig,
     analyze_weights,
     powerlaw_fit,
@@ -106,6 +107,34 @@ def test_bad_inputs():
         analyze_weights(WeightsConfig(), bad)
 
 
+def test_bad_options_name_the_flag():
+    with pytest.raises(DiagnosticsError, match="--min-tail must be >= 2, got 1"):
+        analyze_weights(WeightsConfig(min_tail=1), nn.Linear(3, 3))
+    with pytest.raises(DiagnosticsError, match=r"--min-evals \(3\) must be >= min_tail \(5\)"):
+        analyze_weights(WeightsConfig(min_evals=3), nn.Linear(3, 3))
+
+
+def test_a_context_analyses_its_parameters_after_params(digits_run):
+    """On a checkpoint the shared --params option (the context's analysed parameters) selects the weights."""
+    from diagnostics.binding import resolve_binding
+    from diagnostics.checkpoint import load_checkpoint
+    from diagnostics.context import build_context
+
+    ck = load_checkpoint(digits_run[-1])
+    ctx = build_context(ck, resolve_binding(ck.factories), params=r"^head\.")
+    result = analyze_weights(WeightsConfig(), ctx)
+    assert {r.group for r in result.records} == {"head"}
+    assert all(r.checkpoint == ctx.checkpoint and r.step == ctx.step for r in result.records)
+    w = ctx.model.head.weight.detach().double()
+    got = {r.metric: r.value for r in result.records}
+    assert got["spectral_norm"] == pytest.approx(float(torch.linalg.matrix_norm(w, 2)), rel=1e-12)
+
+
 def test_weights_is_registered():
     spec = all_analyzers()["weights"]
-    assert not spec.needs_targets and spec.config_cls is WeightsConfig
+    assert not spec.needs_targets and spec.config is WeightsConfig and not spec.uses_loss
+    assert {m.name for m in spec.metrics} == set(METRICS)
+    assert all(m.definition and m.group for m in spec.metrics)
+    with pytest.raises(DiagnosticsError, match=r"unknown option 'min_eval' in \[weights\]; did you mean 'min_evals'"):
+        spec.make_config({"min_eval": 4})
+    assert spec.make_config({"min_evals": "12"}).min_evals == 12

@@ -27,14 +27,17 @@ def test_two_d_slice_writes_grid_plots_and_records(digits_run: list[Path], tmp_p
     assert r.exit_code == 0, r.output
     records = json.loads(r.stdout)
     assert {x["metric"] for x in records} == {"loss", "accuracy"} and len(records) == 50
-    assert records[0]["group"] == "x=-0.5,y=-0.5" and records[0]["analyzer"] == "landscape"
+    assert records[0]["group"] is None and records[0]["index"] == 0 and records[0]["analyzer"] == "landscape"
     df = pd.read_csv(grid)
     assert list(df.columns) == ["x", "y", "loss", "accuracy"] and len(df) == 25
+    assert (df.loc[0, "x"], df.loc[0, "y"]) == (-0.5, -0.5)  # the record's index is the grid's row
+    losses = {x["index"]: x["value"] for x in records if x["metric"] == "loss"}
+    assert [losses[i] for i in range(25)] == pytest.approx(df["loss"].tolist(), rel=1e-12)
     centre = df[(df.x == 0) & (df.y == 0)]
     saved = json.loads(out.read_text())
     assert saved["metadata"]["loss_centre"] == pytest.approx(float(centre["loss"].iloc[0]))
     assert saved["metadata"]["directions"]["normalize"] == "filter"
-    for suffix in ("_contour.png", "_surface.png"):
+    for suffix in (".png", "_surface.png"):  # the contours, and the surface
         assert (tmp_path / f"plane{suffix}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "grid.csv.partial.json").exists()  # the implicit cache is removed when done
 
@@ -57,13 +60,17 @@ def test_existing_outputs_are_refused_without_force(digits_run: list[Path], tmp_
 
 def test_interpolation_between_two_checkpoints_reports_the_barrier(digits_run: list[Path], tmp_path: Path) -> None:
     r = run("landscape", digits_run[0], digits_run[-1], "--steps", "5", "--alpha-min", "-0.5", "--alpha-max", "1.5",
-            "--plot", tmp_path / "line", "--grid-out", tmp_path / "line.csv", *FAST)  # fmt: skip
+            "--plot", tmp_path / "line", "--grid-out", tmp_path / "line.csv", "--out", tmp_path / "line.json",
+            *FAST)  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "barrier" in r.stdout and "max over alpha in [0, 1]" in r.stdout
+    assert "barrier" in r.stdout
+    meta = json.loads((tmp_path / "line.json").read_text())["metadata"]
+    assert meta["barrier_definition"].startswith("barrier = max over alpha in [0, 1]")
+    assert meta["checkpoints"] == [digits_run[0].name, digits_run[-1].name] and meta["analyzer"] == "landscape"
     df = pd.read_csv(tmp_path / "line.csv")
     assert list(df.columns) == ["alpha", "loss", "accuracy", "chord"]
     assert df["alpha"].tolist() == [-0.5, 0.0, 0.5, 1.0, 1.5]
-    assert (tmp_path / "line.png").exists()
+    assert (tmp_path / "line.png").exists() and not (tmp_path / "line_surface.png").exists()
     j = run("landscape", digits_run[0], digits_run[-1], "--steps", "5", "--format", "json", *FAST)
     barrier = [x for x in json.loads(j.stdout) if x["metric"] == "barrier"]
     inside = df[(df.alpha >= 0) & (df.alpha <= 1)]
@@ -112,7 +119,7 @@ def test_an_interrupted_grid_continues_where_it_stopped(
     assert r.exit_code == 130 and "rerun the same command" in r.stderr
     partial = tmp_path / "grid.csv.partial.json"
     saved = json.loads(partial.read_text())
-    assert len(saved["points"]) == 10 and not grid.exists()
+    assert saved["analyzer"] == "landscape" and len(saved["data"]["points"]) == 10 and not grid.exists()
 
     monkeypatch.setattr(PointEvaluator, "evaluate", original)
     r = run(*common, "--grid-out", grid, "--out", tmp_path / "res.json")
@@ -126,11 +133,12 @@ def test_an_interrupted_grid_continues_where_it_stopped(
 def test_a_cache_of_another_grid_is_not_reused(digits_run: list[Path], tmp_path: Path) -> None:
     cache = tmp_path / "cache.json"
     assert run("landscape", digits_run[-1], "--dims", "1", "--steps", "3", "--cache", cache, *FAST).exit_code == 0
-    assert len(json.loads(cache.read_text())["points"]) == 3  # an explicit cache is kept
+    assert len(json.loads(cache.read_text())["data"]["points"]) == 3  # an explicit cache is kept
     r = run("landscape", digits_run[-1], "--dims", "1", "--steps", "5", "--cache", cache, *FAST)
-    assert r.exit_code == 2 and "different grid" in r.stderr
+    assert r.exit_code == 2 and "different computation" in r.stderr and "--force" in r.stderr
+    assert len(json.loads(cache.read_text())["data"]["points"]) == 3  # refused: left as it was
     r = run("landscape", digits_run[-1], "--dims", "1", "--steps", "5", "--cache", cache, "--force", *FAST)
-    assert r.exit_code == 0 and len(json.loads(cache.read_text())["points"]) == 5
+    assert r.exit_code == 0 and len(json.loads(cache.read_text())["data"]["points"]) == 5
     again = run("landscape", digits_run[-1], "--dims", "1", "--steps", "5", "--cache", cache, "--format", "json", *FAST)
     assert again.exit_code == 0 and len(json.loads(again.stdout)) == 10
 

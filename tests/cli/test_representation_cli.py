@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 from diag_cli.main import app
 from diagnostics.analyzers.collapse import CollapseConfig, analyze_collapse
 from diagnostics.analyzers.rank import RankConfig, analyze_rank
+from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.weights import WeightsConfig, analyze_weights
 from diagnostics.binding import import_callable, resolve_binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import build_context
+from diagnostics.spec import params_of
 
 runner = CliRunner()
 
@@ -146,11 +148,13 @@ def test_collapse_bad_input_exits_2_with_one_line(digits_run, toy):
     msg = one_line_error(invoke("collapse", digits_run[-1], "--samples", "5"))
     assert "5 samples for 10 classes" in msg
     msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:inputs_only"))
-    assert "needs class labels" in msg
+    assert "'toy.py:inputs_only' gives inputs only; this analysis needs (inputs, targets)" in msg
     msg = one_line_error(invoke("collapse", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-l", "pair"))
     assert "layer 'pair' gives a tuple, not a tensor" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--pool", "max"))
-    assert "unknown --pool 'max'" in msg
+    assert "--pool must be one of mean, last, first, flatten, not 'max'" in msg
+    msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "head", "--no-use-classifier"))
+    assert "--classifier and --no-use-classifier contradict" in msg
     msg = one_line_error(invoke("collapse", digits_run[-1], "--classifier", "features.1"))
     assert "without a 2-d weight" in msg
 
@@ -172,8 +176,10 @@ def test_weights_needs_no_data(digits_run):
     assert Path("w.spectrum.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_weights_with_an_explicit_model_and_no_data_factory(toy):
-    res = invoke("weights", "toy.pt", "--model", "toy.py:build", "-f", "json", "--min-evals", "5")
+def test_weights_with_an_explicit_model(toy):
+    res = invoke(
+        "weights", "toy.pt", "--model", "toy.py:build", "--data", "toy.py:data", "-f", "json", "--min-evals", "5"
+    )
     assert res.exit_code == 0, res.output
     got = by_key(res.stdout)
     w = import_callable(f"{Path.cwd() / 'toy.py'}:build")().encoder.weight.detach().double()
@@ -184,6 +190,12 @@ def test_weights_with_an_explicit_model_and_no_data_factory(toy):
     )
     msg = one_line_error(invoke("weights", "toy.pt"))
     assert "no model given" in msg
+
+
+def test_weights_needs_no_data_factory(toy):
+    res = invoke("weights", "toy.pt", "--model", "toy.py:build", "-f", "json")
+    assert res.exit_code == 0, res.output
+    assert ("spectral_norm", "encoder") in by_key(res.stdout)
 
 
 def _ck_binding(path: Path):
@@ -215,3 +227,43 @@ def test_conv_feature_maps_need_an_explicit_pool(tmp_path):
         assert out.exit_code == 0, out.output
         ranks[pool] = by_key(out.stdout)[("rankme", "features.5")]
     assert ranks["mean"] <= 8 < ranks["flatten"]  # 8 channels pooled; 8 x 8 x 8 flattened
+
+
+# ------------------------------------------------------------------------ generated commands
+@pytest.mark.parametrize("name", ["collapse", "weights", "rankme"])
+def test_help_shows_the_declared_options(name):
+    analyzer = all_analyzers()[name]
+    res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for p in params_of(analyzer.config):
+        if not p.info.cli:
+            assert p.flag not in res.stdout
+            continue
+        assert p.flag in res.stdout, p.flag
+        for alias in p.info.aliases:
+            assert alias in res.stdout, alias
+    for fo in analyzer.outputs:
+        assert "--" + fo.name.replace("_", "-") in res.stdout
+    if name == "collapse":
+        assert "--no-use-classifier" in res.stdout and "--layer" in res.stdout and "--imbalance-ratio" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "known"), [("collapse", "per_clas", "per_class"), ("weights", "min_eval", "min_evals")]
+)
+def test_unknown_key_in_the_analyzer_table_exits_2_with_did_you_mean(name, key, known, digits_run):
+    Path("diag.toml").write_text(f"[{name}]\n{key} = 3\n")
+    msg = one_line_error(invoke(name, digits_run[-1]))
+    assert f"unknown option '{key}' in [{name}]; did you mean '{known}'?" in msg
+
+
+def test_collapse_options_come_from_the_diag_toml_table_and_flags_win(digits_run):
+    Path("diag.toml").write_text('[collapse]\nlayers = ["features.1"]\nper_class = true\n')
+    res = invoke("collapse", digits_run[-1], "-f", "json", "--out", "c.json")
+    assert res.exit_code == 0, res.output
+    saved = json.loads(Path("c.json").read_text())
+    assert saved["metadata"]["config"]["layers"] == ["features.1"] and saved["metadata"]["config"]["per_class"]
+    assert ("class_count", "features.1/class=0") in by_key(res.stdout)
+    res = invoke("collapse", digits_run[-1], "--no-per-class", "--layer", "features", "-f", "json")
+    assert res.exit_code == 0, res.output
+    assert {g for _, g in by_key(res.stdout)} == {"features"}

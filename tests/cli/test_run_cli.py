@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,7 +80,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir: Path, tmp_path: Path) -> None
     assert r.stderr.startswith("diag: error: unknown analyzer 'nope'; available: ") and "hessian" in r.stderr
     assert "Traceback" not in r.output and r.stderr.count("\n") == 1
     bad_set = diag("run", run_dir, "--set", "hessian.nonsense=1", "--out", tmp_path / "o2")
-    assert bad_set.exit_code == 2 and "unknown option(s) ['nonsense'] for analyzer 'hessian'" in bad_set.stderr
+    assert bad_set.exit_code == 2 and "unknown option 'nonsense' in --set" in bad_set.stderr
     missing = diag("run", tmp_path / "nowhere", "--out", tmp_path / "o3")
     assert missing.exit_code == 2 and "no such run folder" in missing.stderr
     foreign = tmp_path / "mine"
@@ -89,10 +92,86 @@ def test_bad_input_is_one_line_and_exit_2(run_dir: Path, tmp_path: Path) -> None
     assert forced.exit_code == 0, forced.output
     assert (foreign / "thesis.tex").read_text() == "precious"
     into_run = diag("run", run_dir, "--out", run_dir, "--force")
-    assert into_run.exit_code == 2 and "run folder itself" in into_run.stderr
+    assert into_run.exit_code == 2 and "input folder itself" in into_run.stderr
 
 
 def test_list_analyzers() -> None:
     r = diag("run", "--list")
     assert r.exit_code == 0, r.output
     assert any(line.startswith("hessian ") for line in r.stdout.splitlines())
+
+
+# --------------------------------------------------------------- interrupted first sweeps resume
+def _interrupt_hessian_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    import dataclasses
+
+    from diagnostics.analyzers import registry
+
+    everything = registry.all_analyzers()
+    spec = everything["hessian"]
+    seen = {"n": 0}
+
+    def run(config, ctx, progress=None):
+        seen["n"] += 1
+        if seen["n"] == call:
+            raise KeyboardInterrupt
+        return spec.run(config, ctx, progress)
+
+    patched = {**everything, "hessian": dataclasses.replace(spec, run=run)}
+    monkeypatch.setattr(registry, "all_analyzers", lambda: patched)
+
+
+def test_ctrl_c_in_the_first_sweep_resumes_with_the_same_command(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10.3: after Ctrl-C in a first sweep, the same command said 'not written by diag'."""
+    out = tmp_path / "out"
+    _interrupt_hessian_at(monkeypatch, 2)
+    r = diag("run", run_dir, "--out", out, *FAST)
+    assert r.exit_code == 130 and "rerun the same command to resume" in r.stderr
+    assert json.loads((out / "diag-run.json").read_text())["status"] == "in progress"
+    monkeypatch.undo()
+    again = diag("run", run_dir, "--out", out, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "2 computed, 1 from cache" in again.stdout
+    assert json.loads((out / "diag-run.json").read_text())["status"] == "complete"
+
+
+def test_kill_9_in_the_first_sweep_resumes_with_the_same_command(run_dir: Path, tmp_path: Path) -> None:
+    """Issue 10.3 with SIGKILL: the process dies right after its first result is cached."""
+    out = tmp_path / "out"
+    code = (
+        "import dataclasses, os, signal, sys\n"
+        "from diagnostics.analyzers import registry\n"
+        "everything = registry.all_analyzers()\n"
+        "spec = everything['hessian']\n"
+        "n = [0]\n"
+        "def run(config, ctx, progress=None):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return spec.run(config, ctx, progress)\n"
+        "patched = {**everything, 'hessian': dataclasses.replace(spec, run=run)}\n"
+        "registry.all_analyzers = lambda: patched\n"
+        "from diag_cli.main import app\n"
+        f"sys.argv = ['diag', 'run', {str(run_dir)!r}, '--out', {str(out)!r}, {', '.join(map(repr, FAST))}]\n"
+        "app()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    again = diag("run", run_dir, "--out", out, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "2 computed, 1 from cache" in again.stdout
+
+
+def test_hand_edited_cache_is_recomputed_and_said(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert diag("run", run_dir, "--out", out, *FAST, "-q").exit_code == 0
+    entry = sorted((out / "cache" / "hessian").glob("*.json"))[0]
+    doc = json.loads(entry.read_text())
+    doc["records"][0]["value"] = 123.456
+    entry.write_text(json.dumps(doc))
+    r = diag("run", run_dir, "--out", out, *FAST, "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert all(x["value"] != 123.456 for x in json.loads(r.stdout))
+    assert "checksum" in r.stderr and entry.name in r.stderr

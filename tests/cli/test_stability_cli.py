@@ -10,10 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from diag_cli.main import app
+from diagnostics.analyzers.registry import all_analyzers
 from diagnostics.analyzers.stability import correlate_bos
 from diagnostics.binding import import_callable
 from diagnostics.checkpoint import save_checkpoint
 from diagnostics.results import read_result
+from diagnostics.spec import params_of
 
 TOY = '''
 import torch
@@ -191,7 +193,14 @@ def test_bos_modules_from_diag_toml(toy: Path):
     res = invoke("bos", "det.pt", "-f", "json", "--out", "r.json")
     assert res.exit_code == 0, res.output
     meta = read_result(toy / "r.json").metadata
-    assert meta["config"]["modules"] == ["backbone.1"] and meta["config"]["p"] == 0.2 and meta["passes"] == 3
+    assert meta["config"]["modules"] == ["backbone.1"] and meta["config"]["p"] == 0.2
+    assert meta["config"]["passes"] == 3 and len(meta["bos"]["per_pass"]) == 3
+    # the old singular key is not a second name: one name per option
+    (toy / "diag.toml").write_text(
+        'model = "toydet.py:build"\ndata = "toydet.py:set_a"\n[bos]\nmodule = "backbone.1"\n'
+    )
+    res = invoke("bos", "det.pt")
+    assert res.exit_code == 2 and "unknown option 'module' in [bos]; did you mean 'modules'?" in res.stderr
 
 
 def test_bos_correlate_end_to_end(toy: Path):
@@ -242,3 +251,61 @@ def test_stability_cli(toy: Path):
     assert res.exit_code == 2 and "no module 'head.weight'" in res.stderr
     res = invoke(*base, "--output-type", "softmax")
     assert res.exit_code == 2 and "--output-type" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["bos", "stability"])
+def test_help_shows_the_declared_options(name):
+    res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for p in (p for p in params_of(all_analyzers()[name].config) if p.info.cli):
+        assert p.flag in res.stdout and all(a in res.stdout for a in p.info.aliases), p.flag
+    assert "--module" in res.stdout and "-m" in res.stdout and "-p" in res.stdout
+    assert ("--per-image" in res.stdout) == (name == "bos")
+
+
+def test_bos_correlate_help_shows_its_options():
+    res = runner.invoke(app, ["bos-correlate", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for flag in ("--map", "--map-column", "--metric", "--plot", "--format", "--out", "--force", "--quiet"):
+        assert flag in res.stdout, flag
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "known"), [("bos", "passs", "passes"), ("stability", "output_typ", "output_type")]
+)
+def test_unknown_key_in_the_analyzer_table_exits_2_with_did_you_mean(toy: Path, name, key, known):
+    (toy / "diag.toml").write_text(f"[{name}]\n{key} = 3\n")
+    res = invoke(name, "det.pt", "--module", "backbone.0")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"unknown option '{key}' in [{name}]; did you mean '{known}'?" in res.stderr
+
+
+def test_bos_correlate_bad_options(toy: Path):
+    res = invoke("bos-correlate", "a.json", "b.json", "c.json")
+    assert res.exit_code == 2 and "--map is required" in res.stderr
+    res = invoke("bos-correlate", "a.json", "--map", "maps.csv", "--plot", "fit.jpg")
+    assert res.exit_code == 2 and "--plot 'fit.jpg': use a .png file" in res.stderr
+    res = invoke("bos-correlate", "a.json", "--map", "maps.csv", "-f", "xml")
+    assert res.exit_code == 2 and "--format must be one of table, json, csv, md" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "diagnostics.analyzers.collapse",
+        "diagnostics.analyzers.weights",
+        "diagnostics.analyzers.stability",
+        "diag_cli.commands.bos_correlate",
+    ],
+)
+def test_modules_import_without_the_numerical_stack(module):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print([m for m in ('torch', 'pandas', 'numpy', 'scipy', 'matplotlib', 'pyarrow') if m in sys.modules])"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, module], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -15,9 +15,10 @@ from torch.func import functional_call
 
 from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg import memory
+from diagnostics.linalg.data import split_batches
 from diagnostics.linalg.density import slq
 from diagnostics.linalg.lanczos import krylov_quadrature, lanczos, lanczos_tridiagonal
-from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian, split_batches
+from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian
 from diagnostics.linalg.trace import hutchpp
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -74,8 +75,8 @@ def test_micro_batched_products_equal_plain(problem, micro):
     plain = HessianOperator(batch_loss, params, batches)
     split = HessianOperator(batch_loss, params, batches, micro_batch=micro)
     expected_pieces = sum(math.ceil(len(b[1]) / micro) for b in batches)
-    assert len(split.batches) == expected_pieces
-    assert sum(split.weights) == pytest.approx(1.0, abs=1e-15)
+    assert len(split.loop.batches) == expected_pieces
+    assert sum(split.loop.weights) == pytest.approx(1.0, abs=1e-15)
     V = torch.randn(plain.dim, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     a, b = plain.matmat(V), split.matmat(V)
     scale = float((H @ V).abs().max())
@@ -296,7 +297,7 @@ def test_float64_accumulation_of_float32_products():
     out = op.matmat(V)
     assert out.dtype == torch.float32
     manual = torch.zeros(op.dim, 3, dtype=torch.float64)
-    for b, w in zip(op.batches, op.weights):
+    for b, w in zip(op.loop.batches, op.loop.weights):
         manual += w * HessianOperator(batch_loss, params, [b], backend="forward").matmat(V).double()
     assert torch.equal(out, manual.float())
 
@@ -334,7 +335,6 @@ def test_hvp_block_refused_with_a_smaller_block_suggested(problem, monkeypatch):
     op = HessianOperator(batch_loss, params, batches, max_vectors=16)
     need16, need1 = op.memory_required(16), op.memory_required(1)
     free = (need1 + need16) // 2
-    monkeypatch.setattr("diagnostics.linalg.operator.available_bytes", lambda device: free)
     monkeypatch.setattr(memory, "available_bytes", lambda device: free)
     with pytest.raises(DiagnosticsError, match=r"HVP block of 16 vector\(s\).*--max-vectors (\d+)") as info:
         op.matmat(torch.zeros(op.dim, 16, dtype=torch.float64))
@@ -346,7 +346,6 @@ def test_hvp_block_refused_with_a_smaller_block_suggested(problem, monkeypatch):
 
 def test_memory_check_can_be_disabled(problem, monkeypatch):
     params, batches, batch_loss, _ = problem
-    monkeypatch.setattr("diagnostics.linalg.operator.available_bytes", lambda device: 1)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
     op = HessianOperator(batch_loss, params, batches, memory_check=False)
     res = lanczos(op, k_top=1, memory_check=False)

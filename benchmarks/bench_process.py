@@ -1,0 +1,160 @@
+"""Whole-process benchmark, A/B alternated: ``diag hessian --top-k 5`` against a PyHessian script on the same model,
+data and tolerance, each a fresh Python process (imports, data, model and the eigensolver all count); and
+``diag --help`` against ``python -c "import torch"``.
+
+The model is the issue's 1.13M-parameter digits MLP (64-1024-1024-10, tanh; 1,127,410 parameters) over all 1,797
+scikit-learn digits, float32, cross-entropy, top-5 eigenvalues at tolerance 1e-3. Each child's wall time and peak
+resident memory (``ru_maxrss`` from ``os.wait4``) are recorded; runs alternate A, B, A, B, ... and the medians and
+their ratios are printed (and written as CSV with ``--csv``).
+
+    .venv/bin/python benchmarks/bench_process.py [--repeats 5] [--csv benchmarks/results/process.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FACTORIES = '''
+import torch
+from sklearn.datasets import load_digits
+
+
+def data():
+    """All 1,797 digits, scaled to [0, 1]."""
+    d = load_digits()
+    return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+'''
+
+PYHESSIAN = """
+import sys, json
+import torch
+sys.path.insert(0, {folder!r})
+from factories import data
+from diagnostics.examples.digits import build_mlp
+from pyhessian import hessian
+
+model = build_mlp(width=1024, depth=2)
+model.load_state_dict(torch.load({ckpt!r}, weights_only=True)["model"])
+model.eval()
+X, y = data()
+torch.manual_seed(0)
+h = hessian(model, torch.nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+eig, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=5)
+print(json.dumps(sorted(eig, reverse=True)))
+"""
+
+
+def rss_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run ``cmd`` -> (wall seconds, the child's own peak RSS in MB, stdout): a fork that execs ``cmd``, reaped
+    with ``wait4`` so its resource usage is its own."""
+    t0 = time.perf_counter()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.chdir(cwd)
+        os.dup2(w, 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(r)
+        os.execvp(cmd[0], cmd)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed with status {status}")
+    return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
+
+
+def prepare(folder: Path) -> Path:
+    """The factories module and a checkpoint of the 1.13M-parameter MLP (seeded init, briefly trained)."""
+    import torch
+
+    from diagnostics.checkpoint import save_checkpoint
+    from diagnostics.examples.digits import build_mlp
+
+    (folder / "factories.py").write_text(FACTORIES)
+    sys.path.insert(0, str(folder))
+    from factories import data  # type: ignore[import-not-found]
+
+    X, y = data()
+    model = build_mlp(width=1024, depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model: {n:,} parameters, {len(y)} samples")
+    return save_checkpoint(folder / "mlp.pt", model, model_factory="diagnostics.examples.digits:build_mlp",
+                           model_kwargs={"width": 1024, "depth": 2})  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--csv", type=Path, default=None)
+    args = ap.parse_args()
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ckpt = prepare(folder)
+        (folder / "ph.py").write_text(PYHESSIAN.format(folder=str(folder), ckpt=str(ckpt)))
+        cases = {
+            "diag hessian": [
+                py,
+                "-m",
+                "diag_cli.main",
+                "hessian",
+                str(ckpt),
+                "--data",
+                "factories.py:data",
+                "--top-k",
+                "5",
+                "-q",
+                "-f",
+                "json",
+            ],
+            "pyhessian": [py, "ph.py"],
+            "diag --help": [py, "-m", "diag_cli.main", "--help"],
+            "import torch": [py, "-c", "import torch"],
+        }
+        rows, answers = [], {}
+        for rep in range(args.repeats):
+            for name, cmd in cases.items():
+                wall, rss, out = rss_of(cmd, folder)
+                rows.append({"repeat": rep, "case": name, "seconds": wall, "peak_rss_mb": rss})
+                answers.setdefault(name, out)
+                print(f"  [{rep}] {name:<13} {wall:7.2f} s  {rss:7.0f} MB", flush=True)
+    ours = [r["value"] for r in json.loads(answers["diag hessian"]) if r["metric"] == "eigenvalue"]
+    print("top-5 eigenvalues, diag:     ", " ".join(f"{v:.6g}" for v in ours))
+    print("top-5 eigenvalues, PyHessian:", " ".join(f"{v:.6g}" for v in json.loads(answers["pyhessian"])))
+    med = {name: (statistics.median(r["seconds"] for r in rows if r["case"] == name),
+                  statistics.median(r["peak_rss_mb"] for r in rows if r["case"] == name)) for name in cases}  # fmt: skip
+    print("\nmedians over", args.repeats, "alternated repeats")
+    for name, (s, m) in med.items():
+        print(f"  {name:<13} {s:7.2f} s  {m:7.0f} MB")
+    print(f"speed-up diag vs PyHessian: {med['pyhessian'][0] / med['diag hessian'][0]:.2f}x; "
+          f"peak RSS ratio diag/PyHessian: {med['diag hessian'][1] / med['pyhessian'][1]:.2f}; "
+          f"diag --help / import torch: {med['diag --help'][0] / med['import torch'][0]:.2f}")  # fmt: skip
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
