@@ -595,11 +595,23 @@ def _certify(
         kr.norm_estimate = max(kr.norm_estimate, float(theta.abs().max()))
     eps_t, phi = kr.rounding()
     norm = float(theta.abs().max()) if m else 0.0
+    desc = torch.arange(m - 1, -1, -1)
+    if m >= kr.n and not kr.pending and not exclude:
+        # the whole space multiplied: H is A (plus rounding) in an orthonormal basis, so by Weyl every Ritz
+        # value is within eps_T (+ the out-of-basis part phi) of the eigenvalue of the same index
+        e = eps_t + phi
+        full = [
+            _EndBounds(torch.full((k,), e, dtype=torch.float64), min(k, m), -math.inf, -math.inf, 0, True)
+            for k in (k_top, k_bottom)
+        ]
+        need = tol * theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+        idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
+        hopeless = bool((e > need[idx]).any())
+        return _Certificate(theta, S, G, full[0], full[1], e, phi, not hopeless, hopeless, rows)
     if m < k_top + k_bottom + (k_top > 0) + (k_bottom > 0):
         empty = _EndBounds(torch.full((k_top,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
         emptyb = _EndBounds(torch.full((k_bottom,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
         return _Certificate(theta, S, G, empty, emptyb, eps_t, phi, False, False, rows)
-    desc = torch.arange(m - 1, -1, -1)
     rest = kr.n - kr.size
     fix_top = (guarded.top.group, guarded.top.shift) if guarded is not None else None
     fix_bot = (guarded.bottom.group, guarded.bottom.shift) if guarded is not None else None
@@ -669,15 +681,14 @@ class _Run:
         self.chain_width = len(pad) if warm else 0
 
     def unpark(self, cert: _Certificate) -> None:
-        """When a certificate exists but its bounds miss ``tol``, multiply the parked rows (pending rows
-        outside the main chain) that couple to the wanted Ritz vectors at least half as much as the
-        strongest: they hold residual the main chain does not reduce."""
+        """While the wanted bounds miss ``tol``, multiply the parked rows (pending rows outside the main
+        chain) that couple to the wanted Ritz vectors at least half as much as the strongest: they hold
+        residual the main chain does not reduce."""
         kr = self.kr
         parked = [i for i in kr.pending if i not in self.active]
-        loose = (self.k_top and cert.top.group and not cert.top.ok) or (
-            self.k_bottom and cert.bottom.group and not cert.bottom.ok
-        )
-        if not parked or not loose:
+        # also without any certificate: a warm vector far from the new eigenvector keeps a large residual in
+        # its parked remainder, which the main chain never reduces (the run would stall at max_iter)
+        if not parked or cert.ok:
             return
         m = cert.theta.numel()
         wanted = torch.cat([torch.arange(m - 1, m - 1 - min(self.k_top, m), -1), torch.arange(min(self.k_bottom, m))])
@@ -731,7 +742,10 @@ class _Run:
             found, _ = self.restart_check(cert, steps)
             if not found:  # the certificate stands: its hypothesis has been checked
                 return self.finish(cert)
-        return self.certify()
+        cert = self.certify()
+        if cert.ok and kr.size >= kr.n and not kr.pending:
+            return self.finish(cert)  # the budget ran out exactly as the whole space was multiplied
+        return cert
 
     def restart_check(self, cert: _Certificate, steps: int) -> tuple[bool, _Certificate]:
         """A fresh random direction's own chain for ``steps`` products, then one more step of every
