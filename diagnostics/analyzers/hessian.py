@@ -145,7 +145,7 @@ class HessianConfig(ScaleOptions):
     )
     warm_start: bool = option(
         False,
-        help="in diag run: start Lanczos from the previous checkpoint's eigenvectors (same parameter shapes)",
+        help="experimental: in diag run, start Lanczos from the previous checkpoint's eigenvectors (costs more HVPs today)",
     )
     trace: bool = option(False, help="estimate the trace (Hutch++, with stderr)")
     trace_rtol: float = option(0.01, help="stop the trace when stderr <= rtol·|trace| (0: use every sample)", min=0)
