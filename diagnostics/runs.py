@@ -857,6 +857,7 @@ class _Job:
     keep_going: bool
     checkpoints: list[RunCheckpoint] = field(default_factory=list)
     opened: dict[str, Any] = field(default_factory=dict)  # the last contexts, reused as references
+    warm: dict[str, dict[str, Any]] = field(default_factory=dict)  # warm_start analyzers' scratch, in memory
 
     def reference(self, analyzer: str, i: int) -> RunCheckpoint | None:
         """The checkpoint that ``sweep_with`` pairs with checkpoint ``i`` (None: none)."""
@@ -927,12 +928,15 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
                 others=others,
                 replicates=job.settings.replicates,
                 replicate_samples=job.settings.samples,
+                warm=job.warm.setdefault(a, {}) if getattr(spec, "warm_start", False) else None,
             )
         except Exception as exc:
             if not job.keep_going:
                 raise
             tally.failures.append(SweepFailure(rc.name, a, _one_line(exc)))
             continue
+        if a in job.warm:
+            job.warm[a]["source"] = f"step {rc.step}" if rc.step is not None else rc.name
         if job.cache is not None:
             store_cached(job.cache, job.inputs(i, a), res)
         tally.results[(rc.name, a)] = _relabel(res, rc)

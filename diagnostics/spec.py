@@ -514,6 +514,10 @@ class Analyzer:
             joins the cache key. Given two run folders, the command pairs their checkpoints by step.
         reference_option: with ``sweep_with``, the name of a path option that receives that checkpoint's path
             when the user left it unset; without it the analyzer gets the checkpoint as ``others=[ctx]``.
+        warm_start: in a sweep, ``run`` also takes ``warm=dict``: one scratch dict per analyzer, kept in
+            memory across the run's checkpoints (never in records or the cache). The analyzer reads what the
+            checkpoint before left there (e.g. eigenvectors to start from) and writes its own; the sweep sets
+            ``warm["source"]`` to the label of the checkpoint that wrote it (``"step N"`` or its name).
     """
 
     name: str
@@ -533,6 +537,7 @@ class Analyzer:
     order: int = 50
     sweep_with: str | None = None
     reference_option: str | None = None
+    warm_start: bool = False
 
     def params(self) -> list[Param]:
         """The config's options."""

@@ -50,12 +50,12 @@ class Counting:
         self.interrupt_at = interrupt_at
         self.attempts = 0
 
-    def run(self, config, ctx, progress=None):
+    def run(self, config, ctx, progress=None, **extras):
         self.attempts += 1
         if self.interrupt_at is not None and self.attempts == self.interrupt_at:
             raise KeyboardInterrupt
         self.calls[ctx.checkpoint] += 1
-        return self.real.run(config, ctx, progress)
+        return self.real.run(config, ctx, progress, **extras)
 
     @property
     def specs(self) -> dict[str, Analyzer]:
@@ -383,3 +383,23 @@ def test_checkpoint_changing_while_read_is_skipped(run_copy: Path, tmp_path: Pat
     monkeypatch.undo()
     nxt = sweep(run_copy, settings(), cache_dir=tmp_path / "c")
     assert not nxt.skipped and len(nxt.computed) == 1 and len(nxt.cached) == 2
+
+
+def test_warm_start_passes_the_previous_eigenvectors_and_keeps_the_answers(run_copy: Path) -> None:
+    # --warm-start: checkpoint t's Lanczos starts from t-1's eigenvectors (held in memory, never stored);
+    # the bounds are certified as before, so the eigenvalues agree with a cold sweep within their bounds
+    cold = sweep(run_copy, settings(top_k=2))
+    warm = sweep(run_copy, settings(top_k=2, warm_start=True))
+    for name in ("step_00000.pt", "step_00100.pt", "step_00200.pt"):
+        c, w = cold.results[(name, "hessian")], warm.results[(name, "hessian")]
+        ce = [r for r in c.records if r.metric == "eigenvalue"]
+        we = [r for r in w.records if r.metric == "eigenvalue"]
+        for a, b in zip(ce, we):
+            assert abs(a.value - b.value) <= a.stderr + b.stderr + 1e-12
+            assert abs(a.value - b.value) <= 2e-3 * abs(a.value)
+        source = w.metadata["model"]["lanczos"]["warm_start"]
+        assert source == {"step_00000.pt": None, "step_00100.pt": "step 0", "step_00200.pt": "step 100"}[name]
+        assert c.metadata["model"]["lanczos"]["warm_start"] is None
+        if source:
+            assert f"warm start from {source} (its eigenvectors start Lanczos)" in w.metadata["notes"]
+        assert "tensor(" not in repr(w.metadata) and "tensor(" not in repr(w.records)

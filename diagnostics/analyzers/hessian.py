@@ -4,13 +4,19 @@ Metrics (records; ``group`` is null for the whole model, a module name with ``pe
 ``class=<c>`` with ``per_class``):
 
 * ``eigenvalue`` (index 0 = largest): top-k eigenvalues of the loss Hessian by Lanczos with full
-  reorthogonalisation, stopped when every wanted eigenvalue's error bound is ``<= tol |lambda|``:
-  ``min(r, r^2/gap)`` by the gap theorem (default), or the residual ``r = ||Hv - lambda v||`` itself with
-  ``strict_residual``; ``stderr`` holds that bound.
+  reorthogonalisation, stopped when every wanted eigenvalue's certified error bound is ``<= tol |lambda|``
+  (Lehmann bounds with a rounding floor, checked against missed eigenvalues by a restart check; see
+  :mod:`diagnostics.linalg.lanczos`); with ``strict_residual`` the residual ``||Hv - lambda v||`` must
+  meet the tolerance too (accurate eigenvectors). ``stderr`` holds the bound on ``|lambda - theta|`` for
+  the eigenvalue of the same index (``inf`` when the run stopped before a certificate).
 * ``bottom_eigenvalue`` (index 0 = smallest): likewise at the bottom; negative values mean saddles.
 * ``trace``: Hutch++ estimate with its standard error.
-* ``negative_mass``: SLQ quadrature weight on eigenvalues below ``-negative_tol * |lambda_max|``
-  (the fraction of the spectrum that is negative), stderr over probes.
+* ``negative_mass``: the fraction of eigenvalues below ``-delta``,
+  ``delta = max(negative_tol |lambda_max|, (theta_max - theta_min) / density_steps)`` (the quadrature's
+  resolution: finer thresholds sit inside the node spacing around 0), from the SLQ nodes and weights.
+  ``stderr`` is half the reach of an interval (~95%) that holds the quadrature error (the
+  Chebyshev-Markov-Stieltjes bracket of each probe) and the probe noise (t quantile); the interval and
+  ``delta`` are in the metadata.
 * ``eos_threshold`` and ``eos_ratio = eigenvalue_0 / eos_threshold`` when the learning rate is known:
   ``2/lr`` for GD/SGD (so ``eos_ratio = lambda_max * lr / 2``), ``(2+2 beta)/lr`` with heavy-ball
   momentum, ``(2+2 beta)/((1+2 beta) lr)`` with Nesterov (Cohen et al. 2021). For Adam the raw Hessian
@@ -60,8 +66,8 @@ torch = lazy_import("torch")
 pd = lazy_import("pandas")
 parameter_groups = lazy_from("diagnostics.context", "parameter_groups")
 world = lazy_from("diagnostics.distributed", "world")
-default_grid, gaussian_density, negative_mass, slq = lazy_from(
-    "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "slq"
+default_grid, gaussian_density, negative_mass, quadrature_resolution, slq = lazy_from(
+    "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "quadrature_resolution", "slq"
 )
 lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
 batch_size = lazy_from("diagnostics.batches", "batch_size")
@@ -151,7 +157,11 @@ class HessianConfig(ScaleOptions):
     max_iter: int = option(300, help="Lanczos iteration cap", min=1)
     strict_residual: bool = option(
         False,
-        help="stop on the residual ||Hv-λv|| <= tol·|λ| instead of the (tighter, gap-theorem) eigenvalue error bound",
+        help="also require the residual ||Hv-λv|| <= tol·|λ| (accurate eigenvectors), not only the eigenvalue bound",
+    )
+    warm_start: bool = option(
+        False,
+        help="experimental: in diag run, start Lanczos from the previous checkpoint's eigenvectors (costs more HVPs today)",
     )
     trace: bool = option(False, help="estimate the trace (Hutch++, with stderr)")
     trace_rtol: float = option(0.01, help="stop the trace when stderr <= rtol·|trace| (0: use every sample)", min=0)
@@ -165,7 +175,10 @@ class HessianConfig(ScaleOptions):
         None, help="Gaussian smoothing width of the density (default: from the spectral range)", min=0, min_open=True
     )
     negative_tol: float = option(
-        1e-4, help="negative_mass counts eigenvalues below -negative_tol·|λ_max|", min=0, min_open=True
+        1e-4,
+        help="negative_mass counts eigenvalues below -max(negative_tol·|λ_max|, quadrature resolution)",
+        min=0,
+        min_open=True,
     )
     curvature: str = option(
         "hessian",
@@ -262,6 +275,7 @@ def run_lanczos(
     config: HessianConfig,
     generator: torch.Generator,
     progress: ProgressFn | None = None,
+    start: torch.Tensor | None = None,
 ) -> LanczosResult:
     """Top-``top_k`` and bottom-``bottom_k`` eigenpairs of ``op`` as ``diag hessian`` computes them.
 
@@ -274,6 +288,7 @@ def run_lanczos(
         config: the settings.
         generator: the start vector's random stream.
         progress: ``progress(done, total)``.
+        start: warm start ``[n, j]`` (e.g. the previous checkpoint's eigenvectors; see :func:`lanczos`).
 
     Returns:
         The :class:`LanczosResult`.
@@ -291,6 +306,7 @@ def run_lanczos(
         block_size=config.block_size,
         criterion="residual" if config.strict_residual else "bound",
         progress=progress,
+        start=start,
     )
 
 
@@ -309,13 +325,20 @@ def _spectrum(
     group: str | None,
     stream: int,
     progress: ProgressFn | None,
+    warm: dict[str, Any] | None = None,
 ) -> _Spectrum:
     """Eigenvalues (+ trace, + density) of one operator -> record rows."""
     label = "" if group is None else f" [{group}]"
     rows: list[tuple] = []
     info: dict[str, Any] = {"dim": op.dim}
     start = op.hvp_count
-    res = run_lanczos(op, config, ctx.generator(stream), bind(progress, f"lanczos{label}"))
+    vectors = _warm_vectors(warm, ctx, group, op) if config.warm_start else None
+    res = run_lanczos(op, config, ctx.generator(stream), bind(progress, f"lanczos{label}"), start=vectors)
+    if warm is not None and config.warm_start:
+        warm.setdefault("vectors", {})[group] = (
+            _signature(ctx, op),
+            torch.cat([res.eigenvectors, res.bottom_eigenvectors], 1).detach().clone(),
+        )
     info["lanczos"] = {
         "iterations": res.iterations,
         "converged": res.converged,
@@ -326,6 +349,10 @@ def _spectrum(
         "bottom_residuals": res.bottom_residuals.tolist(),
         "error_bounds": res.error_bounds.tolist(),
         "bottom_error_bounds": res.bottom_error_bounds.tolist(),
+        "checks": res.checks,
+        "check_hvps": res.check_matvecs,
+        "rounding": res.rounding,
+        "warm_start": warm.get("source") if vectors is not None and warm is not None else None,
     }
     for i, (lam, e) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist())):
         rows.append(("eigenvalue", lam, e, i, group))
@@ -358,8 +385,9 @@ def _spectrum(
         lam_max = (
             abs(float(res.eigenvalues[0])) if len(res.eigenvalues) else max(abs(float(t.abs().max())) for t in q.nodes)
         )
-        mass, mass_se = negative_mass(q.nodes, q.weights, threshold=config.negative_tol * lam_max)
-        rows.append(("negative_mass", mass, mass_se, None, group))
+        delta = max(config.negative_tol * lam_max, quadrature_resolution(q.nodes, config.density_steps))
+        nm = negative_mass(q.nodes, q.weights, delta)
+        rows.append(("negative_mass", nm.value, nm.stderr, None, group))
         grid, sigma = default_grid(q.nodes, config.density_points)
         if config.density_sigma:
             sigma = config.density_sigma
@@ -370,6 +398,12 @@ def _spectrum(
             "probes": config.density_probes,
             "steps": config.density_steps,
             "sigma": sigma,
+            "negative_mass": {
+                "delta": nm.delta,
+                "interval": [nm.low, nm.high],
+                "quadrature_bias": nm.bias,
+                "probe_noise": nm.noise,
+            },
             "nodes": [t.tolist() for t in q.nodes],
             "weights": [t.tolist() for t in q.weights],
         }
@@ -439,6 +473,21 @@ def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tup
     return rows, eos_info
 
 
+def _signature(ctx: Context, op: HessianOperator) -> tuple:
+    """What must match for a warm start: the parameters' names and shapes, the operator's size and dtype."""
+    return (tuple((n, tuple(p.shape)) for n, p in ctx.params.items()), op.dim, str(op.dtype))
+
+
+def _warm_vectors(warm: dict[str, Any] | None, ctx: Context, group: str | None, op: HessianOperator):
+    """The previous checkpoint's eigenvectors of the same group when the parameter shapes match (else None)."""
+    if not warm or group not in warm.get("vectors", {}):
+        return None
+    signature, vectors = warm["vectors"][group]
+    if signature != _signature(ctx, op) or vectors.shape[1] == 0:
+        return None
+    return vectors
+
+
 def _blocks(config: HessianConfig, ctx: Context) -> list[tuple[str, str, dict[str, Any], int, dict[str, Any]]]:
     """The per-layer and per-class spectra asked for: ``(section, group, operator kwargs, stream, extra info)``."""
     out = []
@@ -487,16 +536,30 @@ def _curvature_info(op: Any) -> dict[str, Any]:
     return info
 
 
-def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
+def analyze_hessian(
+    config: HessianConfig,
+    ctx: Context,
+    progress: ProgressFn | None = None,
+    warm: dict[str, Any] | None = None,
+) -> Result:
     """Spectrum of the loss Hessian (or of ``config.curvature``) at ``ctx`` -> records (see module docstring).
 
     Artifacts: ``lanczos`` (the :class:`LanczosResult` of the whole model, with eigenvectors) and
     ``density`` (a DataFrame ``group, eigenvalue, density`` when asked).
+
+    Args:
+        config: the settings.
+        ctx: the checkpoint.
+        progress: ``progress(task, done, total)``.
+        warm: a sweep's scratch dict (``Analyzer.warm_start``): Lanczos starts from the eigenvectors the
+            previous checkpoint left there (block start, padded with random vectors) when the parameter
+            names and shapes match, and leaves this checkpoint's. The error bounds are certified the same
+            way, so the answers agree with a cold start within ``tol``; only the HVP count changes.
     """
     check_config(config)
     notes = check_k(config, ctx.n_params)  # before any HVP
     op = build_operator(ctx, config)
-    full = _spectrum(op, config, ctx, None, 0, progress)
+    full = _spectrum(op, config, ctx, None, 0, progress, warm)
     mc = _mc_errors(op, full.lanczos)
     total_hvps = op.hvp_count
     notes += op.notes
@@ -509,13 +572,15 @@ def analyze_hessian(config: HessianConfig, ctx: Context, progress: ProgressFn | 
     rows += eos_rows
     for section, group, where, stream, extra in _blocks(config, ctx):
         bop = build_operator(ctx, config, backend=op.backend, **where)
-        spec = _spectrum(bop, config, ctx, group, stream, progress)
+        spec = _spectrum(bop, config, ctx, group, stream, progress, warm)
         rows += _with_mc_errors(spec.rows, _mc_errors(bop, spec.lanczos), group)
         total_hvps += bop.hvp_count
         notes += bop.notes
         info.setdefault(section, {})[group] = {**spec.info, **extra}
         if spec.density is not None:
             densities.append(spec.density)
+    if full.info["lanczos"]["warm_start"]:
+        notes.append(f"warm start from {full.info['lanczos']['warm_start']} (its eigenvectors start Lanczos)")
     if not full.lanczos.converged:
         notes.append(
             f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
@@ -803,11 +868,12 @@ ANALYZER = Analyzer(
     config=HessianConfig,
     order=10,
     run=analyze_hessian,
+    warm_start=True,
     metrics=(
         Metric(
             "eigenvalue",
-            "top-k eigenvalues of the loss Hessian (Lanczos, full reorthogonalisation); stderr = the eigenvalue "
-            "error bound min(r, r^2/gap) (r = ||Hv - λv||), or r itself with --strict-residual",
+            "top-k eigenvalues of the loss Hessian (Lanczos, full reorthogonalisation); stderr = a certified bound "
+            "on |λ_i - θ_i| (Lehmann intervals + rounding floor, guarded by a restart check)",
             unit="loss / weight^2",
             higher_is_better=False,
             headline=True,
@@ -831,7 +897,8 @@ ANALYZER = Analyzer(
         ),
         Metric(
             "negative_mass",
-            "fraction of the spectral density (stochastic Lanczos quadrature) below -negative_tol·|λ_max|",
+            "fraction of eigenvalues below -delta, delta = max(negative_tol·|λ_max|, (θ_max-θ_min)/density_steps), "
+            "from the SLQ nodes and weights; stderr covers the quadrature bracket and the probe noise",
             group=_GROUP,
         ),
         Metric(

@@ -17,10 +17,9 @@ from diagnostics.linalg.density import (
 )
 from diagnostics.linalg.lanczos import (
     LanczosResult,
-    block_lanczos,
+    krylov_quadrature,
     lanczos,
     lanczos_tridiagonal,
-    lanczos_tridiagonal_block,
 )
 from diagnostics.linalg.operator import (
     DataOperator,
@@ -47,13 +46,12 @@ __all__ = [
     "SLQResult",
     "SampledFisherCurvature",
     "TraceEstimate",
-    "block_lanczos",
     "gaussian_density",
     "hutchinson",
     "hutchpp",
+    "krylov_quadrature",
     "lanczos",
     "lanczos_tridiagonal",
-    "lanczos_tridiagonal_block",
     "negative_mass",
     "preconditioned",
     "restricted",

@@ -4,6 +4,11 @@ For a unit probe ``v``, ``m`` Lanczos steps give ``T_m``; its eigen-decompositio
 yields a Gauss quadrature of the spectral measure seen from ``v``: nodes ``theta_i``, weights
 ``tau_i = U[0, i]^2`` (sum 1). Averaging over probes estimates the spectral density
 ``phi(t) = (1/n) sum_j delta(t - lambda_j)``, which is smoothed with a Gaussian of width ``sigma``.
+Probes run in blocks share one block Krylov space (block Gauss quadrature; see
+:func:`diagnostics.linalg.lanczos.krylov_quadrature`).
+
+Negative mass (:func:`negative_mass`): the fraction of eigenvalues below ``-delta``, with an interval
+that holds both the quadrature error (Chebyshev-Markov-Stieltjes bracket) and the probe noise.
 
 Shapes: ``tridiag (alpha [m], beta [m-1]) -> nodes [m], weights [m] -> density on a grid [G]``.
 """
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diagnostics.linalg.lanczos import lanczos_tridiagonal, lanczos_tridiagonal_block, tridiagonal
+from diagnostics.linalg.lanczos import krylov_quadrature, tridiagonal
 from diagnostics.linalg.operator import LinearOperator
 
 Progress = Callable[[int, int], None]
@@ -67,12 +72,7 @@ def slq(
     block = max(1, int(block))
     for first in range(0, probes, block):
         group = vs[first : first + block]
-        if len(group) == 1:
-            tri = [lanczos_tridiagonal(op, group[0], steps)]
-        else:
-            tri = lanczos_tridiagonal_block(op, torch.stack(group, dim=1), steps)
-        for alpha, beta in tri:
-            th, w = tridiagonal_quadrature(alpha, beta)
+        for th, w in krylov_quadrature(op, torch.stack(group, dim=1), steps):
             nodes.append(th)
             weights.append(w)
         if progress is not None:
@@ -105,16 +105,107 @@ def default_grid(nodes: list[torch.Tensor], points: int = 512, pad: float = 0.05
     return grid, sigma
 
 
-def negative_mass(
-    nodes: list[torch.Tensor], weights: list[torch.Tensor], threshold: float = 0.0
-) -> tuple[float, float]:
-    """Quadrature weight on nodes below ``-threshold``: mean over probes and its standard error.
+@dataclass
+class NegativeMass:
+    """The spectral mass below ``-delta``: ``F = #{j : lambda_j < -delta} / n``.
 
-    It estimates the fraction of Hessian eigenvalues that are negative (beyond ``threshold``).
+    Attributes:
+        value: mean over probes of the quadrature weight on nodes below ``-delta``.
+        stderr: half the larger distance from ``value`` to an end of ``[low, high]`` (so
+            ``value +- 2 stderr`` contains the interval).
+        low, high: an interval for ``F`` (~``confidence``): the probes' Chebyshev-Markov-Stieltjes
+            brackets, widened by a t-quantile of their spread.
+        delta: the threshold (``>= 0``).
+        bias: mean half-width of the quadrature brackets (the quadrature's own uncertainty).
+        noise: the t-scaled probe standard error of the bracket ends.
+        probes: how many probes.
     """
-    vals = [float(w[th < -threshold].sum()) for th, w in zip(nodes, weights)]
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var / len(vals))
+
+    value: float
+    stderr: float
+    low: float
+    high: float
+    delta: float
+    bias: float
+    noise: float
+    probes: int
+
+
+def quadrature_resolution(nodes: list[torch.Tensor], steps: int) -> float:
+    """``(theta_max - theta_min) / steps``: the mean spacing of an ``steps``-node rule over the spectrum."""
+    lo = min(float(t.min()) for t in nodes)
+    hi = max(float(t.max()) for t in nodes)
+    return (hi - lo) / max(int(steps), 1)
+
+
+def cms_bracket(nodes: torch.Tensor, weights: torch.Tensor, t: float) -> tuple[float, float, float]:
+    """``(low, point, high)`` for ``mu((-inf, t))`` of one probe's spectral measure ``mu``.
+
+    Chebyshev-Markov-Stieltjes inequalities for a Gauss rule with nodes ``x_1 < ... < x_m``:
+    ``sum_{k<j} w_k <= mu((-inf, x_j))`` and ``mu((-inf, x_j]) <= sum_{k<=j} w_k`` (Szego, *Orthogonal
+    polynomials*, Thm 3.41.1; Golub & Meurant, *Matrices, Moments and Quadrature*, sec. 6.2). With
+    ``x_J < t <= x_{J+1}`` and ``P = sum_{k<=J} w_k`` (the point estimate) this gives
+    ``P - w_J <= mu((-inf, t)) <= P + w_{J+1}``.
+    """
+    order = torch.argsort(nodes)
+    x, w = nodes[order].double(), weights[order].double()
+    below = x < t
+    J = int(below.sum())
+    point = float(w[:J].sum())
+    low = point - (float(w[J - 1]) if J > 0 else 0.0)
+    high = point + (float(w[J]) if x.numel() > J else 0.0)
+    point = min(max(point, 0.0), 1.0)
+    return max(low, 0.0), point, min(max(high, point), 1.0)
+
+
+def negative_mass(
+    nodes: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    delta: float = 0.0,
+    confidence: float = 0.95,
+) -> NegativeMass:
+    """Fraction of eigenvalues below ``-delta`` from SLQ nodes and weights, with an honest interval.
+
+    ``F(-delta) = E_v[mu_v((-inf, -delta))]`` for unit Rademacher probes (``E[v v^T] = I/n``). Each
+    probe's ``mu_v((-inf, -delta))`` lies in its Chebyshev-Markov-Stieltjes bracket ``[L_v, U_v]``
+    (:func:`cms_bracket`; the quadrature error, which grows when ``-delta`` falls among heavy nodes, e.g.
+    inside the near-zero bulk of a Hessian); the probe noise adds a t-quantile (``probes - 1`` degrees
+    of freedom) of the brackets' spread:
+    ``[mean L - t se(L), mean U + t se(U)]``. Pick ``delta`` at or above the quadrature resolution
+    (:func:`quadrature_resolution`) so that the threshold is not inside the nodes' spacing around 0.
+
+    Args:
+        nodes: per probe, the quadrature nodes.
+        weights: per probe, the weights (sum 1).
+        delta: threshold ``>= 0``; eigenvalues below ``-delta`` count as negative.
+        confidence: coverage of the probe-noise part.
+
+    Returns:
+        :class:`NegativeMass`.
+    """
+    from scipy.stats import t as student
+
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    brackets = torch.tensor([cms_bracket(th, w, -delta) for th, w in zip(nodes, weights)], dtype=torch.float64)
+    p = brackets.shape[0]
+    low, point, high = brackets.mean(0).tolist()
+    if p > 1:
+        q = float(student.ppf(0.5 + confidence / 2, p - 1))
+        se = brackets.std(0, unbiased=True) / math.sqrt(p)
+        noise_low, noise_high = q * float(se[0]), q * float(se[2])
+    else:
+        noise_low = noise_high = math.inf
+    lo = max(low - noise_low, 0.0)
+    hi = min(high + noise_high, 1.0)
+    stderr = max(point - lo, hi - point) / 2
+    return NegativeMass(
+        value=point,
+        stderr=stderr,
+        low=lo,
+        high=hi,
+        delta=float(delta),
+        bias=float((brackets[:, 2] - brackets[:, 0]).mean()) / 2,
+        noise=max(noise_low, noise_high),
+        probes=p,
+    )

@@ -1,35 +1,77 @@
-"""Lanczos with full reorthogonalisation and residual-based stopping (single-vector and block).
+"""One Krylov core: block Lanczos with full reorthogonalisation, safe eigenvalue bounds, quadrature.
 
-For a symmetric operator ``A`` and a start vector ``q_1``, ``m`` steps build an orthonormal Krylov
-basis ``Q_m`` and a tridiagonal ``T_m = Q_m^T A Q_m`` (diagonal ``alpha``, off-diagonal ``beta``).
-Ritz pairs ``(theta_i, y_i = Q_m s_i)`` come from ``eigh(T_m)``; their residual is exactly
-``||A y_i - theta_i y_i|| = beta_m |e_m^T s_i|`` (given an orthonormal basis, which full
-reorthogonalisation keeps). We stop when every wanted pair's eigenvalue error bound is
-``<= tol * max(|theta_i|, floor)``; ``floor = 1e-3 * max|theta|`` keeps near-zero eigenvalues from
-demanding an unreachable relative accuracy. Two bounds (``criterion``):
+Everything Krylov in the package runs on :class:`KrylovSpace`: an orthonormal basis ``Q`` (rows, grown
+as needed) and the projected matrix ``H = Q^T A Q`` (float64). A step multiplies a block of *pending*
+basis vectors (``op.matmat``: one data pass for the block), orthogonalises the products against the
+basis and appends what is left as new pending vectors. With one start vector this is the Lanczos
+recurrence (``H`` tridiagonal), with ``b`` start vectors block Lanczos (``H`` block tridiagonal), and
+fresh random directions can be added at any time (the restart check below, invariant subspaces,
+warm starts padded with random vectors) without breaking the relation
 
-* ``"residual"``: ``|lambda - theta| <= r`` (for symmetric ``A`` some eigenvalue lies within the
-  residual ``r``), the classical stopping rule of ARPACK and scipy's ``eigsh``;
-* ``"bound"`` (default): ``min(r, r^2 / gap)`` with ``gap`` the distance from ``theta_i`` to the other
-  Ritz values, each widened by its own residual (the gap theorem, Parlett, *The Symmetric Eigenvalue
-  Problem*, Thm 11.7.1, with the gap estimated from the Ritz values). Near convergence the error falls
-  like ``r^2``, so residual stopping over-solves by orders of magnitude; this stops when the eigenvalue,
-  not the eigenvector, meets the tolerance.
+    ``A Q_done = Q H[:, done]``  exactly, up to rounding,
 
-Block Lanczos (``block_size = b > 1``) multiplies ``b`` vectors at a time (one data pass per block,
-see ``HessianOperator.matmat``): ``A Q_j = Q_{j-1} B_{j-1}^T + Q_j A_j + Q_{j+1} B_j`` with ``b x b``
-blocks, ``T`` block-tridiagonal, and the Ritz residual ``||B_j S_{last block, i}||``. It also resolves
-clusters of up to ``b`` nearly equal eigenvalues that single-vector Lanczos finds one at a time.
+where ``done`` are the vectors already multiplied. The Ritz pairs of ``H[done, done] = S diag(theta) S^T``
+have residuals ``A y - theta y = Q_pending H[pending, done] s``, so the residual of every Ritz pair is
+known without another product.
 
-Memory: the basis (``dim x iterations``) is kept on ``basis_device`` in chunks of 64 columns (no copy
-when it grows); with a CPU basis only single vectors travel to the accelerator and back each step.
-The worst-case size is checked against free memory before the run (``DiagnosticsError`` with a fix).
+Reorthogonalisation: the known couplings (the previous block) are removed first, then one classical
+Gram-Schmidt pass against the whole basis as two matrix products (``C = Q W``, ``W -= Q^T C``); a second
+pass follows only when the first removed more than ``1 - 1/sqrt(2)`` of a column's norm (the
+Daniel-Gragg-Kaufman-Stewart criterion, "twice is enough"). The basis is one ``[capacity, n]`` tensor
+in the operator's dtype on ``basis_device``, grown by doubling; no chunks, no per-column loops.
 
-Shapes: start ``[n]`` -> basis ``[n, m]``, ``alpha [m]``, ``beta [m-1]`` -> Ritz ``[m]``.
+**Eigenvalue bounds** (:func:`lanczos`). Top end (the bottom is the same for ``-A``); ``theta_1 >= ...``
+are the Ritz values, ``lambda_1 >= ...`` the eigenvalues.
+
+1. *Interlacing* (Cauchy): ``theta_j <= lambda_j``. The error of the same index is one-sided.
+2. *Lehmann's optimal intervals* (Lehmann 1949/1963; Parlett, *The Symmetric Eigenvalue Problem*,
+   sec. 10.5): if ``lambda_{p+1} < a < theta_p``, Rayleigh-Ritz for ``(A - a)^{-1}`` on ``(A - a) Y_p``
+   (``Y_p`` the top ``p`` Ritz vectors) gives ``lambda_{p+1-l} <= a + 1/tau_l``, where ``tau_1 >= ...``
+   are the eigenvalues of the pencil ``(D, D^2 + G^T G)``, ``D = diag(theta - a)``, ``G`` the residual
+   coordinates. With one vector this is the Kato-Temple inequality ``lambda <= theta + r^2/(theta - a)``
+   (the gap theorem, Parlett Thm 11.7.1); for a group it is cluster robust: the ``p`` Ritz values may
+   be as close as they like, only the gap ``theta_p - a`` below the group counts.
+3. *The shift* ``a`` must bound ``lambda_{p+1}`` from above, and no Ritz value that has not itself
+   converged is trusted: ``a = max_{j > p} (theta_j + r_j)`` over every lower Ritz pair (each residual
+   interval holds an eigenvalue, and an unconverged pair is assumed to hide one as high as its interval
+   reaches). The group size ``p >= k`` (oversampling) is chosen per step to give the tightest bounds; a
+   cluster straddling the ``k``-th eigenvalue is certified as a whole against the spectrum below it.
+4. *Rounding*: ``H`` is the projection of ``A + E`` (HVP and orthogonalisation rounding). The in-basis
+   part of ``E`` is measured: ``q_i^T (A q_j)`` must equal the coefficient recorded when ``q_i`` was
+   multiplied (0 outside the band), and the discrepancies estimate ``||Q^T E Q|| <= eps_T`` (floored at
+   the unit roundoff times ``||A||``); every Ritz value moves by at most ``eps_T`` (Weyl). The
+   out-of-basis part ``phi = sqrt(n) max(u ||A||, rms anomaly)`` inflates the residuals.
+   Bound: ``e_j = max(U_j - theta_j, 0) + eps_T`` with ``U_j`` the Lehmann bound.
+5. *Missed eigenvalues*: (2)-(3) assume no eigenvalue of ``A`` above ``a`` is missing from the Krylov
+   space (``lambda_{p+1} <= a``). A single start vector cannot see a second copy of a repeated
+   eigenvalue, and a member of a tight cluster, or any eigenvector the start vector barely touches, can
+   stay invisible while everything seen has converged. So when the bounds first certify the wanted
+   eigenvalues, a *restart check* runs: a fresh random vector, orthogonal to the basis and the pending
+   vectors, starts an independent Lanczos chain on the deflated operator for ``d`` steps. By the
+   Kaniel-Paige-Saad argument (Saad 1980; Kuczynski & Wozniakowski 1992) a Chebyshev polynomial of
+   degree ``d - 1`` on ``[lambda_lo, a]`` lifts a missing eigenvector with ``lambda >= theta_p`` and a
+   component ``|c| >= delta/sqrt(n)`` in the fresh vector above ``a`` once
+   ``T_{d-1}(1 + 2g) >= sqrt(n/g)/delta``, ``g = (theta_p - a)/(a - lambda_lo)``; a Gaussian start
+   has ``|c| < delta/sqrt(n)`` with probability ``< 0.8 delta`` (``delta = 1e-3`` here). If the check's
+   Ritz values stay below ``a`` the certificate stands (and is returned as it was); otherwise the
+   missing direction is kept, both chains continue as one block until the bounds certify again, and
+   another check follows. Each found direction widens the block by one, so an exact ``m``-fold
+   eigenvalue costs ``m - 1`` extra checks.
+
+Stopping: every wanted ``e_j <= tol * max(|theta_j|, 1e-3 ||A||)`` (the floor keeps eigenvalues near 0
+from demanding an unreachable relative accuracy), the check passed, and with ``vectors_tol`` also the
+residual ``||A y_j - theta_j y_j|| <= vectors_tol * |theta_j|`` (eigenvectors, e.g. for overlaps).
+
+Quadrature (:func:`krylov_quadrature`, used by SLQ): ``s`` block steps from the probes ``V = Q_1 R``
+give the block Gauss rule ``V^T f(A) V ~ R^T E_1^T f(H) E_1 R``, exact for polynomials of degree
+``<= 2s - 1``: nodes ``theta``, probe ``i``'s weights ``(S[first block]^T R e_i)^2``.
+
+Shapes: basis ``[capacity, n]`` (rows), ``H [capacity, capacity]`` float64 on the CPU, Ritz values ``[m]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,43 +81,15 @@ from diagnostics.linalg.memory import Requirement, check_fits, lanczos_basis_byt
 from diagnostics.linalg.operator import LinearOperator
 
 Progress = Callable[[int, int], None]
-CHUNK = 64
+MISS_PROBABILITY = 1e-3  # delta of the restart check
+DGKS = 1.0 / math.sqrt(2.0)
+RELATIVE_FLOOR = 1e-3  # tolerances are relative to max(|theta|, RELATIVE_FLOOR * ||A||)
+CRITERIA = ("bound", "residual")
 
 
-@dataclass
-class LanczosResult:
-    """Extreme Ritz pairs.
-
-    Attributes:
-        eigenvalues: top-k, descending (``[k_top]``).
-        eigenvectors: ``[n, k_top]`` unit Ritz vectors.
-        bottom_eigenvalues: bottom-k, ascending (``[k_bottom]``).
-        bottom_eigenvectors: ``[n, k_bottom]``.
-        residuals / bottom_residuals: ``||A y - theta y||`` of each pair.
-        error_bounds / bottom_error_bounds: the eigenvalue error bound of each pair (see ``criterion``).
-        iterations: matvecs spent (= Lanczos steps; for block Lanczos, blocks x block size).
-        converged: every wanted pair met the tolerance.
-        alpha, beta: the tridiagonal of the run (usable as an SLQ probe of ``start``); empty for
-            block Lanczos, whose projection is block-tridiagonal.
-        block_size: vectors per product (1 = single-vector Lanczos).
-    """
-
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    bottom_eigenvalues: torch.Tensor
-    bottom_eigenvectors: torch.Tensor
-    residuals: torch.Tensor
-    bottom_residuals: torch.Tensor
-    iterations: int
-    converged: bool
-    tol: float
-    alpha: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
-    beta: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
-    restarts: int = 0
-    block_size: int = 1
-    error_bounds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    bottom_error_bounds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    criterion: str = "bound"
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2`` of a floating dtype."""
+    return float(torch.finfo(dtype).eps) / 2
 
 
 def random_unit(dim: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -84,19 +98,218 @@ def random_unit(dim: int, generator: torch.Generator, dtype: torch.dtype, device
     return (v / v.norm()).to(dtype=dtype, device=device)
 
 
-def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Two passes of classical Gram-Schmidt against the columns of ``Q`` (DGKS).
+def gaussian_block(
+    dim: int, k: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[dim, k]`` Gaussian columns drawn on the CPU in float64 (the same numbers on every device)."""
+    return torch.randn(dim, k, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
 
-    ``w`` may be ``[n]`` or ``[n, k]``; the work is done where ``Q`` lives, the result returned
-    where ``w`` lives (so a CPU basis is never copied to the accelerator).
+
+class KrylovSpace:
+    """An orthonormal basis with its projected matrix, grown by multiplying pending vectors.
+
+    Attributes:
+        Q: ``[capacity, n]`` basis rows (``Q[:size]`` in use), dtype of the operator.
+        H: ``[capacity, capacity]`` float64, ``H[i, j] = q_i^T A q_j`` for multiplied ``j``.
+        done: which rows have been multiplied.
+        pending: rows not yet multiplied, oldest first.
+        matvecs: products taken.
     """
-    if Q.shape[1] == 0:
-        return w
-    home = w.device
-    w = w.to(Q.device)
-    for _ in range(2):
-        w = w - Q @ (Q.T @ w)
-    return w.to(home)
+
+    def __init__(
+        self,
+        op: LinearOperator,
+        basis_device: torch.device | str | None = None,
+        capacity: int = 32,
+    ) -> None:
+        self.op = op
+        self.n = int(op.dim)
+        self.dtype = op.dtype
+        self.device = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
+        self.u = unit_roundoff(self.dtype)
+        cap = max(1, min(self.n, int(capacity)))
+        self.Q = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
+        self.H = torch.zeros(cap, cap, dtype=torch.float64)
+        self.done = torch.zeros(cap, dtype=torch.bool)
+        self.pending: list[int] = []
+        self.size = 0
+        self.matvecs = 0
+        self.scale = 0.0  # max |H| entry seen: a lower estimate of ||A||
+        self.norm_estimate = 0.0  # max |Ritz value| seen (set by the driver)
+        self._anomaly_sq = 0.0
+        self._anomaly_count = 0
+        self.lost = 0.0  # norm of remainders dropped as numerically zero (added to every residual)
+
+    # ------------------------------------------------------------------ storage
+    def _reserve(self, extra: int) -> None:
+        need = self.size + extra
+        cap = self.Q.shape[0]
+        if need <= cap:
+            return
+        new = min(self.n, max(need, 2 * cap))
+        Q = torch.empty(new, self.n, dtype=self.dtype, device=self.device)
+        Q[: self.size] = self.Q[: self.size]
+        H = torch.zeros(new, new, dtype=torch.float64)
+        H[:cap, :cap] = self.H
+        done = torch.zeros(new, dtype=torch.bool)
+        done[:cap] = self.done
+        self.Q, self.H, self.done = Q, H, done
+
+    def _append(self, rows: torch.Tensor) -> list[int]:
+        """Append ``[k, n]`` orthonormal rows as pending vectors; returns their indices."""
+        k = int(rows.shape[0])
+        if k == 0:
+            return []
+        self._reserve(k)
+        self.Q[self.size : self.size + k] = rows
+        idx = list(range(self.size, self.size + k))
+        self.size += k
+        self.pending.extend(idx)
+        return idx
+
+    # ----------------------------------------------------------- orthogonality
+    def _project_out(self, W: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One classical Gram-Schmidt pass of ``W [n, b]`` against ``Q[rows]`` (all rows if None)."""
+        Q = self.Q[: self.size] if rows is None else self.Q[rows]
+        C = Q @ W
+        W = W - Q.T @ C
+        return W, C
+
+    def _orthonormal(self, W: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthonormal rows spanning ``W``'s numerically nonzero range, and ``B`` with ``W ~ rows^T B``.
+
+        QR, then an SVD of the small ``R`` (float64): singular values below ``64 u reference`` are
+        dropped (their norm is added to ``lost``).
+        """
+        b = W.shape[1]
+        if b == 0:
+            return W.new_zeros(0, self.n), torch.zeros(0, 0, dtype=torch.float64)
+        Qw, R = torch.linalg.qr(W)
+        U, s, Vh = torch.linalg.svd(R.double().cpu())
+        cut = max(64 * self.u, 1e-12) * max(reference, float(s.max()) if s.numel() else 0.0, 1e-300)
+        keep = int((s > cut).sum())
+        if keep < s.numel():
+            self.lost = math.sqrt(self.lost**2 + float((s[keep:] ** 2).sum()))
+        rows = (Qw @ U[:, :keep].to(dtype=Qw.dtype, device=Qw.device)).T.contiguous()
+        B = s[:keep, None] * Vh[:keep]
+        return rows, B
+
+    def add(self, X: torch.Tensor) -> list[int]:
+        """Orthonormalise the columns of ``X [n, k]`` against the basis and append them as pending."""
+        X = X.reshape(self.n, -1).to(dtype=self.dtype, device=self.device)
+        ref = float(X.norm(dim=0).max()) if X.numel() else 0.0
+        if self.size:
+            for _ in range(2):
+                X, _ = self._project_out(X)
+        lost_before = self.lost
+        rows, _ = self._orthonormal(X, ref)
+        # a second pass after normalisation keeps tiny projected directions orthogonal to the basis
+        if self.size and rows.shape[0]:
+            Y, _ = self._project_out(rows.T)
+            rows = (Y / Y.norm(dim=0, keepdim=True)).T.contiguous()
+        self.lost = lost_before  # directions dropped from a start are not residuals
+        return self._append(rows)
+
+    # ----------------------------------------------------------------- product
+    def multiply(self, idx: list[int]) -> list[int]:
+        """Multiply the pending rows ``idx`` (one ``matmat``), extend ``H``, append the remainders.
+
+        Returns the indices of the new pending rows (the next block of this chain).
+        """
+        if not idx:
+            return []
+        rows = torch.tensor(idx, dtype=torch.long)
+        X = self.Q[rows.to(self.device)]
+        W = self.op.matmat(X.T.to(self.op.device)).to(self.device)
+        self.matvecs += len(idx)
+        s = self.size
+        done = self.done[:s].clone()
+        known = self.H[rows, :s]  # H[idx, j] recorded when j was multiplied (0 if idx came later)
+        local = (~done) | (done & (known != 0).any(0))
+        local_rows = local.nonzero().squeeze(1)
+        W, C = self._project_out(W, local_rows.to(self.device))
+        coef = torch.zeros(s, len(idx), dtype=torch.float64)
+        coef[local_rows] = C.double().cpu()
+        before = W.norm(dim=0)
+        W, C = self._project_out(W)
+        coef += C.double().cpu()
+        after = W.norm(dim=0)
+        if bool((after < DGKS * before).any()):
+            W, C = self._project_out(W)
+            coef += C.double().cpu()
+        # rounding: multiplied rows must reproduce the coupling recorded before
+        if bool(done.any()):
+            diff = coef[done] - known[:, done].T
+            self._anomaly_sq += float((diff**2).sum())
+            self._anomaly_count += diff.numel()
+        diag = coef[rows]
+        if len(idx) > 1:
+            asym = diag - diag.T
+            self._anomaly_sq += float((asym**2).sum()) / 4
+            self._anomaly_count += len(idx) * (len(idx) - 1)
+        diag = 0.5 * (diag + diag.T)
+        open_rows = (~done).nonzero().squeeze(1)
+        self.H[open_rows[:, None], rows[None, :]] = coef[open_rows]
+        self.H[rows[:, None], open_rows[None, :]] = coef[open_rows].T
+        self.H[rows[:, None], rows[None, :]] = diag
+        self.done[rows] = True
+        self.pending = [i for i in self.pending if i not in set(idx)]
+        self.scale = max(self.scale, float(coef.abs().max()) if coef.numel() else 0.0)
+        new_rows, B = self._orthonormal(W, self.scale)
+        new = self._append(new_rows)
+        if new:
+            nr = torch.tensor(new, dtype=torch.long)
+            self.H[nr[:, None], rows[None, :]] = B
+            self.H[rows[:, None], nr[None, :]] = B.T
+            self.scale = max(self.scale, float(B.abs().max()))
+        return new
+
+    # ------------------------------------------------------------------- Ritz
+    @property
+    def done_index(self) -> torch.Tensor:
+        return self.done[: self.size].nonzero().squeeze(1)
+
+    def projected(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H[rows, rows]`` and the residual coupling ``H[others, rows]`` (``rows``: multiplied ones,
+        default all; ``others``: every other basis row)."""
+        rows = self.done_index if rows is None else rows
+        mask = torch.ones(self.size, dtype=torch.bool)
+        mask[rows] = False
+        others = mask.nonzero().squeeze(1)
+        return self.H[rows[:, None], rows[None, :]], self.H[others[:, None], rows[None, :]]
+
+    def ritz(self, exclude: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ritz pairs of the multiplied rows (minus ``exclude``): values (ascending), eigenvectors ``S``
+        of ``H[rows, rows]``, residual coordinates ``G`` and the ``rows``.
+
+        ``||G[:, j]||`` is the residual ``||A y_j - theta_j y_j||`` of the Ritz vector ``y_j = Q_rows S[:, j]``
+        (``A Q_rows`` lies in the span of the basis, so every other row carries part of the residual).
+        """
+        rows = self.done_index
+        if exclude:
+            keep = torch.ones(self.size, dtype=torch.bool)
+            keep[torch.tensor(exclude, dtype=torch.long)] = False
+            rows = rows[keep[rows]]
+        Hd, Hr = self.projected(rows)
+        theta, S = torch.linalg.eigh(Hd)
+        return theta, S, Hr @ S, rows
+
+    def vectors(self, S: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """``Q_done @ S`` (``S [m_done, k]``) as ``[n, k]`` columns, one matrix product."""
+        full = torch.zeros(self.size, S.shape[1], dtype=torch.float64)
+        full[self.done_index] = S
+        Y = self.Q[: self.size].T @ full.to(dtype=self.dtype, device=self.device)
+        return Y.to(device if device is not None else self.op.device)
+
+    def rounding(self) -> tuple[float, float]:
+        """``(eps_T, phi)``: bounds on the in-basis and the out-of-basis rounding of ``A`` (see module doc)."""
+        m = int(self.done[: self.size].sum())
+        norm = max(self.scale, self.norm_estimate, 1e-300)
+        rms = math.sqrt(self._anomaly_sq / self._anomaly_count) if self._anomaly_count else 0.0
+        # ~1.5x the norm 2 sigma sqrt(m) of an m x m noise matrix, and never below 8 u ||A|| sqrt(m)
+        eps_t = max(3 * rms, 8 * self.u * norm) * math.sqrt(max(m, 1))
+        phi = max(rms, self.u * norm) * math.sqrt(self.n) + self.lost
+        return eps_t, phi
 
 
 def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -108,64 +321,223 @@ def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return T
 
 
-class _Basis:
-    """Orthonormal columns stored in chunks of ``CHUNK`` on one device (growth never copies)."""
+# ---------------------------------------------------------------------------------------- bounds
+def lehmann_upper(theta: torch.Tensor, G: torch.Tensor, shift: float, phi: float = 0.0) -> torch.Tensor:
+    """Lehmann upper bounds for the top ``p`` eigenvalues from the top ``p`` Ritz pairs.
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.n, self.dtype, self.device = n, dtype, device
-        self.chunks: list[torch.Tensor] = []
-        self.m = 0
+    Rayleigh-Ritz for ``(A - a)^{-1}`` on ``(A - a) Y`` has the pencil ``(D, D^2 + G^T G)``,
+    ``D = diag(theta - a) > 0``; its reciprocal eigenvalues ``1/tau`` are the eigenvalues of
+    ``D + J^T J`` with ``J = G D^{-1/2}``, computed in that form (accurate to ``eps ||D||`` even when
+    the bounds are tiny). Interlacing for ``(A - a)^{-1}`` gives ``lambda_j <= a + mu_j`` (``mu``
+    descending) when exactly ``p`` eigenvalues exceed ``a``.
 
-    def append(self, Q: torch.Tensor) -> None:
-        """Add the columns of ``Q`` (``[n]`` or ``[n, k]``)."""
-        Q = Q.reshape(self.n, -1).to(dtype=self.dtype, device=self.device)
-        for j in range(Q.shape[1]):
-            c, r = divmod(self.m, CHUNK)
-            if c == len(self.chunks):
-                self.chunks.append(
-                    torch.zeros(self.n, min(CHUNK, self.n - self.m), dtype=self.dtype, device=self.device)
-                )
-            self.chunks[c][:, r] = Q[:, j]
-            self.m += 1
+    Args:
+        theta: ``[p]`` Ritz values, descending, all ``> shift``.
+        G: ``[r, p]`` residual coordinates of those Ritz vectors (``||G[:, j]||`` = residual of pair ``j``).
+        shift: ``a`` with ``lambda_{p+1} < a`` (the hypothesis; see the module doc).
+        phi: a bound on extra residual (rounding) of unknown direction, ``||F|| <= phi``; then
+            ``(G + F)^T (G + F) <= (1 + eta) G^T G + (1 + 1/eta) phi^2 I``.
 
-    def column(self, i: int) -> torch.Tensor:
-        c, r = divmod(i, CHUNK)
-        return self.chunks[c][:, r]
+    Returns:
+        ``[p]`` upper bounds ``U_j >= lambda_j``, descending.
+    """
+    d = theta.double() - shift
+    J = G.double() / d.sqrt()[None, :]
+    M = torch.diag(d) + J.T @ J
+    if phi > 0:
+        gn = float(torch.linalg.matrix_norm(G.double(), 2)) if G.numel() else 0.0
+        eta = phi / max(gn, phi)
+        M = M + eta * (J.T @ J) + (1 + 1 / eta) * phi * phi * torch.diag(1.0 / d)
+    mu = torch.linalg.eigvalsh(0.5 * (M + M.T)).flip(0)
+    return shift + mu
 
-    def columns(self, start: int, stop: int) -> torch.Tensor:
-        return torch.stack([self.column(i) for i in range(start, stop)], dim=1)
 
-    def _views(self, m: int | None = None) -> list[torch.Tensor]:
-        out, left = [], self.m if m is None else m
-        for ch in self.chunks:
-            k = min(left, ch.shape[1])
-            if k:
-                out.append(ch[:, :k])
-            left -= k
-        return out
+@dataclass
+class _EndBounds:
+    """Certified bounds at one end (values oriented so that this end is the top)."""
 
-    def orthogonalise(self, w: torch.Tensor) -> torch.Tensor:
-        """DGKS (two classical passes) against all columns; done on the basis device."""
-        if self.m == 0:
-            return w
-        home = w.device
-        w = w.to(self.device)
-        views = self._views()
-        for _ in range(2):
-            coeffs = [V.T @ w for V in views]
-            for V, c in zip(views, coeffs):
-                w = w - V @ c
-        return w.to(home)
+    bounds: torch.Tensor  # [k] error bounds, inf where none
+    group: int  # p used, 0 if none
+    shift: float  # a, the Lehmann shift (hypothesis lambda_{p+1} < a)
+    level: float  # x < a: the estimated top of the rest; the check looks for Ritz values above it
+    steps: int  # restart-check length that protects (a, inf)
+    ok: bool
+    settled: bool = True  # the pair that sets the level x has a residual below a - x
 
-    def combine(self, S: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``Q[:, :m] @ S`` (``S`` of shape ``[m, k]``) computed on the basis device, returned on ``device``."""
-        S = S.to(dtype=self.dtype, device=self.device)
-        out = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
-        start = 0
-        for V in self._views(S.shape[0]):
-            out += V @ S[start : start + V.shape[1]]
-            start += V.shape[1]
-        return out.to(device)
+
+NEAR_INVARIANT = 0.1
+
+
+def _end_bounds(
+    theta: torch.Tensor,
+    G: torch.Tensor,
+    k: int,
+    tol: float,
+    eps_t: float,
+    phi: float,
+    norm: float,
+    max_group: int,
+    dim: int,
+    fixed: tuple[int, float] | None = None,
+) -> _EndBounds:
+    """Best Lehmann certificate for the top ``k`` of ``theta`` (descending) over groups ``p >= k``.
+
+    For a group ``p``: ``x = max_{j > p} (theta_j + r_j)`` (+ rounding) estimates the top of the rest;
+    the Lehmann shift is ``a = x + f (theta_p - x)``, the largest that still meets ``tol`` (bisection on
+    ``f``); the restart check then has to rule out a missing eigenvalue above ``a`` by lifting it above
+    ``x``, which takes :func:`check_length` steps with ``g = (a - x)/(x - low)``. Among the certificates
+    that meet ``tol`` the one with the shortest check (small groups preferred) wins; if none does, the
+    tightest bounds are reported. ``fixed = (p, a)`` evaluates one group at a given shift (a shift a
+    check has already guarded).
+    """
+    m = theta.numel()
+    inf = torch.full((k,), math.inf, dtype=torch.float64)
+    if k == 0:
+        return _EndBounds(torch.zeros(0, dtype=torch.float64), 0, math.inf, math.inf, 0, True)
+    r = G.norm(dim=0) + phi
+    suffix = torch.flip(torch.cummax(torch.flip(theta + r, [0]), 0).values, [0])
+    low = float(theta[-1] - r[-1])
+    need = tol * theta[:k].abs().clamp(min=RELATIVE_FLOOR * norm)
+    best = _EndBounds(inf, 0, math.inf, math.inf, 0, False)
+    best_key: tuple[float, float] = (math.inf, math.inf)
+    groups = range(k, min(m - 1, max_group) + 1) if fixed is None else [fixed[0]] if fixed[0] < m else []
+    for p in groups:
+        x = float(suffix[p]) + eps_t
+        top_p = float(theta[p - 1]) - eps_t
+        if not x < top_p - float(r[p - 1]):  # the group's lowest pair must sit clear of the rest
+            continue
+        clusters = _clusters(theta[:p], r[:p], 2 * eps_t)
+        if not _resolved(theta[:p], G[:, :p], clusters, x, phi):
+            continue
+        # inside a cluster the residuals cannot count the eigenvalues: the bound covers the whole hull
+        hull = torch.zeros(k, dtype=torch.float64)
+        for i, j in clusters:
+            if j - i > 1 and i < k:
+                rho = float(torch.linalg.matrix_norm(G[:, i:j], 2)) + phi
+                idx = torch.arange(i, min(j, k))
+                hull[idx] = (theta[i] - theta[idx]) + rho
+
+        def bounds_at(a: float, p: int = p, hull: torch.Tensor = hull) -> tuple[torch.Tensor, float]:
+            U = lehmann_upper(theta[:p], G[:, :p], a, phi)
+            e = torch.maximum((U[:k] - theta[:k]).clamp(min=0), hull) + eps_t
+            return e, float((e / need).max())
+
+        if fixed is not None:
+            a = fixed[1]
+            if not x < a < top_p:
+                continue
+            e, score = bounds_at(a)
+        else:
+            # the largest shift that still meets tol gives the shortest check
+            gap = top_p - x
+            lo_f, hi_f = 0.1, 0.95
+            e, score = bounds_at(x + lo_f * gap)
+            if score <= 1.0:
+                e_hi, s_hi = bounds_at(x + hi_f * gap)
+                if s_hi <= 1.0:
+                    lo_f, e, score = hi_f, e_hi, s_hi
+                else:
+                    for _ in range(6):
+                        mid = 0.5 * (lo_f + hi_f)
+                        e_mid, s_mid = bounds_at(x + mid * gap)
+                        if s_mid <= 1.0:
+                            lo_f, e, score = mid, e_mid, s_mid
+                        else:
+                            hi_f = mid
+            a = x + lo_f * gap
+        steps = check_length(a, x, low, dim)
+        j = p + int(torch.argmax(theta[p:] + r[p:]))  # the pair that sets the level x
+        settled = float(r[j]) <= a - x
+        # prefer small groups (fewer eigenvalues the check must account for) unless their check is long
+        key = (0.0, steps * (1.0 + 0.5 * (p - k) / max(k, 1))) if score <= 1.0 else (1.0, score)
+        if key < best_key:
+            best_key = key
+            best = _EndBounds(e, p, a, x, steps, score <= 1.0, settled)
+    return best
+
+
+def _clusters(theta: torch.Tensor, r: torch.Tensor, slack: float) -> list[tuple[int, int]]:
+    """``[start, stop)`` runs of neighbours (descending ``theta``) that their residual intervals cannot
+    tell apart: ``theta_i - theta_{i+1} <= r_i + r_{i+1} + slack``."""
+    p = theta.numel()
+    starts = [0]
+    for i in range(p - 1):
+        if float(theta[i] - theta[i + 1]) > float(r[i] + r[i + 1]) + slack:
+            starts.append(i + 1)
+    starts.append(p)
+    return [(starts[c], starts[c + 1]) for c in range(len(starts) - 1)]
+
+
+def _resolved(theta: torch.Tensor, G: torch.Tensor, clusters: list[tuple[int, int]], below: float, phi: float) -> bool:
+    """Whether every cluster of a group of Ritz pairs (descending) is near-invariant.
+
+    A cluster ``C`` must have ``||G_C|| <= NEAR_INVARIANT * sep_C``, ``sep_C`` its distance to the nearest
+    Ritz value outside it (``below`` under the group). By the Davis-Kahan sin(theta) theorem its Ritz
+    vectors then lie within angle ``~NEAR_INVARIANT`` of an invariant subspace; a single Ritz value that
+    is a mixture of two eigenvectors (an eigenvector half discovered) has a residual comparable to its
+    distance to the neighbours and fails. A direction missing from the basis altogether is the restart
+    check's job.
+    """
+    p = theta.numel()
+    for i, j in clusters:
+        above = float(theta[i - 1] - theta[i]) if i > 0 else math.inf
+        under = float(theta[j - 1] - (theta[j] if j < p else below))
+        rho = float(torch.linalg.matrix_norm(G[:, i:j], 2)) + phi
+        if rho > NEAR_INVARIANT * min(above, under):
+            return False
+    return True
+
+
+def check_length(shift: float, level: float, low: float, dim: int, delta: float = MISS_PROBABILITY) -> int:
+    """Restart-check steps that lift a missing eigenvalue ``>= shift`` above ``level`` (module doc).
+
+    ``1 + acosh(sqrt(dim/g)/delta) / acosh(1 + 2g)`` with ``g = (shift - level)/(level - low)``: a
+    Chebyshev polynomial on ``[low, level]`` of that degree amplifies a component ``>= delta/sqrt(dim)``
+    enough that the Rayleigh quotient exceeds ``level``.
+    """
+    g = max((shift - level) / max(level - low, 1e-300), 1e-12)
+    amp = math.sqrt(max(dim, 1) / g) / delta
+    return 1 + math.ceil(math.acosh(max(amp, 1.0)) / math.acosh(1 + 2 * g))
+
+
+@dataclass
+class LanczosResult:
+    """Extreme Ritz pairs with certified error bounds.
+
+    Attributes:
+        eigenvalues: top-k, descending (``[k_top]``).
+        eigenvectors: ``[n, k_top]`` unit Ritz vectors.
+        bottom_eigenvalues: bottom-k, ascending (``[k_bottom]``).
+        bottom_eigenvectors: ``[n, k_bottom]``.
+        residuals / bottom_residuals: ``||A y - theta y||`` of each pair (rounding floor included).
+        error_bounds / bottom_error_bounds: ``|lambda_j - theta_j| <= bound`` for the eigenvalue of the
+            same index (see the module doc; ``inf`` where no certificate was reached).
+        iterations: matvecs spent (HVPs).
+        converged: every wanted bound met the tolerance and the restart check passed.
+        restarts: fresh random directions added (restart checks, invariant subspaces).
+        checks: restart checks run; ``check_matvecs`` their products.
+        block_size: vectors per product of the main chain.
+        rounding: the rounding floor ``eps_T`` included in every bound.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    bottom_eigenvalues: torch.Tensor
+    bottom_eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    bottom_residuals: torch.Tensor
+    iterations: int
+    converged: bool
+    tol: float
+    restarts: int = 0
+    block_size: int = 1
+    error_bounds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    bottom_error_bounds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    criterion: str = "bound"
+    checks: int = 0
+    check_matvecs: int = 0
+    rounding: float = 0.0
+    vectors_tol: float | None = None
 
 
 def check_basis_memory(op: LinearOperator, columns: int, basis_device: torch.device, extra_vectors: int = 0) -> None:
@@ -193,119 +565,213 @@ def check_basis_memory(op: LinearOperator, columns: int, basis_device: torch.dev
         raise DiagnosticsError("another process has not enough memory for the Lanczos basis")
 
 
-class _Krylov:
-    """State of one single-vector Lanczos run (basis kept on ``basis_device``)."""
+@dataclass
+class _Certificate:
+    theta: torch.Tensor  # ascending Ritz values
+    S: torch.Tensor
+    G: torch.Tensor
+    top: _EndBounds
+    bottom: _EndBounds
+    eps_t: float
+    phi: float
+    ok: bool
+    hopeless: bool = False  # the rounding floor alone exceeds the tolerance
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # basis rows of S
 
-    def __init__(self, op: LinearOperator, start: torch.Tensor, basis_device: torch.device | None) -> None:
-        self.op = op
-        self.basis_device = torch.device(basis_device) if basis_device is not None else op.device
-        self.Q = _Basis(op.dim, op.dtype, self.basis_device)
-        self.alpha: list[float] = []
-        self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}
-        self.restarts = 0
-        self.block_start = 0  # first step of the Krylov block since the last restart
-        self.last = (start / start.norm()).to(op.device)
-        self.Q.append(self.last)
 
-    @property
-    def m(self) -> int:
-        return self.Q.m
+def _certify(
+    kr: KrylovSpace,
+    k_top: int,
+    k_bottom: int,
+    tol: float,
+    vectors_tol: float | None,
+    oversample: int,
+    guarded: _Certificate | None = None,
+    exclude: list[int] | None = None,
+) -> _Certificate:
+    theta, S, G, rows = kr.ritz(exclude)
+    m = theta.numel()
+    if m:
+        kr.norm_estimate = max(kr.norm_estimate, float(theta.abs().max()))
+    eps_t, phi = kr.rounding()
+    norm = float(theta.abs().max()) if m else 0.0
+    desc = torch.arange(m - 1, -1, -1)
+    if m >= kr.n and not kr.pending and not exclude:
+        # the whole space multiplied: H is A (plus rounding) in an orthonormal basis, so by Weyl every Ritz
+        # value is within eps_T (+ the out-of-basis part phi) of the eigenvalue of the same index
+        e = eps_t + phi
+        full = [
+            _EndBounds(torch.full((k,), e, dtype=torch.float64), min(k, m), -math.inf, -math.inf, 0, True)
+            for k in (k_top, k_bottom)
+        ]
+        need = tol * theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+        idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
+        hopeless = bool((e > need[idx]).any())
+        return _Certificate(theta, S, G, full[0], full[1], e, phi, not hopeless, hopeless, rows)
+    if m < k_top + k_bottom + (k_top > 0) + (k_bottom > 0):
+        empty = _EndBounds(torch.full((k_top,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
+        emptyb = _EndBounds(torch.full((k_bottom,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
+        return _Certificate(theta, S, G, empty, emptyb, eps_t, phi, False, False, rows)
+    rest = kr.n - kr.size
+    fix_top = (guarded.top.group, guarded.top.shift) if guarded is not None else None
+    fix_bot = (guarded.bottom.group, guarded.bottom.shift) if guarded is not None else None
+    top = _end_bounds(theta[desc], G[:, desc], k_top, tol, eps_t, phi, norm, k_top + oversample, rest, fix_top)
+    bottom = _end_bounds(-theta, G, k_bottom, tol, eps_t, phi, norm, k_bottom + oversample, rest, fix_bot)
+    ok = top.ok and bottom.ok
+    # the rounding floor alone exceeds the tolerance of some wanted eigenvalue: more steps cannot help
+    need = tol * theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+    idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
+    hopeless = bool((eps_t >= need[idx]).any())
+    if ok and vectors_tol is not None:
+        r = G.norm(dim=0) + phi
+        floor = RELATIVE_FLOOR * norm
+        idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
+        ok = bool((r[idx] <= vectors_tol * theta[idx].abs().clamp(min=floor)).all())
+    return _Certificate(theta, S, G, top, bottom, eps_t, phi, ok, hopeless, rows)
 
-    def step(self, generator: torch.Generator) -> bool:
-        """One Lanczos step: A q_m, orthogonalise, extend. Returns False when the space is exhausted."""
-        q = self.last
-        w = self.op.matvec(q)
-        a = float(torch.dot(w, q))
-        self.alpha.append(a)
-        if self.m == self.op.dim:
-            return False
-        w = self.Q.orthogonalise(w)
-        b = float(w.norm())
-        scale = max(abs(x) for x in self.alpha) or 1.0
-        if b <= 1e-10 * scale:  # invariant subspace found: restart with a fresh orthogonal direction
-            self.restarts += 1
-            for _ in range(3):
-                r = random_unit(self.op.dim, generator, self.op.dtype, self.op.device)
-                r = self.Q.orthogonalise(r)
-                if float(r.norm()) > 1e-6:
-                    break
-            else:
-                return False
-            self.beta.append(0.0)
-            self.block_start = len(self.alpha)
-            self.last = r / r.norm()
-            self.Q.append(self.last)
-            return True
-        self.beta.append(b)
-        self.last = w / b
-        self.Q.append(self.last)
-        return True
 
-    def latest_block_converged(self, k_top: int, k_bottom: int, tol: float, scale: float) -> bool:
-        """Whether the extreme Ritz pairs of the Krylov block since the last restart have converged.
+class _Run:
+    """The driver of :func:`lanczos`: a main chain (``active`` rows), certificates and restart checks."""
 
-        After an invariant subspace is found, its Ritz pairs are exact but say nothing about the
-        rest of the space: a larger eigenvalue may sit in the complement (e.g. a repeated top
-        eigenvalue, of which one Krylov space holds one copy). The run goes on until the fresh
-        block's own extreme pairs have converged too (an empty block has not).
-        """
-        k, start = len(self.alpha), self.block_start
-        if start == 0:
-            return True
-        if start >= k:
-            return False
-        alpha = torch.tensor(self.alpha[start:], dtype=torch.float64)
-        beta = torch.tensor(self.beta[start : k - 1], dtype=torch.float64)
-        theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
-        next_beta = self.beta[k - 1] if len(self.beta) >= k else 0.0
-        residuals = abs(next_beta) * S[-1, :].abs()
-        floor = 1e-3 * scale
-        size = theta.numel()
-        idx = list(range(size - min(k_top, size), size)) + list(range(min(k_bottom, size)))
-        return all(float(residuals[i]) <= tol * max(abs(float(theta[i])), floor) for i in idx)
-
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ritz values (ascending), eigenvectors of T, and residual norms of the steps taken."""
-        k = len(self.alpha)
-        T = tridiagonal(
-            torch.tensor(self.alpha, dtype=torch.float64), torch.tensor(self.beta[: k - 1], dtype=torch.float64)
+    def __init__(
+        self,
+        op: LinearOperator,
+        kr: KrylovSpace,
+        gen: torch.Generator,
+        budget: int,
+        progress: Progress | None,
+        k_top: int,
+        k_bottom: int,
+        tol: float,
+        vectors_tol: float | None,
+        oversample: int,
+    ) -> None:
+        self.op, self.kr, self.gen, self.budget, self.progress = op, kr, gen, budget, progress
+        self.k_top, self.k_bottom, self.tol, self.vectors_tol, self.oversample = (
+            k_top,
+            k_bottom,
+            tol,
+            vectors_tol,
+            oversample,
         )
-        theta, S = torch.linalg.eigh(T)
-        next_beta = self.beta[k - 1] if len(self.beta) >= k else 0.0
-        residuals = abs(next_beta) * S[-1, :].abs()
-        return theta, S, residuals
+        self.eff_tol = tol  # raised to the rounding floor when tol is below it (then not converged)
+        self.active: list[int] = []
+        self.restarts = self.checks = self.check_matvecs = 0
+        self.chain_width = 0  # rows of the main chain at the end of a block (0: the whole block)
+        self.converged = False
 
+    def certify(self, guarded: _Certificate | None = None) -> _Certificate:
+        return _certify(self.kr, self.k_top, self.k_bottom, self.eff_tol, self.vectors_tol, self.oversample, guarded)
 
-CRITERIA = ("bound", "residual")
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(min(self.kr.matvecs, self.budget), self.budget)
 
+    def random(self, k: int) -> list[int]:
+        return self.kr.add(gaussian_block(self.kr.n, k, self.gen, self.kr.dtype, self.kr.device))
 
-def error_bounds(theta: torch.Tensor, residuals: torch.Tensor, criterion: str = "bound") -> torch.Tensor:
-    """Eigenvalue error bound of each Ritz value.
+    def start(self, start: torch.Tensor | None, b: int) -> None:
+        """Cold: ``b`` random vectors. Warm: the given vectors (orthonormalised) and ``b`` random ones as
+        the first block; afterwards only the random vectors' chain goes on (it explores the rest of the
+        spectrum), and the warm vectors' remainders are multiplied again only while the bounds of the
+        wanted pairs are too loose (:meth:`unpark`)."""
+        warm = self.kr.add(start.reshape(self.kr.n, -1)) if start is not None else []
+        pad = self.random(b)
+        self.active = warm + pad
+        self.chain_width = len(pad) if warm else 0
 
-    ``"residual"``: ``r_i``. ``"bound"``: ``min(r_i, r_i^2 / gap_i)`` with
-    ``gap_i = min_{j != i} (|theta_i - theta_j| - r_j)`` clipped at 0 (then the bound is ``r_i``).
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
-    r = residuals.double()
-    if criterion == "residual" or theta.numel() < 2:
-        return r.clone()
-    t = theta.double()
-    dist = (t[:, None] - t[None, :]).abs() - r[None, :]
-    dist.fill_diagonal_(float("inf"))
-    gap = dist.min(dim=1).values.clamp(min=0.0)
-    quad = torch.where(gap > 0, r * r / gap.clamp(min=1e-300), torch.full_like(r, float("inf")))
-    return torch.minimum(r, quad)
+    def unpark(self, cert: _Certificate) -> None:
+        """While the wanted bounds miss ``tol``, multiply the parked rows (pending rows outside the main
+        chain) that couple to the wanted Ritz vectors at least half as much as the strongest: they hold
+        residual the main chain does not reduce."""
+        kr = self.kr
+        parked = [i for i in kr.pending if i not in self.active]
+        # also without any certificate: a warm vector far from the new eigenvector keeps a large residual in
+        # its parked remainder, which the main chain never reduces (the run would stall at max_iter)
+        if not parked or cert.ok:
+            return
+        m = cert.theta.numel()
+        wanted = torch.cat([torch.arange(m - 1, m - 1 - min(self.k_top, m), -1), torch.arange(min(self.k_bottom, m))])
+        rows = torch.tensor(parked, dtype=torch.long)
+        coupling = (kr.H[rows[:, None], cert.rows[None, :]] @ cert.S[:, wanted]).norm(dim=1)
+        cut = 0.5 * float(coupling.max())
+        self.active = self.active + [i for i, c in zip(parked, coupling.tolist()) if c >= cut > 0]
 
+    def step(self, rows: list[int]) -> list[int]:
+        new = self.kr.multiply(rows[: max(self.budget - self.kr.matvecs, 0)])
+        self.report()
+        return new
 
-def _wanted_converged(
-    theta: torch.Tensor, residuals: torch.Tensor, k_top: int, k_bottom: int, tol: float, criterion: str = "bound"
-) -> bool:
-    scale = float(theta.abs().max()) if theta.numel() else 0.0
-    floor = 1e-3 * scale
-    bounds = error_bounds(theta, residuals, criterion)
-    idx = list(range(theta.numel() - k_top, theta.numel())) + list(range(k_bottom))
-    return all(float(bounds[i]) <= tol * max(abs(float(theta[i])), floor) for i in idx)
+    def loop(self, check: bool) -> _Certificate:
+        kr = self.kr
+        first: int | None = None  # matvecs at the first certificate
+        while kr.matvecs < self.budget:
+            if not self.active:
+                self.active = [i for i in kr.pending] or (self.random(1) if kr.size < kr.n else [])
+                self.restarts += 0 if kr.pending else 1
+                if not self.active:
+                    break
+            width = len(self.active)
+            new = self.step(self.active)
+            # a warm start's main chain goes on from the random vectors' remainders (the last new rows)
+            self.active = new[-self.chain_width :] if self.chain_width else new
+            cert = self.certify()
+            self.unpark(cert)
+            if cert.hopeless:  # tol is below what the rounding floor allows: certify at the floor
+                self.eff_tol = max(self.eff_tol, 2 * cert.eps_t / _scale_min(cert, self.k_top, self.k_bottom))
+                cert = self.certify()
+            if not cert.ok:
+                first = None
+                continue
+            if not check or (kr.size >= kr.n and not kr.pending):
+                return self.finish(cert)  # (the whole space multiplied: the Ritz values are exact)
+            if kr.size >= kr.n:
+                self.active = list(kr.pending)  # no room for a fresh vector: finish the space
+                continue
+            steps = min(max(cert.top.steps, cert.bottom.steps), kr.n - kr.size)
+            if steps + len(kr.pending) > self.budget - kr.matvecs:
+                continue  # no budget for the check (yet): go on, the group may separate further
+            if not (cert.top.settled and cert.bottom.settled):
+                continue  # the level the check guards is set by a pair still far from converged
+            # the check is shorter once the pairs below a group have settled: wait for that, but spend
+            # on waiting at most what the check could save
+            first = kr.matvecs if first is None else first
+            floor = _check_floor(cert, self.k_top, self.k_bottom, kr.n - kr.size, self.oversample)
+            if steps > floor + width and kr.matvecs - first + width <= steps - floor:
+                continue
+            found, _ = self.restart_check(cert, steps)
+            if not found:  # the certificate stands: its hypothesis has been checked
+                return self.finish(cert)
+        cert = self.certify()
+        if cert.ok and kr.size >= kr.n and not kr.pending:
+            return self.finish(cert)  # the budget ran out exactly as the whole space was multiplied
+        return cert
+
+    def restart_check(self, cert: _Certificate, steps: int) -> tuple[bool, _Certificate]:
+        """A fresh random direction's own chain for ``steps`` products, then one more step of every
+        other pending vector (an eigenvector half discovered sits in them); ``found`` when more Ritz
+        values lie beyond the certificate's levels than before."""
+        kr = self.kr
+        self.checks += 1
+        self.restarts += 1
+        before = kr.matvecs
+        chain = self.random(1)
+        for _ in range(steps):
+            if not chain:
+                break
+            chain = self.step(chain)
+        others = self.step([i for i in kr.pending if i not in chain])
+        self.check_matvecs += kr.matvecs - before
+        after = self.certify()
+        found = _grew(after, cert, self.k_top, self.k_bottom)
+        # found: the missing direction's chain joins the main one (otherwise the run ends here)
+        self.active = others + chain if found else others
+        self.chain_width = 0
+        return found, after
+
+    def finish(self, cert: _Certificate) -> _Certificate:
+        self.converged = self.eff_tol <= self.tol
+        return cert
 
 
 def lanczos(
@@ -322,39 +788,38 @@ def lanczos(
     block_size: int = 1,
     memory_check: bool = True,
     criterion: str = "bound",
+    vectors_tol: float | None = None,
+    check: bool = True,
+    oversample: int | None = None,
 ) -> LanczosResult:
-    """Top-``k_top`` and bottom-``k_bottom`` eigenpairs of a symmetric operator.
+    """Top-``k_top`` and bottom-``k_bottom`` eigenpairs with certified error bounds (module doc).
 
     Args:
-        op: symmetric operator with ``matvec`` (and ``matmat`` for ``block_size > 1``).
-        tol: relative tolerance on each wanted eigenvalue's error bound (``criterion``).
+        op: symmetric operator (``matvec``/``matmat``, ``dim``, ``dtype``, ``device``).
+        k_top: how many of the largest eigenvalues.
+        k_bottom: how many of the smallest.
+        tol: every returned eigenvalue's bound ``<= tol * max(|theta|, 1e-3 ||A||)``.
         max_iter: at most this many matvecs (default ``min(dim, 300)``).
-        generator: source of the start vector (and of restart vectors).
-        start: explicit start vector (``[n]``, or ``[n, b]`` for a block run; overrides ``generator``).
-        criterion: ``"bound"`` (gap theorem, default) or ``"residual"`` (``||A y - theta y|| <= tol |theta|``).
-        basis_device: where the Krylov basis lives (``cpu`` saves accelerator memory).
-        progress: ``fn(matvecs, max_iter)`` after every step.
-        block_size: vectors per product; ``> 1`` runs block Lanczos (:func:`block_lanczos`).
-        memory_check: raise ``DiagnosticsError`` up front when the basis for ``max_iter`` steps cannot
-            fit in the free memory of ``basis_device``.
+        generator: source of the start block and of the restart checks' vectors.
+        start: warm start ``[n]`` or ``[n, k]`` (e.g. the previous checkpoint's eigenvectors):
+            orthonormalised and padded with random vectors to ``max(block_size, k + 1)`` columns.
+        basis_device: where the basis lives (``cpu`` saves accelerator memory).
+        progress: ``fn(matvecs, max_iter)`` after every product.
+        block_size: vectors per product of the main chain (one data pass each).
+        memory_check: refuse up front (``DiagnosticsError``) a basis that cannot fit.
+        criterion: ``"bound"`` (eigenvalue bounds) or ``"residual"`` (also the residuals, i.e.
+            ``vectors_tol = tol``).
+        vectors_tol: also require ``||A y - theta y|| <= vectors_tol * |theta|`` for the wanted vectors.
+        check: run the restart check (guard against missed eigenvalues); off only for studies.
+        oversample: largest group beyond ``k`` tried for the Lehmann certificate (default ``max(k, 10)``).
+
+    Returns:
+        :class:`LanczosResult`.
     """
-    if block_size > 1:
-        return block_lanczos(
-            op,
-            k_top=k_top,
-            k_bottom=k_bottom,
-            tol=tol,
-            max_iter=max_iter,
-            generator=generator,
-            start=start,
-            basis_device=basis_device,
-            progress=progress,
-            block_size=block_size,
-            memory_check=memory_check,
-            criterion=criterion,
-        )
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
+    if criterion == "residual" and vectors_tol is None:
+        vectors_tol = tol
     n = op.dim
     want = k_top + k_bottom
     if want < 1:
@@ -362,283 +827,180 @@ def lanczos(
     if want > n:
         raise ValueError(f"asked for {want} eigenvalues of a {n}-dimensional operator")
     gen = generator or torch.Generator().manual_seed(0)
-    max_iter = min(n, max_iter or 300)
-    max_iter = max(max_iter, min(n, want))
-    bdev = torch.device(basis_device) if basis_device is not None else op.device
-    if memory_check:
-        check_basis_memory(op, min(n, max_iter + 1), bdev, extra_vectors=3 if bdev != op.device else 0)
-    q0 = start.to(dtype=op.dtype, device=op.device) if start is not None else random_unit(n, gen, op.dtype, op.device)
-    kr = _Krylov(op, q0, bdev)
-    converged = False
-    theta = S = residuals = None
-    for it in range(1, max_iter + 1):
-        alive = kr.step(gen)
-        if progress is not None:
-            progress(it, max_iter)
-        if it >= want:
-            theta, S, residuals = kr.ritz()
-            ok = _wanted_converged(theta, residuals, k_top, k_bottom, tol, criterion)
-            scale = float(theta.abs().max()) if theta.numel() else 0.0
-            ok = ok and kr.latest_block_converged(k_top, k_bottom, tol, scale)
-            if ok or not alive:
-                converged = ok or len(kr.alpha) == n
-                break
-        elif not alive:
-            break
-    if theta is None:
-        theta, S, residuals = kr.ritz()
-    m = len(kr.alpha)
-    top_idx = torch.arange(theta.numel() - 1, theta.numel() - 1 - k_top, -1)
-    bot_idx = torch.arange(0, k_bottom)
-    bounds = error_bounds(theta, residuals, criterion)
-    vec_top = kr.Q.combine(S[:, top_idx], op.device)
-    vec_bot = kr.Q.combine(S[:, bot_idx], op.device)
-    return LanczosResult(
-        eigenvalues=theta[top_idx].clone(),
-        eigenvectors=vec_top,
-        bottom_eigenvalues=theta[bot_idx].clone(),
-        bottom_eigenvectors=vec_bot,
-        residuals=residuals[top_idx].clone(),
-        bottom_residuals=residuals[bot_idx].clone(),
-        error_bounds=bounds[top_idx].clone(),
-        bottom_error_bounds=bounds[bot_idx].clone(),
-        criterion=criterion,
-        iterations=m,
-        converged=bool(converged),
-        tol=float(tol),
-        alpha=torch.tensor(kr.alpha, dtype=torch.float64),
-        beta=torch.tensor(kr.beta[: m - 1], dtype=torch.float64),
-        restarts=kr.restarts,
-    )
-
-
-def _orthonormal_block(
-    W: torch.Tensor, basis: _Basis, width: int, generator: torch.Generator, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Orthonormal ``Q_next [n, width]`` spanning ``W``'s range (filled up with fresh random directions
-    where ``W`` is rank-deficient) and ``B = Q_next^T W [width, b]``. Returns ``(Q_next, B, refills)``."""
-    n = W.shape[0]
-    U, s, _ = torch.linalg.svd(W.double(), full_matrices=False)
-    keep = int((s > 1e-10 * max(scale, float(s.max()) if s.numel() else 0.0, 1e-300)).sum())
-    keep = min(keep, width)
-    cols = [U[:, :keep].to(W.dtype)]
-    refills = 0
-    while sum(c.shape[1] for c in cols) < width:
-        r = torch.randn(n, 1, generator=generator, dtype=torch.float64).to(dtype=W.dtype, device=W.device)
-        have = torch.cat(cols, dim=1)
-        for _ in range(2):
-            r = basis.orthogonalise(r)
-            r = r - have @ (have.T @ r)
-        if float(r.norm()) <= 1e-6:
-            refills += 1
-            if refills > 3 * width:
-                break
-            continue
-        cols.append(r / r.norm())
-        refills += 1
-    Q = torch.cat(cols, dim=1)
-    return Q, Q.T @ W, refills
-
-
-def block_lanczos(
-    op: LinearOperator,
-    *,
-    k_top: int = 1,
-    k_bottom: int = 0,
-    tol: float = 1e-3,
-    max_iter: int | None = None,
-    generator: torch.Generator | None = None,
-    start: torch.Tensor | None = None,
-    basis_device: torch.device | str | None = None,
-    progress: Progress | None = None,
-    block_size: int = 4,
-    memory_check: bool = True,
-    criterion: str = "bound",
-) -> LanczosResult:
-    """Block Lanczos with full reorthogonalisation: ``block_size`` products per data pass.
-
-    Each step multiplies a block ``Q_j [n, b]`` (``op.matmat``), projects ``A_j = Q_j^T A Q_j``,
-    orthogonalises the result against the whole basis (twice), and takes an orthonormal basis of the
-    remainder as ``Q_{j+1}`` with ``B_j = Q_{j+1}^T W``. Ritz pairs come from the block-tridiagonal
-    ``T``; the residual of pair ``i`` is ``||B_j S[last block, i]||`` (exact for an orthonormal basis),
-    and the same stopping rule as :func:`lanczos` applies. Rank-deficient blocks (an invariant
-    subspace) are filled up with random directions orthogonal to the basis. Arguments as :func:`lanczos`;
-    ``max_iter`` counts matvecs.
-    """
-    n = op.dim
-    want = k_top + k_bottom
-    if want < 1:
-        raise ValueError("ask for at least one eigenvalue")
-    if want > n:
-        raise ValueError(f"asked for {want} eigenvalues of a {n}-dimensional operator")
     b = max(1, min(int(block_size), n))
-    gen = generator or torch.Generator().manual_seed(0)
-    max_iter = min(n, max_iter or 300)
-    max_iter = max(max_iter, min(n, want), b)
-    bdev = torch.device(basis_device) if basis_device is not None else op.device
+    budget = min(n, max_iter or 300)
+    budget = max(budget, min(n, want), b)
+    oversample = max(k_top, k_bottom, 10) if oversample is None else int(oversample)
+    bdev = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
     if memory_check:
-        check_basis_memory(op, min(n, max_iter + b), bdev, extra_vectors=3 * b if bdev != op.device else 0)
-    if start is None:
-        X = torch.randn(n, b, generator=gen, dtype=torch.float64).to(dtype=op.dtype, device=op.device)
-    else:
-        X = start.reshape(n, -1).to(dtype=op.dtype, device=op.device)
-        if X.shape[1] != b:
-            raise ValueError(f"a block start needs {b} columns, got {X.shape[1]}")
-    basis = _Basis(n, op.dtype, bdev)
-    Qj, _, refills = _orthonormal_block(X, basis, b, gen, 1.0)
-    diag_blocks: list[torch.Tensor] = []
-    off_blocks: list[torch.Tensor] = []  # off_blocks[j] = B_j couples block j and block j+1
-    widths: list[int] = []
-    done = 0
-    converged = False
-    theta = S = residuals = None
-    scale = 0.0
-    while True:
-        basis.append(Qj)
-        widths.append(Qj.shape[1])
-        W = op.matmat(Qj)
-        done += Qj.shape[1]
-        Aj = Qj.T @ W
-        Aj = 0.5 * (Aj + Aj.T)
-        diag_blocks.append(Aj.double().cpu())
-        scale = max(scale, float(Aj.abs().max()))
-        if progress is not None:
-            progress(min(done, max_iter), max_iter)
-        width = min(b, n - basis.m)  # the next block (narrower only when the space runs out)
-        exhausted = width <= 0
-        Bj = torch.zeros(0, Qj.shape[1], dtype=torch.float64)
-        if not exhausted:
-            W = basis.orthogonalise(W)
-            Qnext, Bj, r = _orthonormal_block(W, basis, width, gen, scale)
-            refills += r
-            exhausted = Qnext.shape[1] == 0
-        off_blocks.append(Bj.double().cpu())
-        theta, S, residuals = _block_ritz(diag_blocks, off_blocks, widths)
-        out_of_budget = exhausted or done + width > max_iter
-        if basis.m >= want:
-            ok = _wanted_converged(theta, residuals, k_top, k_bottom, tol, criterion)
-            if ok or out_of_budget:
-                converged = ok or basis.m >= n
-                break
-        elif out_of_budget:
-            break
-        Qj = Qnext
-    top_idx = torch.arange(theta.numel() - 1, theta.numel() - 1 - min(k_top, theta.numel()), -1)
-    bot_idx = torch.arange(0, min(k_bottom, theta.numel()))
-    bounds = error_bounds(theta, residuals, criterion)
-    return LanczosResult(
-        eigenvalues=theta[top_idx].clone(),
-        eigenvectors=basis.combine(S[:, top_idx], op.device),
-        bottom_eigenvalues=theta[bot_idx].clone(),
-        bottom_eigenvectors=basis.combine(S[:, bot_idx], op.device),
-        residuals=residuals[top_idx].clone(),
-        bottom_residuals=residuals[bot_idx].clone(),
-        error_bounds=bounds[top_idx].clone(),
-        bottom_error_bounds=bounds[bot_idx].clone(),
-        criterion=criterion,
-        iterations=done,
-        converged=bool(converged),
-        tol=float(tol),
-        restarts=refills,
-        block_size=b,
+        check_basis_memory(op, min(n, budget + b), bdev, extra_vectors=3 * b if bdev != op.device else 0)
+    kr = KrylovSpace(op, bdev, capacity=min(n, max(32, 2 * (want + b) + 8)))
+    run = _Run(op, kr, gen, budget, progress, k_top, k_bottom, tol, vectors_tol, oversample)
+    run.start(start, b)
+    final = run.loop(check)
+    return _result(
+        kr,
+        final,
+        k_top,
+        k_bottom,
+        tol,
+        vectors_tol,
+        run.converged,
+        run.restarts,
+        run.checks,
+        run.check_matvecs,
+        b,
+        criterion,
     )
 
 
-def _block_ritz(
-    diag_blocks: list[torch.Tensor], off_blocks: list[torch.Tensor], widths: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ritz values (ascending), eigenvectors of the block-tridiagonal ``T``, residuals ``||B_last S_last||``."""
-    m = sum(widths)
-    T = torch.zeros(m, m, dtype=torch.float64)
-    offs = [0]
-    for w in widths:
-        offs.append(offs[-1] + w)
-    for j, A in enumerate(diag_blocks):
-        T[offs[j] : offs[j + 1], offs[j] : offs[j + 1]] = A
-    for j, B in enumerate(off_blocks[:-1]):  # B_j: rows = block j+1, cols = block j
-        T[offs[j + 1] : offs[j + 2], offs[j] : offs[j + 1]] = B
-        T[offs[j] : offs[j + 1], offs[j + 1] : offs[j + 2]] = B.T
-    theta, S = torch.linalg.eigh(T)
-    last = off_blocks[-1]
-    tail = S[offs[-2] : offs[-1], :]
-    residuals = (last @ tail).norm(dim=0) if last.numel() else torch.zeros(m, dtype=torch.float64)
-    return theta, S, residuals
+def _scale_min(cert: _Certificate, k_top: int, k_bottom: int) -> float:
+    """Smallest ``max(|theta|, floor)`` over the wanted Ritz values (what relative tolerances multiply)."""
+    m = cert.theta.numel()
+    norm = float(cert.theta.abs().max()) if m else 0.0
+    idx = torch.cat([torch.arange(m - 1, m - 1 - k_top, -1), torch.arange(k_bottom)])
+    return max(float(cert.theta[idx].abs().clamp(min=RELATIVE_FLOOR * norm).min()), 1e-300)
 
 
-def lanczos_tridiagonal(
-    op: LinearOperator,
-    start: torch.Tensor,
-    steps: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``steps`` Lanczos steps from ``start`` -> ``(alpha [m], beta [m-1])`` for quadrature (SLQ).
+def _check_floor(cert: _Certificate, k_top: int, k_bottom: int, dim: int, oversample: int) -> int:
+    """The shortest check any group could need once the Ritz pairs below it have converged.
 
-    Stops early (``m < steps``) when the Krylov space is exhausted; breakdown restarts are not used
-    here because quadrature needs the Krylov space of ``start`` itself.
+    For each group ``p`` (``k <= p <= k + oversample``) with ``theta_p`` above the Ritz values below it:
+    :func:`check_length` at ``x = max_{j > p} theta_j`` (residuals dropped) and ``a = x + 0.9 (theta_p - x)``.
     """
-    steps = min(steps, op.dim)
-    q = start.to(dtype=op.dtype, device=op.device)
-    q = q / q.norm()
-    Q = torch.zeros(op.dim, steps, dtype=op.dtype, device=op.device)
-    Q[:, 0] = q
-    alpha: list[float] = []
-    beta: list[float] = []
-    for j in range(steps):
-        w = op.matvec(Q[:, j])
-        alpha.append(float(torch.dot(w, Q[:, j])))
-        if j == steps - 1:
-            break
-        w = _orthogonalise(w, Q[:, : j + 1])
-        b = float(w.norm())
-        if b <= 1e-10 * (max(abs(a) for a in alpha) or 1.0):
-            break
-        beta.append(b)
-        Q[:, j + 1] = w / b
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+    r = cert.G.norm(dim=0)
+    steps = 0
+    for k, vals, low in (
+        (k_top, cert.theta.flip(0), float(cert.theta[0] - r[0])),
+        (k_bottom, -cert.theta, float(-cert.theta[-1] - r[-1])),
+    ):
+        if not k:
+            continue
+        best = math.inf
+        for p in range(k, min(vals.numel() - 1, k + oversample) + 1):
+            x, top = float(vals[p]), float(vals[p - 1])
+            if top > x > low:
+                best = min(best, check_length(x + 0.9 * (top - x), x, low, dim))
+        steps = max(steps, 0 if best == math.inf else best)
+    return steps
 
 
-def lanczos_tridiagonal_block(
-    op: LinearOperator,
-    starts: torch.Tensor,
-    steps: int,
+def _count_above(cert: _Certificate, level: float, top: bool) -> int:
+    return int((cert.theta > level).sum()) if top else int((-cert.theta > level).sum())
+
+
+def _grew(cert: _Certificate, ref: _Certificate, k_top: int, k_bottom: int) -> bool:
+    """Whether more Ritz values now lie beyond the levels the reference certificate was checked at."""
+    top = k_top > 0 and _count_above(cert, ref.top.level, True) > _count_above(ref, ref.top.level, True)
+    bottom = k_bottom > 0 and _count_above(cert, ref.bottom.level, False) > _count_above(ref, ref.bottom.level, False)
+    return top or bottom
+
+
+def _result(
+    kr: KrylovSpace,
+    cert: _Certificate,
+    k_top: int,
+    k_bottom: int,
+    tol: float,
+    vectors_tol: float | None,
+    converged: bool,
+    restarts: int,
+    checks: int,
+    check_matvecs: int,
+    block_size: int,
+    criterion: str,
+) -> LanczosResult:
+    theta, S, G = cert.theta, cert.S, cert.G
+    m = theta.numel()
+    top_idx = torch.arange(m - 1, m - 1 - min(k_top, m), -1)
+    bot_idx = torch.arange(0, min(k_bottom, m))
+    r = G.norm(dim=0) + cert.phi
+    # without a certificate nothing bounds the eigenvalue of the same index: the bound is inf
+    top_b, bot_b = cert.top.bounds, cert.bottom.bounds
+    # the Ritz vectors of the certificate's space (a passed check leaves them unchanged)
+    S_full = S
+    return LanczosResult(
+        eigenvalues=theta[top_idx].clone(),
+        eigenvectors=_vectors(kr, S_full, top_idx, cert.rows),
+        bottom_eigenvalues=theta[bot_idx].clone(),
+        bottom_eigenvectors=_vectors(kr, S_full, bot_idx, cert.rows),
+        residuals=r[top_idx].clone(),
+        bottom_residuals=r[bot_idx].clone(),
+        error_bounds=top_b.clone(),
+        bottom_error_bounds=bot_b.clone(),
+        iterations=kr.matvecs,
+        converged=bool(converged),
+        tol=float(tol),
+        restarts=restarts,
+        block_size=block_size,
+        criterion=criterion,
+        checks=checks,
+        check_matvecs=check_matvecs,
+        rounding=cert.eps_t,
+        vectors_tol=vectors_tol,
+    )
+
+
+def _vectors(kr: KrylovSpace, S: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Ritz vectors ``Q_rows S[:, idx]`` as ``[n, len(idx)]`` columns (one matrix product)."""
+    d = rows
+    full = torch.zeros(kr.size, idx.numel(), dtype=torch.float64)
+    full[d] = S[:, idx]
+    return (kr.Q[: kr.size].T @ full.to(dtype=kr.dtype, device=kr.device)).to(kr.op.device)
+
+
+# ------------------------------------------------------------------------------------ quadrature
+def krylov_space(
+    op: LinearOperator, starts: torch.Tensor, steps: int, basis_device: torch.device | str | None = None
+) -> tuple[KrylovSpace, torch.Tensor]:
+    """``steps`` block Lanczos steps from the columns of ``starts [n, p]`` (no restarts).
+
+    Returns the space and ``R [q, p]`` with ``starts / ||starts|| = Q[:q]^T R`` (the first block).
+    Stops early when the Krylov space is exhausted (the quadrature is then exact).
+    """
+    n = op.dim
+    V = starts.reshape(n, -1).to(dtype=op.dtype)
+    V = V / V.norm(dim=0, keepdim=True)
+    p = V.shape[1]
+    steps = max(1, min(int(steps), n))
+    kr = KrylovSpace(op, basis_device, capacity=min(n, p * (steps + 1)))
+    rows, R = kr._orthonormal(V.to(kr.device), 1.0)
+    kr.lost = 0.0
+    block = kr._append(rows)
+    for _ in range(steps):
+        if not block:
+            break
+        block = kr.multiply(block)
+    return kr, R
+
+
+def krylov_quadrature(
+    op: LinearOperator, starts: torch.Tensor, steps: int, basis_device: torch.device | str | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`lanczos_tridiagonal` for the ``p`` columns of ``starts [n, p]`` at once, in lockstep.
+    """Block Gauss quadrature of each start vector's spectral measure (module doc).
 
-    Each step multiplies the ``p`` current vectors with one ``op.matmat`` (one data pass for all
-    probes); each probe keeps its own basis and recurrence, so the result equals ``p`` separate calls
-    (to rounding). A probe whose Krylov space is exhausted drops out of later products.
-    Memory: ``p`` bases of ``n x steps`` on ``op.device``.
+    Args:
+        op: symmetric operator.
+        starts: ``[n]`` or ``[n, p]`` probes (normalised here); ``p > 1`` runs block Lanczos, one
+            ``matmat`` of ``p`` vectors per step.
+        steps: block steps (matvecs per probe).
+        basis_device: where the basis lives.
+
+    Returns:
+        ``p`` pairs ``(nodes [m], weights [m])``; each probe's weights sum to 1 and
+        ``sum_l w_l f(theta_l) = v^T f(A) v`` for polynomials ``f`` of degree ``<= 2 steps - 1``.
     """
-    steps = min(steps, op.dim)
-    n, p = op.dim, int(starts.shape[1])
-    Q = torch.zeros(p, steps, n, dtype=op.dtype, device=op.device)
-    S = starts.to(dtype=op.dtype, device=op.device).T
-    Q[:, 0] = S / S.norm(dim=1, keepdim=True)
-    alphas: list[list[float]] = [[] for _ in range(p)]
-    betas: list[list[float]] = [[] for _ in range(p)]
-    live = list(range(p))
-    for j in range(steps):
-        if not live:
-            break
-        idx = torch.tensor(live, device=op.device)
-        cur = Q[idx, j]  # [l, n]
-        W = op.matmat(cur.T).T
-        a = (W * cur).sum(1).double().tolist()
-        for i, ai in zip(live, a):
-            alphas[i].append(ai)
-        if j == steps - 1:
-            break
-        basis = Q[idx, : j + 1]  # [l, j+1, n]
-        for _ in range(2):
-            W = W - torch.einsum("ljn,lj->ln", basis, torch.einsum("ljn,ln->lj", basis, W))
-        b = W.norm(dim=1).double().tolist()
-        still = []
-        for row, i in enumerate(live):
-            if b[row] <= 1e-10 * (max(abs(x) for x in alphas[i]) or 1.0):
-                continue
-            betas[i].append(b[row])
-            Q[i, j + 1] = W[row] / b[row]
-            still.append(i)
-        live = still
-    return [
-        (torch.tensor(al, dtype=torch.float64), torch.tensor(be, dtype=torch.float64)) for al, be in zip(alphas, betas)
-    ]
+    kr, R = krylov_space(op, starts, steps, basis_device)
+    Hd, _ = kr.projected()
+    theta, S = torch.linalg.eigh(Hd)
+    q = R.shape[0]
+    first = S[:q, :]  # the first block's rows are the first q rows of the done set
+    W = (first.T @ R) ** 2  # [m, p]
+    return [(theta.clone(), W[:, i].clone()) for i in range(W.shape[1])]
+
+
+def lanczos_tridiagonal(op: LinearOperator, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` Lanczos steps from ``start`` -> ``(alpha [m], beta [m-1])`` (the tridiagonal ``H``)."""
+    kr, _ = krylov_space(op, start.reshape(-1, 1), steps)
+    Hd, _ = kr.projected()
+    return Hd.diagonal().clone(), Hd.diagonal(1).clone()

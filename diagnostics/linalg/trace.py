@@ -1,13 +1,23 @@
 """Trace estimators with standard errors: Hutchinson and Hutch++.
 
-Hutchinson: ``tr(A) ~ (1/g) sum_i z_i^T A z_i`` with Rademacher ``z_i``; stderr = sample std / sqrt(g).
+Hutchinson: ``tr(A) ~ (1/g) sum_i z_i^T A z_i`` with Rademacher ``z_i``.
 
 Hutch++ (Meyer, Musco, Musco, Woodruff 2021): sketch ``Y = A S`` with ``s`` Rademacher columns,
 ``Q = qr(Y)``; then ``tr(A) = tr(Q^T A Q) + tr((I - QQ^T) A (I - QQ^T))``, the first term exact and the
 second by Hutchinson on projected probes. The dominant directions are removed from the random part,
-so the variance falls from ``~||A||_F^2`` to ``~||A - A_s||_F^2``. The stderr is that of the random part
-(conditional on ``Q``). The number of Hutchinson samples that reaches ``stderr <= rtol * |estimate|``
-is set from a pilot sample (two-stage rule), capped by the budget.
+so the variance falls from ``~||A||_F^2`` to ``~||A - A_s||_F^2``. The number of Hutchinson samples that
+reaches ``stderr <= rtol * |estimate|`` is set from a pilot sample (two-stage rule), capped by the budget.
+
+Standard error (of the random part, conditional on ``Q``). For Rademacher ``z`` and symmetric ``B``
+(``B = P A P``, ``P = I - Q Q^T``), ``Var(z^T B z) = 2 (||B||_F^2 - sum_i B_ii^2)``,
+``E ||B z||^2 = ||B||_F^2`` and, for independent probes, ``E[(z_i (Bz)_i)(z'_i (Bz')_i)] = B_ii^2``: the
+products already computed estimate the variance through these moments, with far less spread than the
+sample variance of the heavy-tailed quadratic forms ``z^T B z`` (a few dominant eigenvalues make them
+nearly chi-square with one degree of freedom, and their sample variance then runs low in most draws).
+The variance used is the larger of the two estimates; its
+uncertainty enters through a Student t quantile with Satterthwaite's degrees of freedom
+``2 g mean(X)^2 / var(X)`` (``X = ||B z||^2``, or the squared deviations for the sample variance), and the
+reported stderr is ``t_{0.975, dof} se / 1.96``: ``value +- 2 stderr`` is a ~95% interval.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import torch
 from diagnostics.linalg.operator import LinearOperator
 
 Progress = Callable[[int, int], None]
+Z975 = 1.959963984540054  # standard normal 0.975 quantile
 
 
 @dataclass
@@ -39,6 +50,42 @@ def rademacher(dim: int, k: int, generator: torch.Generator, dtype: torch.dtype,
     return (2 * z - 1).to(dtype=dtype, device=device)
 
 
+@dataclass
+class _Samples:
+    """Hutchinson samples: quadratic forms ``z^T B z``, squared norms ``||B z||^2`` and the running sums
+    of ``d = z * (B z)`` (``E[d_i d'_i] = B_ii^2`` for independent ``z, z'``)."""
+
+    forms: list[float]
+    norms: list[float]
+    d_sum: torch.Tensor | None = None
+    d_sq: float = 0.0
+
+    def add(self, Z: torch.Tensor, BZ: torch.Tensor) -> None:
+        self.forms.extend((Z * BZ).sum(0).double().tolist())
+        self.norms.extend((BZ * BZ).sum(0).double().tolist())
+        D = (Z * BZ).double()
+        s = D.sum(1)
+        self.d_sum = s if self.d_sum is None else self.d_sum + s
+        self.d_sq += float((D * D).sum())
+
+    def diagonal_square(self) -> float:
+        """Unbiased estimate of ``sum_i B_ii^2`` from the cross products of distinct samples."""
+        g = len(self.forms)
+        if g < 2 or self.d_sum is None:
+            return 0.0
+        return (float(self.d_sum @ self.d_sum) - self.d_sq) / (g * (g - 1))
+
+    def __len__(self) -> int:
+        return len(self.forms)
+
+    def mean(self) -> float:
+        return sum(self.forms) / len(self.forms)
+
+    def stderr(self) -> float:
+        """Standard error of the mean of the forms, calibrated (module doc); ``inf`` below 2 samples."""
+        return _stderr(self.forms, self.norms, self.diagonal_square())
+
+
 def _adaptive_hutchinson(
     op: LinearOperator,
     project: Callable[[torch.Tensor], torch.Tensor],
@@ -52,22 +99,22 @@ def _adaptive_hutchinson(
     progress: Progress | None,
     done: int,
     budget: int,
-) -> tuple[list[float], int]:
-    """Hutchinson samples ``z^T A z`` of projected Rademacher probes, sized by a two-stage rule.
+) -> tuple[_Samples, int]:
+    """Hutchinson samples ``z^T B z`` of projected Rademacher probes, sized by a two-stage rule.
 
     Stopping as soon as the running stderr dips below ``rtol * |estimate|`` makes the reported stderr
     too small (optional stopping). Instead a pilot of ``min_samples`` probes estimates the variance,
     which fixes how many samples reach the target (Stein's two-stage rule, with the pilot variance
     inflated by 1.2); one top-up follows only if the target is still missed.
     """
-    samples: list[float] = []
+    samples = _Samples([], [])
 
     def draw(count: int, done: int) -> int:
         while count > 0:
             k = min(block, count)
             Z = project(rademacher(op.dim, k, generator, op.dtype, op.device))
-            AZ = op.matmat(Z)
-            samples.extend((Z * AZ).sum(0).double().tolist())
+            BZ = project(op.matmat(Z))
+            samples.add(Z, BZ)
             done += k
             count -= k
             if progress is not None:
@@ -75,8 +122,8 @@ def _adaptive_hutchinson(
         return done
 
     def needed() -> int:
-        est = offset + sum(samples) / len(samples)
-        var = _stderr(samples) ** 2 * len(samples)
+        est = offset + samples.mean()
+        var = samples.stderr() ** 2 * len(samples)
         if est == 0:
             return max_samples
         return math.ceil(1.2 * var / (rtol * est) ** 2)
@@ -92,13 +139,31 @@ def _adaptive_hutchinson(
     return samples, done
 
 
-def _stderr(samples: list[float]) -> float:
-    g = len(samples)
+def _satterthwaite(x: list[float]) -> float:
+    """Degrees of freedom of ``mean(x)`` as a variance estimate: ``2 g mean^2 / var`` (>= 1)."""
+    g = len(x)
+    m = sum(x) / g
+    v = sum((xi - m) ** 2 for xi in x) / (g - 1)
+    return max(1.0, 2 * g * m * m / v) if v > 0 else math.inf
+
+
+def _stderr(forms: list[float], norms: list[float] | None = None, diagonal: float = 0.0) -> float:
+    """Calibrated standard error of ``mean(forms)`` (module doc): ``t_{0.975,dof} se / 1.96``."""
+    from scipy.stats import t as student
+
+    g = len(forms)
     if g < 2:
         return math.inf
-    mean = sum(samples) / g
-    var = sum((x - mean) ** 2 for x in samples) / (g - 1)
-    return math.sqrt(var / g)
+    mean = sum(forms) / g
+    dev = [(x - mean) ** 2 for x in forms]
+    var, dof = sum(dev) / (g - 1), _satterthwaite(dev) * (g - 1) / g
+    if norms:
+        var_f = 2 * (sum(norms) / len(norms) - max(diagonal, 0.0))  # E = 2 (||B||_F^2 - sum B_ii^2)
+        if var_f >= var:
+            var, dof = var_f, _satterthwaite(norms)
+    se = math.sqrt(var / g)
+    q = float(student.ppf(0.975, dof)) if math.isfinite(dof) else Z975
+    return se * q / Z975
 
 
 def hutchinson(
@@ -125,7 +190,7 @@ def hutchinson(
         done=0,
         budget=max_samples,
     )
-    return TraceEstimate(sum(samples) / len(samples), _stderr(samples), done, len(samples), 0, "hutchinson")
+    return TraceEstimate(samples.mean(), samples.stderr(), done, len(samples), 0, "hutchinson")
 
 
 def hutchpp(
@@ -180,6 +245,4 @@ def hutchpp(
         done=done,
         budget=budget,
     )
-    return TraceEstimate(
-        exact + sum(samples) / len(samples), _stderr(samples), done, len(samples), Q.shape[1], "hutch++"
-    )
+    return TraceEstimate(exact + samples.mean(), samples.stderr(), done, len(samples), Q.shape[1], "hutch++")

@@ -17,7 +17,7 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg import memory
 from diagnostics.linalg.data import split_batches
 from diagnostics.linalg.density import slq
-from diagnostics.linalg.lanczos import block_lanczos, lanczos, lanczos_tridiagonal, lanczos_tridiagonal_block
+from diagnostics.linalg.lanczos import krylov_quadrature, lanczos, lanczos_tridiagonal
 from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian
 from diagnostics.linalg.trace import hutchpp
 
@@ -163,7 +163,7 @@ def test_block_lanczos_resolves_a_repeated_top_eigenvalue():
     eig = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0]), torch.linspace(3.9, -1.0, n - 4)]).double()
     Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64))[0]
     op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
-    res = block_lanczos(op, k_top=4, tol=1e-10, block_size=3, generator=torch.Generator().manual_seed(5))
+    res = lanczos(op, k_top=4, tol=1e-10, block_size=3, generator=torch.Generator().manual_seed(5))
     assert res.converged
     assert torch.allclose(res.eigenvalues, eig[:4], atol=1e-9)
 
@@ -173,16 +173,21 @@ def test_block_lanczos_exhausts_small_space_exactly():
     eig = torch.linspace(-2, 3, n, dtype=torch.float64)
     Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
     op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
-    res = block_lanczos(op, k_top=3, k_bottom=3, tol=1e-12, block_size=4)
+    res = lanczos(op, k_top=3, k_bottom=3, tol=1e-12, block_size=4)
     assert res.iterations <= n
     assert torch.allclose(res.eigenvalues, eig.flip(0)[:3], atol=1e-12)
     assert torch.allclose(res.bottom_eigenvalues, eig[:3], atol=1e-12)
 
 
-def test_block_start_needs_block_columns():
-    op = DenseOperator(torch.eye(6, dtype=torch.float64))
-    with pytest.raises(ValueError, match="columns"):
-        block_lanczos(op, k_top=1, block_size=3, start=torch.ones(6, 2, dtype=torch.float64))
+def test_block_start_is_padded_with_random_columns():
+    # a warm start of 2 columns with block_size 3 runs 3 vectors per product (2 given + 1 random)
+    n = 30
+    eig = torch.linspace(-1, 4, n, dtype=torch.float64)
+    Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
+    op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
+    res = lanczos(op, k_top=1, block_size=3, start=torch.ones(n, 2, dtype=torch.float64), tol=1e-10)
+    assert res.block_size == 3 and res.converged
+    assert float(res.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)
 
 
 def test_cpu_basis_gives_the_same_result(problem):
@@ -213,21 +218,29 @@ def test_lanczos_residuals_are_float64_exact(problem):
 
 
 # --------------------------------------------------------------------------------- SLQ, trace
-def test_lockstep_tridiagonals_equal_sequential(problem):
-    params, batches, batch_loss, _ = problem
+def test_block_quadrature_is_exact_for_low_degree_polynomials(problem):
+    # block Gauss quadrature from p probes and s block steps: V^T A^j V exact for j <= 2s - 1
+    params, batches, batch_loss, H = problem
     op = HessianOperator(batch_loss, params, batches)
     starts = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    together = lanczos_tridiagonal_block(op, starts, 15)
-    assert op.hvp_count == 3 * 15
-    for j, (alpha, beta) in enumerate(together):
-        a_ref, b_ref = lanczos_tridiagonal(op, starts[:, j], 15)
-        assert torch.allclose(alpha, a_ref, rtol=0, atol=1e-12)
-        assert torch.allclose(beta, b_ref, rtol=0, atol=1e-12)
+    quad = krylov_quadrature(op, starts, 5)
+    assert op.hvp_count == 3 * 5
+    V = starts / starts.norm(dim=0)
+    for j, (nodes, weights) in enumerate(quad):
+        assert abs(float(weights.sum()) - 1) < 1e-12
+        for d in range(10):
+            exact = float(V[:, j] @ torch.linalg.matrix_power(H, d) @ V[:, j])
+            assert float((weights * nodes**d).sum()) == pytest.approx(exact, rel=1e-8, abs=1e-12)
+    # one probe: the tridiagonal of plain Lanczos
+    alpha, beta = lanczos_tridiagonal(op, starts[:, 0], 5)
+    assert alpha.numel() == 5 and beta.numel() == 4 and bool((beta > 0).all())
 
 
 @pytest.mark.parametrize("block", [2, 4])
-def test_slq_in_blocks_equals_sequential(problem, block):
-    params, batches, batch_loss, _ = problem
+def test_slq_in_blocks_matches_the_spectrum_like_single_probes(problem, block):
+    # block SLQ shares one block Krylov space between the probes of a block (block Gauss quadrature);
+    # each probe's moments are exact to degree 2 steps - 1, so both estimate the same spectral moments
+    params, batches, batch_loss, H = problem
     seq = slq(
         HessianOperator(batch_loss, params, batches), probes=4, steps=12, generator=torch.Generator().manual_seed(9)
     )
@@ -239,10 +252,14 @@ def test_slq_in_blocks_equals_sequential(problem, block):
         block=block,
     )
     assert blk.matvecs == seq.matvecs == 4 * 12
-    for a, b in zip(seq.nodes, blk.nodes):
-        assert torch.allclose(a, b, rtol=0, atol=1e-10)
-    for a, b in zip(seq.weights, blk.weights):
-        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    g = torch.Generator().manual_seed(9)
+    vs = [(2 * torch.randint(0, 2, (H.shape[0],), generator=g, dtype=torch.int8) - 1).double() for _ in range(4)]
+    for d in range(6):
+        for i, v in enumerate(vs):
+            exact = float(v @ torch.linalg.matrix_power(H, d) @ v) / float(v @ v)
+            for res in (seq, blk):
+                got = float((res.weights[i] * res.nodes[i] ** d).sum())
+                assert got == pytest.approx(exact, rel=1e-8, abs=1e-12)
 
 
 def test_hutchpp_on_micro_batches_equals_plain(problem):

@@ -1,13 +1,15 @@
-"""SLQ density: quadrature exactness, normalisation, negative mass against the exact fraction."""
+"""SLQ density: quadrature exactness, normalisation, negative mass (Chebyshev-Markov-Stieltjes bracket plus
+probe noise) against the exact fraction of eigenvalues below -delta."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from diagnostics.linalg import DenseOperator, gaussian_density, negative_mass, slq, tridiagonal_quadrature
-from diagnostics.linalg.density import default_grid
+from diagnostics.linalg.density import cms_bracket, default_grid, quadrature_resolution
 from diagnostics.linalg.lanczos import lanczos_tridiagonal
 
 
@@ -54,8 +56,9 @@ def test_density_integrates_to_one_and_negative_mass_matches_exact_fraction() ->
     op = DenseOperator(spectrum_matrix(eigs, 3))
     res = slq(op, probes=40, steps=40, generator=torch.Generator().manual_seed(0))
     assert res.matvecs == 40 * 40
-    mass, se = negative_mass(res.nodes, res.weights)
-    assert abs(mass - exact_fraction) < 4 * se and se < 0.02
+    nm = negative_mass(res.nodes, res.weights)
+    assert nm.low <= exact_fraction <= nm.high and nm.high - nm.low < 0.08
+    assert nm.value - 2 * nm.stderr <= nm.low and nm.high <= nm.value + 2 * nm.stderr
     grid, sigma = default_grid(res.nodes, 2000)
     dens = gaussian_density(res.nodes, res.weights, grid, sigma)
     integral = float(torch.trapezoid(dens, grid))
@@ -74,3 +77,46 @@ def test_gaussian_density_of_one_node_is_the_normal_pdf() -> None:
     )
     ref = torch.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi)
     assert torch.allclose(d, ref, atol=1e-15)
+
+
+def test_cms_bracket_holds_for_every_threshold() -> None:
+    # the Chebyshev-Markov-Stieltjes inequalities: the quadrature's partial sums bracket the true
+    # spectral distribution of the probe at any threshold
+    eigs = torch.linspace(-3, 5, 120, dtype=torch.float64)
+    A = spectrum_matrix(eigs, 5)
+    evals, U = torch.linalg.eigh(A)
+    for seed in range(5):
+        v = torch.randn(120, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        v = v / v.norm()
+        mu = (U.T @ v) ** 2
+        nodes, weights = tridiagonal_quadrature(*lanczos_tridiagonal(DenseOperator(A), v, 12))
+        for t in torch.linspace(-3.5, 5.5, 91).tolist():
+            low, point, high = cms_bracket(nodes, weights, t)
+            exact = float(mu[evals < t].sum())
+            assert low - 1e-12 <= exact <= high + 1e-12
+            assert low <= point <= high
+
+
+def test_negative_mass_interval_covers_the_exact_fraction_below_delta() -> None:
+    # a Hessian-like spectrum: outliers, a huge near-zero bulk (where the old threshold sat), some negatives
+    g = torch.Generator().manual_seed(4)
+    eigs = torch.cat(
+        [
+            torch.tensor([10.0, 6.0, 4.0], dtype=torch.float64),
+            0.02 * torch.randn(200, generator=g, dtype=torch.float64),
+            -0.5 * torch.rand(40, generator=g, dtype=torch.float64),
+            torch.rand(57, generator=g, dtype=torch.float64),
+        ]
+    )
+    op = DenseOperator(spectrum_matrix(eigs, 3))
+    covered = 0
+    for seed in range(20):
+        res = slq(op, probes=6, steps=30, generator=torch.Generator().manual_seed(seed))
+        delta = quadrature_resolution(res.nodes, 30)
+        nm = negative_mass(res.nodes, res.weights, delta)
+        exact = float((eigs < -delta).double().mean())
+        covered += nm.low <= exact <= nm.high
+        assert nm.delta == delta > 0 and nm.bias > 0 and nm.probes == 6
+    assert covered >= 18
+    with pytest.raises(ValueError):
+        negative_mass(res.nodes, res.weights, -1.0)

@@ -1,0 +1,106 @@
+"""The stopping rule and error bounds on spectra built to break them (a small version of
+benchmarks/bench_lanczos_stress.py, plus the Done-when cases of issue 18): every returned eigenvalue within
+``tol * max(|lambda|, 1e-3 ||A||)`` of the exact one of the same index, and never outside its bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diagnostics.linalg import DenseOperator, lanczos, negative_mass, slq
+from diagnostics.linalg.density import quadrature_resolution
+from diagnostics.linalg.lanczos import RELATIVE_FLOOR
+
+
+def rotated(eigs: torch.Tensor, seed: int) -> torch.Tensor:
+    n = eigs.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return Q @ torch.diag(eigs) @ Q.T
+
+
+def _uniform(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def zoo() -> dict[str, torch.Tensor]:
+    """Eigenvalues of designed operators (n = 200): clusters, exact degeneracy, bulk below the top, negatives."""
+    t = torch.tensor
+    clusters = torch.cat([c - 10 * 1e-3 * torch.arange(4, dtype=torch.float64) for c in (10.0, 7.0)])
+    return {
+        "cluster_1e-3": torch.cat([clusters, _uniform(192, -1, 3, 1)]),
+        "cluster_1e-1": torch.cat([10 - torch.arange(4, dtype=torch.float64), _uniform(196, -1, 3, 2)]),
+        "degenerate": torch.cat([t([10.0] * 3 + [8.0] * 2, dtype=torch.float64), _uniform(195, -1, 4, 3)]),
+        "bulk_top": torch.cat([t([10.0], dtype=torch.float64), _uniform(199, 0, 9.9, 4)]),
+        "negative": torch.cat([t([5.0, 4.0, 3.0, -6.0, -5.9], dtype=torch.float64), _uniform(195, -2, 1, 5)]),
+    }
+
+
+def violations(res, eigs: torch.Tensor, k: int, tol: float) -> tuple[int, int]:
+    exact = torch.sort(eigs, descending=True).values[:k]
+    err = (res.eigenvalues - exact).abs()
+    scale = exact.abs().clamp(min=RELATIVE_FLOOR * float(eigs.abs().max()))
+    return int((err > tol * scale).any()), int((err > res.error_bounds).any())
+
+
+@pytest.mark.parametrize("name", list(zoo()))
+def test_no_tolerance_or_bound_violation_on_the_zoo(name: str) -> None:
+    eigs = zoo()[name]
+    op = DenseOperator(rotated(eigs, 7))
+    bad = []
+    for tol in (1e-2, 1e-3):
+        for k in (1, 5):
+            for seed in range(4):
+                res = lanczos(op, k_top=k, tol=tol, generator=torch.Generator().manual_seed(seed))
+                tv, bv = violations(res, eigs, k, tol)
+                assert res.converged
+                if tv or bv:
+                    bad.append((tol, k, seed, tv, bv))
+    assert bad == []
+
+
+def test_20_dim_quadratic_top_1_finds_lambda_max_for_every_seed() -> None:
+    # issue 18: evenly spaced in [1, 10]; the old rule returned lambda_2 = 9.526 for seed 0
+    eigs = torch.linspace(1, 10, 20, dtype=torch.float64)
+    op = DenseOperator(rotated(eigs, 0))
+    for seed in range(20):
+        res = lanczos(op, k_top=1, tol=1e-3, generator=torch.Generator().manual_seed(seed))
+        err = abs(float(res.eigenvalues[0]) - 10.0)
+        assert res.converged and err <= 1e-3 * 10 and err <= float(res.error_bounds[0]), seed
+
+
+def test_whole_space_gives_exact_bounds_for_k_equal_to_n() -> None:
+    eigs = torch.linspace(1, 10, 20, dtype=torch.float64)
+    res = lanczos(DenseOperator(rotated(eigs, 0)), k_top=20, tol=1e-3, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.iterations == 20
+    assert ((res.eigenvalues - eigs.flip(0)).abs() <= res.error_bounds).all() and (res.error_bounds < 1e-10).all()
+
+
+def test_400_dim_top_cluster_over_a_bulk_and_its_negative_mass() -> None:
+    # issue 18: top 10, 9.95, ..., 9.70 over a bulk in [-0.5, 9.0]
+    top = torch.tensor([10.0, 9.95, 9.90, 9.85, 9.80, 9.75, 9.70], dtype=torch.float64)
+    eigs = torch.cat([top, _uniform(393, -0.5, 9.0, 11)])
+    op = DenseOperator(rotated(eigs, 12))
+    for seed in range(5):
+        res = lanczos(op, k_top=5, tol=1e-3, generator=torch.Generator().manual_seed(seed))
+        err = (res.eigenvalues - top[:5]).abs()
+        assert res.converged and (err <= 1e-3 * top[:5]).all() and (err <= res.error_bounds).all(), seed
+    covered = 0
+    for seed in range(10):
+        q = slq(op, probes=10, steps=40, generator=torch.Generator().manual_seed(seed))
+        delta = max(1e-4 * 10.0, quadrature_resolution(q.nodes, 40))
+        nm = negative_mass(q.nodes, q.weights, delta)
+        exact = float((eigs < -delta).double().mean())
+        covered += nm.low <= exact <= nm.high
+    assert covered >= 9
+
+
+def test_float32_bounds_include_rounding() -> None:
+    # in float32 the bound must not fall below the rounding error (issue 18: stderr 1e-20 vs errors 1e-6)
+    eigs = torch.cat([torch.tensor([10.0, 9.99, 9.5, 8.0], dtype=torch.float64), _uniform(296, -1, 5, 21)])
+    A = rotated(eigs, 22).float()
+    exact = torch.linalg.eigvalsh(A.double()).flip(0)[:4]
+    for seed in range(5):
+        res = lanczos(DenseOperator(A), k_top=4, tol=1e-5, generator=torch.Generator().manual_seed(seed))
+        err = (res.eigenvalues.double() - exact).abs()
+        assert (err <= res.error_bounds.double()).all(), (seed, err, res.error_bounds)
+        assert (res.error_bounds >= 1e-7 * 10).all()
