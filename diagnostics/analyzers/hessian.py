@@ -318,6 +318,80 @@ class _Spectrum:
     info: dict[str, Any]
 
 
+def _trace(
+    op: HessianOperator,
+    config: HessianConfig,
+    generator: torch.Generator,
+    progress: Any,
+    rows: list[tuple],
+    group: str | None,
+) -> dict[str, Any]:
+    """Hutch++ trace of ``op`` -> a ``trace`` row (value, calibrated stderr) and its metadata."""
+    start = op.hvp_count
+    est = hutchpp(
+        op,
+        generator=generator,
+        sketch=config.trace_sketch,
+        min_samples=20,
+        max_samples=config.trace_samples,
+        rtol=config.trace_rtol,
+        progress=progress,
+    )
+    rows.append(("trace", est.value, est.stderr, None, group))
+    return {"hvps": op.hvp_count - start, "samples": est.samples, "sketch": est.sketch}
+
+
+def _density(
+    op: HessianOperator,
+    config: HessianConfig,
+    res: LanczosResult,
+    generator: torch.Generator,
+    progress: Any,
+    rows: list[tuple],
+    group: str | None,
+) -> tuple[Any, dict[str, Any]]:
+    """SLQ spectral density of ``op`` and the ``negative_mass`` row -> (density table, metadata).
+
+    ``delta = max(negative_tol |lambda_max|, quadrature resolution)``; ``lambda_max`` from the Lanczos
+    result, else from the quadrature nodes.
+    """
+    start = op.hvp_count
+    q = slq(
+        op,
+        probes=config.density_probes,
+        steps=min(config.density_steps, op.dim),
+        generator=generator,
+        progress=progress,
+        block=config.block_size,
+    )
+    lam_max = (
+        abs(float(res.eigenvalues[0])) if len(res.eigenvalues) else max(abs(float(t.abs().max())) for t in q.nodes)
+    )
+    delta = max(config.negative_tol * lam_max, quadrature_resolution(q.nodes, config.density_steps))
+    nm = negative_mass(q.nodes, q.weights, delta)
+    rows.append(("negative_mass", nm.value, nm.stderr, None, group))
+    grid, sigma = default_grid(q.nodes, config.density_points)
+    if config.density_sigma:
+        sigma = config.density_sigma
+    values = gaussian_density(q.nodes, q.weights, grid, sigma)
+    density = pd.DataFrame({"group": group or "", "eigenvalue": grid.numpy(), "density": values.numpy()})
+    info = {
+        "hvps": op.hvp_count - start,
+        "probes": config.density_probes,
+        "steps": config.density_steps,
+        "sigma": sigma,
+        "negative_mass": {
+            "delta": nm.delta,
+            "interval": [nm.low, nm.high],
+            "quadrature_bias": nm.bias,
+            "probe_noise": nm.noise,
+        },
+        "nodes": [t.tolist() for t in q.nodes],
+        "weights": [t.tolist() for t in q.weights],
+    }
+    return density, info
+
+
 def _spectrum(
     op: HessianOperator,
     config: HessianConfig,
@@ -359,54 +433,12 @@ def _spectrum(
     for i, (lam, e) in enumerate(zip(res.bottom_eigenvalues.tolist(), res.bottom_error_bounds.tolist())):
         rows.append(("bottom_eigenvalue", lam, e, i, group))
     if config.trace:
-        start = op.hvp_count
-        est = hutchpp(
-            op,
-            generator=ctx.generator(stream + 1),
-            sketch=config.trace_sketch,
-            min_samples=20,
-            max_samples=config.trace_samples,
-            rtol=config.trace_rtol,
-            progress=bind(progress, f"trace{label}"),
-        )
-        rows.append(("trace", est.value, est.stderr, None, group))
-        info["trace"] = {"hvps": op.hvp_count - start, "samples": est.samples, "sketch": est.sketch}
+        info["trace"] = _trace(op, config, ctx.generator(stream + 1), bind(progress, f"trace{label}"), rows, group)
     density = None
     if config.density:
-        start = op.hvp_count
-        q = slq(
-            op,
-            probes=config.density_probes,
-            steps=min(config.density_steps, op.dim),
-            generator=ctx.generator(stream + 2),
-            progress=bind(progress, f"density{label}"),
-            block=config.block_size,
+        density, info["density"] = _density(
+            op, config, res, ctx.generator(stream + 2), bind(progress, f"density{label}"), rows, group
         )
-        lam_max = (
-            abs(float(res.eigenvalues[0])) if len(res.eigenvalues) else max(abs(float(t.abs().max())) for t in q.nodes)
-        )
-        delta = max(config.negative_tol * lam_max, quadrature_resolution(q.nodes, config.density_steps))
-        nm = negative_mass(q.nodes, q.weights, delta)
-        rows.append(("negative_mass", nm.value, nm.stderr, None, group))
-        grid, sigma = default_grid(q.nodes, config.density_points)
-        if config.density_sigma:
-            sigma = config.density_sigma
-        values = gaussian_density(q.nodes, q.weights, grid, sigma)
-        density = pd.DataFrame({"group": group or "", "eigenvalue": grid.numpy(), "density": values.numpy()})
-        info["density"] = {
-            "hvps": op.hvp_count - start,
-            "probes": config.density_probes,
-            "steps": config.density_steps,
-            "sigma": sigma,
-            "negative_mass": {
-                "delta": nm.delta,
-                "interval": [nm.low, nm.high],
-                "quadrature_bias": nm.bias,
-                "probe_noise": nm.noise,
-            },
-            "nodes": [t.tolist() for t in q.nodes],
-            "weights": [t.tolist() for t in q.weights],
-        }
     return _Spectrum(rows, res, density, info)
 
 
@@ -666,6 +698,84 @@ def _beyond_spectrum(
     return out
 
 
+def _eigenpairs(
+    config: HessianConfig,
+    ctx: Context,
+    kop: Any,
+    kind: str,
+    want: int,
+    ci: int,
+    residual: bool,
+    progress: ProgressFn | None,
+) -> tuple[LanczosResult, dict[str, Any]]:
+    """Top ``want`` eigenpairs of the curvature ``kind`` (stream ``500_000 + ci``) and their run details.
+
+    ``residual``: stop on the residual (accurate eigenvectors, for the gradient alignment).
+    """
+    start = kop.hvp_count
+    res = lanczos(
+        kop,
+        k_top=want,
+        tol=config.tol,
+        max_iter=config.max_iter,
+        generator=ctx.generator(500_000 + ci),
+        basis_device=torch.device(config.basis_device) if config.basis_device else None,
+        block_size=config.block_size,
+        criterion="residual" if residual else ("residual" if config.strict_residual else "bound"),
+        progress=bind(progress, f"{kind} eigenpairs"),
+    )
+    info = {"hvps": kop.hvp_count - start, "iterations": res.iterations, "converged": res.converged}
+    return res, {**info, "criterion": res.criterion}
+
+
+def _alignment(res: LanczosResult, gradient: Any, k: int, kind: str, group: str | None, out: _Beyond) -> dict[str, Any]:
+    """``gradient_alignment`` (with its Davis-Kahan bound) and ``gradient_overlap`` rows -> their metadata."""
+    eig = res.eigenvalues.tolist()
+    value, overlaps, bound, gap = cm.alignment_from_ritz(
+        res.eigenvectors, eig[: k + 1], res.residuals.tolist()[: k + 1], gradient, k
+    )
+    out.rows.append(("gradient_alignment", value, bound, None, group))
+    for i, o in enumerate(overlaps):
+        out.rows.append(("gradient_overlap", o, None, i, group))
+    if bound >= 0.5:
+        out.notes.append(
+            f"{kind}: the top-{k} eigenspace is not separated from eigenvalue {k + 1} (gap {gap:.3g}); "
+            f"the gradient alignment is undetermined to within {bound:.2f} (lower --tol or change --top-k)"
+        )
+    return {
+        "k": k,
+        "value": value,
+        "bound": bound,
+        "gap": gap,
+        "gradient_norm": float(gradient.norm()),
+        "rule": "|error| <= ||R_k||_F / (theta_k - theta_{k+1} - r_{k+1}) (Davis-Kahan sin-theta), 1 when "
+        "the gap is not positive",
+    }
+
+
+def _outliers(
+    eig: list[float],
+    nodes: Any,
+    weights: Any,
+    dim: int,
+    config: HessianConfig,
+    kind: str,
+    group: str | None,
+    out: _Beyond,
+) -> dict[str, Any]:
+    """``outlier_count`` and ``bulk_edge`` rows from the examined top eigenvalues ``eig`` -> their metadata."""
+    m = len(eig)
+    count, edge, saturated = cm.count_outliers(eig, nodes, weights, dim, config.density_sigma)
+    out.rows.append(("outlier_count", float(count), None, None, group))
+    out.rows.append(("bulk_edge", edge, None, None, group))
+    if saturated:
+        out.notes.append(
+            f"{kind}: all {m} examined eigenvalues lie above the bulk edge; outlier_count is a lower bound "
+            "(raise --outlier-k)"
+        )
+    return {"count": count, "edge": edge, "examined": m, "saturated": saturated}
+
+
 def _curvature_runs(
     config: HessianConfig, ctx: Context, op: Any, full: _Spectrum, out: _Beyond, progress: ProgressFn | None
 ) -> None:
@@ -687,36 +797,13 @@ def _curvature_runs(
         want = max(k + 1 if gradient is not None else 0, m, k if kind in config.compare_curvatures else 0)
         want = min(want, kop.dim)
         reuse = kind == primary and gradient is None and want <= len(full.lanczos.eigenvalues)
-        run_info: dict[str, Any] = {}
         if reuse:
-            res = full.lanczos
-            run_info["reused"] = "the --curvature Lanczos run"
+            res, run_info = full.lanczos, {"reused": "the --curvature Lanczos run"}
         else:
-            start = kop.hvp_count
-            res = lanczos(
-                kop,
-                k_top=want,
-                tol=config.tol,
-                max_iter=config.max_iter,
-                generator=ctx.generator(500_000 + ci),
-                basis_device=torch.device(config.basis_device) if config.basis_device else None,
-                block_size=config.block_size,
-                criterion="residual" if gradient is not None else ("residual" if config.strict_residual else "bound"),
-                progress=bind(progress, f"{kind} eigenpairs"),
-            )
-            run_info.update(
-                {
-                    "hvps": kop.hvp_count - start,
-                    "iterations": res.iterations,
-                    "converged": res.converged,
-                    "criterion": res.criterion,
-                }
-            )
+            res, run_info = _eigenpairs(config, ctx, kop, kind, want, ci, gradient is not None, progress)
+            out.hvps += run_info["hvps"] if kind == primary else kop.hvp_count
             if kind != primary:
-                out.hvps += kop.hvp_count
                 out.notes += kop.notes
-            else:
-                out.hvps += kop.hvp_count - start
             if not res.converged:
                 out.notes.append(
                     f"{kind}: Lanczos for {want} eigenpairs stopped after {res.iterations} iterations before tol="
@@ -731,38 +818,11 @@ def _curvature_runs(
                 se = bounds[i] if mc is None else math.hypot(bounds[i], mc[0][i])
                 out.rows.append(("curvature_eigenvalue", eig[i], se, i, _curvature_group(kind)))
         if gradient is not None:
-            value, overlaps, bound, gap = cm.alignment_from_ritz(
-                res.eigenvectors, eig[: k + 1], res.residuals.tolist()[: k + 1], gradient, k
-            )
-            out.rows.append(("gradient_alignment", value, bound, None, group))
-            for i, o in enumerate(overlaps):
-                out.rows.append(("gradient_overlap", o, None, i, group))
-            run_info["alignment"] = {
-                "k": k,
-                "value": value,
-                "bound": bound,
-                "gap": gap,
-                "gradient_norm": float(gradient.norm()),
-                "rule": "|error| <= ||R_k||_F / (theta_k - theta_{k+1} - r_{k+1}) (Davis-Kahan sin-theta), 1 when "
-                "the gap is not positive",
-            }
-            if bound >= 0.5:
-                out.notes.append(
-                    f"{kind}: the top-{k} eigenspace is not separated from eigenvalue {k + 1} (gap {gap:.3g}); "
-                    f"the gradient alignment is undetermined to within {bound:.2f} (lower --tol or change --top-k)"
-                )
+            run_info["alignment"] = _alignment(res, gradient, k, kind, group, out)
         if config.outliers:
             nodes, weights, hv = _slq_nodes(kop, config, ctx, full if kind == primary else None, 600_000 + ci)
             out.hvps += hv
-            count, edge, saturated = cm.count_outliers(eig[:m], nodes, weights, kop.dim, config.density_sigma)
-            out.rows.append(("outlier_count", float(count), None, None, group))
-            out.rows.append(("bulk_edge", edge, None, None, group))
-            run_info["outliers"] = {"count": count, "edge": edge, "examined": m, "saturated": saturated}
-            if saturated:
-                out.notes.append(
-                    f"{kind}: all {m} examined eigenvalues lie above the bulk edge; outlier_count is a lower bound "
-                    "(raise --outlier-k)"
-                )
+            run_info["outliers"] = _outliers(eig[:m], nodes, weights, kop.dim, config, kind, group, out)
         runs[kind] = run_info
     out.info["curvatures"] = runs
     if classes is not None:
