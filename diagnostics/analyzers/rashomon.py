@@ -347,6 +347,22 @@ class ChainRun:
     scale: float
 
 
+@dataclass(frozen=True)
+class ChainOptions:
+    """How :func:`run_chains` runs its chains beyond the plain Metropolis step.
+
+    Attributes:
+        thin: Metropolis steps between recorded states.
+        adapt: tune the scale step by step towards the acceptance rate ``TARGET_ACCEPTANCE`` (pilots only).
+        families: ``[n_c]`` the family of each chain; a chain's proposals leave out its own family's draws
+            (with a factor-form :class:`ProposalShape` fitted with families).
+    """
+
+    thin: int = 1
+    adapt: bool = False
+    families: torch.Tensor | None = None
+
+
 def run_chains(
     loss: LossFn,
     seeds: torch.Tensor,
@@ -358,9 +374,7 @@ def run_chains(
     geometry: str,
     radius: float,
     generator: torch.Generator,
-    adapt: bool = False,
-    thin: int = 1,
-    families: torch.Tensor | None = None,
+    options: ChainOptions | None = None,
 ) -> ChainRun:
     """Random-walk Metropolis for the uniform law on ``{u in F : loss(u) <= threshold}``, one chain per seed.
 
@@ -370,7 +384,25 @@ def run_chains(
     seed (the seed itself is a draw of the previous level); all chains step together and every step is
     one batched call of ``loss`` (points outside ``F`` are never evaluated). With ``adapt`` the scale is
     multiplied by ``exp(acceptance - 0.3)`` after every step (used by the pilots only).
+
+    Args:
+        loss: the batched loss ``[k, d] -> [k]`` (float64).
+        seeds: ``[n_c, d]`` the chains' first states (in the level).
+        seed_losses: ``[n_c]`` their losses.
+        lengths: ``[n_c]`` states each chain records.
+        threshold: the level ``c``.
+        shape: the proposal covariance.
+        scale: the step scale.
+        geometry: ``ball`` | ``filter`` | ``box`` (the norm of ``F``).
+        radius: the size of ``F``.
+        generator: all randomness.
+        options: ``thin``, ``adapt`` and ``families`` (:class:`ChainOptions`; default: none of them).
+
+    Returns:
+        :class:`ChainRun`.
     """
+    opts = options or ChainOptions()
+    thin, adapt, families = opts.thin, opts.adapt, opts.families
     d = seeds.shape[1]
     Lmax = int(lengths.max())
     X = seeds.to(torch.float64).clone()
@@ -536,7 +568,7 @@ class _AdaptiveRun:
         starts, lengths = plan_chains(below.numel(), self.n, chain_length, generator)
         run = run_chains(
             loss, self.U[below][starts], self.losses[below][starts], lengths, c, shape, self.scale, geometry, radius,
-            generator, adapt=True, thin=thin, families=self.family[below][starts],
+            generator, ChainOptions(thin=thin, adapt=True, families=self.family[below][starts]),
         )  # fmt: skip
         self.thresholds.append(c)
         self.shapes.append(shape)
@@ -620,6 +652,199 @@ def pilot_levels(
     return levels, info
 
 
+class _Progress:
+    """Progress in loss evaluations: ``fn(done, total)``, with a total that never falls below ``done``."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None) -> None:
+        self.progress = progress
+        self.total = 0
+
+    def __call__(self, done: int) -> None:
+        if self.progress is not None:
+            self.total = max(self.total, done)
+            self.progress(done, max(done, self.total))
+
+
+@dataclass
+class _Replicate:
+    """One independent subset-simulation run with frozen levels: its draws of the current level, its estimate.
+
+    Attributes:
+        U: ``[n, d]`` the draws of the current level; losses: ``[n]`` their losses.
+        layout: chain lengths of the draws (None: independent uniform draws).
+        log_p: the running ``log p_r`` (``-inf`` once the replicate lost all its draws).
+        au_beck: the running Au-Beck variance of ``log p_r``.
+        alive: False once a level kept none of its draws.
+    """
+
+    U: torch.Tensor
+    losses: torch.Tensor
+    layout: torch.Tensor | None = None
+    log_p: float = 0.0
+    au_beck: float = 0.0
+    alive: bool = True
+
+    def count(self, c: float, n: int) -> tuple[float, float, torch.Tensor | None]:
+        """Count the draws at or below ``c`` and add the level's factor to the estimate.
+
+        Args:
+            c: the next level.
+            n: draws per level.
+
+        Returns:
+            (the fraction ``n_j / n``, its Au-Beck factor ``gamma``, the indices of the draws below ``c`` or
+            None when there are none: the replicate is then dead).
+        """
+        below = self.losses <= c
+        k = int(below.sum())
+        frac = k / n
+        gamma = 0.0 if self.layout is None else au_beck_gamma(below, self.layout)
+        if k == 0:
+            self.alive = False
+            self.log_p = -math.inf
+            return frac, gamma, None
+        self.log_p += math.log(frac)
+        self.au_beck += (1 - frac) / (n * frac) * (1 + gamma)
+        return frac, gamma, torch.nonzero(below).flatten()
+
+
+def first_level(
+    loss: LossFn,
+    space: tuple[int, float, str],
+    replicates: int,
+    n: int,
+    generator: torch.Generator,
+    first: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[list[_Replicate], int]:
+    """The replicates' level 0: ``n`` uniform draws of ``F`` each, given (``first``) or drawn here.
+
+    Args:
+        loss: the batched loss.
+        space: ``(d, radius, geometry)`` of ``F``.
+        replicates: ``R``.
+        n: draws per replicate.
+        generator: the randomness of the draws made here.
+        first: ``(U [R n, d], losses [R n])``; replicate ``r`` takes rows ``r n .. (r+1) n - 1``.
+
+    Returns:
+        (the replicates, the loss evaluations spent here).
+    """
+    d, radius, geometry = space
+    R = replicates
+    if first is not None:
+        U0, losses0, spent = first[0].to(torch.float64), _finite(first[1].to(torch.float64)), 0
+    else:
+        U0 = sample_uniform(torch.full((R * n,), float(radius), dtype=torch.float64), d, geometry, generator)
+        losses0, spent = _finite(loss(U0)), R * n
+    return [_Replicate(U0[r * n : (r + 1) * n], losses0[r * n : (r + 1) * n]) for r in range(R)], spent
+
+
+def level_stats(
+    threshold: float, fractions: list[float], gammas: list[float], n: int, acceptance: float | None
+) -> LevelStats:
+    """One level's diagnostics pooled over the live replicates (:class:`LevelStats`).
+
+    Args:
+        threshold: the level the draws were counted against.
+        fractions: each live replicate's ``n_j / n``.
+        gammas: their Au-Beck factors.
+        n: draws per level and replicate.
+        acceptance: acceptance rate of the chains that filled the level (None for ``F``).
+
+    Returns:
+        :class:`LevelStats` with ``relative_variance = (1 - p)/(n R p) (1 + gamma)`` (inf when ``p = 0``).
+    """
+    p_mean = float(np.mean(fractions)) if fractions else 0.0
+    g_mean = float(np.mean(gammas)) if gammas else 0.0
+    n_total = n * max(len(fractions), 1)
+    rel_var = (1 - p_mean) / (n_total * p_mean) * (1 + g_mean) if p_mean > 0 else math.inf
+    return LevelStats(threshold, p_mean, g_mean, acceptance, rel_var)
+
+
+def count_level(
+    replicates: list[_Replicate], c: float, n: int
+) -> tuple[list[float], list[float], list[tuple[int, torch.Tensor]]]:
+    """Count every live replicate's draws at or below ``c`` (:meth:`_Replicate.count`).
+
+    Returns:
+        (fractions, gammas, ``[(replicate index, indices of its draws below c)]`` for the survivors).
+    """
+    fractions, gammas, belows = [], [], []
+    for r, rep in enumerate(replicates):
+        if not rep.alive:
+            continue
+        frac, gamma, idx = rep.count(c, n)
+        fractions.append(frac)
+        gammas.append(gamma)
+        if idx is not None:
+            belows.append((r, idx))
+    return fractions, gammas, belows
+
+
+def plan_level(
+    replicates: list[_Replicate],
+    belows: list[tuple[int, torch.Tensor]],
+    n: int,
+    chain_length: int,
+    generator: torch.Generator,
+) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The chains of the next level: for each survivor, seeds drawn from its draws in the level.
+
+    Args:
+        replicates: all replicates.
+        belows: ``[(replicate index, indices of its draws in the level)]`` (:func:`count_level`).
+        n: draws per level and replicate (states the chains of one replicate record).
+        chain_length: the longest chain.
+        generator: all randomness.
+
+    Returns:
+        ``[(replicate index, seeds [n_c, d], their losses [n_c], chain lengths [n_c])]`` (:func:`plan_chains`).
+    """
+    plans = []
+    for r, idx in belows:
+        rep = replicates[r]
+        starts, lengths = plan_chains(idx.numel(), n, chain_length, generator)
+        plans.append((r, rep.U[idx][starts], rep.losses[idx][starts], lengths))
+    return plans
+
+
+def move_level(
+    loss: LossFn,
+    replicates: list[_Replicate],
+    plans: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+    level: Level,
+    space: tuple[float, str],
+    generator: torch.Generator,
+) -> ChainRun:
+    """One level's MCMC: the planned chains of all replicates run together and refill each one's draws.
+
+    Args:
+        loss: the batched loss.
+        replicates: all replicates (the planned ones get new draws and layouts).
+        plans: :func:`plan_level`'s chains (at least one).
+        level: the frozen level (threshold, proposal shape, scale, thinning).
+        space: ``(radius, geometry)`` of ``F``.
+        generator: all randomness.
+
+    Returns:
+        the :class:`ChainRun` of all the chains.
+    """
+    radius, geometry = space
+    _, seeds, seed_losses, lengths = zip(*plans)
+    run = run_chains(
+        loss, torch.cat(seeds), torch.cat(seed_losses), torch.cat(lengths), level.threshold, level.shape, level.scale,
+        geometry, radius, generator, ChainOptions(thin=level.thin),
+    )  # fmt: skip
+    start = 0
+    for r, _, _, ln in plans:
+        m = int(ln.sum())
+        replicates[r].U = run.states[start : start + m]
+        replicates[r].losses = run.losses[start : start + m]
+        replicates[r].layout = ln
+        start += m
+    return run
+
+
 def subset_simulation(
     loss: LossFn,
     d: int,
@@ -642,7 +867,9 @@ def subset_simulation(
 
     Args:
         loss: the batched loss.
-        d, radius, geometry: the space ``F``.
+        d: the dimension of ``F``.
+        radius: the size of ``F``.
+        geometry: ``ball`` | ``filter`` | ``box`` (the norm of ``F``).
         target: the loss level of ``R``.
         n: draws per level and replicate.
         replicates: ``R`` independent runs with the pilot's levels.
@@ -656,32 +883,14 @@ def subset_simulation(
     Returns:
         :class:`SubsetRun`.
     """
-    tick_total = [0]
-
-    def tick(done: int) -> None:
-        if progress is not None:
-            tick_total[0] = max(tick_total[0], done)
-            progress(done, max(done, tick_total[0]))
-
+    tick = _Progress(progress)
     levels, info = pilot_levels(
         loss, d, radius, geometry, target, n=n, level_fraction=level_fraction, max_levels=max_levels,
         generator=generator, tick=tick,
     )  # fmt: skip
-    evaluations = info["evaluations"]
-    total_guess = evaluations + replicates * n * (len(levels) + 1)
-    R = replicates
-    if first is not None:
-        U0, losses0 = first[0].to(torch.float64), _finite(first[1].to(torch.float64))
-    else:
-        U0 = sample_uniform(torch.full((R * n,), float(radius), dtype=torch.float64), d, geometry, generator)
-        losses0 = _finite(loss(U0))
-        evaluations += R * n
-    pops_U = [U0[r * n : (r + 1) * n] for r in range(R)]
-    pops_L = [losses0[r * n : (r + 1) * n] for r in range(R)]
-    layouts: list[torch.Tensor | None] = [None] * R
-    log_p = np.zeros(R)
-    au_beck = np.zeros(R)
-    alive = [True] * R
+    total_guess = info["evaluations"] + replicates * n * (len(levels) + 1)
+    reps, evaluations = first_level(loss, (d, radius, geometry), replicates, n, generator, first)
+    evaluations += info["evaluations"]
     stats: list[LevelStats] = []
     acceptance: float | None = None
     # no level at all (the loss is not finite on most of F): count R at level 0 (plain Monte Carlo per replicate)
@@ -689,69 +898,31 @@ def subset_simulation(
     thresholds = [lv.threshold for lv in levels] + ([target] if finished else [])
     chain_length = max(1, round(1 / level_fraction))
     for j, c in enumerate(thresholds):
-        fractions, gammas = [], []
-        seeds, seed_losses, lengths, owners = [], [], [], []
-        for r in range(R):
-            if not alive[r]:
-                continue
-            below = pops_L[r] <= c
-            k = int(below.sum())
-            frac = k / n
-            gamma = 0.0 if layouts[r] is None else au_beck_gamma(below, layouts[r])
-            fractions.append(frac)
-            gammas.append(gamma)
-            if k == 0:
-                alive[r] = False
-                log_p[r] = -math.inf
-                continue
-            log_p[r] += math.log(frac)
-            au_beck[r] += (1 - frac) / (n * frac) * (1 + gamma)
-            if j < len(levels):
-                idx = torch.nonzero(below).flatten()
-                starts, ln = plan_chains(k, n, chain_length, generator)
-                seeds.append(pops_U[r][idx][starts])
-                seed_losses.append(pops_L[r][idx][starts])
-                lengths.append(ln)
-                owners.append(r)
-        p_mean = float(np.mean(fractions)) if fractions else 0.0
-        g_mean = float(np.mean(gammas)) if gammas else 0.0
-        n_total = n * max(len(fractions), 1)
-        rel_var = (1 - p_mean) / (n_total * p_mean) * (1 + g_mean) if p_mean > 0 else math.inf
-        stats.append(LevelStats(c if j < len(levels) else target, p_mean, g_mean, acceptance, rel_var))
-        if j == len(thresholds) - 1 or not owners:
+        fractions, gammas, belows = count_level(reps, c, n)
+        stats.append(level_stats(c, fractions, gammas, n, acceptance))
+        # an unfinished run's last level plans its chains too (and draws from the generator) but runs none
+        plans = plan_level(reps, belows, n, chain_length, generator) if j < len(levels) else []
+        if j == len(thresholds) - 1 or not plans:
             break
-        lv = levels[j]
-        run = run_chains(
-            loss, torch.cat(seeds), torch.cat(seed_losses), torch.cat(lengths), lv.threshold, lv.shape, lv.scale,
-            geometry, radius, generator, thin=lv.thin,
-        )  # fmt: skip
+        run = move_level(loss, reps, plans, levels[j], (radius, geometry), generator)
         evaluations += run.proposed
         acceptance = run.accepted / max(run.proposed, 1)
-        start = 0
-        for r, ln in zip(owners, lengths):
-            m = int(ln.sum())
-            pops_U[r] = run.states[start : start + m]
-            pops_L[r] = run.losses[start : start + m]
-            layouts[r] = ln
-            start += m
-        tick_total[0] = max(tick_total[0], total_guess)
+        tick.total = max(tick.total, total_guess)
         tick(evaluations)
-    survivors = [r for r in range(R) if alive[r]]
-    final_U = torch.cat([pops_U[r] for r in survivors]) if survivors else torch.zeros(0, d, dtype=torch.float64)
-    final_L = torch.cat([pops_L[r] for r in survivors]) if survivors else torch.zeros(0, dtype=torch.float64)
+    survivors = [rep for rep in reps if rep.alive]
     if progress is not None:
         progress(evaluations, evaluations)
     return SubsetRun(
-        log_p=log_p,
-        au_beck=au_beck,
+        log_p=np.array([rep.log_p for rep in reps], dtype=np.float64),
+        au_beck=np.array([rep.au_beck for rep in reps], dtype=np.float64),
         levels=stats,
         finished=finished,
         pilot_log_p=float(info["log_p"]),
         pilot_levels=int(info["levels"]),
         evaluations=evaluations,
         n=n,
-        final_states=final_U,
-        final_losses=final_L,
+        final_states=torch.cat([rep.U for rep in survivors]) if survivors else torch.zeros(0, d, dtype=torch.float64),
+        final_losses=torch.cat([rep.losses for rep in survivors]) if survivors else torch.zeros(0, dtype=torch.float64),
         stalled=bool(info["stalled"]) and bool(levels),
     )
 
@@ -1046,7 +1217,9 @@ def estimate_ratio(
 
     Args:
         loss: ``[k, d] -> [k]`` float64 losses of points of ``F`` (``u`` coordinates).
-        d, radius, geometry: the space ``F``.
+        d: the dimension of ``F``.
+        radius: the size of ``F``.
+        geometry: ``ball`` | ``filter`` | ``box`` (the norm of ``F``).
         target: the loss level of ``R``.
         config: method, draws, replicates, level fraction, max levels, confidence.
         generators: two independent generators.
@@ -1081,6 +1254,16 @@ def _pattern_key(row: torch.Tensor) -> bytes:
 
 # ------------------------------------------------------------------------------------- analyzer
 def describe_space(geometry: str, radius: float, d: int) -> str:
+    """The hypothesis space ``F`` as a sentence (for the metadata).
+
+    Args:
+        geometry: ``ball`` | ``filter`` | ``box``.
+        radius: ``r``.
+        d: the number of analysed parameters.
+
+    Returns:
+        e.g. ``F = {w + u : ||u||_2 <= 0.1} over the 20 analysed parameters``.
+    """
     if geometry == "ball":
         return f"F = {{w + u : ||u||_2 <= {radius:g}}} over the {d} analysed parameters"
     if geometry == "filter":
@@ -1089,6 +1272,197 @@ def describe_space(geometry: str, radius: float, d: int) -> str:
             "norms (1-d tensors: their own norm)"
         )
     return f"F = {{w + u : |u_i| <= {radius:g} for all i}} over the {d} analysed parameters"
+
+
+class _ModelLoss:
+    """The loss of the models ``w + s * u`` for rows ``u`` of ``F``; tracks their lowest loss and their patterns.
+
+    Attributes:
+        min_loss: the lowest loss seen (the checkpoint's to start with).
+        patterns_all: keys of the prediction vectors of every model evaluated with patterns.
+        patterns_in: those of the models in ``R`` (loss at or below ``threshold``).
+    """
+
+    def __init__(self, evaluator: Any, w: torch.Tensor, scale: torch.Tensor, base: float, threshold: float) -> None:
+        self.evaluator = evaluator
+        self.w = w
+        self.scale = scale
+        self.threshold = threshold
+        self.min_loss = base
+        self.patterns_all: set[bytes] = set()
+        self.patterns_in: set[bytes] = set()
+
+    def points(self, U: torch.Tensor) -> torch.Tensor:
+        """``[k, d]`` perturbations -> ``[k, d]`` flat parameter vectors ``w + s * u``."""
+        return self.w.unsqueeze(0) + self.scale.unsqueeze(0) * U.to(dtype=self.w.dtype, device=self.w.device)
+
+    def _track(self, L: torch.Tensor) -> None:
+        if L.numel():
+            self.min_loss = min(self.min_loss, float(torch.nan_to_num(L, nan=math.inf).min()))
+
+    def loss(self, U: torch.Tensor) -> torch.Tensor:
+        """``[k, d] -> [k]`` float64 losses."""
+        L = self.evaluator.evaluate(self.points(U)).loss.to(torch.float64)
+        self._track(L)
+        return L
+
+    def add_reference(self, predictions: torch.Tensor) -> None:
+        """The checkpoint's own prediction vector: in ``F`` and in ``R``."""
+        key = _pattern_key(predictions)
+        self.patterns_all.add(key)
+        self.patterns_in.add(key)
+
+    def loss_and_patterns(self, U: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss`, and the prediction vectors of the models counted (all, and those in ``R``)."""
+        stats = self.evaluator.evaluate(self.points(U), predictions=True)
+        L = stats.loss.to(torch.float64)
+        for i in range(L.numel()):
+            key = _pattern_key(stats.predictions[i])
+            self.patterns_all.add(key)
+            if bool(L[i] <= self.threshold):
+                self.patterns_in.add(key)
+        self._track(L)
+        return L
+
+    def count_last_level(self, run: SubsetRun, draws: int) -> None:
+        """Count the patterns of (at most ``draws``) draws of subset simulation's last level that lie in ``R``."""
+        sel = torch.nonzero(run.final_losses <= self.threshold).flatten()[:draws]
+        for start in range(0, sel.numel(), 1024):
+            self.loss_and_patterns(run.final_states[sel[start : start + 1024]])
+
+    def pattern_ratio(self) -> float:
+        """Distinct prediction vectors in ``R`` over those in ``F``."""
+        return len(self.patterns_in) / len(self.patterns_all)
+
+
+def setup_notes(config: RashomonConfig, pattern_capable: bool, scale: torch.Tensor) -> list[str]:
+    """Notes on the set-up: no pattern ratio for a non-classification model; unperturbed zero filters.
+
+    Args:
+        config: the settings.
+        pattern_capable: whether the outputs and targets are classification labels.
+        scale: ``s``, the per-entry scale of the perturbation.
+
+    Returns:
+        the notes, in order.
+    """
+    notes = []
+    if config.patterns and not pattern_capable:
+        notes.append("no pattern Rashomon ratio: the outputs/targets are not classification labels")
+    if config.geometry == "filter" and bool((scale == 0).any()):
+        notes.append(
+            f"{int((scale == 0).sum())} parameters sit in all-zero filters/tensors and are not perturbed "
+            "in the filter geometry"
+        )
+    return notes
+
+
+def outcome_notes(outcome: RatioOutcome, base: float, min_loss: float) -> list[str]:
+    """Notes from the estimate and its diagnostics: the method choice, no hit, unreliable intervals, underflow.
+
+    Args:
+        outcome: :func:`estimate_ratio`'s result.
+        base: ``L(w)``, the checkpoint's loss.
+        min_loss: the lowest loss among the sampled models.
+
+    Returns:
+        the notes, in order.
+    """
+    est = outcome.estimate
+    notes = [outcome.choice] if outcome.choice else []
+    if outcome.method == "mc" and est.hits == 0:
+        notes.append(
+            "no sampled model fell in the Rashomon set: the ratio is below the resolution of this sample; "
+            "use --method subset (or auto), raise --theta or lower --radius"
+        )
+    if outcome.run is not None:
+        notes.extend(subset_notes(outcome.run, est))
+    if est.value == 0.0 and math.isfinite(est.log10):
+        notes.append(f"the ratio is below the float range: log10(ratio) = {est.log10:.6g}")
+    if min_loss < base - 1e-12 * max(abs(base), 1.0):
+        notes.append(
+            f"some sampled models have a lower loss ({min_loss:.6g}) than the checkpoint ({base:.6g}); the "
+            "reference L(w) is the checkpoint's loss, not the minimum over F"
+        )
+    return notes
+
+
+def ratio_rows(est: RatioEstimate, pattern_ratio: float | None) -> list[tuple]:
+    """The records' rows: ratio, log10 ratio (when finite), the interval's finite ends, the pattern ratio.
+
+    Args:
+        est: the estimate.
+        pattern_ratio: the pattern Rashomon ratio, or None.
+
+    Returns:
+        ``(metric, value[, stderr[, index]])`` tuples for :func:`make_records`.
+    """
+    rows: list[tuple] = [("rashomon_ratio", est.value, est.stderr)]
+    if math.isfinite(est.log10):
+        rows.append(("rashomon_log10_ratio", est.log10, est.log10_stderr))
+    rows += [
+        ("rashomon_log10_interval", end, None, i) for i, end in enumerate(est.log10_interval) if math.isfinite(end)
+    ]
+    if pattern_ratio is not None:
+        rows.append(("rashomon_pattern_ratio", pattern_ratio))
+    return rows
+
+
+def estimate_metadata(est: RatioEstimate, confidence: float) -> dict[str, Any]:
+    """The metadata's ``estimate`` table.
+
+    Args:
+        est: the estimate.
+        confidence: the level of its interval.
+
+    Returns:
+        value, standard error, interval (linear and log10), hits, draws, effective sample size.
+    """
+    return {
+        "value": est.value,
+        "stderr": est.stderr,
+        "interval": list(est.interval),
+        "confidence": confidence,
+        "interval_kind": est.kind,
+        "log10_ratio": est.log10,
+        "log10_stderr": est.log10_stderr,
+        "log10_interval": list(est.log10_interval),
+        "relative_stderr": est.relative_stderr,
+        "hits": est.hits,
+        "draws": est.draws,
+        "effective_sample_size": est.ess,
+    }
+
+
+def subset_metadata(run: SubsetRun | None, level_fraction: float) -> dict[str, Any]:
+    """The metadata's ``subset_simulation`` table: the replicates and the level-wise diagnostics.
+
+    Args:
+        run: the subset-simulation run, or None (plain Monte Carlo: an empty table).
+        level_fraction: ``p0``.
+
+    Returns:
+        replicates, draws per level, levels, their thresholds, fractions, gammas, acceptance rates and
+        relative variances, the replicates' log10 ratios, the Au-Beck variance and the evaluations.
+    """
+    if run is None:
+        return {}
+    return {
+        "replicates": int(run.log_p.size),
+        "draws_per_level": run.n * int(run.log_p.size),
+        "level_fraction": level_fraction,
+        "levels": len(run.levels) - 1,
+        "finished": run.finished,
+        "replicate_log10_ratios": [float(x) / LN10 for x in run.log_p],
+        "au_beck_log_variance": float(np.mean(run.au_beck)),
+        "pilot_log10_ratio": run.pilot_log_p / LN10,
+        "level_thresholds": [lv.threshold for lv in run.levels],
+        "level_fractions": [lv.fraction for lv in run.levels],
+        "level_gammas": [lv.gamma for lv in run.levels],
+        "level_acceptance": [lv.acceptance for lv in run.levels],
+        "level_relative_variances": [lv.relative_variance for lv in run.levels],
+        "evaluations": run.evaluations,
+    }
 
 
 def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn | None = None) -> Result:
@@ -1118,128 +1492,36 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
     ref = evaluator.evaluate(w.reshape(1, -1), predictions=want_patterns)
     base = float(ref.loss[0])
     threshold = base + config.theta
-    notes: list[str] = list(evaluator.notes)
-    if config.patterns and evaluator.kind is None:
-        notes.append("no pattern Rashomon ratio: the outputs/targets are not classification labels")
-    if config.geometry == "filter" and bool((scale == 0).any()):
-        notes.append(
-            f"{int((scale == 0).sum())} parameters sit in all-zero filters/tensors and are not perturbed "
-            "in the filter geometry"
-        )
-
-    def to_points(U: torch.Tensor) -> torch.Tensor:
-        return w.unsqueeze(0) + scale.unsqueeze(0) * U.to(dtype=w.dtype, device=w.device)
-
-    min_loss = [base]
-
-    def loss(U: torch.Tensor) -> torch.Tensor:
-        L = evaluator.evaluate(to_points(U)).loss.to(torch.float64)
-        if L.numel():
-            min_loss[0] = min(min_loss[0], float(torch.nan_to_num(L, nan=math.inf).min()))
-        return L
-
-    patterns_all: set[bytes] = set()
-    patterns_in: set[bytes] = set()
-
-    def loss_and_patterns(U: torch.Tensor) -> torch.Tensor:
-        stats = evaluator.evaluate(to_points(U), predictions=True)
-        L = stats.loss.to(torch.float64)
-        for i in range(L.numel()):
-            key = _pattern_key(stats.predictions[i])
-            patterns_all.add(key)
-            if bool(L[i] <= threshold):
-                patterns_in.add(key)
-        if L.numel():
-            min_loss[0] = min(min_loss[0], float(torch.nan_to_num(L, nan=math.inf).min()))
-        return L
-
+    notes: list[str] = list(evaluator.notes) + setup_notes(config, evaluator.kind is not None, scale)
+    model = _ModelLoss(evaluator, w, scale, base, threshold)
     if want_patterns:
-        key = _pattern_key(ref.predictions[0])
-        patterns_all.add(key)
-        patterns_in.add(key)
+        model.add_reference(ref.predictions[0])
     outcome = estimate_ratio(
-        loss, d, config.radius, config.geometry, threshold, config, (ctx.generator(51), ctx.generator(52)),
-        progress, uniform_loss=loss_and_patterns if want_patterns else None,
+        model.loss, d, config.radius, config.geometry, threshold, config, (ctx.generator(51), ctx.generator(52)),
+        progress, uniform_loss=model.loss_and_patterns if want_patterns else None,
     )  # fmt: skip
-    method, est, run, choice = outcome.method, outcome.estimate, outcome.run, outcome.choice
-    if want_patterns and run is not None and run.finished:  # the last level's draws in R
-        sel = torch.nonzero(run.final_losses <= threshold).flatten()[: config.draws]
-        for start in range(0, sel.numel(), 1024):
-            loss_and_patterns(run.final_states[sel[start : start + 1024]])
-    if choice:
-        notes.append(choice)
-    rows: list[tuple] = [("rashomon_ratio", est.value, est.stderr)]
-    if math.isfinite(est.log10):
-        rows.append(("rashomon_log10_ratio", est.log10, est.log10_stderr))
-    rows += [
-        ("rashomon_log10_interval", end, None, i) for i, end in enumerate(est.log10_interval) if math.isfinite(end)
-    ]
-    if want_patterns:
-        rows.append(("rashomon_pattern_ratio", len(patterns_in) / len(patterns_all)))
-    if method == "mc" and est.hits == 0:
-        notes.append(
-            "no sampled model fell in the Rashomon set: the ratio is below the resolution of this sample; "
-            "use --method subset (or auto), raise --theta or lower --radius"
-        )
-    if run is not None:
-        notes.extend(subset_notes(run, est))
-    if est.value == 0.0 and math.isfinite(est.log10):
-        notes.append(f"the ratio is below the float range: log10(ratio) = {est.log10:.6g}")
-    if min_loss[0] < base - 1e-12 * max(abs(base), 1.0):
-        notes.append(
-            f"some sampled models have a lower loss ({min_loss[0]:.6g}) than the checkpoint ({base:.6g}); the "
-            "reference L(w) is the checkpoint's loss, not the minimum over F"
-        )
-    estimate: dict[str, Any] = {
-        "value": est.value,
-        "stderr": est.stderr,
-        "interval": list(est.interval),
-        "confidence": config.confidence,
-        "interval_kind": est.kind,
-        "log10_ratio": est.log10,
-        "log10_stderr": est.log10_stderr,
-        "log10_interval": list(est.log10_interval),
-        "relative_stderr": est.relative_stderr,
-        "hits": est.hits,
-        "draws": est.draws,
-        "effective_sample_size": est.ess,
-    }
-    subset: dict[str, Any] = {}
-    if run is not None:
-        subset = {
-            "replicates": int(run.log_p.size),
-            "draws_per_level": run.n * int(run.log_p.size),
-            "level_fraction": config.level_fraction,
-            "levels": len(run.levels) - 1,
-            "finished": run.finished,
-            "replicate_log10_ratios": [float(x) / LN10 for x in run.log_p],
-            "au_beck_log_variance": float(np.mean(run.au_beck)),
-            "pilot_log10_ratio": run.pilot_log_p / LN10,
-            "level_thresholds": [lv.threshold for lv in run.levels],
-            "level_fractions": [lv.fraction for lv in run.levels],
-            "level_gammas": [lv.gamma for lv in run.levels],
-            "level_acceptance": [lv.acceptance for lv in run.levels],
-            "level_relative_variances": [lv.relative_variance for lv in run.levels],
-            "evaluations": run.evaluations,
-        }
+    if want_patterns and outcome.run is not None and outcome.run.finished:  # the last level's draws in R
+        model.count_last_level(outcome.run, config.draws)
+    notes += outcome_notes(outcome, base, model.min_loss)
+    rows = ratio_rows(outcome.estimate, model.pattern_ratio() if want_patterns else None)
     metadata: dict[str, Any] = {
         "hypothesis_space": describe_space(config.geometry, config.radius, d),
         "rashomon_set": f"R = {{f in F : L(f) <= L(w) + theta}}, theta = {config.theta:g} (absolute loss)",
         "reference_loss": base,
         "threshold": threshold,
         "dim": d,
-        "method": method,
-        "method_choice": choice,
-        "estimate": estimate,
-        "subset_simulation": subset,
+        "method": outcome.method,
+        "method_choice": outcome.choice,
+        "estimate": estimate_metadata(outcome.estimate, config.confidence),
+        "subset_simulation": subset_metadata(outcome.run, config.level_fraction),
         "evaluations": evaluator.evaluations,
         "backend": evaluator.backend,
         "backend_reason": evaluator.backend_reason,
     }
     if want_patterns:
         metadata["patterns"] = {
-            "in_rashomon_set": len(patterns_in),
-            "in_space": len(patterns_all),
+            "in_rashomon_set": len(model.patterns_in),
+            "in_space": len(model.patterns_all),
             "definition": "distinct prediction vectors on the data among sampled models in R / in F",
         }
     metadata["notes"] = notes

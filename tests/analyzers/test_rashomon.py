@@ -145,22 +145,25 @@ class Bowl(nn.Module):
         return x @ self.w
 
 
+def cpu_context(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss: str, **extra) -> Context:
+    """A float64 CPU context of ``model`` (in eval mode) at its own weights, on one batch."""
+    return Context(
+        model=model.eval(),
+        params={k: v.detach() for k, v in model.named_parameters()},
+        frozen={},
+        batches=[batch],
+        loss_fn=LOSSES[loss],
+        device=torch.device("cpu"),
+        dtype=F64,
+        **extra,
+    )
+
+
 def issue_bowl(seed: int) -> Context:
     """The issue's 20-dim bowl: Hessian eigenvalues evenly spaced in [1, 10], minimum at the checkpoint."""
     lam = torch.linspace(1.0, 10.0, 20, dtype=F64)
-    model = Bowl(20).eval()
     X = torch.diag(torch.sqrt(lam * 20 / 2))
-    return Context(
-        model=model,
-        params={"w": model.w.detach()},
-        frozen={},
-        batches=[(X, torch.zeros(20, dtype=F64))],
-        loss_fn=LOSSES["mse"],
-        device=torch.device("cpu"),
-        dtype=F64,
-        loss_name="mse",
-        seed=seed,
-    )
+    return cpu_context(Bowl(20), (X, torch.zeros(20, dtype=F64)), "mse", loss_name="mse", seed=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -426,17 +429,7 @@ def least_squares(n: int = 60, d_in: int = 2, seed: int = 0):
     with torch.no_grad():
         model.weight.copy_(sol[:d_in].unsqueeze(0))
         model.bias.copy_(sol[d_in:])
-    ctx = Context(
-        model=model.eval(),
-        params={k: v.detach() for k, v in model.named_parameters()},
-        frozen={},
-        batches=[(X, y)],
-        loss_fn=LOSSES["mse"],
-        device=torch.device("cpu"),
-        dtype=F64,
-        loss_name="mse",
-    )
-    return ctx, Xt.T @ Xt / n
+    return cpu_context(model, (X, y), "mse", loss_name="mse"), Xt.T @ Xt / n
 
 
 def ellipsoid_ratio(A: torch.Tensor, theta: float, radius: float, geometry: str, scales=None) -> float:
@@ -556,16 +549,7 @@ def test_pattern_ratio_and_ratio_match_exact_counts_in_one_dimension() -> None:
     y = (x > 0.05).long()
     y[3], y[17] = 1, 0  # label noise keeps the loss bounded away from zero
     w0 = 0.0
-    model = Threshold(w0).eval()
-    ctx = Context(
-        model=model,
-        params={"w": model.w.detach()},
-        frozen={},
-        batches=[(x, y)],
-        loss_fn=LOSSES["cross_entropy"],
-        device=torch.device("cpu"),
-        dtype=F64,
-    )
+    ctx = cpu_context(Threshold(w0), (x, y), "cross_entropy")
 
     def loss(w: float) -> float:
         logits = torch.stack([torch.zeros_like(x), 3.0 * (x - w)], dim=1)

@@ -45,6 +45,12 @@ def run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def run_bowl(bowl: tuple[Path, Path], *args: object):
+    """``diag rashomon`` on the bowl fixture's checkpoint with its model, data and the MSE loss."""
+    module, ckpt = bowl
+    return run("rashomon", ckpt, "--model", f"{module}:build", "--data", f"{module}:data", "--loss", "mse", *args)
+
+
 @pytest.fixture
 def bowl(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "bowl.py").write_text(BOWL)
@@ -56,12 +62,10 @@ def bowl(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("seed", [3, 4])
 def test_issue_ellipsoid_within_20_percent_for_any_seed(bowl: tuple[Path, Path], tmp_path: Path, seed: int) -> None:
     """theta 0.01 in a ball of radius 0.2: the ratio prod_i sqrt(2 theta / lambda_i) / r^20 = 2.08e-10."""
-    module, ckpt = bowl
     exact = float(np.sum(0.5 * np.log(2 * 0.01 / np.linspace(1.0, 10.0, 20)))) - 20 * math.log(0.2)
     out = tmp_path / f"r{seed}.json"
-    r = run("rashomon", ckpt, "--model", f"{module}:build", "--data", f"{module}:data", "--loss", "mse",
-            "--dtype", "float64", "--theta", "0.01", "--radius", "0.2", "--seed", seed, "--chunk", "4096",
-            "--format", "json", "--out", out, "-q")  # fmt: skip
+    r = run_bowl(bowl, "--dtype", "float64", "--theta", "0.01", "--radius", "0.2", "--seed", seed, "--chunk", "4096",
+                 "--format", "json", "--out", out, "-q")  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     records = {x["metric"]: x for x in rows if x["index"] is None}
@@ -80,11 +84,10 @@ def test_issue_ellipsoid_within_20_percent_for_any_seed(bowl: tuple[Path, Path],
 
 
 def test_subset_settings_reach_the_config(bowl: tuple[Path, Path], tmp_path: Path) -> None:
-    module, ckpt = bowl
     out = tmp_path / "r.json"
-    r = run("rashomon", ckpt, "--model", f"{module}:build", "--data", f"{module}:data", "--loss", "mse",
-            "--theta", "0.01", "--radius", "0.2", "--draws", "4000", "--subset-runs", "4", "--level-fraction", "0.2",
-            "--max-levels", "3", "--method", "subset", "--chunk", "4096", "--out", out)  # fmt: skip
+    r = run_bowl(bowl, "--theta", "0.01", "--radius", "0.2", "--draws", "4000", "--subset-runs", "4",
+                 "--level-fraction", "0.2", "--max-levels", "3", "--method", "subset", "--chunk", "4096",
+                 "--out", out)  # fmt: skip
     assert r.exit_code == 0, r.output
     meta = json.loads(out.read_text())["metadata"]
     assert meta["config"] | {"draws": 4000, "subset_runs": 4, "level_fraction": 0.2, "max_levels": 3} == meta["config"]
@@ -113,9 +116,7 @@ def test_diag_toml_table_sets_the_declared_names(bowl: tuple[Path, Path], tmp_pa
 
 @pytest.mark.parametrize("method", ["is", "quasi"])
 def test_unknown_method_is_a_one_line_error(bowl: tuple[Path, Path], method: str) -> None:
-    module, ckpt = bowl
-    r = run("rashomon", ckpt, "--model", f"{module}:build", "--data", f"{module}:data", "--loss", "mse",
-            "--method", method, "-q")  # fmt: skip
+    r = run_bowl(bowl, "--method", method, "-q")
     assert r.exit_code == 2 and "--method must be one of auto, mc, subset" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
 
