@@ -180,7 +180,7 @@ def test_block_lanczos_exhausts_small_space_exactly():
 
 
 def test_block_start_is_padded_with_random_columns():
-    # a warm start of 2 columns with block_size 3 runs 3 vectors per product (2 given + 1 random)
+    # a warm start of 2 columns with block_size 3 runs 3 vectors per product (the 2 combined + 2 random)
     n = 30
     eig = torch.linspace(-1, 4, n, dtype=torch.float64)
     Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
