@@ -783,6 +783,19 @@ class _Run:
         return cert
 
 
+def _initial_capacity(n: int, budget: int, want: int, b: int, device: torch.device) -> int:
+    """Rows of the basis to allocate up front.
+
+    On the CPU the whole budget (``budget + b`` rows): ``torch.empty`` of that size is an anonymous
+    mapping whose pages become resident only when a row is written, so the resident memory is the rows in
+    use and the basis is never copied to grow. On an accelerator, memory is committed at allocation, so the
+    basis starts at ``max(32, 2 (want + b) + 8)`` rows and doubles when full.
+    """
+    if device.type == "cpu":
+        return min(n, budget + b)
+    return min(n, max(32, 2 * (want + b) + 8))
+
+
 def lanczos(
     op: LinearOperator,
     *,
@@ -843,7 +856,7 @@ def lanczos(
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
     if memory_check:
         check_basis_memory(op, min(n, budget + b), bdev, extra_vectors=3 * b if bdev != op.device else 0)
-    kr = KrylovSpace(op, bdev, capacity=min(n, max(32, 2 * (want + b) + 8)))
+    kr = KrylovSpace(op, bdev, capacity=_initial_capacity(n, budget, want, b, bdev))
     run = _Run(op, kr, gen, budget, progress, k_top, k_bottom, tol, vectors_tol, oversample)
     run.start(start, b)
     final = run.loop(check)
