@@ -141,9 +141,20 @@ def _inside(path: Path, folder: Path) -> bool:
 def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
     """Checkpoint files under ``run_dir`` (recursive; hidden folders and ``exclude`` skipped).
 
+    A transformers model folder (``config.json`` + weights) counts as one checkpoint; nothing inside it is
+    a checkpoint of its own.
+
     Args:
+        run_dir: the run folder.
         pattern: a glob relative to ``run_dir`` (e.g. ``"step_*.pt"``, ``"**/*.ckpt"``); default: every
-            file with a suffix in :data:`CHECKPOINT_SUFFIXES`.
+            file with a suffix in :data:`CHECKPOINT_SUFFIXES`, and every model folder.
+        exclude: folders not searched (e.g. the output folder).
+
+    Returns:
+        The files and model folders, in natural order of their run-relative paths.
+
+    Raises:
+        DiagnosticsError: ``run_dir`` is missing or a file, or holds no checkpoint.
     """
     run = Path(run_dir)
     if not run.exists():
@@ -263,12 +274,21 @@ def discover_checkpoints(
     reruns do not parse it again), else from its file name (:func:`diagnostics.checkpoint.step_from_name`).
 
     Args:
+        run_dir: the run folder.
+        pattern: a glob selecting the checkpoint files (:func:`checkpoint_files`).
+        exclude: folders not searched.
+        cache_dir: where each checkpoint's metadata step is remembered by content hash (None: nowhere).
         warn: ``warn(line)`` for cache files that fail their checksum.
         on_skip: ``on_skip(name, reason)`` for a file that changed while it was read; it is left out
             (without ``on_skip`` the :class:`~diagnostics.checkpoint.CheckpointChanged` error is raised).
 
+    Returns:
+        One :class:`RunCheckpoint` per checkpoint (an unreadable one has ``sha256 == ""``; analysing it
+        reports why), ordered by step (unknown steps last), then name.
+
     Raises:
         DiagnosticsError: a missing/empty run folder.
+        CheckpointChanged: a file changed while it was read, without ``on_skip``.
     """
     run = Path(run_dir)
     cache = None if cache_dir is None else Path(cache_dir)
@@ -300,7 +320,8 @@ def paired_checkpoints(
     """The checkpoints of two runs that share a step (e.g. two seeds of one recipe), ordered by step.
 
     Args:
-        run_a, run_b: the run folders.
+        run_a: the first run folder (its checkpoints' names label the pairs).
+        run_b: the second run folder.
         pattern: a glob selecting the checkpoint files in both.
 
     Returns:
@@ -450,31 +471,93 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
 
 
+@dataclass(frozen=True)
+class BindingFlags:
+    """The binding and data flags of a sweep as given on the command line (None: not given).
+
+    ``model``, ``data`` and ``loss`` are kept as given (None: the binding layer reads ``diag.toml`` or the
+    checkpoint's metadata); every other flag that is None takes the top-level ``diag.toml`` key of the same
+    name in :func:`resolve_settings` (``seed`` then defaults to 0, ``replicates`` to 1).
+
+    Attributes:
+        model: model factory spec.
+        data: data callable spec.
+        loss: loss name or spec.
+        seed: seed of every random draw.
+        samples: analyse a seeded random subset of this many samples.
+        batch_size: re-batch the data.
+        dtype: precision of the analysis.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        params: regex selecting the parameters analysed.
+        replicates: disjoint seeded subsets to repeat the analysis on.
+        inputs: the batch's model inputs (dict keys or tuple positions).
+        targets: the batch's targets (a dict key or tuple position).
+    """
+
+    model: str | None = None
+    data: str | None = None
+    loss: str | None = None
+    seed: int | None = None
+    samples: int | None = None
+    batch_size: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    params: str | None = None
+    replicates: int | None = None
+    inputs: str | None = None
+    targets: str | None = None
+
+
+_FLAG_NAMES = frozenset(f.name for f in fields(BindingFlags))
+
+
+def _flags_with(flags: BindingFlags | None, values: Mapping[str, Any]) -> BindingFlags:
+    """``flags`` (default: none given) with the fields named in ``values`` replaced.
+
+    Raises:
+        TypeError: a name that is not a field of :class:`BindingFlags` (as for an unknown argument).
+    """
+    unknown = sorted(set(values) - _FLAG_NAMES)
+    if unknown:
+        raise TypeError(f"resolve_settings() got an unexpected keyword argument {unknown[0]!r}")
+    base = flags if flags is not None else BindingFlags()
+    return replace(base, **values) if values else base
+
+
 def resolve_settings(
     config: Mapping[str, Any] | None = None,
     *,
     analyzers: str | Sequence[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    model: str | None = None,
-    data: str | None = None,
-    loss: str | None = None,
     trust_checkpoint: bool = False,
-    seed: int | None = None,
-    samples: int | None = None,
-    batch_size: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    params: str | None = None,
     pattern: str | None = None,
-    replicates: int | None = None,
-    inputs: str | None = None,
-    targets: str | None = None,
+    flags: BindingFlags | None = None,
+    **flag_values: Any,
 ) -> SweepSettings:
     """Flags + ``diag.toml`` -> :class:`SweepSettings` (a flag wins over the file).
 
     ``diag.toml`` may list ``analyzers = ["hessian", ...]`` at top level; each analyzer's options come
     from its table (``[hessian] top_k = 3``), updated by ``overrides``.
+
+    Args:
+        config: the parsed ``diag.toml`` (top-level keys, tables by analyzer name, ``_path``), or None.
+        analyzers: ``"hessian,rankme"`` or a list (default: the file's ``analyzers``, else hessian).
+        overrides: ``{analyzer: {option: value}}`` from ``--set`` (:func:`parse_overrides`).
+        trust_checkpoint: import factories named in checkpoints.
+        pattern: glob selecting the checkpoint files.
+        flags: the binding and data flags (:class:`BindingFlags`); default none given.
+        **flag_values: fields of :class:`BindingFlags` by name (``samples=50``, ``model=...``); they
+            replace those of ``flags``.
+
+    Returns:
+        The merged :class:`SweepSettings` (``config`` kept in it).
+
+    Raises:
+        DiagnosticsError: an analyzer's table that is not a table, an unknown or ill-typed option (naming
+            the file or ``--set``), or ``--set`` for an analyzer that is not run.
+        TypeError: a keyword that is neither an argument nor a field of :class:`BindingFlags`.
     """
+    f = _flags_with(flags, flag_values)
     cfg = dict(config or {})
 
     def pick(flag: Any, key: str, default: Any = None) -> Any:
@@ -503,21 +586,21 @@ def resolve_settings(
     return SweepSettings(
         analyzers=names,
         options=options,
-        model=model,
-        data=data,
-        loss=loss,
+        model=f.model,
+        data=f.data,
+        loss=f.loss,
         config=cfg,
         trust_checkpoint=trust_checkpoint,
-        seed=int(pick(seed, "seed", 0)),
-        samples=pick(samples, "samples"),
-        batch_size=pick(batch_size, "batch_size"),
-        dtype=pick(dtype, "dtype"),
-        device=pick(device, "device"),
-        params=pick(params, "params"),
+        seed=int(pick(f.seed, "seed", 0)),
+        samples=pick(f.samples, "samples"),
+        batch_size=pick(f.batch_size, "batch_size"),
+        dtype=pick(f.dtype, "dtype"),
+        device=pick(f.device, "device"),
+        params=pick(f.params, "params"),
         pattern=pattern,
-        replicates=int(pick(replicates, "replicates", 1)),
-        inputs=pick(inputs, "inputs"),
-        targets=pick(targets, "targets"),
+        replicates=int(pick(f.replicates, "replicates", 1)),
+        inputs=pick(f.inputs, "inputs"),
+        targets=pick(f.targets, "targets"),
     )
 
 
@@ -563,6 +646,7 @@ def cache_inputs(checkpoint_sha256: str, analyzer: str, config: Any, settings: S
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of the canonical JSON of :func:`cache_inputs`: one cached result's key."""
     return hashlib.sha256(canonical_json(dict(inputs)).encode()).hexdigest()
 
 
@@ -627,6 +711,14 @@ def load_cached(cache_dir: Path, inputs: Mapping[str, Any], warn: Callable[[str]
 # ------------------------------------------------------------------------------------------ sweep
 @dataclass(frozen=True)
 class SweepFailure:
+    """A result that could not be computed (bad checkpoint, diverged weights, ...).
+
+    Attributes:
+        checkpoint: the checkpoint's run-relative name.
+        analyzer: the analyzer's registry name.
+        message: the error on one line (``unexpected <Type>: ...`` when it was not a ``DiagnosticsError``).
+    """
+
     checkpoint: str
     analyzer: str
     message: str
@@ -979,6 +1071,42 @@ def _one_checkpoint(
     log(f"{label} {rc.name} (step {rc.step}): {'; '.join(parts)}")
 
 
+def _sweep_checkpoints(
+    job: _Job, tally: _Tally, progress: ProgressFn | None, log: Callable[[str], None] | None
+) -> _Tally:
+    """Every checkpoint of ``job`` (:func:`_one_checkpoint`), progress ``"checkpoints"`` after each.
+
+    Under torch.distributed each rank takes every world-th checkpoint and analyses it alone (no data
+    sharding inside), then the shares are gathered so that every rank returns the whole sweep.
+
+    Args:
+        job: the sweep's fixed inputs, with its checkpoints discovered.
+        tally: what was done so far (discovery's skips and warnings); filled in place.
+        progress: ``progress(task, done, total)`` or None.
+        log: ``log(line)`` per checkpoint or None.
+
+    Returns:
+        ``tally``, or under torch.distributed a new one holding every rank's share.
+    """
+    total = len(job.checkpoints)
+    if progress is not None:
+        progress("checkpoints", 0, total)
+    group = distributed.world()
+    mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else set(range(total))
+    with distributed.local_only() if group.active else contextlib.nullcontext():
+        for i in range(total):
+            if i in mine:
+                _one_checkpoint(i, job, tally, progress, log)
+            if progress is not None:
+                progress("checkpoints", i + 1, total)
+    if group.active:
+        whole = _Tally(skipped=list(tally.skipped), warnings=list(tally.warnings))
+        for share in distributed.gather_items([(group.rank, tally)], n_items=group.size):
+            whole.merge(share)
+        tally = whole
+    return tally
+
+
 def sweep(
     run_dir: str | Path,
     settings: SweepSettings | None = None,
@@ -995,6 +1123,8 @@ def sweep(
     Every result goes through :func:`diagnostics.runner.run_analyzer`, the path ``diag NAME`` uses.
 
     Args:
+        run_dir: the run folder (:func:`discover_checkpoints`).
+        settings: what to run and how to bind each checkpoint (default :class:`SweepSettings`: hessian).
         cache_dir: where results are cached (None: no cache).
         exclude: folders not searched for checkpoints (e.g. the output folder).
         progress: ``progress(task, done, total)``; the sweep reports task ``"checkpoints"`` after each
@@ -1029,24 +1159,7 @@ def sweep(
         warn=tally.warn,
         on_skip=lambda name, why: tally.skipped.append(SweepSkip(name, why)),
     )
-    total = len(checkpoints)
-    if progress is not None:
-        progress("checkpoints", 0, total)
-    # under torch.distributed each rank takes every world-th checkpoint and analyses it alone (no data
-    # sharding inside), then the shares are gathered so that every rank returns the whole sweep
-    group = distributed.world()
-    mine = {i for i, _ in distributed.shard_items(range(total))} if group.active else set(range(total))
-    with distributed.local_only() if group.active else contextlib.nullcontext():
-        for i in range(total):
-            if i in mine:
-                _one_checkpoint(i, job, tally, progress, log)
-            if progress is not None:
-                progress("checkpoints", i + 1, total)
-    if group.active:
-        whole = _Tally(skipped=list(tally.skipped), warnings=list(tally.warnings))
-        for share in distributed.gather_items([(group.rank, tally)], n_items=group.size):
-            whole.merge(share)
-        tally = whole
+    tally = _sweep_checkpoints(job, tally, progress, log)
     if not tally.results and tally.failures:
         first = tally.failures[0]
         raise DiagnosticsError(
@@ -1201,8 +1314,16 @@ def start_manifest(
 def write_sweep(out: str | Path, result: SweepResult, invocation: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``records.parquet``, ``records.csv`` (+ meta) and the manifest ``diag-run.json`` into ``out``.
 
+    Hessian density artifacts, when any result has them, go to ``hessian_density.csv``. Every file is
+    written atomically; the manifest (status ``"complete"``) last.
+
     Args:
+        out: the output folder (call :func:`prepare_out_dir` first).
+        result: what :func:`sweep` returned.
         invocation: the flags as given (stored so that ``diag report`` can rerun the same sweep).
+
+    Returns:
+        ``{"parquet", "csv", "manifest"[, "density"]: path written}``.
     """
     out = Path(out)
     meta = result.metadata()

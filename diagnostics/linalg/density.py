@@ -36,6 +36,7 @@ class SLQResult:
     matvecs: int
 
     def spectral_range(self) -> tuple[float, float]:
+        """``(min, max)`` over every probe's quadrature nodes (inside ``[lambda_min, lambda_max]``)."""
         allnodes = torch.cat(self.nodes)
         return float(allnodes.min()), float(allnodes.max())
 
@@ -57,10 +58,24 @@ def slq(
 ) -> SLQResult:
     """Run ``probes`` independent Lanczos quadratures of ``steps`` steps each (Rademacher probes).
 
+    Each probe is a Rademacher vector ``v / ||v||`` (``v_i = +-1``), all drawn from ``generator`` first, in
+    order, so the probes do not depend on ``block``. Probe ``i``'s ``steps``-node Gauss rule
+    ``sum_l w_l f(theta_l)`` equals ``v_i^T f(A) v_i`` for polynomials ``f`` of degree ``<= 2 steps - 1``
+    (:func:`diagnostics.linalg.lanczos.krylov_quadrature`).
+
     Args:
+        op: symmetric operator (``matmat``, ``dim``, ``matvec_count``).
+        probes: how many probe vectors.
+        steps: Lanczos steps (matvecs) per probe; fewer nodes when the Krylov space is exhausted.
+        generator: source of the probes.
+        progress: ``progress(probes done, probes)`` after each block.
         block: run this many probes in lockstep, one ``matmat`` (one data pass) per step for all of
-            them (:func:`lanczos_tridiagonal_block`); the probes and results are the same as with
-            ``block=1`` (to rounding), the memory ``block`` Krylov bases.
+            them (block Lanczos, :func:`diagnostics.linalg.lanczos.krylov_quadrature`); the probes and
+            results are the same as with ``block=1`` (to rounding), the memory ``block`` Krylov bases.
+
+    Returns:
+        :class:`SLQResult` with one ``(nodes [m], weights [m])`` pair per probe (weights sum to 1) and the
+        matvecs spent.
     """
     nodes, weights = [], []
     before = op.matvec_count

@@ -73,7 +73,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -267,6 +268,7 @@ class KrylovSpace:
     # ------------------------------------------------------------------- Ritz
     @property
     def done_index(self) -> torch.Tensor:
+        """Indices (``[m_done]``, ascending, long) of the basis rows already multiplied."""
         return self.done[: self.size].nonzero().squeeze(1)
 
     def projected(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,13 +411,7 @@ def _end_bounds(
         clusters = _clusters(theta[:p], r[:p], 2 * eps_t)
         if not _resolved(theta[:p], G[:, :p], clusters, x, phi):
             continue
-        # inside a cluster the residuals cannot count the eigenvalues: the bound covers the whole hull
-        hull = torch.zeros(k, dtype=torch.float64)
-        for i, j in clusters:
-            if j - i > 1 and i < k:
-                rho = float(torch.linalg.matrix_norm(G[:, i:j], 2)) + phi
-                idx = torch.arange(i, min(j, k))
-                hull[idx] = (theta[i] - theta[idx]) + rho
+        hull = _cluster_hull(theta, G, clusters, k, phi)
 
         def bounds_at(a: float, p: int = p, hull: torch.Tensor = hull) -> tuple[torch.Tensor, float]:
             U = lehmann_upper(theta[:p], G[:, :p], a, phi)
@@ -428,23 +424,7 @@ def _end_bounds(
                 continue
             e, score = bounds_at(a)
         else:
-            # the largest shift that still meets tol gives the shortest check
-            gap = top_p - x
-            lo_f, hi_f = 0.1, 0.95
-            e, score = bounds_at(x + lo_f * gap)
-            if score <= 1.0:
-                e_hi, s_hi = bounds_at(x + hi_f * gap)
-                if s_hi <= 1.0:
-                    lo_f, e, score = hi_f, e_hi, s_hi
-                else:
-                    for _ in range(6):
-                        mid = 0.5 * (lo_f + hi_f)
-                        e_mid, s_mid = bounds_at(x + mid * gap)
-                        if s_mid <= 1.0:
-                            lo_f, e, score = mid, e_mid, s_mid
-                        else:
-                            hi_f = mid
-            a = x + lo_f * gap
+            a, e, score = _largest_shift(bounds_at, x, top_p - x)
         steps = check_length(a, x, low, dim)
         j = p + int(torch.argmax(theta[p:] + r[p:]))  # the pair that sets the level x
         settled = float(r[j]) <= a - x
@@ -454,6 +434,67 @@ def _end_bounds(
             best_key = key
             best = _EndBounds(e, p, a, x, steps, score <= 1.0, settled)
     return best
+
+
+def _cluster_hull(
+    theta: torch.Tensor, G: torch.Tensor, clusters: list[tuple[int, int]], k: int, phi: float
+) -> torch.Tensor:
+    """Error bounds ``[k]`` that cover each wanted cluster's whole hull (0 outside clusters).
+
+    Inside a cluster ``[i, j)`` of two or more Ritz pairs the residuals cannot count the eigenvalues, so
+    every member ``l < k`` gets ``theta_i - theta_l + rho`` with ``rho = ||G[:, i:j]||_2 + phi``: the
+    distance from its Ritz value to the top of the cluster's residual interval.
+
+    Args:
+        theta: Ritz values, descending (at least the group).
+        G: residual coordinates, ``[r, >= p]`` (column ``l`` belongs to ``theta_l``).
+        clusters: ``[start, stop)`` runs from :func:`_clusters`.
+        k: how many of the top values are wanted.
+        phi: the out-of-basis rounding residual added to every residual norm.
+
+    Returns:
+        ``[k]`` float64 bounds.
+    """
+    hull = torch.zeros(k, dtype=torch.float64)
+    for i, j in clusters:
+        if j - i > 1 and i < k:
+            rho = float(torch.linalg.matrix_norm(G[:, i:j], 2)) + phi
+            idx = torch.arange(i, min(j, k))
+            hull[idx] = (theta[i] - theta[idx]) + rho
+    return hull
+
+
+def _largest_shift(
+    bounds_at: Callable[[float], tuple[torch.Tensor, float]], x: float, gap: float
+) -> tuple[float, torch.Tensor, float]:
+    """The largest Lehmann shift ``a = x + f gap`` (``0.1 <= f <= 0.95``) whose bounds still meet ``tol``.
+
+    A larger shift gives a shorter restart check (:func:`check_length`) but looser bounds. ``f = 0.1`` is
+    tried first; if it meets ``tol`` (score ``<= 1``), ``f = 0.95``, else six bisection steps on ``f``.
+
+    Args:
+        bounds_at: ``a -> (e [k], score)``, the bounds at shift ``a`` and ``max(e / need)``.
+        x: the estimated top of the rest of the spectrum.
+        gap: ``theta_p - x`` (rounding included), the room for the shift.
+
+    Returns:
+        ``(a, e, score)`` at the chosen shift (at ``f = 0.1`` when even that misses ``tol``).
+    """
+    lo_f, hi_f = 0.1, 0.95
+    e, score = bounds_at(x + lo_f * gap)
+    if score <= 1.0:
+        e_hi, s_hi = bounds_at(x + hi_f * gap)
+        if s_hi <= 1.0:
+            lo_f, e, score = hi_f, e_hi, s_hi
+        else:
+            for _ in range(6):
+                mid = 0.5 * (lo_f + hi_f)
+                e_mid, s_mid = bounds_at(x + mid * gap)
+                if s_mid <= 1.0:
+                    lo_f, e, score = mid, e_mid, s_mid
+                else:
+                    hi_f = mid
+    return x + lo_f * gap, e, score
 
 
 def _clusters(theta: torch.Tensor, r: torch.Tensor, slack: float) -> list[tuple[int, int]]:
@@ -737,16 +778,11 @@ class _Run:
             if kr.size >= kr.n:
                 self.active = list(kr.pending)  # no room for a fresh vector: finish the space
                 continue
-            steps = min(max(cert.top.steps, cert.bottom.steps), kr.n - kr.size)
-            if steps + len(kr.pending) > self.budget - kr.matvecs:
-                continue  # no budget for the check (yet): go on, the group may separate further
-            if not (cert.top.settled and cert.bottom.settled):
-                continue  # the level the check guards is set by a pair still far from converged
-            # the check is shorter once the pairs below a group have settled: wait for that, but spend
-            # on waiting at most what the check could save
+            steps = self.check_steps(cert)
+            if steps is None:
+                continue
             first = kr.matvecs if first is None else first
-            floor = _check_floor(cert, self.k_top, self.k_bottom, kr.n - kr.size, self.oversample)
-            if steps > floor + width and kr.matvecs - first + width <= steps - floor:
+            if self.worth_waiting(cert, steps, width, first):
                 continue
             found, _ = self.restart_check(cert, steps)
             if not found:  # the certificate stands: its hypothesis has been checked
@@ -755,6 +791,26 @@ class _Run:
         if cert.ok and kr.size >= kr.n and not kr.pending:
             return self.finish(cert)  # the budget ran out exactly as the whole space was multiplied
         return cert
+
+    def check_steps(self, cert: _Certificate) -> int | None:
+        """The restart check's length for ``cert``, or None when it cannot run yet: no budget for it (go
+        on, the group may separate further) or the level it guards is set by a pair still far from
+        converged."""
+        kr = self.kr
+        steps = min(max(cert.top.steps, cert.bottom.steps), kr.n - kr.size)
+        if steps + len(kr.pending) > self.budget - kr.matvecs:
+            return None
+        if not (cert.top.settled and cert.bottom.settled):
+            return None
+        return steps
+
+    def worth_waiting(self, cert: _Certificate, steps: int, width: int, first: int) -> bool:
+        """Whether to defer a check of ``steps`` products: the check is shorter once the pairs below a
+        group have settled, so wait for that, but spend on waiting (matvecs since the first certificate,
+        ``first``, plus the next block of ``width``) at most what the check could save."""
+        kr = self.kr
+        floor = _check_floor(cert, self.k_top, self.k_bottom, kr.n - kr.size, self.oversample)
+        return steps > floor + width and kr.matvecs - first + width <= steps - floor
 
     def restart_check(self, cert: _Certificate, steps: int) -> tuple[bool, _Certificate]:
         """A fresh random direction's own chain for ``steps`` products, then one more step of every
@@ -796,6 +852,50 @@ def _initial_capacity(n: int, budget: int, want: int, b: int, device: torch.devi
     return min(n, max(32, 2 * (want + b) + 8))
 
 
+@dataclass(frozen=True)
+class LanczosSettings:
+    """How :func:`lanczos` runs, apart from what it computes (which eigenvalues, to what tolerance).
+
+    Pass one as ``lanczos(op, settings=...)``, or name its fields as keywords of :func:`lanczos`
+    (``lanczos(op, block_size=4)``; they override the fields of ``settings``).
+
+    Attributes:
+        basis_device: where the basis lives (default: the operator's device; ``cpu`` saves accelerator
+            memory).
+        block_size: vectors per product of the main chain (one data pass each).
+        memory_check: refuse up front (``DiagnosticsError``) a basis that cannot fit.
+        criterion: ``"bound"`` (eigenvalue bounds) or ``"residual"`` (also the residuals, i.e.
+            ``vectors_tol = tol``).
+        vectors_tol: also require ``||A y - theta y|| <= vectors_tol * |theta|`` for the wanted vectors.
+        check: run the restart check (guard against missed eigenvalues); off only for studies.
+        oversample: largest group beyond ``k`` tried for the Lehmann certificate (default ``max(k, 10)``).
+    """
+
+    basis_device: torch.device | str | None = None
+    block_size: int = 1
+    memory_check: bool = True
+    criterion: str = "bound"
+    vectors_tol: float | None = None
+    check: bool = True
+    oversample: int | None = None
+
+
+_SETTING_NAMES = frozenset(f.name for f in fields(LanczosSettings))
+
+
+def _settings_with(settings: LanczosSettings | None, overrides: dict[str, Any]) -> LanczosSettings:
+    """``settings`` (default :class:`LanczosSettings`) with the fields named in ``overrides`` replaced.
+
+    Raises:
+        TypeError: a keyword that is not a field of :class:`LanczosSettings` (as for an unknown argument).
+    """
+    unknown = sorted(set(overrides) - _SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"lanczos() got an unexpected keyword argument {unknown[0]!r}")
+    base = settings if settings is not None else LanczosSettings()
+    return replace(base, **overrides) if overrides else base
+
+
 def lanczos(
     op: LinearOperator,
     *,
@@ -805,16 +905,15 @@ def lanczos(
     max_iter: int | None = None,
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
-    basis_device: torch.device | str | None = None,
     progress: Progress | None = None,
-    block_size: int = 1,
-    memory_check: bool = True,
-    criterion: str = "bound",
-    vectors_tol: float | None = None,
-    check: bool = True,
-    oversample: int | None = None,
+    settings: LanczosSettings | None = None,
+    **overrides: Any,
 ) -> LanczosResult:
     """Top-``k_top`` and bottom-``k_bottom`` eigenpairs with certified error bounds (module doc).
+
+    Each returned ``theta_j`` comes with a bound ``e_j >= |lambda_j - theta_j|`` on the eigenvalue of the
+    same index: ``e_j = max(U_j - theta_j, 0) + eps_T`` (Lehmann bound ``U_j``, rounding floor ``eps_T``),
+    or ``inf`` where no certificate was reached.
 
     Args:
         op: symmetric operator (``matvec``/``matmat``, ``dim``, ``dtype``, ``device``).
@@ -822,22 +921,25 @@ def lanczos(
         k_bottom: how many of the smallest.
         tol: every returned eigenvalue's bound ``<= tol * max(|theta|, 1e-3 ||A||)``.
         max_iter: at most this many matvecs (default ``min(dim, 300)``).
-        generator: source of the start block and of the restart checks' vectors.
+        generator: source of the start block and of the restart checks' vectors (default: seed 0).
         start: warm start ``[n]`` or ``[n, k]`` (e.g. the previous checkpoint's eigenvectors): combined into
             one start vector with a small random part, padded with random vectors to ``block_size`` columns.
-        basis_device: where the basis lives (``cpu`` saves accelerator memory).
         progress: ``fn(matvecs, max_iter)`` after every product.
-        block_size: vectors per product of the main chain (one data pass each).
-        memory_check: refuse up front (``DiagnosticsError``) a basis that cannot fit.
-        criterion: ``"bound"`` (eigenvalue bounds) or ``"residual"`` (also the residuals, i.e.
-            ``vectors_tol = tol``).
-        vectors_tol: also require ``||A y - theta y|| <= vectors_tol * |theta|`` for the wanted vectors.
-        check: run the restart check (guard against missed eigenvalues); off only for studies.
-        oversample: largest group beyond ``k`` tried for the Lehmann certificate (default ``max(k, 10)``).
+        settings: how the run works (:class:`LanczosSettings`); default ``LanczosSettings()``.
+        **overrides: fields of :class:`LanczosSettings` by name (``block_size=4``, ``criterion=...``);
+            they replace those of ``settings``.
 
     Returns:
         :class:`LanczosResult`.
+
+    Raises:
+        ValueError: an unknown ``criterion``, no eigenvalue asked for, or more than ``dim``.
+        TypeError: a keyword that is neither an argument nor a field of :class:`LanczosSettings`.
+        DiagnosticsError: with ``memory_check``, a basis that cannot fit (names the fixes).
     """
+    cfg = _settings_with(settings, overrides)
+    basis_device, block_size, memory_check = cfg.basis_device, cfg.block_size, cfg.memory_check
+    criterion, vectors_tol, check, oversample = cfg.criterion, cfg.vectors_tol, cfg.check, cfg.oversample
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
     if criterion == "residual" and vectors_tol is None:

@@ -36,6 +36,18 @@ Z975 = 1.959963984540054  # standard normal 0.975 quantile
 
 @dataclass
 class TraceEstimate:
+    """A trace estimate with its calibrated standard error (module doc).
+
+    Attributes:
+        value: the estimate of ``tr(A)`` (Hutch++: ``tr(Q^T A Q)`` plus the Hutchinson mean of the rest).
+        stderr: ``t_{0.975, dof} se / 1.96``, so ``value +- 2 stderr`` is a ~95% interval; 0 when the
+            sketch spans the whole space (the trace is then exact), ``inf`` below 2 Hutchinson samples.
+        matvecs: products with ``A`` spent (sketch and probes).
+        samples: Hutchinson probes ``z`` used.
+        sketch: columns of the Hutch++ sketch ``Q`` (0 for plain Hutchinson).
+        method: ``"hutchinson"`` or ``"hutch++"``.
+    """
+
     value: float
     stderr: float
     matvecs: int
