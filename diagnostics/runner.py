@@ -110,8 +110,8 @@ def run_analyzer(
         resume: a store of partial work, for resumable analyzers.
         replicates: ``K > 1`` runs on ``K`` disjoint seeded subsets of ``ctx``'s data (see module doc).
         replicate_samples: the size of each subset (None: ``N // K``); ``ctx`` must hold all the data.
-        warm: for analyzers declaring ``warm_start``, the sweep's scratch dict (see :class:`Analyzer`);
-            not used with replicates (each subset starts cold).
+        warm: for analyzers declaring ``warm_start`` whose config asks for it (``config.warm_start``), the
+            sweep's scratch dict (see :class:`Analyzer`); not used with replicates (each subset starts cold).
 
     Returns:
         The :class:`~diagnostics.results.Result`; its metadata reads back with :meth:`RunInfo.from_metadata`.
@@ -126,8 +126,8 @@ def run_analyzer(
         extras["others"] = list(others)
     if getattr(analyzer, "resumable", False):
         extras["resume"] = resume
-    if warm is not None and getattr(analyzer, "warm_start", False):
-        extras["warm"] = warm
+    if warm is not None and getattr(analyzer, "warm_start", False) and getattr(config, "warm_start", False):
+        extras["warm"] = warm  # only when asked: a run function without warm starts never sees the keyword
     t0 = time.perf_counter()
     result = analyzer.run(config, ctx, progress, **extras)
     seconds = time.perf_counter() - t0
