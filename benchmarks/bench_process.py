@@ -52,9 +52,28 @@ print(json.dumps(sorted(eig, reverse=True)))
 """
 
 
+# forks and execs argv[2:], waits for it and writes its peak RSS (KB) to the file argv[1]
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def rss_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """Run ``cmd`` -> (wall seconds, the child's own peak RSS in MB, stdout): a fork that execs ``cmd``, reaped
-    with ``wait4`` so its resource usage is its own."""
+    """Run ``cmd`` -> (wall seconds, the child's own peak RSS in MB, stdout).
+
+    Linux counts the memory a process had before ``exec`` in its peak RSS, so a child forked from this
+    (large: it imported torch to train the model) process would carry this process's RSS. ``cmd`` therefore
+    runs under :data:`LAUNCHER`, a bare Python that forks and execs it and reads its ``ru_maxrss`` with
+    ``wait4``: the launcher's own ~10 MB is all a command can inherit.
+    """
+    fd, report = tempfile.mkstemp(prefix="rss_", suffix=".txt")
+    os.close(fd)
     t0 = time.perf_counter()
     r, w = os.pipe()
     pid = os.fork()
@@ -64,17 +83,19 @@ def rss_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(r)
-        os.execvp(cmd[0], cmd)
+        os.execv(sys.executable, [sys.executable, "-S", "-c", LAUNCHER, report, *cmd])
     os.close(w)
     chunks = []
     while chunk := os.read(r, 65536):
         chunks.append(chunk)
     os.close(r)
-    _, status, usage = os.wait4(pid, 0)
+    _, status, _ = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed with status {status}")
-    return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
+    maxrss_kb = int(Path(report).read_text())
+    os.unlink(report)
+    return wall, maxrss_kb / 1024, b"".join(chunks).decode()
 
 
 def prepare(folder: Path) -> Path:
