@@ -78,6 +78,7 @@ from diagnostics.results import (
     result_json_bytes,
     write_result,
 )
+from diagnostics.settings import with_fields
 from diagnostics.spec import Analyzer, did_you_mean, resolve_config
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -508,22 +509,6 @@ class BindingFlags:
     targets: str | None = None
 
 
-_FLAG_NAMES = frozenset(f.name for f in fields(BindingFlags))
-
-
-def _flags_with(flags: BindingFlags | None, values: Mapping[str, Any]) -> BindingFlags:
-    """``flags`` (default: none given) with the fields named in ``values`` replaced.
-
-    Raises:
-        TypeError: a name that is not a field of :class:`BindingFlags` (as for an unknown argument).
-    """
-    unknown = sorted(set(values) - _FLAG_NAMES)
-    if unknown:
-        raise TypeError(f"resolve_settings() got an unexpected keyword argument {unknown[0]!r}")
-    base = flags if flags is not None else BindingFlags()
-    return replace(base, **values) if values else base
-
-
 def resolve_settings(
     config: Mapping[str, Any] | None = None,
     *,
@@ -557,7 +542,7 @@ def resolve_settings(
             the file or ``--set``), or ``--set`` for an analyzer that is not run.
         TypeError: a keyword that is neither an argument nor a field of :class:`BindingFlags`.
     """
-    f = _flags_with(flags, flag_values)
+    f = with_fields(BindingFlags, flags, flag_values, "resolve_settings")
     cfg = dict(config or {})
 
     def pick(flag: Any, key: str, default: Any = None) -> Any:

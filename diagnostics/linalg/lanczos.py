@@ -73,13 +73,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from diagnostics.linalg.memory import Requirement, check_fits, lanczos_basis_bytes
 from diagnostics.linalg.operator import LinearOperator
+from diagnostics.settings import with_fields
 
 Progress = Callable[[int, int], None]
 MISS_PROBABILITY = 1e-3  # delta of the restart check
@@ -880,22 +881,6 @@ class LanczosSettings:
     oversample: int | None = None
 
 
-_SETTING_NAMES = frozenset(f.name for f in fields(LanczosSettings))
-
-
-def _settings_with(settings: LanczosSettings | None, overrides: dict[str, Any]) -> LanczosSettings:
-    """``settings`` (default :class:`LanczosSettings`) with the fields named in ``overrides`` replaced.
-
-    Raises:
-        TypeError: a keyword that is not a field of :class:`LanczosSettings` (as for an unknown argument).
-    """
-    unknown = sorted(set(overrides) - _SETTING_NAMES)
-    if unknown:
-        raise TypeError(f"lanczos() got an unexpected keyword argument {unknown[0]!r}")
-    base = settings if settings is not None else LanczosSettings()
-    return replace(base, **overrides) if overrides else base
-
-
 def lanczos(
     op: LinearOperator,
     *,
@@ -937,7 +922,7 @@ def lanczos(
         TypeError: a keyword that is neither an argument nor a field of :class:`LanczosSettings`.
         DiagnosticsError: with ``memory_check``, a basis that cannot fit (names the fixes).
     """
-    cfg = _settings_with(settings, overrides)
+    cfg = with_fields(LanczosSettings, settings, overrides, "lanczos")
     basis_device, block_size, memory_check = cfg.basis_device, cfg.block_size, cfg.memory_check
     criterion, vectors_tol, check, oversample = cfg.criterion, cfg.vectors_tol, cfg.check, cfg.oversample
     if criterion not in CRITERIA:
