@@ -194,3 +194,10 @@ def tiny_context(batches, loss="cross_entropy", model: nn.Module | None = None, 
         loss_name=loss if isinstance(loss, str) else "custom",
         seed=seed,
     )
+
+
+def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigs) Q^T`` in float64 with a seeded random orthogonal ``Q``: a designed symmetric operator."""
+    n = eigs.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return Q @ torch.diag(eigs.double()) @ Q.T

@@ -20,6 +20,7 @@ from diagnostics.linalg.density import slq
 from diagnostics.linalg.lanczos import krylov_quadrature, lanczos, lanczos_tridiagonal
 from diagnostics.linalg.operator import DenseOperator, HessianOperator, dense_hessian
 from diagnostics.linalg.trace import hutchpp
+from tinymodels import spectrum_matrix
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -161,8 +162,7 @@ def test_block_lanczos_resolves_a_repeated_top_eigenvalue():
     # spectrum {5, 5, 5, 4, 3.9, ...}: one Krylov space of a single vector holds one copy of 5 only
     n = 40
     eig = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0]), torch.linspace(3.9, -1.0, n - 4)]).double()
-    Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64))[0]
-    op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
+    op = DenseOperator(spectrum_matrix(eig, 4))
     res = lanczos(op, k_top=4, tol=1e-10, block_size=3, generator=torch.Generator().manual_seed(5))
     assert res.converged
     assert torch.allclose(res.eigenvalues, eig[:4], atol=1e-9)
@@ -171,8 +171,7 @@ def test_block_lanczos_resolves_a_repeated_top_eigenvalue():
 def test_block_lanczos_exhausts_small_space_exactly():
     n = 10
     eig = torch.linspace(-2, 3, n, dtype=torch.float64)
-    Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
-    op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
+    op = DenseOperator(spectrum_matrix(eig, 6))
     res = lanczos(op, k_top=3, k_bottom=3, tol=1e-12, block_size=4)
     assert res.iterations <= n
     assert torch.allclose(res.eigenvalues, eig.flip(0)[:3], atol=1e-12)
@@ -183,8 +182,7 @@ def test_block_start_is_padded_with_random_columns():
     # a warm start of 2 columns with block_size 3 runs 3 vectors per product (the 2 combined + 2 random)
     n = 30
     eig = torch.linspace(-1, 4, n, dtype=torch.float64)
-    Qm = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
-    op = DenseOperator(Qm @ torch.diag(eig) @ Qm.T)
+    op = DenseOperator(spectrum_matrix(eig, 6))
     res = lanczos(op, k_top=1, block_size=3, start=torch.ones(n, 2, dtype=torch.float64), tol=1e-10)
     assert res.block_size == 3 and res.converged
     assert float(res.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)

@@ -11,12 +11,7 @@ import torch
 from diagnostics.linalg import DenseOperator, gaussian_density, negative_mass, slq, tridiagonal_quadrature
 from diagnostics.linalg.density import cms_bracket, default_grid, quadrature_resolution
 from diagnostics.linalg.lanczos import lanczos_tridiagonal
-
-
-def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigs.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    return Q @ torch.diag(eigs) @ Q.T
+from tinymodels import spectrum_matrix
 
 
 def test_full_krylov_quadrature_reproduces_the_spectrum() -> None:

@@ -9,12 +9,7 @@ import torch
 
 from diagnostics.linalg import DenseOperator, lanczos
 from diagnostics.linalg.lanczos import lehmann_upper
-
-
-def spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigs.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    return Q @ torch.diag(eigs) @ Q.T
+from tinymodels import spectrum_matrix
 
 
 def test_top_and_bottom_of_a_known_spectrum() -> None:

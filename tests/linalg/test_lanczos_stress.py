@@ -10,12 +10,7 @@ import torch
 from diagnostics.linalg import DenseOperator, lanczos, negative_mass, slq
 from diagnostics.linalg.density import quadrature_resolution
 from diagnostics.linalg.lanczos import RELATIVE_FLOOR
-
-
-def rotated(eigs: torch.Tensor, seed: int) -> torch.Tensor:
-    n = eigs.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    return Q @ torch.diag(eigs) @ Q.T
+from tinymodels import spectrum_matrix
 
 
 def _uniform(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
@@ -45,7 +40,7 @@ def violations(res, eigs: torch.Tensor, k: int, tol: float) -> tuple[int, int]:
 @pytest.mark.parametrize("name", list(zoo()))
 def test_no_tolerance_or_bound_violation_on_the_zoo(name: str) -> None:
     eigs = zoo()[name]
-    op = DenseOperator(rotated(eigs, 7))
+    op = DenseOperator(spectrum_matrix(eigs, 7))
     bad = []
     for tol in (1e-2, 1e-3):
         for k in (1, 5):
@@ -61,7 +56,7 @@ def test_no_tolerance_or_bound_violation_on_the_zoo(name: str) -> None:
 def test_20_dim_quadratic_top_1_finds_lambda_max_for_every_seed() -> None:
     # issue 18: evenly spaced in [1, 10]; the old rule returned lambda_2 = 9.526 for seed 0
     eigs = torch.linspace(1, 10, 20, dtype=torch.float64)
-    op = DenseOperator(rotated(eigs, 0))
+    op = DenseOperator(spectrum_matrix(eigs, 0))
     for seed in range(20):
         res = lanczos(op, k_top=1, tol=1e-3, generator=torch.Generator().manual_seed(seed))
         err = abs(float(res.eigenvalues[0]) - 10.0)
@@ -70,7 +65,9 @@ def test_20_dim_quadratic_top_1_finds_lambda_max_for_every_seed() -> None:
 
 def test_whole_space_gives_exact_bounds_for_k_equal_to_n() -> None:
     eigs = torch.linspace(1, 10, 20, dtype=torch.float64)
-    res = lanczos(DenseOperator(rotated(eigs, 0)), k_top=20, tol=1e-3, generator=torch.Generator().manual_seed(0))
+    res = lanczos(
+        DenseOperator(spectrum_matrix(eigs, 0)), k_top=20, tol=1e-3, generator=torch.Generator().manual_seed(0)
+    )
     assert res.converged and res.iterations == 20
     assert ((res.eigenvalues - eigs.flip(0)).abs() <= res.error_bounds).all() and (res.error_bounds < 1e-10).all()
 
@@ -79,7 +76,7 @@ def test_400_dim_top_cluster_over_a_bulk_and_its_negative_mass() -> None:
     # issue 18: top 10, 9.95, ..., 9.70 over a bulk in [-0.5, 9.0]
     top = torch.tensor([10.0, 9.95, 9.90, 9.85, 9.80, 9.75, 9.70], dtype=torch.float64)
     eigs = torch.cat([top, _uniform(393, -0.5, 9.0, 11)])
-    op = DenseOperator(rotated(eigs, 12))
+    op = DenseOperator(spectrum_matrix(eigs, 12))
     for seed in range(5):
         res = lanczos(op, k_top=5, tol=1e-3, generator=torch.Generator().manual_seed(seed))
         err = (res.eigenvalues - top[:5]).abs()
@@ -97,7 +94,7 @@ def test_400_dim_top_cluster_over_a_bulk_and_its_negative_mass() -> None:
 def test_float32_bounds_include_rounding() -> None:
     # in float32 the bound must not fall below the rounding error (issue 18: stderr 1e-20 vs errors 1e-6)
     eigs = torch.cat([torch.tensor([10.0, 9.99, 9.5, 8.0], dtype=torch.float64), _uniform(296, -1, 5, 21)])
-    A = rotated(eigs, 22).float()
+    A = spectrum_matrix(eigs, 22).float()
     exact = torch.linalg.eigvalsh(A.double()).flip(0)[:4]
     for seed in range(5):
         res = lanczos(DenseOperator(A), k_top=4, tol=1e-5, generator=torch.Generator().manual_seed(seed))

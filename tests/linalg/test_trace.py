@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diagnostics.linalg import DenseOperator, hutchinson, hutchpp
+from tinymodels import spectrum_matrix
 
 
 def psd(n: int, decay: float, seed: int) -> torch.Tensor:
@@ -61,12 +62,6 @@ def test_adaptive_stopping_reaches_the_requested_relative_stderr() -> None:
     assert est.matvecs == 20 + est.samples
 
 
-def _rotated(eigs: torch.Tensor, seed: int) -> torch.Tensor:
-    n = eigs.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    return Q @ torch.diag(eigs) @ Q.T
-
-
 def test_stderr_coverage_over_100_seeds_with_a_heavy_top_cluster() -> None:
     # 30 eigenvalues near 10 over a bulk in [-0.5, 1]: the quadratic forms are heavy-tailed and their
     # sample variance runs low; the moment-based variance with a t quantile keeps the coverage
@@ -77,7 +72,7 @@ def test_stderr_coverage_over_100_seeds_with_a_heavy_top_cluster() -> None:
             torch.rand(90, generator=g, dtype=torch.float64) * 1.5 - 0.5,
         ]
     )
-    op = DenseOperator(_rotated(eigs, 2))
+    op = DenseOperator(spectrum_matrix(eigs, 2))
     exact = float(eigs.sum())
     for method in ("hutch++", "hutchinson"):
         z = []
@@ -96,7 +91,7 @@ def test_stderr_coverage_over_100_seeds_with_a_heavy_top_cluster() -> None:
 
 def test_diagonal_part_does_not_inflate_the_stderr() -> None:
     # z^T (c I) z = c n for Rademacher z: a shift adds nothing to the variance, and the estimate knows it
-    A = _rotated(torch.linspace(-1, 1, 80, dtype=torch.float64), 3) + 5 * torch.eye(80, dtype=torch.float64)
+    A = spectrum_matrix(torch.linspace(-1, 1, 80, dtype=torch.float64), 3) + 5 * torch.eye(80, dtype=torch.float64)
     B = A - 5 * torch.eye(80, dtype=torch.float64)
     a = hutchinson(DenseOperator(A), generator=torch.Generator().manual_seed(0), min_samples=40, max_samples=40)
     b = hutchinson(DenseOperator(B), generator=torch.Generator().manual_seed(0), min_samples=40, max_samples=40)
