@@ -1,0 +1,88 @@
+"""Where Lanczos time goes on the 1.13M-parameter digits MLP (issue 13): HVPs against everything else.
+
+The model is ``bench_process.py``'s (64-1024-1024-10, tanh; 1,126,410 parameters, briefly trained) over all 1,797
+digits, float32, cross-entropy; ``diag hessian``'s operator (``hessian_operator``, default backend) and
+:func:`~diagnostics.linalg.lanczos.lanczos` for the top-5 eigenvalues at tol 1e-3. The operator's ``matmat`` is
+timed (wall clock around each call); the rest of the Lanczos run is reorthogonalisation, the certificates (small
+dense eigenproblems) and bookkeeping. Repeated ``--repeats`` times with fresh seeds; medians printed.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lanczos_profile.py [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from diagnostics.binding import LOSSES
+from diagnostics.context import Context
+from diagnostics.examples.digits import build_mlp
+from diagnostics.linalg.lanczos import lanczos
+from diagnostics.operators import hessian_operator
+
+
+def model_and_data() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """``bench_process.py``'s model: seeded init, 50 SGD steps at lr 0.05 on all 1,797 digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target)
+    model = build_mlp(width=1024, depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model.eval(), X, y
+
+
+def profile_once(ctx: Context, seed: int) -> tuple[float, float, int]:
+    """One top-5 Lanczos run -> (total seconds, seconds inside the operator's products, HVPs)."""
+    op = hessian_operator(ctx)
+    inner = op.matmat
+    spent = [0.0]
+
+    def timed(V: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = inner(V)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    op.matmat = timed  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    lanczos(op, k_top=5, tol=1e-3, generator=torch.Generator().manual_seed(seed))
+    return time.perf_counter() - t0, spent[0], op.hvp_count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, X, y = model_and_data()
+    ctx = Context(
+        model=model,
+        params={n: p.detach() for n, p in model.named_parameters()},
+        frozen={},
+        batches=[(X, y)],
+        loss_fn=LOSSES["cross_entropy"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        loss_name="cross_entropy",
+    )
+    print(f"{ctx.n_params:,} parameters, {ctx.n_samples} samples, {torch.get_num_threads()} thread(s)")
+    rows = [profile_once(ctx, seed) for seed in range(args.repeats)]
+    for total, hvp, n in rows:
+        print(f"  total {total:7.2f} s   in HVPs {hvp:7.2f} s ({100 * hvp / total:5.1f}%)   {n} HVPs")
+    share = statistics.median(h / t for t, h, _ in rows)
+    print(f"median share of Lanczos time in HVPs: {100 * share:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
