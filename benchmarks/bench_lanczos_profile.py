@@ -16,28 +16,22 @@ import statistics
 import time
 
 import torch
+from bench_process import issue_model
 
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
-from diagnostics.examples.digits import build_mlp
 from diagnostics.linalg.lanczos import lanczos
 from diagnostics.operators import hessian_operator
 
 
 def model_and_data() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """``bench_process.py``'s model: seeded init, 50 SGD steps at lr 0.05 on all 1,797 digits."""
+    """``bench_process.py``'s model (:func:`bench_process.issue_model`) and all 1,797 digits scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     X = torch.tensor(d.data / 16.0, dtype=torch.float32)
     y = torch.tensor(d.target)
-    model = build_mlp(width=1024, depth=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(50):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    return model.eval(), X, y
+    return issue_model(X, y), X, y
 
 
 def profile_once(ctx: Context, seed: int) -> tuple[float, float, int]:

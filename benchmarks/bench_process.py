@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 FACTORIES = '''
 import torch
@@ -98,24 +99,32 @@ def rss_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, maxrss_kb / 1024, b"".join(chunks).decode()
 
 
-def prepare(folder: Path) -> Path:
-    """The factories module and a checkpoint of the 1.13M-parameter MLP (seeded init, briefly trained)."""
+def issue_model(X: Any, y: Any) -> Any:
+    """The issue's 1.13M-parameter MLP (64-1024-1024-10, tanh): seeded init, 50 SGD steps at lr 0.05 on ``(X, y)``."""
     import torch
 
-    from diagnostics.checkpoint import save_checkpoint
     from diagnostics.examples.digits import build_mlp
 
-    (folder / "factories.py").write_text(FACTORIES)
-    sys.path.insert(0, str(folder))
-    from factories import data  # type: ignore[import-not-found]
-
-    X, y = data()
     model = build_mlp(width=1024, depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(50):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
+    return model.eval()
+
+
+def prepare(folder: Path) -> Path:
+    """The factories module and a checkpoint of the 1.13M-parameter MLP (seeded init, briefly trained)."""
+
+    from diagnostics.checkpoint import save_checkpoint
+
+    (folder / "factories.py").write_text(FACTORIES)
+    sys.path.insert(0, str(folder))
+    from factories import data  # type: ignore[import-not-found]
+
+    X, y = data()
+    model = issue_model(X, y)
     n = sum(p.numel() for p in model.parameters())
     print(f"model: {n:,} parameters, {len(y)} samples")
     return save_checkpoint(folder / "mlp.pt", model, model_factory="diagnostics.examples.digits:build_mlp",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 torch = lazy_import("torch")
 B = lazy_import("diagnostics.batches")
+products = lazy_import("diagnostics.linalg.products")
 
 NAME = "gradnoise"
 
@@ -103,14 +104,6 @@ def _weight(ctx: Context, batch: Any) -> int:
     return int(count) if count is not None else B.batch_size(batch)
 
 
-def _gradient(ctx: Context, leaves: list[Any], batch: Any) -> Any:
-    """The flat gradient of the batch's own mean loss (``raw_batch_loss``) at the checkpoint."""
-    with torch.enable_grad():
-        loss = ctx.raw_batch_loss(dict(zip(ctx.params, leaves)), batch)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)])
-
-
 def collect_draws(ctx: Context, micro_batch: int, progress: ProgressFn | None = None) -> Draws:
     """Pass 1: ``S = sum_b c_b g_b`` from whole batches; pass 2: each micro-batch's scalars against ``S``.
 
@@ -126,19 +119,18 @@ def collect_draws(ctx: Context, micro_batch: int, progress: ProgressFn | None = 
         DiagnosticsError: fewer than two draws carry weight.
     """
     progress = progress or null_progress
-    leaves = [p.detach().requires_grad_(True) for p in ctx.params.values()]
     S = None
     for b in ctx.batches:
         c = _weight(ctx, b)
         if c:
-            g = _gradient(ctx, leaves, b).double() * c
+            g = products.batch_gradient(ctx.raw_batch_loss, ctx.params, b).double() * c
             S = g if S is None else S + g
     parts = [mb for b in ctx.batches for mb in B.split(b, micro_batch)]
     rows = []
     for i, mb in enumerate(parts):
         c = _weight(ctx, mb)
         if c:
-            g = _gradient(ctx, leaves, mb).double()
+            g = products.batch_gradient(ctx.raw_batch_loss, ctx.params, mb).double()
             rows.append((c, float(g @ S), float(g @ g)))
         progress("micro-batch gradients", i + 1, len(parts))
     if len(rows) < 2 or S is None:

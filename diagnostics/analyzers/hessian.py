@@ -721,11 +721,16 @@ def _eigenpairs(
         generator=ctx.generator(500_000 + ci),
         basis_device=torch.device(config.basis_device) if config.basis_device else None,
         block_size=config.block_size,
-        criterion="residual" if residual else ("residual" if config.strict_residual else "bound"),
+        criterion="residual" if residual or config.strict_residual else "bound",
         progress=bind(progress, f"{kind} eigenpairs"),
     )
-    info = {"hvps": kop.hvp_count - start, "iterations": res.iterations, "converged": res.converged}
-    return res, {**info, "criterion": res.criterion}
+    info = {
+        "hvps": kop.hvp_count - start,
+        "iterations": res.iterations,
+        "converged": res.converged,
+        "criterion": res.criterion,
+    }
+    return res, info
 
 
 def _alignment(res: LanczosResult, gradient: Any, k: int, kind: str, group: str | None, out: _Beyond) -> dict[str, Any]:
