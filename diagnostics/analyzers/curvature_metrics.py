@@ -1,8 +1,8 @@
 """Curvature metrics beyond the spectrum that ``diag hessian`` reports (pure functions over operators).
 
-* :func:`gradient_alignment`: the fraction of the gradient's squared norm in the top-k eigenspace of a
-  curvature, ``||U_k^T g||^2 / ||g||^2`` (Gur-Ari, Roberts, Dyer 2018), with a Davis-Kahan bound on its
-  error from the Ritz vectors' residuals.
+* :func:`alignment_from_ritz`: the fraction of the gradient's squared norm in the top-k eigenspace of a
+  curvature, ``||U_k^T g||^2 / ||g||^2`` (Gur-Ari, Roberts, Dyer 2018), from Lanczos' Ritz pairs, with a
+  Davis-Kahan bound on its error from the Ritz vectors' residuals.
 * :func:`batch_sharpness`: ``E_B[g_B^T H_B g_B / ||g_B||^2]`` over mini-batches of the training batch size
   (Andreyev & Beneventano 2024), with its standard error over batches.
 * :func:`count_outliers`: how many top eigenvalues lie above the edge of the spectrum's bulk (Sagun et al.
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from diagnostics.lazy import lazy_from, lazy_import
 
 if TYPE_CHECKING:
-    from diagnostics.linalg.lanczos import LanczosResult
     from diagnostics.linalg.operator import LinearOperator
 
 torch = lazy_import("torch")
@@ -32,37 +31,6 @@ default_grid, gaussian_density, slq = lazy_from("diagnostics.linalg.density", "d
 
 
 # ------------------------------------------------------------------------------ gradient alignment
-@dataclass
-class Alignment:
-    """The gradient's share in the top-k eigenspace of a curvature.
-
-    Attributes:
-        value: ``||U_k^T g||^2 / ||g||^2`` in ``[0, 1]``.
-        overlaps: ``(u_i^T g)^2 / ||g||^2`` for ``i < k`` (they sum to ``value``).
-        bound: Davis-Kahan bound on ``|value - true value|``: ``min(1, ||R||_F / delta)`` with ``R`` the
-            Ritz residuals ``A u_i - theta_i u_i`` of the k vectors and ``delta = theta_k - (theta_{k+1} +
-            r_{k+1})`` the gap from the k-th Ritz value to the rest of the spectrum (1 when ``delta <= 0``:
-            the eigenspace is not separated, the alignment not determined).
-        residuals: ``||A u_i - theta_i u_i||`` of the k+1 Ritz pairs.
-        eigenvalues: the k+1 Ritz values.
-        gap: ``delta``.
-        gradient_norm: ``||g||``.
-        hvps: operator products spent.
-        converged: whether Lanczos met the residual tolerance.
-    """
-
-    value: float
-    overlaps: list[float]
-    bound: float
-    residuals: list[float]
-    eigenvalues: list[float]
-    gap: float
-    gradient_norm: float
-    hvps: int
-    converged: bool
-    iterations: int
-
-
 def alignment_from_ritz(
     vectors: torch.Tensor,
     eigenvalues: Sequence[float],
@@ -104,67 +72,6 @@ def alignment_from_ritz(
     return value, overlaps, bound, gap
 
 
-def gradient_alignment(
-    op: LinearOperator,
-    gradient: torch.Tensor,
-    k: int,
-    *,
-    tol: float,
-    max_iter: int,
-    generator: torch.Generator,
-    basis_device: torch.device | None = None,
-    block_size: int = 1,
-) -> Alignment:
-    """``||U_k^T g||^2 / ||g||^2`` for the top-``k`` eigenvectors ``U_k`` of ``op`` (Gur-Ari et al. 2018).
-
-    Lanczos runs for the top ``k + 1`` pairs and stops on the Ritz *vectors*: every residual
-    ``||A u - theta u|| <= tol |theta|`` (``criterion="residual"``), which the Davis-Kahan bound of
-    :func:`alignment_from_ritz` turns into an error bound on the alignment.
-
-    Args:
-        op: the curvature operator.
-        gradient: ``g [n]`` (the full-batch gradient of the loss).
-        k: eigenspace dimension (clipped to ``op.dim``).
-        tol: relative residual tolerance of the Ritz vectors.
-        max_iter: Lanczos cap.
-        generator: the start vector's stream.
-        basis_device: where the Krylov basis lives.
-        block_size: block Lanczos width.
-
-    Returns:
-        The :class:`Alignment`.
-    """
-    k = min(k, op.dim)
-    want = min(k + 1, op.dim)
-    start = op.matvec_count
-    res: LanczosResult = lanczos(
-        op,
-        k_top=want,
-        tol=tol,
-        max_iter=max_iter,
-        generator=generator,
-        basis_device=basis_device,
-        block_size=block_size,
-        criterion="residual",
-    )
-    eig = res.eigenvalues.tolist()
-    r = res.residuals.tolist()
-    value, overlaps, bound, gap = alignment_from_ritz(res.eigenvectors, eig, r, gradient, k)
-    return Alignment(
-        value=value,
-        overlaps=overlaps,
-        bound=bound,
-        residuals=r,
-        eigenvalues=eig,
-        gap=gap,
-        gradient_norm=float(gradient.norm()),
-        hvps=op.matvec_count - start,
-        converged=bool(res.converged),
-        iterations=int(res.iterations),
-    )
-
-
-# --------------------------------------------------------------------------------- batch sharpness
 @dataclass
 class BatchSharpness:
     """``E_B[g_B^T H_B g_B / ||g_B||^2]`` over mini-batches.

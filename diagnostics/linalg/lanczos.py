@@ -699,7 +699,6 @@ class _Run:
         self.eff_tol = tol  # raised to the rounding floor when tol is below it (then not converged)
         self.active: list[int] = []
         self.restarts = self.checks = self.check_matvecs = 0
-        self.chain_width = 0  # rows of the main chain at the end of a block (0: the whole block)
         self.converged = False
 
     def certify(self, guarded: _Certificate | None = None) -> _Certificate:
@@ -720,7 +719,6 @@ class _Run:
         unchanged, so a warm start never changes what is guaranteed, only the HVP count."""
         if start is None:
             self.active = self.random(b)
-            self.chain_width = 0
             return
         v = start.reshape(self.kr.n, -1).to(self.kr.dtype)
         v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
@@ -729,7 +727,6 @@ class _Run:
         g = gaussian_block(self.kr.n, 1, self.gen, self.kr.dtype, self.kr.device)
         g = g / g.norm()
         self.active = self.kr.add(w + 0.1 * g) + (self.random(b - 1) if b > 1 else [])
-        self.chain_width = 0
 
     def unpark(self, cert: _Certificate) -> None:
         """While the wanted bounds miss ``tol``, multiply the parked rows (pending rows outside the main
@@ -737,8 +734,8 @@ class _Run:
         residual the main chain does not reduce."""
         kr = self.kr
         parked = [i for i in kr.pending if i not in self.active]
-        # also without any certificate: a warm vector far from the new eigenvector keeps a large residual in
-        # its parked remainder, which the main chain never reduces (the run would stall at max_iter)
+        # also without any certificate: a parked remainder (rows the budget cut from a block, or left by a
+        # restart check) may hold residual the main chain never reduces (the run would stall at max_iter)
         if not parked or cert.ok:
             return
         m = cert.theta.numel()
@@ -764,8 +761,7 @@ class _Run:
                     break
             width = len(self.active)
             new = self.step(self.active)
-            # a warm start's main chain goes on from the random vectors' remainders (the last new rows)
-            self.active = new[-self.chain_width :] if self.chain_width else new
+            self.active = new
             cert = self.certify()
             self.unpark(cert)
             if cert.hopeless:  # tol is below what the rounding floor allows: certify at the floor
@@ -832,7 +828,6 @@ class _Run:
         found = _grew(after, cert, self.k_top, self.k_bottom)
         # found: the missing direction's chain joins the main one (otherwise the run ends here)
         self.active = others + chain if found else others
-        self.chain_width = 0
         return found, after
 
     def finish(self, cert: _Certificate) -> _Certificate:
