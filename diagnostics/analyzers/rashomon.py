@@ -41,8 +41,10 @@ space of the analysed parameters (``d`` of them), with ``u`` a perturbation:
     1. *Pilot* (:func:`pilot_levels`). An adaptive run fixes the thresholds ``c_j`` (the
        ``p0``-quantiles of its draws), the proposal covariance of each level, the proposal scale (tuned
        to an acceptance rate of 0.3) and the thinning (Metropolis steps between recorded states, raised
-       level by level until the Au-Beck factor ``gamma`` below is about ``GAMMA_TARGET``: slow mixing
-       costs evaluations, not coverage). A covariance estimated from the draws it moves drifts them
+       level by level until the Au-Beck factor ``gamma`` below is about ``GAMMA_TARGET`` and the chains
+       travel at least half as far from their seeds as independent draws would, :func:`next_thin`: slow
+       mixing costs evaluations, not coverage; ``O(d)`` steps per draw in ``d`` dimensions, as for any
+       random walk). A covariance estimated from the draws it moves drifts them
        (measured: 3% per level in 20 dimensions, uniformity lost within a level in 500), so the pilot
        moves with the covariance of a second run, which itself leaves out each chain's own family.
     2. *Replicates.* ``R`` independent runs with the pilot's levels and kernels frozen. Each is then a
@@ -489,6 +491,7 @@ class SubsetRun:
         evaluations: loss evaluations, pilot included.
         final_states, final_losses: the replicates' draws of the last level (for pattern counts).
         stalled: True when the loss stopped decreasing from one level to the next (a plateau).
+        capped_travel: the pilot's least :func:`chain_travel` at the largest thinning (inf if never capped).
     """
 
     log_p: np.ndarray
@@ -503,6 +506,7 @@ class SubsetRun:
     final_losses: torch.Tensor
     stalled: bool = False
     notes: list[str] = field(default_factory=list)
+    capped_travel: float = math.inf
 
 
 def _seed_count(n: int, level_fraction: float) -> int:
@@ -535,6 +539,7 @@ class _AdaptiveRun:
         self.family = torch.arange(n)  # the chain each draw comes from (all distinct at first)
         self.seed_families: torch.Tensor | None = None
         self.travel = math.inf  # chain_travel of the last level (inf: independent draws)
+        self.capped_travel = math.inf  # the least chain_travel of a level thinned at MAX_THIN
 
     @property
     def done(self) -> bool:
@@ -574,6 +579,8 @@ class _AdaptiveRun:
             generator, ChainOptions(thin=thin, adapt=True, families=self.family[below][starts]),
         )  # fmt: skip
         self.travel = chain_travel(seeds, run.states, lengths)
+        if thin >= MAX_THIN:
+            self.capped_travel = min(self.capped_travel, self.travel)
         self.thresholds.append(c)
         self.shapes.append(shape)
         self.scales.append(run.scale)
@@ -646,17 +653,21 @@ def pilot_levels(
 
     * the *second* run moves with its own covariance, each chain leaving out the draws of its family (the
       states of the chain its seed came from, which sit where it sits): factor form of
-      :class:`ProposalShape` on at most ``max(4d, 256)`` of its seeds;
-    * the *first* run, which sets the levels, moves with the second run's covariance (its last one once
-      the second run is over), so no covariance it uses was built from or shaped by its own draws.
+      :class:`ProposalShape` on at most ``max(4d, 256)`` of its draws in ``A_j``;
+    * the *first* run, which sets the levels, moves with the covariance of all the second run's draws in
+      ``A_j`` (its last one once the second run is over), so no covariance it uses was built from or
+      shaped by its own draws. (``A_j`` rather than only its draws below ``c_{j+1}``: ten times the
+      points, and the shape of ``A_{j+1}`` up to a scale the tuning absorbs.)
 
-    The scale is tuned step by step (acceptance 0.3) and the thinning level by level (towards an Au-Beck
-    factor ``gamma`` of ``GAMMA_TARGET``). The frozen kernel of level ``j`` is the first run's: its
+    The scale is tuned step by step (acceptance 0.3) and the thinning level by level (:func:`next_thin`:
+    an Au-Beck factor ``gamma`` near ``GAMMA_TARGET`` and a :func:`chain_travel` of at least
+    ``TRAVEL_TARGET``). The frozen kernel of level ``j`` is the first run's: its
     threshold, the covariance it used, the scale it reached and its thinning.
 
     Returns:
-        (levels, info) with ``info = {"log_p", "levels", "finished", "stalled", "evaluations"}`` of the
-        first run (``evaluations``: both).
+        (levels, info) with ``info = {"log_p", "levels", "finished", "stalled", "evaluations",
+        "capped_travel"}`` of the first run (``evaluations``: both; ``capped_travel``: the least
+        :func:`chain_travel` of a level already thinned at ``MAX_THIN``, inf if none).
     """
     n_seed = _seed_count(n, level_fraction)
     chain_length = max(1, round(1 / level_fraction))
@@ -668,6 +679,7 @@ def pilot_levels(
             break
         # the second run moves with its own covariance, each chain leaving out the draws of its own family
         # (the states of the chain its seed came from); the first run moves with the second run's covariance
+        # (both fitted on the second run's draws in the current level A_j)
         keep = torch.randperm(second.U.shape[0], generator=generator)[: max(4 * d, 256)]
         shapes = [
             ProposalShape.fit(second.U),
@@ -688,6 +700,7 @@ def pilot_levels(
         "finished": first.finished,
         "stalled": first.stalled,
         "evaluations": first.evaluations + second.evaluations,
+        "capped_travel": first.capped_travel,
     }
     return levels, info
 
@@ -964,6 +977,7 @@ def subset_simulation(
         final_states=torch.cat([rep.U for rep in survivors]) if survivors else torch.zeros(0, d, dtype=torch.float64),
         final_losses=torch.cat([rep.losses for rep in survivors]) if survivors else torch.zeros(0, dtype=torch.float64),
         stalled=bool(info["stalled"]) and bool(levels),
+        capped_travel=float(info["capped_travel"]),
     )
 
 
@@ -1148,6 +1162,12 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
         notes.append(
             f"subset simulation: the chains accepted only {100 * worst[0]:.2g}% of their moves at level {worst[1]}; "
             "they barely move and the interval is unreliable"
+        )
+    if run.capped_travel < TRAVEL_TARGET / 2:
+        notes.append(
+            f"subset simulation: even {MAX_THIN} Metropolis steps between draws moved the chains only "
+            f"{run.capped_travel:.2g} of the way to independence (target {TRAVEL_TARGET:g}); the draws of a level "
+            "may stay clustered around their seeds and the interval be unreliable"
         )
     if run.finished and est.ess < 30:
         notes.append(
