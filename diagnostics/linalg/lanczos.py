@@ -170,12 +170,18 @@ class KrylovSpace:
         return idx
 
     # ----------------------------------------------------------- orthogonality
+    def _rows(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """``Q[rows]``: a view when the rows are consecutive (the usual case: a chain's block), else a copy."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        if idx.numel() and bool((idx.diff() == 1).all()):
+            return self.Q[int(idx[0]) : int(idx[-1]) + 1]
+        return self.Q[idx.to(self.device)]
+
     def _project_out(self, W: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One classical Gram-Schmidt pass of ``W [n, b]`` against ``Q[rows]`` (all rows if None)."""
-        Q = self.Q[: self.size] if rows is None else self.Q[rows]
+        Q = self.Q[: self.size] if rows is None else self._rows(rows)
         C = Q @ W
-        W = W - Q.T @ C
-        return W, C
+        return torch.addmm(W, Q.T, C, alpha=-1), C
 
     def _orthonormal(self, W: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal rows spanning ``W``'s numerically nonzero range, and ``B`` with ``W ~ rows^T B``.
@@ -221,15 +227,14 @@ class KrylovSpace:
         if not idx:
             return []
         rows = torch.tensor(idx, dtype=torch.long)
-        X = self.Q[rows.to(self.device)]
-        W = self.op.matmat(X.T.to(self.op.device)).to(self.device)
+        W = self.op.matmat(self._rows(rows).T.to(self.op.device)).to(self.device)
         self.matvecs += len(idx)
         s = self.size
         done = self.done[:s].clone()
         known = self.H[rows, :s]  # H[idx, j] recorded when j was multiplied (0 if idx came later)
         local = (~done) | (done & (known != 0).any(0))
         local_rows = local.nonzero().squeeze(1)
-        W, C = self._project_out(W, local_rows.to(self.device))
+        W, C = self._project_out(W, local_rows)
         coef = torch.zeros(s, len(idx), dtype=torch.float64)
         coef[local_rows] = C.double().cpu()
         before = W.norm(dim=0)

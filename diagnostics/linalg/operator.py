@@ -379,6 +379,10 @@ class DataOperator(LinearOperator):
         k = int(V.shape[1])
         if self.memory_check and k:
             self.check_memory(min(k, self.max_vectors))
+        if 0 < k <= self.max_vectors:  # one block: its sum is the result (no copy into a second buffer)
+            return self.loop.weighted_sum(
+                lambda batch: self._batch_product(batch, V), V.shape, dtype=self.dtype, device=self.device
+            ).to(self.dtype)
         out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
         for start in range(0, k, self.max_vectors):
             cols = slice(start, min(start + self.max_vectors, k))

@@ -186,6 +186,29 @@ def test_products_of_a_parameter_the_loss_ignores_are_zero(data) -> None:
         assert torch.equal(HV[-2:], torch.zeros(2, 2, dtype=F64))
 
 
+def test_double_backward_products_leave_sympy_unimported() -> None:
+    """A cached-graph product passes the tangent into the gradient graph without ``grad_outputs``, whose
+    shape check imports sympy (~0.2 s of every ``diag`` run); the product is still the exact one."""
+    script = (
+        "import sys, torch\n"
+        "from diagnostics.linalg import products\n"
+        "torch.manual_seed(0)\n"
+        "W = torch.randn(3, 4, dtype=torch.float64)\n"
+        "x = torch.randn(5, 4, dtype=torch.float64)\n"
+        "loss = lambda p, b: torch.tanh(b @ p['w'].T).pow(2).sum()\n"
+        "V = torch.randn(12, 2, dtype=torch.float64)\n"
+        "HV = products.CachedGraph()(loss, {'w': W}, x, V)\n"
+        "imported = 'sympy' in sys.modules\n"
+        "f = lambda w: loss({'w': w.reshape(3, 4)}, x)\n"
+        "H = torch.autograd.functional.hessian(f, W.reshape(-1))\n"
+        "assert torch.allclose(HV, H @ V, rtol=1e-12, atol=1e-13), (HV, H @ V)\n"
+        "print(imported)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
 def test_auto_falls_back_to_double_backward_once(data) -> None:
     X, y = data
     ctx = make_ctx([(X, y)])
