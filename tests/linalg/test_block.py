@@ -6,6 +6,7 @@ a tiny MLP over ragged batches, or a dense matrix with a known spectrum.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -313,6 +314,26 @@ def test_activation_bytes_are_affine_in_batch_size():
     got = [HessianOperator(batch_loss, params, [(X[:n], y[:n])]).activation_bytes() for n in sizes]
     assert got[0] > 0
     assert got[2] - got[1] == got[1] - got[0] > 0
+
+
+def test_activation_bytes_keep_no_saved_output_alive():
+    """The probe's saved tensors die with its graph; packing a saved output as itself would close a
+    reference cycle (output -> grad_fn -> saved output) that autograd never frees (a leak per call)."""
+    import weakref
+
+    W = torch.randn(5, 3, dtype=torch.float64)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    outputs: list = []
+
+    def loss(p):
+        h = torch.tanh(x @ p["w"].T)  # tanh saves its output
+        outputs.append(weakref.ref(h))
+        return h.sum()
+
+    got = memory.activation_bytes(loss, {"w": W}, torch.device("cpu"))
+    assert got == 7 * 5 * 8 + 7 * 3 * 8  # tanh's output and the matmul's input x
+    gc.collect()
+    assert outputs[0]() is None
 
 
 def test_lanczos_refuses_a_basis_that_cannot_fit(problem, monkeypatch):
