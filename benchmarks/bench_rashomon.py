@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -247,8 +248,14 @@ def run_case(case: Case, seeds: int, draws: int | None) -> Row:
         abs_log.append(abs(err10))
         evals.append(out.run.evaluations if out.run is not None else config.draws)
         methods.append(out.method)
-        if out.run is not None and subset_notes(out.run, est):
-            flagged += 1
+        notes = subset_notes(out.run, est) if out.run is not None else []
+        flagged += bool(notes)
+        print(
+            f"  {case.name} seed {seed}: log10 {est.log10:.4f} [{lo:.4f}, {hi:.4f}] exact {truth10:.4f} "
+            f"covers {covered[-1]} rel.err {rel[-1]:+.3f} {secs[-1]:.1f} s{' (flagged)' if notes else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     return Row(
         case=case.name,
         geometry=case.geometry,
