@@ -185,7 +185,7 @@ CASES = [
     Case("box-20d-c10", "box", 20, 10, "inside", -14),
     Case("cross-box-10d-c1e2", "box", 10, 1e2, "crossing", 3.0),
     Case("cross-box-30d-c1e6", "box", 30, 1e6, "crossing", 5.0),
-    Case("cross-box-100d-c1e2", "box", 100, 1e2, "crossing", 4.0),
+    Case("cross-box-100d-c1e2", "box", 100, 1e2, "crossing", 4.0, draws=20000),
 ]
 
 
