@@ -221,7 +221,7 @@ class Row:
     notes: int
 
 
-def run_case(case: Case, seeds: int, draws: int | None) -> Row:
+def run_case(case: Case, seeds: int, draws: int | None, first_seed: int = 0) -> Row:
     lam = eigenvalues(case)
     theta = theta_of(case, lam)
     exact = exact_log_ratio(case, lam, theta)
@@ -231,7 +231,7 @@ def run_case(case: Case, seeds: int, draws: int | None) -> Row:
     if budget:
         config = replace(config, draws=budget)
     covered, rel, abs_log, evals, secs, methods, flagged = [], [], [], [], [], [], 0
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         gens = (
             torch.Generator().manual_seed(1_000_003 * seed + 51),
             torch.Generator().manual_seed(1_000_003 * seed + 52),
@@ -432,6 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--draws", type=int, default=None, help="draws per level for every case")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="CSV file for the table")
@@ -463,7 +464,7 @@ def main() -> None:
         return
     rows = []
     for case in cases:
-        row = run_case(case, args.seeds, args.draws)
+        row = run_case(case, args.seeds, args.draws, args.first_seed)
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
     print()
