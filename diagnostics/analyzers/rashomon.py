@@ -535,9 +535,7 @@ class _AdaptiveRun:
         self.gammas: list[float] = []
         self.shapes: list[ProposalShape] = []
         self.finished = self.stalled = False
-        self.seeds: torch.Tensor | None = None  # the draws below the last threshold
         self.family = torch.arange(n)  # the chain each draw comes from (all distinct at first)
-        self.seed_families: torch.Tensor | None = None
         self.travel = math.inf  # chain_travel of the last level (inf: independent draws)
         self.capped_travel = math.inf  # the least chain_travel of a level thinned at MAX_THIN
 
@@ -551,8 +549,6 @@ class _AdaptiveRun:
         if c <= target:
             self.log_p += math.log(int((self.losses <= target).sum()) / self.n)
             self.finished = True
-            self.seeds = self.U[self.losses <= target]
-            self.seed_families = self.family[self.losses <= target]
             return None
         previous = self.thresholds[-1] if self.thresholds else math.inf
         if not (math.isfinite(c) and c < previous) or len(self.thresholds) >= max_levels:
@@ -560,8 +556,6 @@ class _AdaptiveRun:
             return None
         below = self.losses <= c
         self.log_p += math.log(int(below.sum()) / self.n)
-        self.seeds = self.U[below]
-        self.seed_families = self.family[below]
         if self.lengths is not None:
             gamma = au_beck_gamma(below, self.lengths)
             self.gammas.append(gamma)

@@ -380,17 +380,18 @@ class DataOperator(LinearOperator):
         if self.memory_check and k:
             self.check_memory(min(k, self.max_vectors))
         if 0 < k <= self.max_vectors:  # one block: its sum is the result (no copy into a second buffer)
-            return self.loop.weighted_sum(
-                lambda batch: self._batch_product(batch, V), V.shape, dtype=self.dtype, device=self.device
-            ).to(self.dtype)
+            return self._block_product(V).to(self.dtype)
         out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
         for start in range(0, k, self.max_vectors):
             cols = slice(start, min(start + self.max_vectors, k))
-            W = V[:, cols]
-            out[:, cols] = self.loop.weighted_sum(
-                lambda batch, W=W: self._batch_product(batch, W), W.shape, dtype=self.dtype, device=self.device
-            )
+            out[:, cols] = self._block_product(V[:, cols])
         return out
+
+    def _block_product(self, W: torch.Tensor) -> torch.Tensor:
+        """``[n, b] -> [n, b]``: one pass over the data, the batches' products weighted and summed."""
+        return self.loop.weighted_sum(
+            lambda batch: self._batch_product(batch, W), W.shape, dtype=self.dtype, device=self.device
+        )
 
     def gradient(self) -> torch.Tensor:
         """``[n]``: the gradient of the mean loss over the data, ``sum_b w_b grad L_b`` (one data pass, not
