@@ -557,7 +557,7 @@ def autograd_output_hessian(loss: Callable[[torch.Tensor, Any], torch.Tensor]) -
                     (g,) = torch.autograd.grad(loss(leaf, targets), leaf, create_graph=True)
                     cols = []
                     for j in range(U.shape[0]):
-                        (h,) = torch.autograd.grad(g, leaf, grad_outputs=U[j], retain_graph=j < U.shape[0] - 1)
+                        (h,) = torch.autograd.grad((g * U[j]).sum(), leaf, retain_graph=j < U.shape[0] - 1)
                         cols.append(h.detach())
                 return torch.stack(cols)
 
@@ -645,7 +645,8 @@ def gauss_newton_reverse(
 
     ``J v`` is the vector-Jacobian product of the linear map ``u -> J^T u`` (the "double-vjp trick"):
     with ``g(u) = J^T u`` built with its graph, ``J v = d<g(u), v>/du``. One backward pass per column
-    for ``J V`` and one for ``J^T (M J V)``.
+    for ``J V`` and one for ``J^T (M J V)``. Every backward pass differentiates a scalar (as
+    :func:`_directional` does), never ``grad_outputs``, whose shape check imports ``sympy``.
 
     Args:
         model_loss: the loss split at the outputs.
@@ -665,26 +666,21 @@ def gauss_newton_reverse(
     with torch.enable_grad():
         out = model_loss.outputs(dict(zip(names, leaves)), batch[0], autocast)
         dummy = torch.zeros_like(out, requires_grad=True)
-        gs = torch.autograd.grad(out, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True)
+        gs = torch.autograd.grad((out * dummy).sum(), leaves, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
         cols = []
         for j in range(k):
             parts = torch.split(V[:, j].to(out.dtype), numels)
             if used:
-                (jv,) = torch.autograd.grad(
-                    [gs[i] for i in used],
-                    dummy,
-                    grad_outputs=[parts[i].reshape(leaves[i].shape) for i in used],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
+                scalar = _directional([gs[i] for i in used], [parts[i].reshape(leaves[i].shape) for i in used])
+                (jv,) = torch.autograd.grad(scalar, dummy, retain_graph=True, allow_unused=True)
             else:
                 jv = None
             cols.append(torch.zeros_like(out) if jv is None else jv.detach())
         MJV = curvature(out.detach(), batch)(torch.stack(cols)).to(out.dtype)
         res = []
         for j in range(k):
-            grads = torch.autograd.grad(out, leaves, grad_outputs=MJV[j], retain_graph=j < k - 1, allow_unused=True)
+            grads = torch.autograd.grad((out * MJV[j]).sum(), leaves, retain_graph=j < k - 1, allow_unused=True)
             res.append(
                 torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)])
             )

@@ -397,3 +397,31 @@ def test_curvature_module_imports_nothing_above_linalg() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     above = [m for m in json.loads(proc.stdout) if m not in allowed and not m.startswith("diagnostics.linalg")]
     assert above == []
+
+
+def test_reverse_gauss_newton_leaves_sympy_unimported() -> None:
+    """The reverse-mode GGN (and the autograd output Hessian's fallback) differentiate scalars, never
+    ``grad_outputs``, whose shape check imports sympy; the product is still ``J^T H_l J V`` exactly."""
+    script = (
+        "import sys, torch\n"
+        "from diagnostics.linalg import products\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "W = torch.randn(3, 4, dtype=torch.float64, generator=g)\n"
+        "x = torch.randn(5, 4, dtype=torch.float64, generator=g)\n"
+        "y = torch.tensor([0, 1, 2, 1, 0])\n"
+        "fwd = lambda p, inp: torch.tanh(inp @ p['w'].T)\n"
+        "ce = lambda z, t: torch.nn.functional.cross_entropy(z, t)\n"
+        "V = torch.randn(12, 2, dtype=torch.float64, generator=g)\n"
+        "ml = products.ModelLoss(fwd, ce)\n"
+        "out = products.gauss_newton_reverse(ml, {'w': W}, (x, y), V,\n"
+        "                                    curvature=products.cross_entropy_hessian)\n"
+        "imported = 'sympy' in sys.modules\n"
+        "J = torch.autograd.functional.jacobian(lambda w: fwd({'w': w.reshape(3, 4)}, x).reshape(-1), W.reshape(-1))\n"
+        "z = fwd({'w': W}, x)\n"
+        "Hl = torch.autograd.functional.hessian(lambda o: ce(o.reshape(5, 3), y), z.reshape(-1))\n"
+        "assert torch.allclose(out, J.T @ Hl @ J @ V, rtol=1e-12, atol=1e-13), (out, J.T @ Hl @ J @ V)\n"
+        "print(imported)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
