@@ -90,8 +90,12 @@ def main() -> None:
     daemons, shuts down thread pools, runs the exit handlers: temporary folders, logging, multiprocessing
     workers), flushes stdout and stderr and ends the process with ``os._exit``. Every file the package writes is closed
     by a ``with`` block before the command returns. Only the console script does this; ``app`` itself (and
-    so ``CliRunner`` in the tests) exits the ordinary way.
+    so ``CliRunner`` in the tests) exits the ordinary way, and so does the script under a profiler or tracer
+    (``python -m cProfile``, a debugger, coverage), which writes its results at the interpreter's exit.
     """
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        app()  # a profiler, debugger or coverage tool writes its results at the interpreter's exit
+        return
     try:
         app()
     except SystemExit as stop:

@@ -87,3 +87,16 @@ def test_exit_code_matches_sys_exit(code: object, status: int, capsys: pytest.Ca
     assert _exit_code(code) == status
     if isinstance(code, str):
         assert capsys.readouterr().err.strip() == code
+
+
+def test_a_profiler_still_gets_to_write_its_results(tmp_path: Path) -> None:
+    out = tmp_path / "diag.prof"
+    code = "import sys\nsys.argv = ['diag', '--version']\nfrom diag_cli.main import main\nmain()\n"
+    script = tmp_path / "run_diag.py"
+    script.write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("diag ")
+    assert out.stat().st_size > 0
