@@ -257,7 +257,8 @@ def run_case(case: Case, seeds: int, draws: int | None, first_seed: int = 0) -> 
         flagged += bool(notes)
         print(
             f"  {case.name} seed {seed}: log10 {est.log10:.4f} [{lo:.4f}, {hi:.4f}] exact {truth10:.4f} "
-            f"covers {covered[-1]} rel.err {rel[-1]:+.3f} {secs[-1]:.1f} s{' (flagged)' if notes else ''}",
+            f"covers {covered[-1]} rel.err {rel[-1]:+.3f} {secs[-1]:.1f} s"
+            + "".join(f"\n    flagged: {note}" for note in notes),
             file=sys.stderr,
             flush=True,
         )
