@@ -198,8 +198,15 @@ def _worker(rank: int, size: int, port: int, folder: str) -> None:
     try:
         result = _scenarios(rank, size)
         torch.save(result, Path(folder) / f"rank{rank}.pt")
+        torch.distributed.barrier()  # every rank has saved before any tears the group (and rank 0's store) down
     finally:
         D.shutdown()
+    # Leave without the interpreter's teardown: gloo's threads, destroyed there as C++ statics, abort the
+    # process now and then ("terminate called without an active exception", SIGABRT) after all the work is
+    # done and saved. The `diag` console script exits the same way (diag_cli.main.main).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
