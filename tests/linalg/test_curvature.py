@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -47,6 +45,7 @@ from diagnostics.linalg.lanczos import lanczos
 from diagnostics.linalg.operator import dense_hessian, restricted
 from diagnostics.linalg.products import ModelLoss, output_hessian
 from diagnostics.operators import curvature_operator, hessian_operator, model_loss
+from freshpy import run_fresh
 
 F64 = torch.float64
 
@@ -393,9 +392,7 @@ def test_curvature_module_imports_nothing_above_linalg() -> None:
         "import json, sys, diagnostics.linalg.curvature\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('diagnostics'))))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    above = [m for m in json.loads(proc.stdout) if m not in allowed and not m.startswith("diagnostics.linalg")]
+    above = [m for m in json.loads(run_fresh(script)) if m not in allowed and not m.startswith("diagnostics.linalg")]
     assert above == []
 
 
@@ -422,6 +419,4 @@ def test_reverse_gauss_newton_leaves_sympy_unimported() -> None:
         "assert torch.allclose(out, J.T @ Hl @ J @ V, rtol=1e-12, atol=1e-13), (out, J.T @ Hl @ J @ V)\n"
         "print(imported)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
+    assert run_fresh(script).strip() == "False"

@@ -4,8 +4,6 @@ products, the data loop, composition, compilation, and the layering of the numer
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from diagnostics.linalg.operator import (
     scaled,
 )
 from diagnostics.operators import hessian_operator
+from freshpy import run_fresh
 
 F64 = torch.float64
 LINALG_MODULES = [
@@ -204,9 +203,7 @@ def test_double_backward_products_leave_sympy_unimported() -> None:
         "assert torch.allclose(HV, H @ V, rtol=1e-12, atol=1e-13), (HV, H @ V)\n"
         "print(imported)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
+    assert run_fresh(script).strip() == "False"
 
 
 def test_auto_falls_back_to_double_backward_once(data) -> None:
@@ -440,9 +437,7 @@ def test_linalg_imports_nothing_above_it() -> None:
         "    out[name] = sorted(m for m in sys.modules if m == 'diagnostics' or m.startswith('diagnostics.'))\n"
         "print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, *LINALG_MODULES], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = json.loads(proc.stdout)
+    loaded = json.loads(run_fresh(script, *LINALG_MODULES))
     assert list(loaded) == LINALG_MODULES
     for module, names in loaded.items():
         assert module in names
