@@ -88,20 +88,19 @@ def main() -> None:
     benchmark (``benchmarks/bench_process.py``), and nothing the command wrote depends on it. So once the
     command returns, this does what the interpreter's exit does first (waits for threads that are not
     daemons, shuts down thread pools, runs the exit handlers: temporary folders, logging, multiprocessing
-    workers), flushes stdout and stderr and ends the process with ``os._exit``. Every file the package writes is closed
-    by a ``with`` block before the command returns. Only the console script does this; ``app`` itself (and
+    workers), flushes stdout and stderr and ends the process with ``os._exit``. Every file the package
+    writes is closed by a ``with`` block before the command returns. Only the console script does this; ``app`` itself (and
     so ``CliRunner`` in the tests) exits the ordinary way, and so does the script under a profiler or tracer
     (``python -m cProfile``, a debugger, coverage), which writes its results at the interpreter's exit.
     """
     if sys.getprofile() is not None or sys.gettrace() is not None:
         app()  # a profiler, debugger or coverage tool writes its results at the interpreter's exit
         return
+    code = 0
     try:
         app()
     except SystemExit as stop:
         code = _exit_code(stop.code)
-    else:  # pragma: no cover - typer always raises SystemExit in standalone mode
-        code = 0
     shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, stops thread pools
     if shutdown is not None:
         shutdown()
