@@ -767,10 +767,13 @@ class _Run:
             width = len(self.active)
             new = self.step(self.active)
             self.active = new
+            # judged afresh every step: an early Ritz value near 0 (a wanted one not yet converged) makes the
+            # floor look out of reach, but the Ritz values it is relative to grow as the chain converges
+            self.eff_tol = self.tol
             cert = self.certify()
             self.unpark(cert)
             if cert.hopeless:  # tol is below what the rounding floor allows: certify at the floor
-                self.eff_tol = max(self.eff_tol, 2 * cert.eps_t / _scale_min(cert, self.k_top, self.k_bottom))
+                self.eff_tol = max(self.tol, 2 * cert.eps_t / _scale_min(cert, self.k_top, self.k_bottom))
                 cert = self.certify()
             if not cert.ok:
                 first = None
