@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt; \
 	else cp constraints.txt $(VENV)/constraints.txt; fi
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev,hf]'
+	@$(PY) -m compileall -q diagnostics cli >/dev/null  # byte code, as a wheel install has (PYTHONDONTWRITEBYTECODE)
 	@touch $(STAMP)
 
 demo: $(STAMP)

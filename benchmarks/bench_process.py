@@ -13,6 +13,7 @@ their ratios are printed (and written as CSV with ``--csv``).
 from __future__ import annotations
 
 import argparse
+import compileall
 import csv
 import json
 import os
@@ -119,6 +120,11 @@ def prepare(folder: Path) -> Path:
 
     from diagnostics.checkpoint import save_checkpoint
 
+    # byte-compile the package as a wheel install does (pip compiles on install); an editable install under
+    # PYTHONDONTWRITEBYTECODE=1 (set on these machines) would otherwise compile ~60 modules on every start
+    root = Path(__file__).resolve().parents[1]
+    for package in ("diagnostics", "cli"):
+        compileall.compile_dir(root / package, quiet=1)
     (folder / "factories.py").write_text(FACTORIES)
     sys.path.insert(0, str(folder))
     from factories import data  # type: ignore[import-not-found]

@@ -107,6 +107,19 @@ def gaussian_block(
     return torch.randn(dim, k, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
+def transposed(X: torch.Tensor) -> torch.Tensor:
+    """``X.T`` of a ``[n, k]`` matrix as a view, with row-major strides where a dimension is 1.
+
+    For a single row or column ``X.T`` (and ``X.T.contiguous()``, since a size-1 dimension does not count
+    for contiguity) keeps strides such as ``(1, 1)`` or ``(1, n)``, and copying from such a tensor takes
+    torch's elementwise slow path, ~80x a plain copy (7 ms instead of 0.09 ms for a 1.1M-entry basis row).
+    Transposing a vector is a reshape, which gives it ordinary strides.
+    """
+    if 1 in X.shape:
+        return X.reshape(X.shape[1], X.shape[0])
+    return X.T
+
+
 class KrylovSpace:
     """An orthonormal basis with its projected matrix, grown by multiplying pending vectors.
 
@@ -198,7 +211,7 @@ class KrylovSpace:
         keep = int((s > cut).sum())
         if keep < s.numel():
             self.lost = math.sqrt(self.lost**2 + float((s[keep:] ** 2).sum()))
-        rows = (Qw @ U[:, :keep].to(dtype=Qw.dtype, device=Qw.device)).T.contiguous()
+        rows = transposed(Qw @ U[:, :keep].to(dtype=Qw.dtype, device=Qw.device))
         B = s[:keep, None] * Vh[:keep]
         return rows, B
 
@@ -214,7 +227,7 @@ class KrylovSpace:
         # a second pass after normalisation keeps tiny projected directions orthogonal to the basis
         if self.size and rows.shape[0]:
             Y, _ = self._project_out(rows.T)
-            rows = (Y / Y.norm(dim=0, keepdim=True)).T.contiguous()
+            rows = transposed(Y / Y.norm(dim=0, keepdim=True))
         self.lost = lost_before  # directions dropped from a start are not residuals
         return self._append(rows)
 
@@ -227,7 +240,7 @@ class KrylovSpace:
         if not idx:
             return []
         rows = torch.tensor(idx, dtype=torch.long)
-        W = self.op.matmat(self._rows(rows).T.to(self.op.device)).to(self.device)
+        W = self.op.matmat(transposed(self._rows(rows)).to(self.op.device)).to(self.device)
         self.matvecs += len(idx)
         s = self.size
         done = self.done[:s].clone()
