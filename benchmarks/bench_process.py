@@ -2,7 +2,7 @@
 data and tolerance, each a fresh Python process (imports, data, model and the eigensolver all count); and
 ``diag --help`` against ``python -c "import torch"``.
 
-The model is the issue's 1.13M-parameter digits MLP (64-1024-1024-10, tanh; 1,127,410 parameters) over all 1,797
+The model is the issue's 1.13M-parameter digits MLP (64-1024-1024-10, tanh; 1,126,410 parameters) over all 1,797
 scikit-learn digits, float32, cross-entropy, top-5 eigenvalues at tolerance 1e-3. Each child's wall time and peak
 resident memory (``ru_maxrss`` from ``os.wait4``) are recorded; runs alternate A, B, A, B, ... and the medians and
 their ratios are printed (and written as CSV with ``--csv``).
