@@ -121,7 +121,7 @@ def test_transposed_is_a_view_with_row_major_strides_for_vectors() -> None:
     row = transposed(col)
     assert row.shape == (1, 6) and row.stride() == (6, 1) and row.data_ptr() == col.data_ptr()
     assert torch.equal(row, col.T)
-    back = transposed(torch.arange(6.0).reshape(6, 1).T)  # a (1, 6)-strided column from a row's .T
+    back = transposed(torch.arange(6.0).reshape(6, 1).T)  # a (1, 1)-strided row (a column's .T) back to a column
     assert back.shape == (6, 1) and back.stride() == (1, 1)
     M = torch.arange(12.0).reshape(4, 3)
     assert torch.equal(transposed(M), M.T) and transposed(M).data_ptr() == M.data_ptr()
