@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 torch = lazy_import("torch")
 describe_context, prepare_batches = lazy_from("diagnostics.context", "describe_context", "prepare_batches")
+unconverged_fix = lazy_from("diagnostics.linalg.lanczos", "unconverged_fix")
 
 BASELINE_FORMAT = "diagnostics-sharpness-baseline/2"  # 2: data subsets hashed by diagnostics.batches.fingerprint
 METRIC = "eigenvalue_0 (lambda_max of the loss Hessian, Lanczos)"
@@ -129,6 +130,7 @@ class Replicate:
     residual: float
     iterations: int
     converged: bool
+    floor_tol: float = 0.0  # the tolerance the rounding floor allowed where it exceeded tol (LanczosResult)
 
 
 # -------------------------------------------------------------------------------- measurement
@@ -190,6 +192,7 @@ def measure_sharpness(
                 residual=float(res.residuals[0]),
                 iterations=int(res.iterations),
                 converged=bool(res.converged),
+                floor_tol=float(res.floor_tol),
             )
         )
         if progress is not None:
@@ -230,7 +233,8 @@ def make_baseline(
     info = describe_context(ctx)
     notes = list(info.get("notes") or [])
     if not all(r.converged for r in reps):
-        notes.append(f"Lanczos did not reach tol={settings.tol} in every replicate; raise --max-iter")
+        fix = unconverged_fix(max(r.floor_tol for r in reps), info["dtype"])
+        notes.append(f"Lanczos did not reach tol={settings.tol} in every replicate: {fix}")
     doc = {
         "format": BASELINE_FORMAT,
         "metric": METRIC,
@@ -624,7 +628,8 @@ def check_against_baseline(
     res = decide(base_values, new_values, tolerance, confidence)
     notes = []
     if not all(r.converged for r in reps):
-        notes.append(f"Lanczos did not reach tol={settings.tol} in every candidate replicate")
+        fix = unconverged_fix(max(r.floor_tol for r in reps), ctx.dtype)
+        notes.append(f"Lanczos did not reach tol={settings.tol} in every candidate replicate: {fix}")
     return GateReport(
         passed=res["passed"],
         tolerance=float(tolerance),

@@ -126,6 +126,20 @@ def test_baseline_records_settings_and_replicates_equal_diag_hessian(eos_pair, b
     assert validate_baseline(copy.deepcopy(doc)) == doc
 
 
+def test_a_tolerance_below_float32_rounding_is_named_in_the_baseline_and_check_notes(eos_pair) -> None:
+    # tol=1e-9 cannot be met in float32: the replicates record the tolerance the floor allowed, and both
+    # notes name it (and float64) instead of suggesting --max-iter, which would not help
+    settings = GateSettings(replicates=2, samples=300, tol=1e-9)
+    doc = make_baseline(context(eos_pair["lr2"]), settings)
+    floors = [r["floor_tol"] for r in doc["replicates"]]
+    assert all(1e-9 < f < 1e-3 and not r["converged"] for f, r in zip(floors, doc["replicates"]))
+    note = next(n for n in doc["notes"] if n.startswith("Lanczos did not reach"))
+    assert "below what float32 rounding allows here; use --tol " in note and "--dtype float64" in note, note
+    assert float(note.split("use --tol ")[1].split()[0]) >= max(floors)
+    report = check_against_baseline(context(eos_pair["lr2"]), doc, tolerance=0.10)
+    assert any("candidate replicate: the tolerance is below what float32" in n for n in report.notes), report.notes
+
+
 def test_mismatched_baselines_are_refused(eos_pair, baseline_doc, digits_run) -> None:
     ctx = context(eos_pair["lr1"])
     tampered = copy.deepcopy(baseline_doc)

@@ -69,7 +69,7 @@ world = lazy_from("diagnostics.distributed", "world")
 default_grid, gaussian_density, negative_mass, quadrature_resolution, slq = lazy_from(
     "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "quadrature_resolution", "slq"
 )
-lanczos = lazy_from("diagnostics.linalg.lanczos", "lanczos")
+lanczos, unconverged_fix = lazy_from("diagnostics.linalg.lanczos", "lanczos", "unconverged_fix")
 batch_size = lazy_from("diagnostics.batches", "batch_size")
 hutchpp = lazy_from("diagnostics.linalg.trace", "hutchpp")
 curvature_operator = lazy_from("diagnostics.operators", "curvature_operator")
@@ -426,6 +426,7 @@ def _spectrum(
         "checks": res.checks,
         "check_hvps": res.check_matvecs,
         "rounding": res.rounding,
+        "floor_tol": res.floor_tol,
         "warm_start": warm.get("source") if vectors is not None and warm is not None else None,
     }
     for i, (lam, e) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist())):
@@ -616,7 +617,8 @@ def analyze_hessian(
     if not full.lanczos.converged:
         notes.append(
             f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
-            f"tol={config.tol}; raise --max-iter (each eigenvalue's error bound is in stderr)"
+            f"tol={config.tol}: {unconverged_fix(full.lanczos.floor_tol, op.dtype)} (each eigenvalue's error bound is in "
+            "stderr)"
         )
     beyond = _beyond_spectrum(config, ctx, op, full, progress)
     rows += beyond.rows
@@ -812,7 +814,7 @@ def _curvature_runs(
             if not res.converged:
                 out.notes.append(
                     f"{kind}: Lanczos for {want} eigenpairs stopped after {res.iterations} iterations before tol="
-                    f"{config.tol}; raise --max-iter"
+                    f"{config.tol}: {unconverged_fix(res.floor_tol, kop.dtype)}"
                 )
         eig = res.eigenvalues.tolist()
         bounds = res.error_bounds.tolist()

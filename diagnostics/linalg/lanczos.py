@@ -578,6 +578,10 @@ class LanczosResult:
         checks: restart checks run; ``check_matvecs`` their products.
         block_size: vectors per product of the main chain.
         rounding: the rounding floor ``eps_T`` included in every bound.
+        floor_tol: where the rounding floor alone exceeded ``tol`` for a wanted eigenvalue (more
+            iterations cannot help; ``converged`` is False): the relative tolerance it allows,
+            ``2 eps_T / min_j max(|theta_j|, 1e-3 ||A||)``, at which the bounds were certified instead.
+            0.0 otherwise.
     """
 
     eigenvalues: torch.Tensor
@@ -598,6 +602,7 @@ class LanczosResult:
     check_matvecs: int = 0
     rounding: float = 0.0
     vectors_tol: float | None = None
+    floor_tol: float = 0.0
 
 
 def check_basis_memory(op: LinearOperator, columns: int, basis_device: torch.device, extra_vectors: int = 0) -> None:
@@ -855,6 +860,11 @@ class _Run:
         self.converged = self.eff_tol <= self.tol
         return cert
 
+    @property
+    def floor_tol(self) -> float:
+        """The tolerance the rounding floor allowed at the last step, where it exceeded ``tol`` (else 0)."""
+        return self.eff_tol if self.eff_tol > self.tol else 0.0
+
 
 def _initial_capacity(n: int, budget: int, want: int, b: int, device: torch.device) -> int:
     """Rows of the basis to allocate up front.
@@ -963,7 +973,7 @@ def lanczos(
     run = _Run(op, kr, gen, budget, progress, k_top, k_bottom, tol, vectors_tol, oversample)
     run.start(start, b)
     final = run.loop(check)
-    return _result(
+    res = _result(
         kr,
         final,
         k_top,
@@ -977,6 +987,30 @@ def lanczos(
         b,
         criterion,
     )
+    res.floor_tol = run.floor_tol
+    return res
+
+
+def round_up(x: float, digits: int = 2) -> float:
+    """``x > 0`` rounded up to ``digits`` significant digits (a tolerance to suggest: never below ``x``)."""
+    if not (x > 0 and math.isfinite(x)):
+        return x
+    exp = math.floor(math.log10(x)) - digits + 1
+    return float(f"{math.ceil(x / 10.0**exp * (1 - 1e-12))}e{exp}")
+
+
+def unconverged_fix(floor_tol: float, dtype: str | torch.dtype) -> str:
+    """What to change (as CLI flags) after a run that did not converge, from its
+    :attr:`LanczosResult.floor_tol`: ``--max-iter`` when the budget ran out (``floor_tol == 0``); when the
+    tolerance was below the rounding floor, where more iterations cannot help, the tolerance the floor
+    allows (rounded up) and, below float64, float64."""
+    if not floor_tol > 0:
+        return "raise --max-iter"
+    name = str(dtype).removeprefix("torch.")
+    allowed = f"{round_up(floor_tol):.2g}"
+    if name == "float64":
+        return f"the tolerance is below what float64 rounding allows here; use --tol {allowed}"
+    return f"the tolerance is below what {name} rounding allows here; use --tol {allowed} or --dtype float64"
 
 
 def _scale_min(cert: _Certificate, k_top: int, k_bottom: int) -> float:

@@ -205,3 +205,20 @@ def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("diag ")
     r = run("hessian", "--help")
     assert r.exit_code == 0 and "--top-k" in r.stdout
+
+
+def test_unconverged_note_names_the_float32_floor_or_the_budget(tiny_ckpt: Path) -> None:
+    # tol=1e-9 is below float32 rounding: the note says so and names a tolerance that can be met, and
+    # float64; a budget of 2 products is a budget problem: the note says --max-iter
+    r = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--tol", "1e-9", "--format", "json")
+    assert r.exit_code == 0, r.output
+    note = next(ln for ln in r.stderr.splitlines() if "Lanczos stopped" in ln)
+    assert "below what float32 rounding allows here; use --tol " in note and "--dtype float64" in note, note
+    assert "--max-iter" not in note
+    suggested = note.split("use --tol ")[1].split()[0]
+    again = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--tol", suggested, "--format", "json")
+    assert again.exit_code == 0 and "Lanczos stopped" not in again.stderr, again.stderr
+    short = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--max-iter", "2", "--format", "json")
+    assert short.exit_code == 0, short.output
+    note = next(ln for ln in short.stderr.splitlines() if "Lanczos stopped" in ln)
+    assert note.rstrip().endswith("raise --max-iter (each eigenvalue's error bound is in stderr)"), note

@@ -9,7 +9,7 @@ import torch
 
 from diagnostics.linalg import DenseOperator, lanczos, negative_mass, slq
 from diagnostics.linalg.density import quadrature_resolution
-from diagnostics.linalg.lanczos import RELATIVE_FLOOR
+from diagnostics.linalg.lanczos import RELATIVE_FLOOR, round_up, unconverged_fix
 from tinymodels import spectrum_matrix
 
 
@@ -115,3 +115,43 @@ def test_float32_run_is_not_judged_hopeless_on_an_early_ritz_value_near_zero() -
         err = (res.eigenvalues.double() - top[:5]).abs()
         assert res.converged, seed
         assert (err <= 1e-3 * top[:5]).all() and (err <= res.error_bounds.double()).all(), (seed, err)
+
+
+def test_tol_below_the_float32_floor_is_reported_as_the_floor_not_as_the_budget() -> None:
+    # tol=1e-8 is below float32 rounding: the run certifies at the floor, says so, and suggests a tolerance
+    # it could have met (the bounds it returns) and float64; "raise --max-iter" would not help
+    top = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
+    eigs = torch.cat([top, _uniform(297, -1, 5, 31)])
+    A = spectrum_matrix(eigs, 32).float()
+    res = lanczos(DenseOperator(A), k_top=3, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    assert not res.converged and res.iterations < 300  # stopped at the floor, not at the budget
+    assert 1e-8 < res.floor_tol < 1e-4
+    err = (res.eigenvalues.double() - top).abs()
+    assert (err <= res.error_bounds.double()).all()
+    assert (res.error_bounds.double() <= res.floor_tol * top).all()
+    fix = unconverged_fix(res.floor_tol, A.dtype)
+    assert "--dtype float64" in fix and "--max-iter" not in fix
+    suggested = float(fix.split("--tol ")[1].split()[0])
+    assert res.floor_tol <= suggested <= 1.1 * res.floor_tol
+    # the suggestion works: at that tolerance the same run converges
+    again = lanczos(DenseOperator(A), k_top=3, tol=suggested, generator=torch.Generator().manual_seed(0))
+    assert again.converged and again.floor_tol == 0.0
+
+
+def test_float64_floor_suggests_only_a_tolerance_and_a_short_budget_suggests_max_iter() -> None:
+    top = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
+    A = spectrum_matrix(torch.cat([top, _uniform(297, -1, 5, 31)]), 32)
+    res = lanczos(DenseOperator(A), k_top=3, tol=1e-17, generator=torch.Generator().manual_seed(0))
+    assert not res.converged and res.floor_tol > 1e-17
+    fix = unconverged_fix(res.floor_tol, "float64")
+    assert fix.startswith("the tolerance is below what float64 rounding allows") and "--dtype" not in fix
+    short = lanczos(DenseOperator(A), k_top=3, tol=1e-3, max_iter=4, generator=torch.Generator().manual_seed(0))
+    assert not short.converged and short.floor_tol == 0.0
+    assert unconverged_fix(short.floor_tol, torch.float32) == "raise --max-iter"
+
+
+@pytest.mark.parametrize(
+    ("x", "want"), [(3.04e-5, 3.1e-5), (3e-5, 3e-5), (0.0999, 0.1), (7.91e-3, 8e-3), (9.99, 10.0), (1.0, 1.0)]
+)
+def test_round_up_never_suggests_less_than_asked(x: float, want: float) -> None:
+    assert round_up(x) == want and round_up(x) >= x
