@@ -233,7 +233,7 @@ def make_baseline(
     info = describe_context(ctx)
     notes = list(info.get("notes") or [])
     if not all(r.converged for r in reps):
-        fix = unconverged_fix(max(r.floor_tol for r in reps), info["dtype"])
+        fix = unconverged_fix(max(r.floor_tol for r in reps), ctx.dtype)
         notes.append(f"Lanczos did not reach tol={settings.tol} in every replicate: {fix}")
     doc = {
         "format": BASELINE_FORMAT,

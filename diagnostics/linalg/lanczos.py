@@ -1007,10 +1007,8 @@ def unconverged_fix(floor_tol: float, dtype: str | torch.dtype) -> str:
     if not floor_tol > 0:
         return "raise --max-iter"
     name = str(dtype).removeprefix("torch.")
-    allowed = f"{round_up(floor_tol):.2g}"
-    if name == "float64":
-        return f"the tolerance is below what float64 rounding allows here; use --tol {allowed}"
-    return f"the tolerance is below what {name} rounding allows here; use --tol {allowed} or --dtype float64"
+    fix = f"the tolerance is below what {name} rounding allows here; use --tol {round_up(floor_tol):.2g}"
+    return fix if name == "float64" else fix + " or --dtype float64"
 
 
 def _scale_min(cert: _Certificate, k_top: int, k_bottom: int) -> float:
