@@ -363,6 +363,8 @@ def top_eigenspace(
         "gap": gap,
         "sin_theta_bound": eps,
         "converged": bool(res.converged),
+        "floor_tol": float(res.floor_tol),
+        "dtype": str(op.dtype).removeprefix("torch."),
         "iterations": int(res.iterations),
     }
     return U, info
@@ -612,13 +614,15 @@ def _cka_part(config: CompareConfig, ctx_a: Context, ctx_b: Context, progress: P
 
 def _overlap_notes(config: CompareConfig, info: Mapping[str, Any]) -> list[str]:
     """Notes on Ritz vectors that did not converge and on a poorly separated eigenspace."""
+    from diagnostics.linalg.lanczos import unconverged_fix
+
     notes = []
     for who in ("A", "B"):
         side = info[who.lower()]
         if not side["converged"]:
             notes.append(
-                f"overlap: the Ritz vectors of {who} did not reach --tol {config.tol} in --max-iter "
-                f"{config.max_iter} (largest relative residual {max(side['relative_residuals']):.2g})"
+                f"overlap: the Ritz vectors of {who} did not reach --tol {config.tol} (largest relative residual "
+                f"{max(side['relative_residuals']):.2g}): {unconverged_fix(side['floor_tol'], side['dtype'])}"
             )
     eps = info["a"]["sin_theta_bound"] + info["b"]["sin_theta_bound"]
     if not math.isfinite(eps) or eps > 0.1:

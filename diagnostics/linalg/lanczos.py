@@ -60,7 +60,10 @@ are the Ritz values, ``lambda_1 >= ...`` the eigenvalues.
 
 Stopping: every wanted ``e_j <= tol * max(|theta_j|, 1e-3 ||A||)`` (the floor keeps eigenvalues near 0
 from demanding an unreachable relative accuracy), the check passed, and with ``vectors_tol`` also the
-residual ``||A y_j - theta_j y_j|| <= vectors_tol * |theta_j|`` (eigenvectors, e.g. for overlaps).
+residual ``||A y_j - theta_j y_j|| <= vectors_tol * |theta_j|`` (eigenvectors, e.g. for overlaps). When a
+tolerance is below what rounding allows (``eps_T`` for the bounds; for the residuals the part of ``phi`` no step
+can lower, ``u ||A|| sqrt(n)``), the run certifies at the floor instead (``2 eps_T`` or ``2 phi`` relative to the
+wanted Ritz values), stops there, and reports ``floor_tol`` with ``converged`` False.
 
 Quadrature (:func:`krylov_quadrature`, used by SLQ): ``s`` block steps from the probes ``V = Q_1 R``
 give the block Gauss rule ``V^T f(A) V ~ R^T E_1^T f(H) E_1 R``, exact for polynomials of degree
@@ -332,6 +335,11 @@ class KrylovSpace:
         phi = max(rms, self.u * norm) * math.sqrt(self.n) + self.lost
         return eps_t, phi
 
+    def phi_floor(self) -> float:
+        """The part of ``phi`` no further step can lower: ``u ||A|| sqrt(n)`` plus what was lost (the measured
+        anomaly term of ``phi`` may still fall as the basis grows)."""
+        return self.u * max(self.scale, self.norm_estimate, 1e-300) * math.sqrt(self.n) + self.lost
+
 
 def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``[m]`` diagonal and ``[m-1]`` off-diagonal -> dense ``[m, m]`` symmetric tridiagonal (float64)."""
@@ -578,10 +586,11 @@ class LanczosResult:
         checks: restart checks run; ``check_matvecs`` their products.
         block_size: vectors per product of the main chain.
         rounding: the rounding floor ``eps_T`` included in every bound.
-        floor_tol: where the rounding floor alone exceeded ``tol`` for a wanted eigenvalue (more
+        floor_tol: where the rounding floor alone exceeded ``tol`` for a wanted eigenvalue, or the
+            out-of-basis rounding ``phi`` alone exceeded ``vectors_tol`` for a wanted residual (more
             iterations cannot help; ``converged`` is False): the relative tolerance it allows,
-            ``2 eps_T / min_j max(|theta_j|, 1e-3 ||A||)``, at which the bounds were certified instead.
-            0.0 otherwise.
+            ``2 eps_T / min_j max(|theta_j|, 1e-3 ||A||)`` (``2 phi / ...`` for residuals; the larger where
+            both), at which the bounds (residuals) were certified instead. 0.0 otherwise.
     """
 
     eigenvalues: torch.Tensor
@@ -641,6 +650,7 @@ class _Certificate:
     phi: float
     ok: bool
     hopeless: bool = False  # the rounding floor alone exceeds the tolerance
+    vectors_hopeless: bool = False  # the residual floor phi alone exceeds vectors_tol
     rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # basis rows of S
 
 
@@ -669,14 +679,15 @@ def _certify(
             _EndBounds(torch.full((k,), e, dtype=torch.float64), min(k, m), -math.inf, -math.inf, 0, True)
             for k in (k_top, k_bottom)
         ]
-        need = tol * theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+        scale = theta.abs().clamp(min=RELATIVE_FLOOR * norm)
         idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
-        hopeless = bool((e > need[idx]).any())
-        return _Certificate(theta, S, G, full[0], full[1], e, phi, not hopeless, hopeless, rows)
+        hopeless = bool((e > tol * scale[idx]).any())
+        ok, v_hopeless = _vectors_ok(G, phi, kr.phi_floor(), scale, idx, vectors_tol)
+        return _Certificate(theta, S, G, full[0], full[1], e, phi, ok and not hopeless, hopeless, v_hopeless, rows)
     if m < k_top + k_bottom + (k_top > 0) + (k_bottom > 0):
         empty = _EndBounds(torch.full((k_top,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
         emptyb = _EndBounds(torch.full((k_bottom,), math.inf, dtype=torch.float64), 0, math.inf, math.inf, 0, False)
-        return _Certificate(theta, S, G, empty, emptyb, eps_t, phi, False, False, rows)
+        return _Certificate(theta, S, G, empty, emptyb, eps_t, phi, False, rows=rows)
     rest = kr.n - kr.size
     fix_top = (guarded.top.group, guarded.top.shift) if guarded is not None else None
     fix_bot = (guarded.bottom.group, guarded.bottom.shift) if guarded is not None else None
@@ -684,15 +695,23 @@ def _certify(
     bottom = _end_bounds(-theta, G, k_bottom, tol, eps_t, phi, norm, k_bottom + oversample, rest, fix_bot)
     ok = top.ok and bottom.ok
     # the rounding floor alone exceeds the tolerance of some wanted eigenvalue: more steps cannot help
-    need = tol * theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+    scale = theta.abs().clamp(min=RELATIVE_FLOOR * norm)
     idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
-    hopeless = bool((eps_t >= need[idx]).any())
-    if ok and vectors_tol is not None:
-        r = G.norm(dim=0) + phi
-        floor = RELATIVE_FLOOR * norm
-        idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
-        ok = bool((r[idx] <= vectors_tol * theta[idx].abs().clamp(min=floor)).all())
-    return _Certificate(theta, S, G, top, bottom, eps_t, phi, ok, hopeless, rows)
+    hopeless = bool((eps_t >= tol * scale[idx]).any())
+    v_ok, v_hopeless = _vectors_ok(G, phi, kr.phi_floor(), scale, idx, vectors_tol)
+    return _Certificate(theta, S, G, top, bottom, eps_t, phi, ok and v_ok, hopeless, v_hopeless, rows)
+
+
+def _vectors_ok(
+    G: torch.Tensor, phi: float, phi_floor: float, scale: torch.Tensor, idx: torch.Tensor, vectors_tol: float | None
+) -> tuple[bool, bool]:
+    """``(ok, hopeless)`` of the residual test ``||G_j|| + phi <= vectors_tol * scale_j`` over the wanted ``idx``:
+    ``hopeless`` where the part of ``phi`` no step can lower, ``phi_floor``, alone exceeds it."""
+    if vectors_tol is None:
+        return True, False
+    need = vectors_tol * scale[idx]
+    r = G.norm(dim=0)[idx] + phi
+    return bool((r <= need).all()), bool((phi_floor >= need).any())
 
 
 class _Run:
@@ -720,12 +739,34 @@ class _Run:
             oversample,
         )
         self.eff_tol = tol  # raised to the rounding floor when tol is below it (then not converged)
+        self.eff_vectors_tol = vectors_tol  # likewise for the residual floor phi
         self.active: list[int] = []
         self.restarts = self.checks = self.check_matvecs = 0
         self.converged = False
 
     def certify(self, guarded: _Certificate | None = None) -> _Certificate:
-        return _certify(self.kr, self.k_top, self.k_bottom, self.eff_tol, self.vectors_tol, self.oversample, guarded)
+        return _certify(
+            self.kr, self.k_top, self.k_bottom, self.eff_tol, self.eff_vectors_tol, self.oversample, guarded
+        )
+
+    def certify_at_floor(self) -> _Certificate:
+        """Certify at the tolerances asked, or, where one is below what rounding allows (more steps cannot
+        help), at the floor: ``2 eps_T`` (bounds) or ``2 phi`` (residuals) relative to the wanted Ritz values.
+
+        Judged afresh every step: an early Ritz value near 0 (a wanted one not yet converged) makes the floor
+        look out of reach, but the Ritz values it is relative to grow as the chain converges.
+        """
+        self.eff_tol, self.eff_vectors_tol = self.tol, self.vectors_tol
+        cert = self.certify()
+        self.unpark(cert)
+        if not (cert.hopeless or cert.vectors_hopeless):
+            return cert
+        scale = _scale_min(cert, self.k_top, self.k_bottom)
+        if cert.hopeless:
+            self.eff_tol = max(self.tol, 2 * cert.eps_t / scale)
+        if cert.vectors_hopeless and self.vectors_tol is not None:
+            self.eff_vectors_tol = max(self.vectors_tol, 2 * cert.phi / scale)
+        return self.certify()
 
     def report(self) -> None:
         if self.progress is not None:
@@ -785,14 +826,7 @@ class _Run:
             width = len(self.active)
             new = self.step(self.active)
             self.active = new
-            # judged afresh every step: an early Ritz value near 0 (a wanted one not yet converged) makes the
-            # floor look out of reach, but the Ritz values it is relative to grow as the chain converges
-            self.eff_tol = self.tol
-            cert = self.certify()
-            self.unpark(cert)
-            if cert.hopeless:  # tol is below what the rounding floor allows: certify at the floor
-                self.eff_tol = max(self.tol, 2 * cert.eps_t / _scale_min(cert, self.k_top, self.k_bottom))
-                cert = self.certify()
+            cert = self.certify_at_floor()
             if not cert.ok:
                 first = None
                 continue
@@ -857,13 +891,21 @@ class _Run:
         return found, after
 
     def finish(self, cert: _Certificate) -> _Certificate:
-        self.converged = self.eff_tol <= self.tol
+        self.converged = self.floor_tol == 0.0
         return cert
 
     @property
     def floor_tol(self) -> float:
-        """The tolerance the rounding floor allowed at the last step, where it exceeded ``tol`` (else 0)."""
-        return self.eff_tol if self.eff_tol > self.tol else 0.0
+        """The tolerance the rounding floors allowed at the last step where they exceeded ``tol`` or
+        ``vectors_tol`` (the larger of the two raised tolerances), else 0."""
+        raised = [self.eff_tol] if self.eff_tol > self.tol else []
+        if (
+            self.vectors_tol is not None
+            and self.eff_vectors_tol is not None
+            and self.eff_vectors_tol > self.vectors_tol
+        ):
+            raised.append(self.eff_vectors_tol)
+        return max(raised, default=0.0)
 
 
 def _initial_capacity(n: int, budget: int, want: int, b: int, device: torch.device) -> int:

@@ -119,6 +119,32 @@ def test_overlap_top_k_emits_the_eigenspace_overlap(digits_run: list[Path], tmp_
     assert meta["hvp_count"] > 0 and meta["analyzer"] == "compare"
 
 
+def test_overlap_below_the_float32_floor_names_a_tolerance_that_can_be_met(digits_run: list[Path]) -> None:
+    # --tol 1e-9 on the Ritz vectors is below float32 rounding: the note says so (not "--max-iter", which
+    # cannot help), the runs stop well short of the budget, and the tolerance it names is met on a rerun
+    args = [
+        "compare",
+        digits_run[1],
+        digits_run[2],
+        "--metrics",
+        "overlap",
+        "--top-k",
+        "3",
+        "-f",
+        "json",
+        "--samples",
+        "300",
+    ]
+    r = run(*args, "--tol", "1e-9")
+    assert r.exit_code == 0, r.output
+    notes = [ln for ln in r.stderr.splitlines() if "did not reach --tol 1e-09" in ln]
+    assert len(notes) == 2 and all("below what float32 rounding allows here" in n for n in notes), r.stderr
+    assert all("--max-iter" not in n and "--dtype float64" in n for n in notes)
+    suggested = max(float(n.split("use --tol ")[1].split()[0]) for n in notes)
+    again = run(*args, "--tol", suggested)
+    assert again.exit_code == 0 and "did not reach" not in again.stderr, again.stderr
+
+
 def test_save_aligned_and_bad_options_are_one_line_errors(digits_run: list[Path], tmp_path: Path) -> None:
     a, b = digits_run[1], digits_run[2]
     r = run("compare", a, b, "--save-aligned", tmp_path / "x.pt", *FAST)

@@ -10,6 +10,7 @@ import torch
 from diagnostics.linalg import DenseOperator, lanczos, negative_mass, slq
 from diagnostics.linalg.density import quadrature_resolution
 from diagnostics.linalg.lanczos import RELATIVE_FLOOR, round_up, unconverged_fix
+from diagnostics.linalg.operator import LinearOperator
 from tinymodels import spectrum_matrix
 
 
@@ -148,6 +149,65 @@ def test_float64_floor_suggests_only_a_tolerance_and_a_short_budget_suggests_max
     short = lanczos(DenseOperator(A), k_top=3, tol=1e-3, max_iter=4, generator=torch.Generator().manual_seed(0))
     assert not short.converged and short.floor_tol == 0.0
     assert unconverged_fix(short.floor_tol, torch.float32) == "raise --max-iter"
+
+
+class _Diagonal(LinearOperator):
+    """``diag(d)``: products exact up to one rounding per entry, for a dimension no dense test reaches."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        super().__init__(d.numel(), d.dtype, "cpu")
+        self.d = d
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * V
+
+
+def _wide_float32(n: int = 200_000) -> tuple[_Diagonal, torch.Tensor]:
+    """Top ``[10, 9, 8]`` over a bulk in ``[-1, 5]``, shuffled, float32: ``u ||A|| sqrt(n) / 8 ~ 3e-5``."""
+    g = torch.Generator().manual_seed(31)
+    top = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
+    d = torch.cat([top, torch.rand(n - 3, generator=g, dtype=torch.float64) * 6 - 1])
+    return _Diagonal(d[torch.randperm(n, generator=g)].float()), top
+
+
+def test_vectors_tol_below_the_residual_floor_stops_at_the_floor_not_the_budget() -> None:
+    # the reported residual ||G|| + phi includes the out-of-basis rounding phi >= u ||A|| sqrt(n): at n=200k in
+    # float32 a relative residual of 1e-5 cannot be certified. The run used to spend the whole budget and
+    # say "raise --max-iter"; it stops once the eigenvalues are certified and names a tolerance it met
+    op, top = _wide_float32()
+    res = lanczos(op, k_top=3, tol=1e-3, vectors_tol=1e-5, max_iter=200, generator=torch.Generator().manual_seed(0))
+    assert not res.converged and res.iterations < 100
+    assert 1e-5 < res.floor_tol < 1e-3
+    assert (res.residuals.double() <= res.floor_tol * res.eigenvalues.double()).all()
+    assert ((res.eigenvalues.double() - top).abs() <= res.error_bounds.double()).all()
+    Y = res.eigenvectors.double()
+    true_residual = (op.d.double()[:, None] * Y - Y * res.eigenvalues.double()).norm(dim=0)
+    assert (true_residual <= res.residuals.double()).all()  # the floor is a bound, not a guess
+    fix = unconverged_fix(res.floor_tol, torch.float32)
+    assert "--max-iter" not in fix and "--dtype float64" in fix
+    suggested = float(fix.split("--tol ")[1].split()[0])
+    again = lanczos(
+        op, k_top=3, tol=1e-3, vectors_tol=suggested, max_iter=200, generator=torch.Generator().manual_seed(0)
+    )
+    assert again.converged and again.floor_tol == 0.0
+
+
+def test_vectors_tol_above_the_hard_floor_is_not_given_up_early() -> None:
+    # 1e-4 is above u ||A|| sqrt(n) / theta but below the measured phi of the first certificate: the
+    # anomaly part of phi falls as the basis grows, so the run must go on to meet it, not stop at the floor
+    op, _ = _wide_float32()
+    res = lanczos(op, k_top=3, tol=1e-3, vectors_tol=1e-4, max_iter=200, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.floor_tol == 0.0
+    assert (res.residuals.double() <= 1e-4 * res.eigenvalues.double()).all()
+
+
+def test_the_whole_space_does_not_certify_vectors_below_the_residual_floor() -> None:
+    # n=300: the run used to multiply the whole space and report converged with residuals above vectors_tol
+    top = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
+    A = spectrum_matrix(torch.cat([top, _uniform(297, -1, 5, 31)]), 32).float()
+    res = lanczos(DenseOperator(A), k_top=3, tol=1e-3, vectors_tol=1e-7, generator=torch.Generator().manual_seed(0))
+    assert not res.converged and res.iterations < 300 and res.floor_tol > 1e-7
+    assert (res.residuals.double() <= res.floor_tol * res.eigenvalues.double()).all()
 
 
 @pytest.mark.parametrize(
