@@ -616,8 +616,8 @@ def analyze_hessian(
         notes.append(f"warm start from {full.info['lanczos']['warm_start']} (its eigenvectors start Lanczos)")
     if not full.lanczos.converged:
         notes.append(
-            f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound met "
-            f"tol={config.tol}: {unconverged_fix(full.lanczos.floor_tol, op.dtype)} (each eigenvalue's error bound is in "
+            f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound"
+            f"{' and residual' if config.strict_residual else ''} met tol={config.tol}: {unconverged_fix(full.lanczos.floor_tol, op.dtype)} (each eigenvalue's error bound is in "
             "stderr)"
         )
     beyond = _beyond_spectrum(config, ctx, op, full, progress)

@@ -218,6 +218,9 @@ def test_unconverged_note_names_the_float32_floor_or_the_budget(tiny_ckpt: Path)
     suggested = note.split("use --tol ")[1].split()[0]
     again = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--tol", suggested, "--format", "json")
     assert again.exit_code == 0 and "Lanczos stopped" not in again.stderr, again.stderr
+    strict = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--tol", "1e-9", "--strict-residual", "-f", "json")
+    note = next(ln for ln in strict.stderr.splitlines() if "Lanczos stopped" in ln)
+    assert "every error bound and residual met tol=1e-09" in note and "float32 rounding" in note, note
     short = run("hessian", str(tiny_ckpt), *TINY, "--top-k", "2", "--max-iter", "2", "--format", "json")
     assert short.exit_code == 0, short.output
     note = next(ln for ln in short.stderr.splitlines() if "Lanczos stopped" in ln)
