@@ -615,10 +615,11 @@ def analyze_hessian(
     if full.info["lanczos"]["warm_start"]:
         notes.append(f"warm start from {full.info['lanczos']['warm_start']} (its eigenvectors start Lanczos)")
     if not full.lanczos.converged:
+        what = "error bound and residual" if config.strict_residual else "error bound"
+        fix = unconverged_fix(full.lanczos.floor_tol, op.dtype)
         notes.append(
-            f"Lanczos stopped after {full.lanczos.iterations} iterations before every error bound"
-            f"{' and residual' if config.strict_residual else ''} met tol={config.tol}: {unconverged_fix(full.lanczos.floor_tol, op.dtype)} (each eigenvalue's error bound is in "
-            "stderr)"
+            f"Lanczos stopped after {full.lanczos.iterations} iterations before every {what} met tol={config.tol}: "
+            f"{fix} (each eigenvalue's error bound is in stderr)"
         )
     beyond = _beyond_spectrum(config, ctx, op, full, progress)
     rows += beyond.rows

@@ -332,7 +332,7 @@ class KrylovSpace:
         rms = math.sqrt(self._anomaly_sq / self._anomaly_count) if self._anomaly_count else 0.0
         # ~1.5x the norm 2 sigma sqrt(m) of an m x m noise matrix, and never below 8 u ||A|| sqrt(m)
         eps_t = max(3 * rms, 8 * self.u * norm) * math.sqrt(max(m, 1))
-        phi = max(rms, self.u * norm) * math.sqrt(self.n) + self.lost
+        phi = max(rms * math.sqrt(self.n) + self.lost, self.phi_floor())
         return eps_t, phi
 
     def phi_floor(self) -> float:
@@ -671,6 +671,9 @@ def _certify(
     eps_t, phi = kr.rounding()
     norm = float(theta.abs().max()) if m else 0.0
     desc = torch.arange(m - 1, -1, -1)
+    # what relative tolerances multiply, and the wanted Ritz values (top k descending, then bottom k)
+    scale = theta.abs().clamp(min=RELATIVE_FLOOR * norm)
+    idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
     if m >= kr.n and not kr.pending and not exclude:
         # the whole space multiplied: H is A (plus rounding) in an orthonormal basis, so by Weyl every Ritz
         # value is within eps_T (+ the out-of-basis part phi) of the eigenvalue of the same index
@@ -679,8 +682,6 @@ def _certify(
             _EndBounds(torch.full((k,), e, dtype=torch.float64), min(k, m), -math.inf, -math.inf, 0, True)
             for k in (k_top, k_bottom)
         ]
-        scale = theta.abs().clamp(min=RELATIVE_FLOOR * norm)
-        idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
         hopeless = bool((e > tol * scale[idx]).any())
         ok, v_hopeless = _vectors_ok(G, phi, kr.phi_floor(), scale, idx, vectors_tol)
         return _Certificate(theta, S, G, full[0], full[1], e, phi, ok and not hopeless, hopeless, v_hopeless, rows)
@@ -695,8 +696,6 @@ def _certify(
     bottom = _end_bounds(-theta, G, k_bottom, tol, eps_t, phi, norm, k_bottom + oversample, rest, fix_bot)
     ok = top.ok and bottom.ok
     # the rounding floor alone exceeds the tolerance of some wanted eigenvalue: more steps cannot help
-    scale = theta.abs().clamp(min=RELATIVE_FLOOR * norm)
-    idx = torch.cat([desc[:k_top], torch.arange(k_bottom)])
     hopeless = bool((eps_t >= tol * scale[idx]).any())
     v_ok, v_hopeless = _vectors_ok(G, phi, kr.phi_floor(), scale, idx, vectors_tol)
     return _Certificate(theta, S, G, top, bottom, eps_t, phi, ok and v_ok, hopeless, v_hopeless, rows)
@@ -898,14 +897,8 @@ class _Run:
     def floor_tol(self) -> float:
         """The tolerance the rounding floors allowed at the last step where they exceeded ``tol`` or
         ``vectors_tol`` (the larger of the two raised tolerances), else 0."""
-        raised = [self.eff_tol] if self.eff_tol > self.tol else []
-        if (
-            self.vectors_tol is not None
-            and self.eff_vectors_tol is not None
-            and self.eff_vectors_tol > self.vectors_tol
-        ):
-            raised.append(self.eff_vectors_tol)
-        return max(raised, default=0.0)
+        asked = [(self.eff_tol, self.tol), (self.eff_vectors_tol, self.vectors_tol)]
+        return max((eff for eff, tol in asked if eff is not None and tol is not None and eff > tol), default=0.0)
 
 
 def _initial_capacity(n: int, budget: int, want: int, b: int, device: torch.device) -> int:

@@ -90,24 +90,14 @@ def test_barrier_with_alignment_emits_aligned_and_raw_barriers(digits_run: list[
     assert by_metric(rows)[("weight_distance", None)] == 0.0
 
 
+def overlap(digits_run: list[Path], *args):
+    """``diag compare`` of the run's second and third checkpoints, overlap only, records as JSON."""
+    return run("compare", digits_run[1], digits_run[2], "--metrics", "overlap", "-f", "json", *args)
+
+
 def test_overlap_top_k_emits_the_eigenspace_overlap(digits_run: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "overlap.json"
-    rows = records(
-        run(
-            "compare",
-            digits_run[1],
-            digits_run[2],
-            "--metrics",
-            "overlap",
-            "--top-k",
-            "5",
-            "--out",
-            out,
-            "-f",
-            "json",
-            *FAST,
-        )
-    )
+    rows = records(overlap(digits_run, "--top-k", "5", "--out", out, *FAST))
     assert [r["metric"] for r in rows] == ["eigenspace_overlap"]
     assert 0.0 < rows[0]["value"] <= 1.0 + 1e-6
     meta = json.loads(out.read_text())["metadata"]
@@ -119,29 +109,22 @@ def test_overlap_top_k_emits_the_eigenspace_overlap(digits_run: list[Path], tmp_
     assert meta["hvp_count"] > 0 and meta["analyzer"] == "compare"
 
 
-def test_overlap_below_the_float32_floor_names_a_tolerance_that_can_be_met(digits_run: list[Path]) -> None:
+def test_overlap_below_the_float32_floor_names_a_tolerance_that_can_be_met(
+    digits_run: list[Path], tmp_path: Path
+) -> None:
     # --tol 1e-9 on the Ritz vectors is below float32 rounding: the note says so (not "--max-iter", which
     # cannot help), the runs stop well short of the budget, and the tolerance it names is met on a rerun
-    args = [
-        "compare",
-        digits_run[1],
-        digits_run[2],
-        "--metrics",
-        "overlap",
-        "--top-k",
-        "3",
-        "-f",
-        "json",
-        "--samples",
-        "300",
-    ]
-    r = run(*args, "--tol", "1e-9")
+    args = ["--top-k", "3", "--samples", "300"]  # not -q: the notes are what is tested
+    out = tmp_path / "floor.json"
+    r = overlap(digits_run, *args, "--tol", "1e-9", "--out", out)
     assert r.exit_code == 0, r.output
+    info = json.loads(out.read_text())["metadata"]["overlap"]
+    assert all(info[side]["iterations"] < 300 for side in ("a", "b"))  # the budget (--max-iter) is 300 each
     notes = [ln for ln in r.stderr.splitlines() if "did not reach --tol 1e-09" in ln]
     assert len(notes) == 2 and all("below what float32 rounding allows here" in n for n in notes), r.stderr
     assert all("--max-iter" not in n and "--dtype float64" in n for n in notes)
     suggested = max(float(n.split("use --tol ")[1].split()[0]) for n in notes)
-    again = run(*args, "--tol", suggested)
+    again = overlap(digits_run, *args, "--tol", suggested)
     assert again.exit_code == 0 and "did not reach" not in again.stderr, again.stderr
 
 
