@@ -361,6 +361,8 @@ def adam_preconditioner(ctx: Context, lr: float) -> tuple[torch.Tensor, dict[str
         eps = float(group.get("eps", 1e-8))
         p = (1 - b1**step) * (torch.sqrt(v / (1 - b2**step)) + eps)
         eta_g = float(group.get("lr", lr))
+        if not eta_g > 0:  # the caller leaves such parameters out (see still_parameters)
+            raise DiagnosticsError(f"'{name}' is in a param group with learning rate {eta_g}; it does not move")
         if eta_g != lr:
             p = p * (lr / eta_g)
             folded = True
@@ -374,6 +376,21 @@ def adam_preconditioner(ctx: Context, lr: float) -> tuple[torch.Tensor, dict[str
         "lr_folded": folded,
     }
     return P, info
+
+
+def still_parameters(ctx: Context) -> list[str]:
+    """The analysed parameters whose optimizer param group has learning rate 0 (or below): Adam does not
+    move them (e.g. every group at the last step of a linearly decaying schedule, or a group frozen by
+    ``lr=0``), so they take no part in its edge of stability. Empty when the state cannot be matched
+    (:func:`adam_preconditioner` then names the problem)."""
+    opt_state = ctx.optimizer_state
+    if not isinstance(opt_state, Mapping) or not opt_state.get("state"):
+        return []
+    try:
+        index = _state_index(ctx, opt_state)
+    except DiagnosticsError:
+        return []
+    return [name for name in ctx.params if name in index and not float(index[name][1].get("lr", 1.0)) > 0]
 
 
 def preconditioned_sharpness(
@@ -455,7 +472,12 @@ def _edge_of_stability(
     thr = eos_threshold(lr, opt)
     eos_info: dict[str, Any] = {"lr": lr}
     if thr is None:
-        eos_info["note"] = "learning rate unknown (pass --lr): no edge-of-stability threshold"
+        eos_info["note"] = (
+            "learning rate unknown (pass --lr): no edge-of-stability threshold"
+            if lr is None
+            else f"learning rate {lr} at this checkpoint (the end of a decaying schedule?): no edge-of-stability "
+            "threshold; pass --lr to measure against another step size"
+        )
         return eos_info
     rows.append(("eos_threshold", thr.value))
     eos_info.update({"threshold": thr.value, "kind": thr.kind, "rule": thr.rule})
@@ -463,6 +485,23 @@ def _edge_of_stability(
         eos_info["assumed"] = "no optimizer metadata: plain gradient descent assumed (threshold 2/lr)"
     if thr.kind != "adam_preconditioned":
         return eos_info
+    still = still_parameters(ctx)
+    if still:
+        moving = [n for n in ctx.params if n not in set(still)]
+        count = sum(ctx.params[n].numel() for n in still)
+        if not moving:
+            notes.append(
+                "every analysed parameter's param group has learning rate 0 at this checkpoint (the end of a "
+                "decaying schedule?): Adam does not move them, so there is no preconditioned sharpness to measure"
+            )
+            eos_info["still_parameters"] = count
+            return eos_info
+        notes.append(
+            f"{len(still)} tensors ({count:,} entries) are in param groups with learning rate 0: Adam does not move "
+            "them, so the preconditioned sharpness is over the other parameters"
+        )
+        eos_info["still_parameters"] = count
+        ctx = ctx.restrict(names=moving)
     try:
         P, pinfo = adam_preconditioner(ctx, float(lr))
     except DiagnosticsError as exc:

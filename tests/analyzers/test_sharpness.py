@@ -274,6 +274,66 @@ def test_adam_without_saved_state_explains_what_is_missing(tmp_path: Path) -> No
     assert any("second moments" in n for n in res.metadata["notes"])
 
 
+def _adam_groups_checkpoint(tmp_path: Path, lrs: tuple[float, float]) -> tuple[Path, list, dict, list[str]]:
+    """Adam over two param groups (the first layer, the rest) trained at lr 0.01, then saved with the groups'
+    learning rates set to ``lrs`` (as a schedule leaves them; 0 at the end of a linear decay)."""
+    model = build_mlp(width=3, depth=1, seed=0)
+    X, y = train_data(80)
+    named = list(model.named_parameters())
+    first, rest = [p for _, p in named[:2]], [p for _, p in named[2:]]
+    opt = torch.optim.Adam([{"params": first}, {"params": rest}], lr=0.01, betas=(0.8, 0.99), eps=1e-6)
+    for _ in range(7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    path = save_checkpoint(
+        tmp_path / "adam_groups.pt",
+        model,
+        step=7,
+        optimizer=opt,
+        model_factory="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 3, "depth": 1},
+        data_factory="diagnostics.examples.digits:train_data",
+        data_kwargs={"n": 80},
+        loss="cross_entropy",
+    )
+    return path, [p for _, p in named], opt.state, [n for n, _ in named[:2]]
+
+
+def test_param_groups_at_learning_rate_zero_are_left_out_of_the_preconditioned_sharpness(tmp_path: Path) -> None:
+    path, params, state, moving = _adam_groups_checkpoint(tmp_path, (0.01, 0.0))
+    ctx = _context(path)
+    res = analyze_sharpness(SharpnessConfig(kind="average", draws=2, eig_tol=1e-6, lr=0.01), ctx)
+    # the exact answer over the parameters Adam still moves: S H[moving, moving] S
+    sub = ctx.restrict(names=moving)
+    P = torch.cat(
+        [
+            ((1 - 0.8**7) * ((state[p]["exp_avg_sq"].double() / (1 - 0.99**7)).sqrt() + 1e-6)).reshape(-1)
+            for p in params[:2]
+        ]
+    )
+    S = torch.diag(P.rsqrt())
+    exact = float(torch.linalg.eigvalsh(S @ dense_hessian(hessian_operator(sub)) @ S).max())
+    assert metric(res, "preconditioned_eigenvalue").value == pytest.approx(exact, rel=1e-6)
+    assert res.metadata["eos"]["still_parameters"] == sum(p.numel() for p in params[2:])
+    assert any("learning rate 0" in n and "other parameters" in n for n in res.metadata["notes"])
+
+
+def test_every_param_group_at_learning_rate_zero_gives_a_note_not_a_crash(tmp_path: Path) -> None:
+    path, _, _, _ = _adam_groups_checkpoint(tmp_path, (0.0, 0.0))
+    ctx = _context(path)
+    assert ctx.lr == 0.0
+    res = analyze_sharpness(SharpnessConfig(kind="average", draws=2), ctx)  # the checkpoint's own lr: 0
+    assert not [r for r in res.records if r.metric.startswith(("eos", "preconditioned"))]
+    assert "learning rate 0.0 at this checkpoint" in res.metadata["eos"]["note"]
+    res = analyze_sharpness(SharpnessConfig(kind="average", draws=2, lr=0.01), ctx)  # a step size to compare with
+    assert metric(res, "eos_threshold").value == pytest.approx((2 + 2 * 0.8) / ((1 - 0.8) * 0.01))
+    assert not [r for r in res.records if r.metric == "preconditioned_eigenvalue"]
+    assert any("every analysed parameter" in n for n in res.metadata["notes"])
+
+
 def test_preconditioned_operator_is_S_A_S() -> None:
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, generator=g, dtype=F64)
