@@ -23,6 +23,14 @@ def load_project(config: Path | None) -> Project:
     return parse_project(find_config(config), tables=list(all_analyzers()))
 
 
+def is_run_folder(path: Path) -> bool:
+    """A folder of checkpoints (a run), as opposed to one checkpoint that is a folder: a ``save_pretrained`` or
+    ``transformers.Trainer`` model folder (``checkpoint-N``) is a checkpoint."""
+    from diagnostics.checkpoint import is_model_folder
+
+    return path.is_dir() and not is_model_folder(path)
+
+
 def checkpoint_list(analyzer: Analyzer, given: Any) -> list[Path]:
     """The positional checkpoints as a list, their number checked against the declaration."""
     paths = list(given) if isinstance(given, (list, tuple)) else [given]
@@ -150,7 +158,7 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     job = _Invocation(
         analyzer, config, inputs, binding, project, project_opts.trust_checkpoint_factories, out, planned, is_main
     )
-    if len(inputs) == 2 and all(p.is_dir() for p in inputs):  # two runs: every pair of checkpoints of one step
+    if len(inputs) == 2 and all(is_run_folder(p) for p in inputs):  # two runs: every pair of checkpoints of one step
         _refuse_pair_files(analyzer, values)
         _run_pairs(job)
     else:

@@ -276,3 +276,19 @@ def test_a_sweep_compares_each_checkpoint_with_the_previous(digits_run: list[Pat
     torch.save(payload, run_dir / digits_run[1].name)
     third = run(*base)
     assert third.exit_code == 0 and "2 computed, 0 from cache" in third.stdout
+
+
+def test_two_model_folders_are_two_checkpoints_not_two_runs(tmp_path: Path) -> None:
+    """``save_pretrained`` / Trainer ``checkpoint-N`` folders are checkpoints: two of them are compared with each
+    other, not paired step by step as runs (they have no steps to pair)."""
+    pytest.importorskip("transformers")
+    import hfmodels as hm
+
+    a, b = hm.build_gpt(seed=0), hm.build_gpt(seed=1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    rows = records(run("compare", tmp_path / "a", tmp_path / "b", "--data", "hfmodels:gpt_batches", "--metrics",
+                       "distance", "--dtype", "float64", "-f", "json", "-q"))  # fmt: skip
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    exact = torch.sqrt(sum(((pa[n].detach().double() - pb[n].detach().double()) ** 2).sum() for n in pa))
+    assert by_metric(rows)[("weight_distance", None)] == pytest.approx(float(exact), rel=1e-9)
