@@ -469,11 +469,14 @@ def check_interpolation_options(config: LandscapeConfig) -> None:
 
 
 def _lerp_buffers(ctx_a: Context, ctx_b: Context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Floating-point buffers (BatchNorm statistics) that differ between the checkpoints: ``{name: (a, b)}``."""
-    param_names = {n for n, _ in ctx_a.model.named_parameters()}
+    """Floating-point tensors outside the analysed parameters that differ between the checkpoints and are part
+    of each checkpoint's state: buffers (BatchNorm statistics) and parameters the model does not train
+    (``requires_grad=False``), ``{name: (a, b)}``. Trainable parameters left out by ``--params`` are not
+    included: they stay at the first checkpoint's values."""
+    trainable = {n for n, p in ctx_a.model.named_parameters() if p.requires_grad}
     out = {}
     for n, t in ctx_a.frozen.items():
-        if n in param_names or not t.is_floating_point():
+        if n in trainable or not t.is_floating_point():
             continue
         tb = ctx_b.frozen[n].to(device=t.device, dtype=t.dtype)
         if not torch.equal(t, tb):
@@ -518,9 +521,10 @@ def analyze_interpolation(
 ) -> Result:
     """The loss on the line ``(1 - alpha) w_a + alpha w_b`` and its barrier (see module docstring).
 
-    The analysed parameters and floating-point buffers (BatchNorm running statistics) are interpolated
-    (or the statistics recomputed on the data with ``bn_recompute``); parameters outside ``--params``
-    and integer buffers are those of the first checkpoint. Data and loss are ``ctx_a``'s.
+    The analysed parameters, floating-point buffers (BatchNorm running statistics) and parameters the model
+    does not train (``requires_grad=False``) are interpolated (the statistics are recomputed on the data
+    instead with ``bn_recompute``); trainable parameters outside ``--params`` and integer buffers are those of
+    the first checkpoint. Data and loss are ``ctx_a``'s.
 
     Args:
         config: the options (``steps``, ``alpha_min``, ``alpha_max``, ``refine_steps``, ...).
@@ -579,7 +583,9 @@ def analyze_interpolation(
         "steps_of": [ctx_a.step, ctx_b.step],
         "barrier_definition": BARRIER_DEFINITION,
         "barrier": barrier,
-        "interpolated_buffers": sorted(lerp_buffers) if not config.bn_recompute else [],
+        "interpolated_buffers": sorted(
+            n for n in lerp_buffers if not (evaluator.bn_recompute and n in evaluator.bn_buffers)
+        ),
         "distance": float((wb - wa).double().norm()),
         "grid": {"axes": ["alpha"], "alphas": alphas.tolist(), "points": len(alphas)},
         **_evaluation_info(evaluator, config, resumed),

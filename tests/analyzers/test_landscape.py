@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -428,6 +429,32 @@ def test_interpolation_lerps_batchnorm_statistics_or_recomputes_them() -> None:
         with torch.no_grad():
             direct = float(LOSSES["cross_entropy"](m.eval()(X), y))
         assert loss == pytest.approx(direct, rel=1e-10)
+
+
+def test_interpolation_moves_the_parameters_the_model_does_not_train_too() -> None:
+    """A layer frozen with ``requires_grad=False`` is part of each checkpoint: the line ends at checkpoint B
+    (before, it kept A's frozen layer and ``loss_b`` was a hybrid's loss)."""
+    models = []
+    for seed in (0, 5):
+        model, X, y = conv_bn_problem(seed=seed)
+        model.conv.weight.requires_grad_(False)
+        models.append(model)
+
+    def context(model: nn.Module, name: str) -> Context:
+        named = dict(model.named_parameters())
+        frozen = {n: p.detach() for n, p in named.items() if not p.requires_grad}
+        return replace(
+            model_context(model, X, y, name),
+            params={n: p.detach() for n, p in named.items() if p.requires_grad},
+            frozen={**frozen, **{n: b.detach() for n, b in model.named_buffers()}},
+        )
+
+    res = analyze_interpolation(LandscapeConfig(steps=3), context(models[0], "a"), context(models[1], "b"))
+    assert "conv.weight" in res.metadata["interpolated_buffers"]
+    with torch.no_grad():
+        loss_b = float(LOSSES["cross_entropy"](models[1](X), y))
+    assert res.metadata["barrier"]["loss_b"] == pytest.approx(loss_b, rel=1e-12)
+    assert float(res.artifacts["grid"]["loss"].iloc[-1]) == pytest.approx(loss_b, rel=1e-12)
 
 
 def test_interpolation_refuses_different_architectures() -> None:
