@@ -512,16 +512,43 @@ class Context:
 
     def raw_batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The loss of one batch as the loss function computes it (a token mean for token-level losses)."""
+        return self.raw_outputs_and_loss(params, batch)[1]
+
+    def raw_outputs_and_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[Any, torch.Tensor]:
+        """The model's outputs on one batch and the batch's loss as the loss function computes it (one forward).
+
+        ``params`` may also name buffers or frozen parameters: they replace those of ``frozen`` (a per-point
+        override, e.g. recomputed BatchNorm statistics). With ``--loss model`` the labels are passed to the
+        model under ``label_key``.
+        """
         x, y = batch
         if y is None:
             raise DiagnosticsError("the data gives no targets, but this analysis needs (inputs, targets)")
         if self.own_causal_loss:
             from diagnostics.binding import causal_lm_loss
 
-            return causal_lm_loss(self.forward(params, x), y)
-        if self.loss_name == "model":
-            return self.loss_fn(self.forward(params, x, **{self.label_key: y}), y)
-        return self.loss_fn(self.forward(params, x), y)
+            out = self.forward(params, x)
+            return out, causal_lm_loss(out, y)
+        out = self.forward(params, x, **{self.label_key: y}) if self.loss_name == "model" else self.forward(params, x)
+        return out, self.loss_fn(out, y)
+
+    def batch_scale(self, batch: Batch) -> float:
+        """The factor :meth:`batch_loss` applies to the raw loss of ``batch`` (1 for a per-sample mean; for a
+        token-mean loss ``(T_b / n_b) (N / T)``, 0 for a batch without counted targets)."""
+        if not self.token_weighted:
+            return 1.0
+        count = self.batch_count(batch)
+        if count == 0:
+            return 0.0
+        return (count / batch_size(batch)) * (self.n_samples / max(int(self.counted or 1), 1))
+
+    def outputs_and_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[Any, torch.Tensor]:
+        """The model's outputs on one batch and its loss ``L_b`` scaled as :meth:`batch_loss` scales it."""
+        out, loss = self.raw_outputs_and_loss(params, batch)
+        scale = self.batch_scale(batch)
+        if scale == 0.0:  # no counted target: the raw token mean is 0/0; a zero tied to the weights instead
+            return out, _zero_of(params)
+        return out, loss if scale == 1.0 else loss * scale
 
     def batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The batch's loss ``L_b``, scaled so that the sample-weighted mean over batches is the full-data loss.
@@ -532,14 +559,9 @@ class Context:
         any batching (micro-batches and data shards compute their own ``T_b``). A batch without counted
         targets contributes zero.
         """
-        if not self.token_weighted:
-            return self.raw_batch_loss(params, batch)
-        count = self.batch_count(batch)
-        n = batch_size(batch)
-        if count == 0:
-            return sum(p.sum() for p in params.values()) * 0.0
-        scale = (count / n) * (self.n_samples / max(int(self.counted or 1), 1))
-        return self.raw_batch_loss(params, batch) * scale
+        if self.token_weighted and self.batch_count(batch) == 0:
+            return _zero_of(params)
+        return self.outputs_and_loss(params, batch)[1]
 
     def loss(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss over all data: ``sum_b n_b L_b / N`` (for token-level losses the mean over counted
@@ -573,6 +595,11 @@ class Context:
     def with_batches(self, batches: list[Batch]) -> Context:
         """The same model and loss over other batches (a token-level loss recounts its targets)."""
         return replace(self, batches=batches, counted=None)
+
+
+def _zero_of(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A zero loss that depends on the floating-point weights (its gradient is zero, not missing or NaN)."""
+    return sum(p.sum() for p in params.values() if p.is_floating_point()) * 0.0
 
 
 def compile_params(pattern: str) -> re.Pattern[str]:

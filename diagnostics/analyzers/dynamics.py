@@ -348,21 +348,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _forward_in(ctx: Context, dtype: torch.dtype, params: Mapping[str, torch.Tensor], x: Any) -> Any:
-    """The model's output with weights, buffers and floating inputs cast to ``dtype``."""
-    from torch.func import functional_call
-
+    """The model's output with weights, buffers and floating inputs cast to ``dtype`` (through
+    :meth:`~diagnostics.context.Context.forward`: a dict of inputs is passed as keyword arguments)."""
     from diagnostics.context import to_device
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
 
-    state = {k: cast(v) for k, v in {**ctx.frozen, **params}.items()}
-    x = to_device(x, ctx.device, dtype)
-    return functional_call(ctx.model, state, tuple(x) if isinstance(x, tuple) else (x,))
+    state = {k: cast(v) for k, v in {**ctx.frozen, **params}.items()}  # replaces every entry of ctx.frozen
+    return ctx.forward(state, to_device(x, ctx.device, dtype))
 
 
 def _logits(out: Any) -> torch.Tensor | None:
-    return out if isinstance(out, torch.Tensor) and out.dim() == 2 and out.is_floating_point() else None
+    """The ``[batch, classes]`` floating logits of a model's outputs: the tensor itself, or the ``logits`` of a
+    dict, ``ModelOutput`` or tuple (:func:`~diagnostics.binding.output_tensor`); None when there are none."""
+    from diagnostics.binding import output_tensor
+
+    t = output_tensor(out)
+    return t if isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point() else None
 
 
 def load_init(path: Path, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -551,7 +554,12 @@ def _data_pass(
     labels: _Labels,
     progress: ProgressFn | None,
 ) -> _PassState:
-    """One pass: the summed gradient ``sum_b n_b grad L_b`` (float64), collapsed samples, unit scores, co-moments."""
+    """One pass: the summed gradient ``sum_b n_b grad L_b`` (float64), collapsed samples, unit scores, co-moments.
+
+    ``L_b`` is the batch's loss as :meth:`~diagnostics.context.Context.outputs_and_loss` gives it (the labels
+    passed to the model for ``--loss model``; scaled so that ``sum_b n_b L_b / N`` is the full-data loss, the
+    mean over counted targets for a token-level loss), from the same forward pass whose outputs are read.
+    """
     state = _PassState(
         grad={n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()},
         logits_ok=labels.ok,
@@ -562,8 +570,8 @@ def _data_pass(
         for i, ((x, y), n_b) in enumerate(zip(ctx.batches, ctx.batch_sizes)):
             hooks.captured.clear()
             calls_before = {name: s.calls for name, s in hooks.scorers.items()}
-            out = ctx.forward(params, x)
-            gs = torch.autograd.grad(ctx.loss_fn(out, y), list(params.values()), allow_unused=True)
+            out, loss = ctx.outputs_and_loss(params, (x, y))
+            gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), gs):
                 if g is not None:
                     state.grad[name] += g.detach().to(torch.float64) * n_b

@@ -678,11 +678,12 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _predict(ctx: Context, output_type: str) -> list[torch.Tensor]:
+    """``[N_b, C]`` float64 log-probabilities of every batch (:meth:`~diagnostics.context.Context.forward`: a
+    tuple of inputs is passed as positional arguments, a dict as keyword arguments)."""
     out = []
     with torch.no_grad():
         for x, _ in ctx.batches:
-            args = tuple(x) if isinstance(x, tuple) else (x,)
-            out.append(_class_log_probs(ctx.model(*args), output_type).cpu())
+            out.append(_class_log_probs(ctx.forward(ctx.params, x), output_type).cpu())
     return out
 
 

@@ -427,3 +427,65 @@ def test_every_emitted_metric_is_declared():
     ctx = make_context(planted_model(), checkpoint_metadata={k: 0.5 for k in ("train_accuracy", "val_accuracy")})
     result = analyze_dynamics(DynamicsConfig(), ctx)
     assert {r.metric for r in result.records} <= declared
+
+
+# ----------------------------------------------------- transformers layout: dict batches, outputs with .loss
+def kw_context(model: nn.Module, batches: list[dict], loss: str = "model", token_weighted: bool = False) -> Context:
+    """A float64 context as ``build_context`` makes it for dict batches: inputs passed as keyword arguments,
+    labels under ``labels`` (given to the model for ``--loss model``)."""
+    from diagnostics.binding import LOSSES
+
+    model = model.double().eval()
+    return Context(
+        model=model,
+        params={k: p.detach() for k, p in model.named_parameters()},
+        frozen={},
+        batches=[({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in batches],
+        loss_fn=LOSSES[loss],
+        device=torch.device("cpu"),
+        dtype=F64,
+        loss_name=loss,
+        label_key="labels",
+        token_weighted=token_weighted,
+    )
+
+
+@pytest.mark.parametrize("loss", ["model", "cross_entropy"])
+def test_dict_batches_and_output_objects_give_the_cosine_and_collapse_computed_by_hand(loss: str):
+    """``--loss model`` passes the labels to the model; ``cross_entropy`` reads the logits of its output."""
+    import kwmodels as kw
+
+    batches = kw.cls_batches()  # 20 + 12 samples
+    model = kw.build_classifier().double().eval()
+    ctx = kw_context(model, batches, loss=loss)
+    result = analyze_dynamics(DynamicsConfig(softmax_dtypes=["float32"]), ctx)
+    want = kw.gradient_cosine(model, lambda m: kw.sample_mean_loss(m, batches))
+    assert values(result, "gradient_weight_cosine")[None] == pytest.approx(want, rel=1e-10)
+    # the logits of the output object are read, in float64 and with the forward pass re-run in float32
+    collapse = {d: kw.collapse_fraction(model, batches, getattr(torch, d)) for d in ("float64", "float32")}
+    assert values(result, "softmax_collapse_fraction") == collapse
+    assert 0 < collapse["float64"] < collapse["float32"] < 1  # the scaled logits saturate float32 more often
+    assert not any("not [batch, classes] logits" in n or "failed" in n for n in result.metadata["notes"])
+    with torch.no_grad():
+        z = torch.cat([model.features(b["input_ids"], b["attention_mask"]) for b in batches])
+    y = torch.cat([b["labels"] for b in batches])
+    assert values(result, "label_kernel_alignment") == {
+        "classifier:input": pytest.approx(alignment_by_hand(z, y), rel=1e-10)
+    }
+
+
+@pytest.mark.parametrize("loss", ["model", "cross_entropy"])
+def test_a_token_level_loss_weights_batches_by_their_counted_targets(loss: str):
+    """Batches of 3 and 2 sequences with 5 and 8 counted targets: the full-data loss is the mean over the 13
+    targets, not the sample-weighted mean of the two batch means."""
+    import kwmodels as kw
+
+    batches = kw.token_batches()
+    model = kw.build_tagger().double().eval()
+    ctx = kw_context(model, batches, loss=loss, token_weighted=True)
+    assert ctx.counted == 13
+    got = values(analyze_dynamics(DynamicsConfig(), ctx), "gradient_weight_cosine")[None]
+    token_mean = kw.gradient_cosine(model, lambda m: kw.token_mean_loss(m, batches))
+    batch_mean = kw.gradient_cosine(model, lambda m: kw.batch_mean_loss(m, batches))
+    assert got == pytest.approx(token_mean, rel=1e-10)
+    assert abs(token_mean - batch_mean) > 1e-3  # the two weightings disagree, so the check is not vacuous

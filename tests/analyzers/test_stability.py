@@ -498,3 +498,19 @@ def test_dropout_reaches_every_tensor_of_a_dict_output():
     assert not torch.equal(out["a"], out["b"][0])  # independent masks
     assert torch.equal(out["b"][1], torch.ones(2, dtype=torch.long))  # integers untouched
     assert torch.equal(m(torch.ones(3))["a"], torch.ones(3))  # hooks removed on exit
+
+
+def test_prediction_stability_on_dict_batches_and_output_objects_equals_the_hand_computation():
+    """transformers layout: each batch's dict of inputs is passed as keyword arguments, and the logits are read
+    from an output object carrying ``.loss`` and ``.logits``; the default site is the classifier's input."""
+    import kwmodels as kw
+
+    batches = kw.cls_batches()
+    model = kw.build_classifier().double()
+    ctx = make_ctx(model, [({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in batches])
+    res = analyze_stability(StabilityConfig(p=0.3, passes=4), ctx)
+    agree, kl = kw.stability_by_hand(kw.classifier_features(model), model.classifier, batches, 0.3, 4, ctx.seed)
+    assert res.metadata["modules"] == ["classifier:input"] and res.metadata["samples"] == 32
+    assert res.metadata["prediction_agreement"]["per_pass"] == pytest.approx(agree, abs=1e-15)
+    assert res.metadata["prediction_kl"]["per_pass"] == pytest.approx(kl, rel=1e-10)
+    assert 0 < min(agree) < 1 and min(kl) > 0

@@ -133,3 +133,72 @@ def test_sweep_takes_an_explicit_init_over_the_first_checkpoint(grok_run: list[P
     single = invoke("dynamics", str(grok_run[1]), "--init", str(grok_run[0]), "-f", "json", "-q")
     value = records(explicit.stdout)[(10, "distance_from_init", None)]
     assert value > 0 and value == records(single.stdout)[(10, "distance_from_init", None)]
+
+
+# ------------------------------------------------- transformers layout: dict batches, outputs with .loss
+def kwmodels():
+    """tests/analyzers/kwmodels.py (its factories are named to the CLI by file path)."""
+    import importlib.util
+    import sys
+
+    if "kwmodels" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "analyzers" / "kwmodels.py"
+        spec = importlib.util.spec_from_file_location("kwmodels", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["kwmodels"] = module
+    return sys.modules["kwmodels"]
+
+
+def test_dict_batches_with_the_models_own_loss(tmp_path: Path) -> None:
+    """The default --loss model gives the labels to the model; --softmax-dtypes re-runs it with keyword inputs."""
+    from diagnostics.checkpoint import save_checkpoint
+
+    kw = kwmodels()
+    path = save_checkpoint(tmp_path / "kw.pt", kw.build_classifier(), step=5)
+    args = ["--model", kw.spec("build_classifier"), "--data", kw.spec("cls_batches"), "--dtype", "float64"]
+    res = invoke("dynamics", str(path), *args, "--softmax-dtypes", "float32", "-f", "json", "-q")
+    assert res.exit_code == 0, res.output
+    got = records(res.stdout)
+    model, batches = kw.build_classifier().double().eval(), kw.cls_batches()
+    want = kw.gradient_cosine(model, lambda m: kw.sample_mean_loss(m, batches))
+    assert got[(5, "gradient_weight_cosine", None)] == pytest.approx(want, rel=1e-10)
+    for dtype in ("float64", "float32"):
+        collapse = kw.collapse_fraction(model, batches, getattr(torch, dtype))
+        assert got[(5, "softmax_collapse_fraction", dtype)] == collapse
+    assert got[(5, "softmax_collapse_fraction", "float64")] < got[(5, "softmax_collapse_fraction", "float32")]
+
+
+def test_token_level_model_loss_weights_batches_by_counted_targets(tmp_path: Path) -> None:
+    """Batches of 3 and 2 sequences holding 5 and 8 counted labels: the gradient is that of the mean over the 13
+    labels, not of the sample-weighted batch means."""
+    from diagnostics.checkpoint import save_checkpoint
+
+    kw = kwmodels()
+    path = save_checkpoint(tmp_path / "tagger.pt", kw.build_tagger(), step=2)
+    args = ["--model", kw.spec("build_tagger"), "--data", kw.spec("token_batches"), "--dtype", "float64"]
+    res = invoke("dynamics", str(path), *args, "-f", "json", "-q")
+    assert res.exit_code == 0, res.output
+    got = records(res.stdout)[(2, "gradient_weight_cosine", None)]
+    model, batches = kw.build_tagger().double().eval(), kw.token_batches()
+    token_mean = kw.gradient_cosine(model, lambda m: kw.token_mean_loss(m, batches))
+    batch_mean = kw.gradient_cosine(model, lambda m: kw.batch_mean_loss(m, batches))
+    assert got == pytest.approx(token_mean, rel=1e-10)
+    assert abs(token_mean - batch_mean) > 1e-3
+
+
+def test_save_pretrained_bert_folder_with_dict_batches(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    kw = kwmodels()
+    model = kw.build_bert()
+    model.save_pretrained(tmp_path / "bert")
+    args = ["--data", kw.spec("cls_batches"), "--dtype", "float64", "--softmax-dtypes", "float32", "-f", "json"]
+    res = invoke("dynamics", str(tmp_path / "bert"), *args)
+    assert res.exit_code == 0, res.output
+    assert "not [batch, classes] logits" not in res.stderr
+    got = {(m, g): v for (_, m, g), v in records(res.stdout).items()}
+    model, batches = model.double(), kw.cls_batches()
+    want = kw.gradient_cosine(model, lambda m: m(**kw.joined(batches)).loss)
+    assert got[("gradient_weight_cosine", None)] == pytest.approx(want, rel=1e-9)
+    for dtype in ("float64", "float32"):
+        assert got[("softmax_collapse_fraction", dtype)] == kw.collapse_fraction(model, batches, getattr(torch, dtype))
