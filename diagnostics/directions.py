@@ -21,10 +21,13 @@ Directions (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets"):
   result is exactly orthogonal and still exactly normalised.
 * :func:`hessian_directions`: unit top eigenvectors of the loss Hessian by Lanczos.
 
-Evaluation: :class:`PointEvaluator` gives the sample-weighted mean loss ``sum_b n_b L_b / N``, the
-accuracy and optionally the predictions at ``K`` parameter points ``[K, dim]``, evaluating a chunk of
-points in one pass with ``torch.func.vmap`` over ``functional_call`` with stacked parameters (falling
-back to one point at a time where an op has no batching rule), halving the chunk when memory runs out.
+Evaluation: :class:`PointEvaluator` gives the context's full-data loss ``sum_b n_b L_b / N`` (``L_b`` as
+:meth:`~diagnostics.context.Context.batch_loss` scales it: the mean over samples, or over counted targets
+for token-level losses), the accuracy and optionally the predictions at ``K`` parameter points
+``[K, dim]``, evaluating a chunk of points in one pass with ``torch.func.vmap`` over the context's
+functional forward with stacked parameters (falling back to one point at a time where an op has no
+batching rule), halving the chunk when memory runs out. Batches, model losses (``--loss model``) and
+model outputs (a ``ModelOutput``'s logits are scored for accuracy) are handled as the context does.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import copy
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from diagnostics.binding import output_tensor
 from diagnostics.context import Batch, Context, batch_size
 from diagnostics.errors import DiagnosticsError, one_line
 from diagnostics.linalg.products import Layout
@@ -252,9 +256,14 @@ def inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float
 
 
 # -------------------------------------------------------------------------------------- accuracy
-def accuracy_kind(outputs: torch.Tensor, targets: torch.Tensor, loss_name: str) -> str | None:
+def accuracy_kind(outputs: Any, targets: torch.Tensor, loss_name: str) -> str | None:
     """How to score predictions: ``argmax`` (class labels), ``argmax_soft`` (one-hot / probability
-    targets), ``sign`` (one logit per sample with a BCE loss), or None (regression: no accuracy)."""
+    targets), ``sign`` (one logit per sample with a BCE loss), or None (regression: no accuracy).
+
+    Outputs that are not a tensor are scored on their prediction tensor (:func:`~diagnostics.binding.output_tensor`:
+    a ``ModelOutput``'s logits, the first tensor of a tuple).
+    """
+    outputs = output_tensor(outputs)
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         return None
     if outputs.dim() == 2 and outputs.shape[1] > 1:
@@ -268,7 +277,9 @@ def accuracy_kind(outputs: torch.Tensor, targets: torch.Tensor, loss_name: str) 
     return None
 
 
-def _predict(outputs: torch.Tensor, kind: str) -> torch.Tensor:
+def _predict(outputs: Any, kind: str) -> torch.Tensor:
+    """Predicted labels ``[n]`` from the model's outputs (their prediction tensor, see :func:`accuracy_kind`)."""
+    outputs = output_tensor(outputs)
     if kind in ("argmax", "argmax_soft"):
         return outputs.argmax(dim=1)
     return (outputs.reshape(-1) > 0).long()
@@ -288,7 +299,7 @@ class PointStats:
     """What :meth:`PointEvaluator.evaluate` returns for ``K`` points.
 
     Attributes:
-        loss: ``[K]`` float64, the sample-weighted mean loss over all batches.
+        loss: ``[K]`` float64, the full-data loss (the sample-weighted mean of the scaled batch losses).
         accuracy: ``[K]`` float64 fraction correct, or None when the task has no accuracy.
         predictions: ``[K, N]`` int64 predicted labels over all samples in batch order, when asked.
     """
@@ -351,7 +362,7 @@ class PointEvaluator:
         self.notes: list[str] = []
         self.sizes = [batch_size(b) for b in ctx.batches]
         self.n = sum(self.sizes)
-        self._bn_model: nn.Module | None = None
+        self._bn_ctx: Context | None = None  # the context with BatchNorm layers in train mode
         self.bn_buffers = [
             f"{name}.{b}" if name else b
             for name, m in ctx.model.named_modules()
@@ -361,22 +372,24 @@ class PointEvaluator:
         if bn_recompute and not self.bn_buffers:
             self.notes.append("--bn-recompute: the model has no BatchNorm running statistics; nothing recomputed")
             self.bn_recompute = False
-        x0, y0 = ctx.batches[0]
-        with torch.no_grad():
-            out0 = ctx.forward(ctx.params, x0)
-        self.kind = accuracy_kind(out0, y0, ctx.loss_name) if y0 is not None else None
+        self.kind = None
+        if ctx.batches[0][1] is not None:
+            with torch.no_grad():
+                out0, _ = ctx.raw_outputs_and_loss(ctx.params, ctx.batches[0])
+            self.kind = accuracy_kind(out0, ctx.batches[0][1], ctx.loss_name)
 
     # -- one point / one chunk on one batch
-    def _call(self, flat: torch.Tensor, buffers: Mapping[str, torch.Tensor], batch: Batch, kind: str | None):
-        x, y = batch
-        tensors = {**self.ctx.frozen, **buffers, **self.space.unflatten(flat)}
-        args = tuple(x) if isinstance(x, tuple) else (x,)
-        out = functional_call(self.ctx.model, tensors, args)
-        loss = self.ctx.loss_fn(out, y).to(torch.float64)
-        if kind is None:
-            return loss, None
-        pred = _predict(out, kind)
-        return loss, pred
+    def _call(
+        self, flat: torch.Tensor, buffers: Mapping[str, torch.Tensor], batch: Batch, kind: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float64 loss ``L_b`` scaled as :meth:`Context.batch_loss`, predicted labels or None) at one point.
+
+        ``buffers`` override the context's frozen tensors; the loss is the context's (dict batches as
+        keyword arguments, ``--loss model`` labels, token weighting), so ``sum_b n_b L_b / N`` is the
+        full-data loss.
+        """
+        out, loss = self.ctx.outputs_and_loss({**buffers, **self.space.unflatten(flat)}, batch)
+        return loss.to(torch.float64), (None if kind is None else _predict(out, kind))
 
     def _chunk_stats(
         self, P: torch.Tensor, buffers: Mapping[str, torch.Tensor], want_pred: bool, backend: str
@@ -413,13 +426,13 @@ class PointEvaluator:
 
     def _recompute_bn(self, flat: torch.Tensor, buffers: Mapping[str, torch.Tensor]) -> Params:
         """Running statistics of every BatchNorm layer recomputed on the data at one point."""
-        if self._bn_model is None:
+        if self._bn_ctx is None:
             model = copy.deepcopy(self.ctx.model)
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
                     m.momentum = None
-            self._bn_model = model
+            self._bn_ctx = replace(self.ctx, model=model)
         fresh: Params = {}
         for name in self.bn_buffers:
             ref = self.ctx.frozen[name]
@@ -427,11 +440,10 @@ class PointEvaluator:
                 fresh[name] = torch.zeros_like(ref)
             else:
                 fresh[name] = torch.ones_like(ref)
-        tensors = {**self.ctx.frozen, **buffers, **self.space.unflatten(flat), **fresh}
+        tensors = {**buffers, **self.space.unflatten(flat), **fresh}
         with torch.no_grad():
             for x, _ in self.ctx.batches:
-                args = tuple(x) if isinstance(x, tuple) else (x,)
-                functional_call(self._bn_model, tensors, args)
+                self._bn_ctx.forward(tensors, x)  # updates ``fresh`` in place
         return fresh
 
     # -- public
