@@ -690,7 +690,9 @@ ANALYZER = Analyzer(
         Metric(
             "barrier",
             "max_{alpha in [0,1]} L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]: grid maximum "
-            "refined by golden-section search; 0 for a convex loss",
+            "refined by golden-section search; 0 for a convex loss; w holds the analysed parameters, the "
+            "floating-point buffers and the parameters the model does not train (trainable ones outside --params "
+            "stay at w_a's values)",
             unit="loss",
             higher_is_better=False,
             headline=True,

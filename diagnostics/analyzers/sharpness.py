@@ -601,7 +601,8 @@ ANALYZER = Analyzer(
         ),
         Metric(
             "preconditioned_eigenvalue",
-            "λ_max(P^-1 H) with Adam's preconditioner P = (1-β1^t) diag(sqrt(v_t/(1-β2^t)) + eps); stderr = "
+            "λ_max(P^-1 H) with Adam's preconditioner P = (1-β1^t) diag(sqrt(v_t/(1-β2^t)) + eps), over the "
+            "parameters Adam moves (param groups at learning rate 0 are left out, with a note); stderr = "
             "eigenvalue error bound",
             unit="loss / weight^2",
             higher_is_better=False,
