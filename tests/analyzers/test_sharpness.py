@@ -204,14 +204,23 @@ def test_eos_threshold_for_gradient_descent_and_heavy_ball(tmp_path: Path) -> No
     assert metric(res, "eos_threshold").value == pytest.approx(2 / 0.1)  # --lr overrides
 
 
-def _adam_checkpoint(tmp_path: Path, save_state: bool = True, amsgrad: bool = False) -> tuple[Path, list, dict]:
+def _adam_checkpoint(
+    tmp_path: Path, save_state: bool = True, amsgrad: bool = False, group_lrs: tuple[float, float] | None = None
+) -> tuple[Path, list, dict]:
+    """Adam at lr 0.01 for 7 steps on the digits MLP. With ``group_lrs``, over two param groups (the first layer,
+    the rest) whose learning rates are then set to ``group_lrs`` (as a schedule leaves them; 0 at the end of a
+    linear decay)."""
     model = build_mlp(width=3, depth=1, seed=0)
     X, y = train_data(80)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, amsgrad=amsgrad)
+    params = list(model.parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:]}] if group_lrs else params
+    opt = torch.optim.Adam(groups, lr=0.01, betas=(0.8, 0.99), eps=1e-6, amsgrad=amsgrad)
     for _ in range(7):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
+    for group, lr in zip(opt.param_groups, group_lrs or ()):
+        group["lr"] = lr
     path = save_checkpoint(
         tmp_path / "adam.pt",
         model,
@@ -224,7 +233,7 @@ def _adam_checkpoint(tmp_path: Path, save_state: bool = True, amsgrad: bool = Fa
         loss="cross_entropy",
         save_optimizer_state=save_state,
     )
-    return path, list(model.parameters()), opt.state
+    return path, params, opt.state
 
 
 def test_adam_preconditioned_sharpness_matches_the_dense_reference(tmp_path: Path) -> None:
@@ -274,37 +283,10 @@ def test_adam_without_saved_state_explains_what_is_missing(tmp_path: Path) -> No
     assert any("second moments" in n for n in res.metadata["notes"])
 
 
-def _adam_groups_checkpoint(tmp_path: Path, lrs: tuple[float, float]) -> tuple[Path, list, dict, list[str]]:
-    """Adam over two param groups (the first layer, the rest) trained at lr 0.01, then saved with the groups'
-    learning rates set to ``lrs`` (as a schedule leaves them; 0 at the end of a linear decay)."""
-    model = build_mlp(width=3, depth=1, seed=0)
-    X, y = train_data(80)
-    named = list(model.named_parameters())
-    first, rest = [p for _, p in named[:2]], [p for _, p in named[2:]]
-    opt = torch.optim.Adam([{"params": first}, {"params": rest}], lr=0.01, betas=(0.8, 0.99), eps=1e-6)
-    for _ in range(7):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    for group, lr in zip(opt.param_groups, lrs):
-        group["lr"] = lr
-    path = save_checkpoint(
-        tmp_path / "adam_groups.pt",
-        model,
-        step=7,
-        optimizer=opt,
-        model_factory="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 3, "depth": 1},
-        data_factory="diagnostics.examples.digits:train_data",
-        data_kwargs={"n": 80},
-        loss="cross_entropy",
-    )
-    return path, [p for _, p in named], opt.state, [n for n, _ in named[:2]]
-
-
 def test_param_groups_at_learning_rate_zero_are_left_out_of_the_preconditioned_sharpness(tmp_path: Path) -> None:
-    path, params, state, moving = _adam_groups_checkpoint(tmp_path, (0.01, 0.0))
+    path, params, state = _adam_checkpoint(tmp_path, group_lrs=(0.01, 0.0))
     ctx = _context(path)
+    moving = list(ctx.params)[:2]
     res = analyze_sharpness(SharpnessConfig(kind="average", draws=2, eig_tol=1e-6, lr=0.01), ctx)
     # the exact answer over the parameters Adam still moves: S H[moving, moving] S
     sub = ctx.restrict(names=moving)
@@ -322,7 +304,7 @@ def test_param_groups_at_learning_rate_zero_are_left_out_of_the_preconditioned_s
 
 
 def test_every_param_group_at_learning_rate_zero_gives_a_note_not_a_crash(tmp_path: Path) -> None:
-    path, _, _, _ = _adam_groups_checkpoint(tmp_path, (0.0, 0.0))
+    path, _, _ = _adam_checkpoint(tmp_path, group_lrs=(0.0, 0.0))
     ctx = _context(path)
     assert ctx.lr == 0.0
     res = analyze_sharpness(SharpnessConfig(kind="average", draws=2), ctx)  # the checkpoint's own lr: 0

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import kwmodels as kw
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -136,25 +137,12 @@ def test_sweep_takes_an_explicit_init_over_the_first_checkpoint(grok_run: list[P
 
 
 # ------------------------------------------------- transformers layout: dict batches, outputs with .loss
-def kwmodels():
-    """tests/analyzers/kwmodels.py (its factories are named to the CLI by file path)."""
-    import importlib.util
-    import sys
-
-    if "kwmodels" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "analyzers" / "kwmodels.py"
-        spec = importlib.util.spec_from_file_location("kwmodels", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["kwmodels"] = module
-    return sys.modules["kwmodels"]
 
 
 def test_dict_batches_with_the_models_own_loss(tmp_path: Path) -> None:
     """The default --loss model gives the labels to the model; --softmax-dtypes re-runs it with keyword inputs."""
     from diagnostics.checkpoint import save_checkpoint
 
-    kw = kwmodels()
     path = save_checkpoint(tmp_path / "kw.pt", kw.build_classifier(), step=5)
     args = ["--model", kw.spec("build_classifier"), "--data", kw.spec("cls_batches"), "--dtype", "float64"]
     res = invoke("dynamics", str(path), *args, "--softmax-dtypes", "float32", "-f", "json", "-q")
@@ -174,7 +162,6 @@ def test_token_level_model_loss_weights_batches_by_counted_targets(tmp_path: Pat
     labels, not of the sample-weighted batch means."""
     from diagnostics.checkpoint import save_checkpoint
 
-    kw = kwmodels()
     path = save_checkpoint(tmp_path / "tagger.pt", kw.build_tagger(), step=2)
     args = ["--model", kw.spec("build_tagger"), "--data", kw.spec("token_batches"), "--dtype", "float64"]
     res = invoke("dynamics", str(path), *args, "-f", "json", "-q")
@@ -189,7 +176,6 @@ def test_token_level_model_loss_weights_batches_by_counted_targets(tmp_path: Pat
 
 def test_save_pretrained_bert_folder_with_dict_batches(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    kw = kwmodels()
     model = kw.build_bert()
     model.save_pretrained(tmp_path / "bert")
     args = ["--data", kw.spec("cls_batches"), "--dtype", "float64", "--softmax-dtypes", "float32", "-f", "json"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import kwmodels as kw
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -312,24 +313,12 @@ def test_modules_import_without_the_numerical_stack(module):
 
 
 # ------------------------------------------------- transformers layout: dict batches, outputs with .logits
-def kwmodels():
-    """tests/analyzers/kwmodels.py (its factories are named to the CLI by file path)."""
-    import importlib.util
-    import sys
-
-    if "kwmodels" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "analyzers" / "kwmodels.py"
-        spec = importlib.util.spec_from_file_location("kwmodels", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["kwmodels"] = module
-    return sys.modules["kwmodels"]
 
 
 def check_stability(res, features, head, batches) -> None:
     assert res.exit_code == 0, res.output
     rec = records(res.stdout)
-    agree, kl = kwmodels().stability_by_hand(features, head, batches, 0.3, 3)
+    agree, kl = kw.stability_by_hand(features, head, batches, 0.3, 3)
     assert rec["prediction_agreement"]["value"] == pytest.approx(sum(agree) / 3, abs=1e-15)
     assert rec["prediction_kl"]["value"] == pytest.approx(sum(kl) / 3, rel=1e-9)
     assert min(kl) > 0
@@ -338,7 +327,6 @@ def check_stability(res, features, head, batches) -> None:
 def test_stability_cli_on_dict_batches(tmp_path: Path):
     from diagnostics.checkpoint import save_checkpoint
 
-    kw = kwmodels()
     save_checkpoint(tmp_path / "kw.pt", kw.build_classifier())
     args = ["--model", kw.spec("build_classifier"), "--data", kw.spec("cls_batches"), "--dtype", "float64"]
     res = invoke("stability", "kw.pt", *args, "--p", "0.3", "--passes", "3", "-f", "json")
@@ -348,7 +336,6 @@ def test_stability_cli_on_dict_batches(tmp_path: Path):
 
 def test_stability_cli_on_a_save_pretrained_bert_folder(tmp_path: Path):
     pytest.importorskip("transformers")
-    kw = kwmodels()
     model = kw.build_bert()
     model.save_pretrained(tmp_path / "bert")
     args = ["--data", kw.spec("cls_batches"), "--dtype", "float64", "--p", "0.3", "--passes", "3", "-f", "json"]
