@@ -544,11 +544,9 @@ class Context:
 
     def outputs_and_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[Any, torch.Tensor]:
         """The model's outputs on one batch and its loss ``L_b`` scaled as :meth:`batch_loss` scales it."""
-        out, loss = self.raw_outputs_and_loss(params, batch)
         scale = self.batch_scale(batch)
-        if scale == 0.0:  # no counted target: the raw token mean is 0/0; a zero tied to the weights instead
-            return out, _zero_of(params)
-        return out, loss if scale == 1.0 else loss * scale
+        out, loss = self.raw_outputs_and_loss(params, batch)
+        return out, _scaled(loss, scale, params)
 
     def batch_loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """The batch's loss ``L_b``, scaled so that the sample-weighted mean over batches is the full-data loss.
@@ -559,9 +557,10 @@ class Context:
         any batching (micro-batches and data shards compute their own ``T_b``). A batch without counted
         targets contributes zero.
         """
-        if self.token_weighted and self.batch_count(batch) == 0:
+        scale = self.batch_scale(batch)
+        if scale == 0.0:  # no forward needed
             return _zero_of(params)
-        return self.outputs_and_loss(params, batch)[1]
+        return _scaled(self.raw_batch_loss(params, batch), scale, params)
 
     def loss(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss over all data: ``sum_b n_b L_b / N`` (for token-level losses the mean over counted
@@ -600,6 +599,14 @@ class Context:
 def _zero_of(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A zero loss that depends on the floating-point weights (its gradient is zero, not missing or NaN)."""
     return sum(p.sum() for p in params.values() if p.is_floating_point()) * 0.0
+
+
+def _scaled(loss: torch.Tensor, scale: float, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``loss * scale`` (:meth:`Context.batch_scale`); at scale 0 (no counted target: the raw token mean is 0/0)
+    a zero tied to the weights instead."""
+    if scale == 0.0:
+        return _zero_of(params)
+    return loss if scale == 1.0 else loss * scale
 
 
 def compile_params(pattern: str) -> re.Pattern[str]:

@@ -487,20 +487,19 @@ def _edge_of_stability(
         return eos_info
     still = still_parameters(ctx)
     if still:
-        moving = [n for n in ctx.params if n not in set(still)]
+        moving = [n for n in ctx.params if n not in still]
         count = sum(ctx.params[n].numel() for n in still)
+        eos_info["still_parameters"] = count
         if not moving:
             notes.append(
                 "every analysed parameter's param group has learning rate 0 at this checkpoint (the end of a "
                 "decaying schedule?): Adam does not move them, so there is no preconditioned sharpness to measure"
             )
-            eos_info["still_parameters"] = count
             return eos_info
         notes.append(
             f"{len(still)} tensors ({count:,} entries) are in param groups with learning rate 0: Adam does not move "
             "them, so the preconditioned sharpness is over the other parameters"
         )
-        eos_info["still_parameters"] = count
         ctx = ctx.restrict(names=moving)
     try:
         P, pinfo = adam_preconditioner(ctx, float(lr))
