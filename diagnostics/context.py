@@ -248,6 +248,13 @@ def _is_whole_data(data: Any) -> bool:
     return False
 
 
+def samples_note(samples: int | None, available: int, where: str = "the data") -> list[str]:
+    """A note when ``--samples`` asks for more than the data holds (then every sample is used), else none."""
+    if samples is None or samples <= available:
+        return []
+    return [f"--samples {samples} is more than the {available} samples of {where}: all {available} were used"]
+
+
 def _subset_indices(n: int, samples: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sort(torch.randperm(n, generator=generator)[:samples]).values
 
@@ -340,6 +347,7 @@ def prepare_batches(
         batch: Batch = (x, y)
         if samples is not None and samples < n:
             batch = B.take(batch, _subset_indices(n, samples, gen))
+        notes += samples_note(samples, n, where)
         return PreparedData(B.split(batch, batch_size_), notes, n, info.get("target_key"))
     if _is_whole_data(data):
         batch = split_item(data, layout, where, notes, info)
@@ -348,6 +356,7 @@ def prepare_batches(
             raise DiagnosticsError(f"{where} is empty (0 samples)")
         if samples is not None and samples < n:
             batch = B.take(batch, _subset_indices(n, samples, gen))
+        notes += samples_note(samples, n, where)
         return PreparedData(B.split(batch, batch_size_), notes, n, info.get("target_key"))
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
         items = _read_batches(data, layout, where, notes, info)
@@ -359,6 +368,7 @@ def prepare_batches(
             items = B.split(subset, batch_size_ or batch_size(items[0]))
         elif batch_size_:
             items = B.split(B.concat(items), batch_size_)
+        notes += samples_note(samples, total, where)
         return PreparedData(items, notes, total, info.get("target_key"))
     raise DiagnosticsError(
         f"{where} returned a {type(data).__name__}; expected (inputs, targets) tensors, a dict of tensors or an "
@@ -748,28 +758,81 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device named by ``--device``.
+# Device types an analysis can run on (``meta`` holds no data; others lack the operations or a backend here).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can analyse on: ``cpu``, every CUDA device, MPS and every XPU when present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return out
+
+
+def _device_key(dev: torch.device) -> tuple[str, int]:
+    """``(type, index)`` with no index meaning device 0 (``cuda`` = ``cuda:0`` for availability)."""
+    return dev.type, 0 if dev.index is None else int(dev.index)
+
+
+def check_device(name: str, available: Sequence[str], flag: str = "--device") -> torch.device:
+    """The ``torch.device`` named ``name`` if it is one of ``available`` (pure: availability is passed in).
 
     Args:
-        name: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, any other ``torch.device`` string, or None/``"auto"``
+        name: a device string (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu:N``).
+        available: what :func:`available_devices` returns.
+        flag: the option's name for the message (``--device``, ``--basis-device``).
+
+    Returns:
+        The device (``cpu`` for any ``cpu:N``: there is one CPU device).
+
+    Raises:
+        DiagnosticsError: a name ``torch.device`` does not parse, a device type no analysis can run on
+            (``meta``, ``hpu``, ...) or a device this machine does not have; the message lists what it has.
+    """
+    hint = f"devices here: {', '.join(available)}; pass one of them" + (" or auto" if flag == "--device" else "")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DiagnosticsError(f"unknown {flag} '{name}'; {hint}") from exc
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type not in DEVICE_TYPES:
+        why = "holds no data (shapes only)" if dev.type == "meta" else "is not supported"
+        raise DiagnosticsError(f"{flag} '{name}': the {dev.type} device {why}; {hint}")
+    have = {_device_key(torch.device(a)) for a in available}
+    if _device_key(dev) not in have:
+        kind = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}[dev.type]
+        same = [a for a in available if torch.device(a).type == dev.type]
+        what = f"{len(same)} {kind} device(s)" if same else f"no {kind} device"
+        raise DiagnosticsError(f"{flag} '{name}' is not available: this machine has {what}; {hint}")
+    return dev
+
+
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """The device named by ``--device`` (or ``--basis-device``), checked against this machine.
+
+    Args:
+        name: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"xpu:N"``, or None/``"auto"``
             (:func:`default_device`).
+        flag: the option's name for the message.
 
     Returns:
         The device.
 
     Raises:
-        DiagnosticsError: for a name ``torch.device`` does not know, or a CUDA device without CUDA.
+        DiagnosticsError: an unknown name, an unsupported device type (``meta``) or a device this machine
+            lacks (CUDA without CUDA, ``cuda:7`` with one GPU), listing the devices available.
     """
     if name in (None, "auto"):
         return default_device()
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise DiagnosticsError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiagnosticsError(f"device '{name}' asked for, but CUDA is not available here; use --device cpu")
-    return dev
+    return check_device(str(name), available_devices(), flag)
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:

@@ -251,11 +251,66 @@ def find_config(explicit: str | Path | None = None, cwd: Path | None = None) -> 
     """
     if explicit is not None:
         p = Path(explicit)
+        if p.is_dir():
+            inside = " (pass --config " + str(p / CONFIG_NAME) + ")" if (p / CONFIG_NAME).is_file() else ""
+            raise DiagnosticsError(
+                f"config '{p}' is a folder, not a file: --config takes the {CONFIG_NAME} file{inside}"
+            )
+        if p.exists() and not p.is_file():
+            raise DiagnosticsError(f"config '{p}' is not a regular file: --config takes a {CONFIG_NAME} file")
         if not p.is_file():
             raise DiagnosticsError(f"no such config file: '{p}'")
         return p
     p = (cwd or Path.cwd()) / CONFIG_NAME
     return p if p.is_file() else None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML document of ``path`` as a dict.
+
+    Raises:
+        DiagnosticsError: the file cannot be read (a folder, no permission), is not UTF-8 text (TOML is
+            UTF-8 by definition), or is not valid TOML; the message names the file.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except IsADirectoryError as exc:
+        raise DiagnosticsError(f"config '{path}' is a folder, not a file: pass the {CONFIG_NAME} file") from exc
+    except OSError as exc:
+        raise DiagnosticsError(f"cannot read config '{path}': {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DiagnosticsError(
+            f"config '{path}' is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); TOML files "
+            "are UTF-8: re-save it as UTF-8"
+        ) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DiagnosticsError(f"config '{path}' is not valid TOML: {exc}") from exc
+
+
+def unwrap_diag_table(raw: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The options of a parsed ``diag.toml``: the document, or its ``[diag]`` table when that is all it holds.
+
+    Raises:
+        DiagnosticsError: ``diag = <not a table>`` as the only key (e.g. ``diag = "x"``).
+    """
+    if set(raw) != {"diag"}:
+        return dict(raw)
+    inner = raw["diag"]
+    if not isinstance(inner, Mapping):
+        raise DiagnosticsError(
+            f"'diag' in {path} must be a table of options ([diag] followed by key = value lines), got "
+            f"{type(inner).__name__} {inner!r:.40}; or drop it and write the options at the top level"
+        )
+    return dict(inner)
 
 
 def parse_project(path: Path | None, tables: Sequence[str], extra_tables: Sequence[str] = ("gate",)) -> Project:
@@ -275,18 +330,7 @@ def parse_project(path: Path | None, tables: Sequence[str], extra_tables: Sequen
     """
     if path is None:
         return Project()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise DiagnosticsError(f"config '{path}' is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise DiagnosticsError(f"cannot read config '{path}': {exc.strerror or exc}") from exc
-    raw = dict(raw.get("diag", raw)) if set(raw) == {"diag"} else dict(raw)
+    raw = unwrap_diag_table(read_toml(path), path)
     known_tables = [*tables, *extra_tables]
     top_keys = [*_binding_names(), *EXTRA_KEYS]
     project = Project(path=Path(path))
@@ -302,5 +346,26 @@ def parse_project(path: Path | None, tables: Sequence[str], extra_tables: Sequen
             raise DiagnosticsError(f"'{key}' in {path} must be a table of options ([{key}])")
         else:
             check_keys({key: value}, top_keys, str(path))
+            check_extra_key(key, value, path)
             project.top[key] = value
     return project
+
+
+def check_extra_key(key: str, value: Any, path: str | Path) -> None:
+    """The top-level keys of diag.toml that are not options have the right shape (else a one-line error).
+
+    ``model_kwargs``/``data_kwargs``: tables; ``trusted_factories``, ``analyzers``: a string or a list of
+    strings. Binding options are checked by their declarations instead.
+    """
+    if key in ("model_kwargs", "data_kwargs") and not isinstance(value, Mapping):
+        raise DiagnosticsError(
+            f"'{key}' in {path} must be a table of keyword arguments ({key} = {{ width = 8 }}), got "
+            f"{type(value).__name__} {value!r:.40}"
+        )
+    if key in ("trusted_factories", "analyzers"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            example = '["pkg.mod:build"]' if key == "trusted_factories" else '["hessian", "sharpness"]'
+            raise DiagnosticsError(
+                f"'{key}' in {path} must be a list of strings ({key} = {example}), got {value!r:.60}"
+            )

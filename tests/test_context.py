@@ -222,3 +222,79 @@ def test_determinism_message_says_by_how_much(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert re.search(r"max abs difference [0-9.e+-]+ \(relative [0-9.e+-]+", msg), msg
     assert "rounding allows" in msg
+
+
+# ------------------------------------------------------------------------------------------ devices
+@pytest.mark.parametrize(
+    "name, available, words",
+    [
+        ("mps", ["cpu"], ["--device 'mps' is not available", "no MPS device", "devices here: cpu"]),
+        ("cuda", ["cpu"], ["no CUDA device", "devices here: cpu"]),
+        ("cuda:7", ["cpu", "cuda:0", "cuda:1"], ["2 CUDA device(s)", "devices here: cpu, cuda:0, cuda:1"]),
+        ("xpu:0", ["cpu", "cuda:0"], ["no XPU device"]),
+        ("meta", ["cpu"], ["meta device holds no data"]),
+        ("hpu", ["cpu"], ["hpu device is not supported"]),
+        ("foo", ["cpu"], ["unknown --device 'foo'", "devices here: cpu", "or auto"]),
+        ("cuda:-1", ["cpu", "cuda:0"], ["unknown --device 'cuda:-1'"]),
+    ],
+)
+def test_unavailable_or_unsupported_devices_are_one_line_errors(name: str, available: list, words: list) -> None:
+    from diagnostics.context import check_device
+
+    with pytest.raises(DiagnosticsError) as info:
+        check_device(name, available)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_available_devices_are_accepted_and_cpu_has_no_index() -> None:
+    from diagnostics.context import check_device
+
+    assert check_device("cuda:1", ["cpu", "cuda:0", "cuda:1"]) == torch.device("cuda:1")
+    assert check_device("cuda", ["cpu", "cuda:0"]) == torch.device("cuda")
+    assert check_device("mps", ["cpu", "mps"]) == torch.device("mps")
+    assert check_device("cpu:3", ["cpu"]) == torch.device("cpu")  # one CPU device; tensors report plain 'cpu'
+    with pytest.raises(DiagnosticsError, match="--basis-device 'cuda'") as info:
+        check_device("cuda", ["cpu"], "--basis-device")
+    assert "auto" not in str(info.value)
+
+
+def test_resolve_device_checks_this_machine(monkeypatch) -> None:
+    from diagnostics.context import available_devices, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert available_devices()[0] == "cpu" and not any(d.startswith("cuda") for d in available_devices())
+    for name in ("cuda", "cuda:7", "meta", "foo"):
+        with pytest.raises(DiagnosticsError, match="devices here: cpu"):
+            resolve_device(name)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+
+
+def test_basis_device_is_checked_when_the_options_are(monkeypatch) -> None:
+    from diagnostics.analyzers.hessian import HessianConfig
+    from diagnostics.spec import check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0", "mps", "meta"):
+        with pytest.raises(DiagnosticsError, match=f"--basis-device '{name}'"):
+            check_config(HessianConfig(basis_device=name))
+    check_config(HessianConfig(basis_device="cpu"))
+
+
+# ------------------------------------------------------------------------------------------ samples
+def test_more_samples_than_the_data_holds_is_noted_not_silent() -> None:
+    from diagnostics.context import samples_note
+
+    X, y = tm.tiny_data()  # 23 samples
+    for data in ((X, y), tm.tiny_loader(5)):
+        p = prepare_batches(data, samples=100)
+        assert sum(batch_size(b) for b in p.batches) == 23
+        assert any("--samples 100" in n and "all 23" in n for n in p.notes), p.notes
+        assert not any("--samples" in n for n in prepare_batches(data, samples=23).notes)
+    assert samples_note(None, 5) == [] and samples_note(5, 5) == []
+
+
+def test_the_samples_note_reaches_the_context(tmp_path: Path) -> None:
+    ctx = build_context(load_checkpoint(ckpt(tmp_path, tm.build_tiny())), binding(), samples=1000)
+    assert ctx.n_samples == 23
+    assert any("--samples 1000" in n and "all 23 were used" in n for n in ctx.notes), ctx.notes

@@ -93,3 +93,68 @@ def test_project_file_keys_are_all_checked(tmp_path: Path) -> None:
     f.write_text('seed = "x"\n')
     with pytest.raises(DiagnosticsError, match="seed must be an integer"):
         parse_project(f, tables=["toy"]).binding()
+
+
+def _one_line_error(fn, *args, match: str, **kwargs) -> str:
+    with pytest.raises(DiagnosticsError, match=match) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_a_project_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    f = tmp_path / "diag.toml"
+    f.write_bytes(b"seed = 1\n# caf\xe9\n")  # Latin-1
+    msg = _one_line_error(parse_project, f, ["toy"], match="not UTF-8")
+    assert str(f) in msg and "0xe9" in msg and "re-save it as UTF-8" in msg
+    f.write_bytes(b"\xff\xfe\x00")
+    _one_line_error(parse_project, f, ["toy"], match="not UTF-8")
+
+
+@pytest.mark.parametrize("text", ['diag = "x"\n', "diag = 3\n", "diag = [1, 2]\n"])
+def test_diag_that_is_not_a_table_is_a_one_line_error(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "diag.toml"
+    f.write_text(text)
+    msg = _one_line_error(parse_project, f, ["toy"], match=r"'diag' in .*must be a table of options")
+    assert str(f) in msg
+    f.write_text("[diag]\nseed = 4\n[diag.toy]\ntop_k = 2\n")  # the [diag] wrapper still works
+    project = parse_project(f, tables=["toy"])
+    assert project.top == {"seed": 4} and project.table("toy") == {"top_k": 2}
+
+
+def test_config_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    from diagnostics.options import find_config, read_toml
+
+    msg = _one_line_error(find_config, tmp_path, match="is a folder, not a file")
+    assert str(tmp_path) in msg and "no such" not in msg
+    (tmp_path / "diag.toml").write_text("seed = 1\n")
+    msg = _one_line_error(find_config, tmp_path, match="is a folder")
+    assert f"--config {tmp_path / 'diag.toml'}" in msg
+    _one_line_error(read_toml, tmp_path, match="is a folder")
+    _one_line_error(find_config, tmp_path / "absent.toml", match="no such config file")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('model_kwargs = "x"\n', "model_kwargs"),
+        ("data_kwargs = 3\n", "data_kwargs"),
+        ("trusted_factories = 3\n", "trusted_factories"),
+        ("trusted_factories = [1]\n", "trusted_factories"),
+        ("analyzers = [1, 2]\n", "analyzers"),
+    ],
+)
+def test_extra_keys_of_the_wrong_shape_are_one_line_errors(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "diag.toml"
+    f.write_text(text)
+    assert str(f) in _one_line_error(parse_project, f, ["toy"], match=f"'{key}' in .*must be")
+
+
+def test_extra_keys_of_the_right_shape_are_kept(tmp_path: Path) -> None:
+    f = tmp_path / "diag.toml"
+    f.write_text('analyzers = "hessian"\ntrusted_factories = ["m:f"]\nmodel_kwargs = { width = 8 }\n')
+    assert parse_project(f, ["toy"]).top == {
+        "analyzers": "hessian",
+        "trusted_factories": ["m:f"],
+        "model_kwargs": {"width": 8},
+    }

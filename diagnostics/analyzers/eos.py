@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,45 @@ class EosThreshold:
     rule: str
 
 
+def usable_lr(lr: float | None) -> bool:
+    """Whether ``lr`` is a step size a threshold can be computed from: a finite number above 0."""
+    return lr is not None and math.isfinite(lr) and lr > 0
+
+
+def lr_note(lr: float | None) -> str | None:
+    """Why ``lr`` gives no edge-of-stability threshold (None when it does).
+
+    Unknown (None), 0 (the end of a decaying schedule), not a number or infinite (corrupt metadata), or
+    negative (not a step size): each says so and names ``--lr``.
+    """
+    if usable_lr(lr):
+        return None
+    if lr is None:
+        return "learning rate unknown (pass --lr): no edge-of-stability threshold"
+    if lr == 0:
+        return (
+            f"learning rate {lr} at this checkpoint (the end of a decaying schedule?): no edge-of-stability "
+            "threshold; pass --lr to measure against another step size"
+        )
+    what = "not a finite number" if not math.isfinite(lr) else "negative, not a step size"
+    return f"the checkpoint's learning rate is {lr} ({what}): no edge-of-stability threshold; pass --lr"
+
+
+def invalid_lr_notes(lr: float | None) -> list[str]:
+    """The :func:`lr_note` as a user-facing note when ``lr`` is corrupt (NaN, inf, negative); an unknown
+    learning rate or 0 (a schedule's end) is not news and stays in the ``eos`` metadata only."""
+    if lr is None or usable_lr(lr) or lr == 0:
+        return []
+    return [str(lr_note(lr))]
+
+
 def eos_threshold(lr: float | None, optimizer: Mapping[str, Any] | None = None) -> EosThreshold | None:
     """The stability threshold for the raw Hessian (GD / momentum), or Adam's preconditioned one.
 
-    Returns None when the learning rate is unknown.
+    Returns None when the learning rate is unknown or not a step size (0, negative, NaN, inf; see
+    :func:`lr_note`).
     """
-    if lr is None or lr <= 0:
+    if lr is None or not usable_lr(lr):
         return None
     optimizer = optimizer or {}
     name = str(optimizer.get("name") or "").lower()

@@ -36,11 +36,10 @@ and ``eos_threshold``, the Gauss-Newton spectrum with the Hessian's.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold
+from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_note
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -64,7 +63,9 @@ if TYPE_CHECKING:
 
 torch = lazy_import("torch")
 pd = lazy_import("pandas")
-parameter_groups = lazy_from("diagnostics.context", "parameter_groups")
+parameter_groups, available_devices, check_device = lazy_from(
+    "diagnostics.context", "parameter_groups", "available_devices", "check_device"
+)
 world = lazy_from("diagnostics.distributed", "world")
 default_grid, gaussian_density, negative_mass, quadrature_resolution, slq = lazy_from(
     "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "quadrature_resolution", "slq"
@@ -136,8 +137,18 @@ class ScaleOptions:
 
     def validate(self) -> None:
         """Cross-option rules (single options are checked from their declarations)."""
-        if self.basis_device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.basis_device):
-            raise DiagnosticsError(f"unknown --basis-device '{self.basis_device}'; use cpu, cuda or cuda:N")
+        basis_device(self)
+
+
+def basis_device(config: ScaleOptions) -> torch.device | None:
+    """The device of the Lanczos basis (``--basis-device``; None: the operator's), checked against this machine.
+
+    Raises:
+        DiagnosticsError: an unknown device or one this machine lacks (``cuda`` without CUDA), listing those it has.
+    """
+    if config.basis_device is None:
+        return None
+    return check_device(str(config.basis_device), available_devices(), "--basis-device")
 
 
 @dataclass
@@ -302,7 +313,7 @@ def run_lanczos(
         tol=config.tol,
         max_iter=config.max_iter,
         generator=generator,
-        basis_device=torch.device(config.basis_device) if config.basis_device else None,
+        basis_device=basis_device(config),
         block_size=config.block_size,
         criterion="residual" if config.strict_residual else "bound",
         progress=progress,
@@ -490,7 +501,9 @@ def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tup
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info: dict[str, Any] = {"lr": lr}
+    eos_info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
+    if thr is None:
+        eos_info["note"] = lr_note(lr)
     if thr is not None and thr.kind != "adam_preconditioned" and config.top_k >= 1:
         lam0 = float(full.lanczos.eigenvalues[0])
         rows.append(("eos_threshold", thr.value, None, None, None))
@@ -603,6 +616,7 @@ def analyze_hessian(
     densities = [full.density] if full.density is not None else []
     eos_rows, info["eos"] = _eos(config, ctx, full)
     rows += eos_rows
+    notes += invalid_lr_notes(config.lr if config.lr is not None else ctx.lr)
     for section, group, where, stream, extra in _blocks(config, ctx):
         bop = build_operator(ctx, config, backend=op.backend, **where)
         spec = _spectrum(bop, config, ctx, group, stream, progress, warm)
@@ -722,7 +736,7 @@ def _eigenpairs(
         tol=config.tol,
         max_iter=config.max_iter,
         generator=ctx.generator(500_000 + ci),
-        basis_device=torch.device(config.basis_device) if config.basis_device else None,
+        basis_device=basis_device(config),
         block_size=config.block_size,
         criterion="residual" if residual or config.strict_residual else "bound",
         progress=bind(progress, f"{kind} eigenpairs"),

@@ -68,6 +68,12 @@ BARRIER_DEFINITION = (
     "barrier = max over alpha in [0, 1] of L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]"
 )
 KEY_VERSION = b"diagnostics.landscape/2;"
+# At most this many grid points (each one loss evaluation over the data): 1001 x 1001 is already far finer
+# than a plot shows (Li et al. 2018 use 51 x 51); beyond it the grid alone cannot be held.
+MAX_GRID_POINTS = 1_000_000
+# Host memory per grid point kept until the output is written (grid row, loss/accuracy records, their
+# table and JSON; measured about 2.4 KiB, 5.5 KiB at peak).
+GRID_POINT_BYTES = 4096
 PointValues = Mapping[int, tuple[float, "float | None"]]
 OnPoints = Callable[[dict[int, tuple[float, "float | None"]]], None]
 
@@ -131,6 +137,7 @@ class LandscapeConfig:
 
     def validate(self) -> None:
         """Cross-option rules (single options are checked from their declarations)."""
+        check_grid_points(self.steps, self.dims or 1)
         if not (math.isfinite(self.span) and math.isfinite(self.alpha_min) and math.isfinite(self.alpha_max)):
             raise DiagnosticsError("--span, --alpha-min and --alpha-max must be finite numbers")
         if self.alpha_min >= self.alpha_max:
@@ -150,6 +157,29 @@ class LandscapeConfig:
 
 
 # ----------------------------------------------------------------------------------- pure maths
+def check_grid_points(steps: int, dims: int) -> int:
+    """The number of grid points ``steps ** dims``, or :class:`DiagnosticsError` above ``MAX_GRID_POINTS``.
+
+    Checked before anything is allocated: a ``[steps^2, 2]`` grid of ``--steps 100000`` alone is 160 GB.
+    """
+    points = int(steps) ** int(dims)
+    if points > MAX_GRID_POINTS:
+        most = math.isqrt(MAX_GRID_POINTS) if dims == 2 else MAX_GRID_POINTS
+        raise DiagnosticsError(
+            f"a {dims}-D grid of --steps {steps} has {points:,} points, each a loss evaluation over the data; "
+            f"at most {MAX_GRID_POINTS:,}: use --steps {most} or fewer"
+        )
+    return points
+
+
+def check_grid_memory(points: int) -> None:
+    """:class:`DiagnosticsError` when the host cannot hold the records of ``points`` grid points (an estimate)."""
+    from diagnostics.linalg.memory import Requirement, check_fits
+
+    need = Requirement(torch.device("cpu"), points * GRID_POINT_BYTES, f"records of {points:,} grid points")
+    check_fits([need], "use a smaller --steps")
+
+
 def axis(lo: float, hi: float, steps: int) -> torch.Tensor:
     """``steps`` evenly spaced float64 coordinates from ``lo`` to ``hi`` (both included)."""
     i = torch.arange(steps, dtype=torch.float64)
@@ -332,6 +362,17 @@ def _evaluation_info(evaluator: PointEvaluator, config: LandscapeConfig, resumed
     }
 
 
+def nonfinite_note(loss: torch.Tensor, fix: str) -> list[str]:
+    """A note when some grid points have a non-finite loss (they are null in JSON, inf/nan in tables)."""
+    bad = int((~torch.isfinite(loss)).sum())
+    if bad == 0:
+        return []
+    return [
+        f"{bad} of {len(loss)} grid points have a non-finite loss (inf or NaN; null in JSON): the grid reaches where "
+        f"the loss overflows; {fix}"
+    ]
+
+
 def _notes(evaluator: PointEvaluator, acc: torch.Tensor | None) -> list[str]:
     notes = list(evaluator.notes)
     if acc is None:
@@ -405,6 +446,7 @@ def analyze_landscape(
         ``x[, y], loss, accuracy``) and ``directions`` (list of ``{name: tensor}``).
     """
     check_config(config)
+    check_grid_memory(check_grid_points(config.steps, config.slice_dims))
     space = directions.FlatSpace.of(ctx.params)
     w = space.flatten(ctx.params)
     dirs, dir_info = slice_directions(config, ctx, progress)
@@ -436,7 +478,7 @@ def analyze_landscape(
         **_evaluation_info(evaluator, config, resumed),
         "loss_centre": float(loss[centre[0]]) if len(centre) else None,
         "hvp_count": dir_info["hvps"],
-        "notes": _notes(evaluator, acc),
+        "notes": _notes(evaluator, acc) + nonfinite_note(loss, "use a smaller --span"),
     }
     artifacts = {"grid": frame, "directions": dirs}
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, _grid_rows(loss, acc)), metadata, artifacts)
@@ -544,6 +586,7 @@ def analyze_interpolation(
     """
     check_config(config)
     check_interpolation_options(config)
+    check_grid_memory(check_grid_points(config.steps, 1))
     check_same_architecture(ctx_a, ctx_b)
     space = directions.FlatSpace.of(ctx_a.params)
     wa = space.flatten(ctx_a.params)
@@ -589,7 +632,7 @@ def analyze_interpolation(
         "distance": float((wb - wa).double().norm()),
         "grid": {"axes": ["alpha"], "alphas": alphas.tolist(), "points": len(alphas)},
         **_evaluation_info(evaluator, config, resumed),
-        "notes": _notes(evaluator, acc),
+        "notes": _notes(evaluator, acc) + nonfinite_note(loss, "narrow --alpha-min/--alpha-max"),
     }
     return Result(make_records(ctx_a.checkpoint, ctx_a.step, NAME, rows), metadata, {"grid": frame})
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold
+from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_note
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -143,9 +143,31 @@ class AscentResult:
     converged: bool
 
 
+def check_finite_loss(value: float, where: str, fix: str) -> float:
+    """``value`` if finite, else :class:`DiagnosticsError` naming the point and the fix (one line).
+
+    A perturbed loss that overflows (``inf``) or is undefined (``NaN``) has no sharpness to report: the
+    ascent would read it as "no ascent step" and report 0, the Gaussian mean would be ``inf``.
+    """
+    if not math.isfinite(value):
+        raise DiagnosticsError(f"the loss is {value} at {where}; {fix}")
+    return value
+
+
+RHO_FIX = "the perturbation leaves the region where the loss is finite: use a smaller --rho (or --dtype float64)"
+
+
+def safe_norm(u: torch.Tensor) -> float:
+    """``||u||_2`` without overflow of the squares (``max|u| * ||u / max|u|||``; ``1e30`` in float32 is fine)."""
+    top = float(u.abs().max()) if u.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    return top * float((u / top).norm())
+
+
 def project_ball(u: torch.Tensor, rho: float) -> torch.Tensor:
     """Euclidean projection onto ``{||u|| <= rho}``."""
-    norm = float(u.norm())
+    norm = safe_norm(u)
     return u if norm <= rho else u * (rho / norm)
 
 
@@ -169,21 +191,33 @@ def projected_ascent(
     power method on the Hessian, while directions of negative curvature get damped instead of
     oscillating. Stops when a kept step gains ``<= tol * |f - base|``, or when ``max_halvings`` halvings
     of ``t`` find no acceptable step (the maximiser is resolved to the precision of ``f``).
+
+    Raises:
+        DiagnosticsError: ``f`` is not finite at a point evaluated (NaN would pass for "no ascent").
     """
+
+    def checked(v: torch.Tensor) -> tuple[float, torch.Tensor]:
+        value, grad = fg(v)
+        where = f"a point of the ascent at radius {safe_norm(v):.3g} (rho {rho:.3g})"
+        check_finite_loss(value, where, RHO_FIX)
+        if not bool(torch.isfinite(grad).all()):
+            raise DiagnosticsError(f"the gradient of the loss is not finite at {where}; {RHO_FIX}")
+        return value, grad
+
     u = project_ball(u0, rho)
-    f, g = fg(u)
+    f, g = checked(u)
     evals = 1
     t = 1.0
     converged = False
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        gn = float(g.norm())
+        gn = safe_norm(g)
         if gn == 0.0:
             converged = True
             break
         for _ in range(max_halvings + 1):
             trial = project_ball(u + (t * rho / gn) * g, rho)
-            ft, gt = fg(trial)
+            ft, gt = checked(trial)
             evals += 1
             if ft > f and ft - f >= armijo * float(torch.dot(g, trial - u)):
                 break
@@ -215,6 +249,9 @@ def worst_case_sharpness(
 
     Returns:
         (value, info with the per-start values, steps, evaluations and the one-step SAM value).
+
+    Raises:
+        DiagnosticsError: the loss is not finite at a point of the ball evaluated (suggests a smaller rho).
     """
     space = FlatSpace.of(ctx.params)
     w = space.flatten(ctx.params)
@@ -225,13 +262,14 @@ def worst_case_sharpness(
         return value, T * grad
 
     base, g0 = fg(torch.zeros_like(w))
+    check_finite_loss(base, "the checkpoint's weights", "check the data, the loss and whether training diverged")
     starts: list[tuple[str, torch.Tensor]] = []
-    g0n = float(g0.norm())
+    g0n = safe_norm(g0)
     one_step = None
     if g0n > 0:
         u_sam = g0 * (rho / g0n)
         starts.append(("sam", u_sam))
-        one_step = fg(u_sam)[0] - base
+        one_step = check_finite_loss(fg(u_sam)[0], f"the one-step SAM point (rho {rho:.3g})", RHO_FIX) - base
     gen = ctx.generator(stream)
     while len(starts) < restarts:
         r = torch.randn(space.dim, generator=gen, dtype=torch.float64).to(dtype=w.dtype, device=w.device)
@@ -247,7 +285,7 @@ def worst_case_sharpness(
                 "iterations": res.iterations,
                 "evaluations": res.evaluations,
                 "converged": res.converged,
-                "radius": float(res.u.norm()),
+                "radius": safe_norm(res.u),
             }
         )
         best = max(best, res.value - base)
@@ -270,10 +308,15 @@ def average_case_sharpness(
     generator: torch.Generator,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float, dict[str, Any]]:
-    """``E[L(w + e)] - L(w)``, ``e ~ N(0, sigma^2 I)``, from antithetic pairs; returns (mean, stderr, info)."""
+    """``E[L(w + e)] - L(w)``, ``e ~ N(0, sigma^2 I)``, from antithetic pairs; returns (mean, stderr, info).
+
+    Raises:
+        DiagnosticsError: the loss is not finite at a drawn point (the mean would be ``inf`` or NaN).
+    """
     space = evaluator.space
     w = space.flatten(evaluator.ctx.params)
     base = float(evaluator.evaluate(w.reshape(1, -1)).loss[0])
+    check_finite_loss(base, "the checkpoint's weights", "check the data, the loss and whether training diverged")
     values = []
     per = max(1, evaluator.chunk // 2)
     done = 0
@@ -282,6 +325,14 @@ def average_case_sharpness(
         E = torch.randn(k, space.dim, generator=generator, dtype=torch.float64) * sigma
         E = E.to(dtype=w.dtype, device=w.device)
         stats = evaluator.evaluate(torch.cat([w + E, w - E]))
+        bad = [float(x) for x in stats.loss if not math.isfinite(float(x))]
+        if bad:
+            check_finite_loss(
+                bad[0],
+                f"{len(bad)} of {2 * k} Gaussian points (sigma {sigma:.3g})",
+                "the draws leave the region where the loss is finite: use a smaller --sigma or --rho "
+                "(sigma defaults to rho/sqrt(#params)), or --dtype float64",
+            )
         values.append(0.5 * (stats.loss[:k] + stats.loss[k:]) - base)
         done += k
         if progress is not None:
@@ -470,14 +521,10 @@ def _edge_of_stability(
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info: dict[str, Any] = {"lr": lr}
+    eos_info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
     if thr is None:
-        eos_info["note"] = (
-            "learning rate unknown (pass --lr): no edge-of-stability threshold"
-            if lr is None
-            else f"learning rate {lr} at this checkpoint (the end of a decaying schedule?): no edge-of-stability "
-            "threshold; pass --lr to measure against another step size"
-        )
+        eos_info["note"] = lr_note(lr)
+        notes += invalid_lr_notes(lr)
         return eos_info
     rows.append(("eos_threshold", thr.value))
     eos_info.update({"threshold": thr.value, "kind": thr.kind, "rule": thr.rule})

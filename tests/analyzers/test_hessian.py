@@ -3,6 +3,7 @@ known spectrum, per-layer blocks, per-class decomposition, edge-of-stability fig
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -180,6 +181,19 @@ def test_adam_has_no_raw_threshold_but_says_why(tmp_path: Path) -> None:
 def test_no_learning_rate_no_eos_records(tmp_path: Path) -> None:
     res = analyze_hessian(HessianConfig(top_k=1), tiny_ctx(tmp_path))
     assert not [r for r in res.records if r.metric.startswith("eos")]
+
+
+@pytest.mark.parametrize(
+    "lr, word", [(math.nan, "not a finite number"), (math.inf, "not a finite number"), (-0.1, "negative")]
+)
+def test_a_corrupt_learning_rate_gives_a_note_not_a_nan_threshold(tmp_path: Path, lr: float, word: str) -> None:
+    ctx = tiny_ctx(tmp_path, optimizer=torch.optim.SGD(tm.build_tiny().parameters(), lr=0.1))
+    ctx.checkpoint_metadata = {**ctx.checkpoint_metadata, "lr": lr}
+    res = analyze_hessian(HessianConfig(top_k=1), ctx)
+    assert not [r for r in res.records if r.metric.startswith("eos")]
+    assert word in res.metadata["eos"]["note"]
+    assert any(word in n and "--lr" in n for n in res.metadata["notes"])
+    assert not (isinstance(res.metadata["eos"]["lr"], float) and not math.isfinite(res.metadata["eos"]["lr"]))
 
 
 def test_agrees_with_pyhessian_top_eigenvalue(digits_run: list[Path]) -> None:

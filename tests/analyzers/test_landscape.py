@@ -561,6 +561,8 @@ def test_cache_key_depends_on_what_fixes_the_values() -> None:
         ({"alpha_min": 1.0, "alpha_max": 0.0}, "--alpha-min"),
         ({"backend": "gpu"}, "--backend"),
         ({"chunk": 0}, "--chunk"),
+        ({"steps": 100_000, "dims": 2}, "--steps 1000 or fewer"),
+        ({"steps": 2_000_000, "dims": 1}, "--steps 1000000 or fewer"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
@@ -570,6 +572,40 @@ def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     ctx, *_ = quadratic_problem()
     with pytest.raises(DiagnosticsError, match=message):  # the analyzer checks a config built in Python
         analyze_landscape(LandscapeConfig(**kwargs), ctx)
+
+
+def test_a_default_plane_too_large_is_refused_before_anything_is_allocated(monkeypatch) -> None:
+    ctx, *_ = quadratic_problem()
+
+    def no_directions(*args, **kwargs):
+        raise AssertionError("the grid size is checked before the directions are drawn")
+
+    monkeypatch.setattr(landscape_module, "slice_directions", no_directions)
+    with pytest.raises(DiagnosticsError, match=r"2-D grid of --steps 100000 has 10,000,000,000 points") as info:
+        analyze_landscape(LandscapeConfig(steps=100_000), ctx)  # dims unset: a plane around one checkpoint
+    assert "\n" not in str(info.value) and "--steps 1000 or fewer" in str(info.value)
+    with pytest.raises(DiagnosticsError, match="--steps 1000000 or fewer"):  # the line is 1-D
+        analyze_interpolation(LandscapeConfig(steps=2_000_000), ctx, ctx)
+
+
+def test_a_grid_whose_records_do_not_fit_in_memory_is_refused(monkeypatch) -> None:
+    from diagnostics.linalg import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024**2)  # 1 MiB free
+    with pytest.raises(DiagnosticsError, match="not enough memory on cpu.*use a smaller --steps"):
+        landscape_module.check_grid_memory(landscape_module.check_grid_points(1000, 2))
+    landscape_module.check_grid_memory(landscape_module.check_grid_points(10, 1))  # 40 KiB fits
+
+
+def test_grid_points_with_a_non_finite_loss_are_noted() -> None:
+    ctx, *_ = quadratic_problem()
+    res = analyze_landscape(LandscapeConfig(dims=1, steps=5, span=1e200), ctx)  # float64 overflows at the ends
+    losses = [r.value for r in res.records if r.metric == "loss"]
+    bad = sum(not math.isfinite(v) for v in losses)
+    assert 0 < bad < 5  # the centre is finite
+    assert any(f"{bad} of 5 grid points have a non-finite loss" in n and "--span" in n for n in res.metadata["notes"])
+    fine = analyze_landscape(LandscapeConfig(dims=1, steps=5, span=0.5), ctx)
+    assert not any("non-finite" in n for n in fine.metadata["notes"])
 
 
 def test_landscape_is_registered_for_sweeps() -> None:

@@ -112,6 +112,36 @@ def test_projected_ascent_on_an_indefinite_quadratic() -> None:
     assert abs(float(res.u[1])) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_projected_ascent_refuses_a_non_finite_loss_instead_of_calling_it_converged() -> None:
+    from diagnostics.errors import DiagnosticsError
+
+    def fg(u):  # NaN beyond radius 0.5: "no ascent step" would stop at the start and report its value
+        value = float(u @ u) if float(u.norm()) <= 0.5 else math.nan
+        return value, 2 * u
+
+    with pytest.raises(DiagnosticsError, match="--rho") as info:
+        projected_ascent(fg, torch.tensor([0.3, 0.0], dtype=F64), 1.0)
+    assert "\n" not in str(info.value) and "nan" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["worst", "adaptive", "average"])
+def test_a_loss_that_overflows_in_the_ball_is_an_error_not_zero(kind: str) -> None:
+    from diagnostics.errors import DiagnosticsError
+
+    ctx, *_ = quadratic()  # float64: (rho^2 lambda / 2) overflows for rho = 1e200
+    with pytest.raises(DiagnosticsError, match=r"the loss is (nan|inf) .*smaller --(rho|sigma)") as info:
+        analyze_sharpness(SharpnessConfig(kind=[kind], rho=1e200, draws=4, eos=False), ctx)
+    assert "\n" not in str(info.value)
+
+
+def test_ascent_norms_do_not_overflow_in_float32() -> None:
+    from diagnostics.analyzers.sharpness import project_ball, safe_norm
+
+    u = torch.full((4,), 1e30, dtype=torch.float32)  # ||u||^2 = 4e60 overflows float32
+    assert safe_norm(u) == pytest.approx(2e30, rel=1e-6)
+    assert safe_norm(project_ball(u, 1e29)) == pytest.approx(1e29, rel=1e-6)
+
+
 def test_adaptive_sharpness_is_the_scaled_top_eigenvalue() -> None:
     ctx, H, _, w, _ = quadratic(seed=2)
     rho, eta = 0.3, 0.01
@@ -202,6 +232,30 @@ def test_eos_threshold_for_gradient_descent_and_heavy_ball(tmp_path: Path) -> No
     assert metric(res, "eos_threshold").value == pytest.approx((2 + 2 * 0.9) / 0.3) == pytest.approx(thr.value)
     res = analyze_sharpness(SharpnessConfig(kind="average", draws=2, lr=0.1), _context(gd[-1]))
     assert metric(res, "eos_threshold").value == pytest.approx(2 / 0.1)  # --lr overrides
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, -0.1, 0.0, None])
+def test_a_learning_rate_that_is_no_step_size_gives_no_threshold(lr) -> None:
+    from diagnostics.analyzers.eos import invalid_lr_notes, lr_note
+
+    assert eos_threshold(lr, {}) is None
+    assert eos_threshold(lr, {"name": "Adam", "hyperparameters": {"betas": [0.9, 0.999]}}) is None
+    assert "pass --lr" in lr_note(lr) and "\n" not in lr_note(lr)
+    corrupt = lr is not None and lr != 0
+    assert invalid_lr_notes(lr) == ([lr_note(lr)] if corrupt else [])
+    assert lr_note(0.1) is None and invalid_lr_notes(0.1) == []
+
+
+@pytest.mark.parametrize("lr, word", [(math.nan, "not a finite number"), (-1.0, "negative")])
+def test_sharpness_with_a_corrupt_checkpoint_learning_rate_notes_it(lr: float, word: str) -> None:
+    ctx, *_ = quadratic()
+    ctx.checkpoint_metadata = {"lr": lr}
+    res = analyze_sharpness(SharpnessConfig(kind="worst", rho=0.1), ctx)
+    assert [r.metric for r in res.records] == ["sharpness_worst"]  # no NaN (or negative) eos_threshold
+    assert any(word in n and "--lr" in n for n in res.metadata["notes"])
+    assert res.metadata["eos"]["lr"] == (str(lr) if math.isnan(lr) else lr)
+    res = analyze_sharpness(SharpnessConfig(kind="worst", rho=0.1, lr=0.5), ctx)  # --lr overrides
+    assert metric(res, "eos_threshold").value == pytest.approx(2 / 0.5)
 
 
 def _adam_checkpoint(
