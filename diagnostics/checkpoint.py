@@ -431,12 +431,50 @@ def _container_weights(obj: Mapping[str, Any], path: Path) -> dict[str, Any]:
     return dict(weights)
 
 
+def _type_name(value: Any) -> str:
+    """``"an int"``, ``"a list"``, ``"null"``: what a malformed field holds, for an error message."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _tagged_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, dict | None]:
+    """The parts of a :func:`save_checkpoint` file, each checked: ``model`` a non-empty ``{str: Tensor}``
+    dict, ``metadata`` a dict (or absent), ``optimizer`` a dict (or absent).
+
+    Raises:
+        DiagnosticsError: one line naming the file and the malformed field.
+    """
+    fix = "save it again with diagnostics.save_checkpoint"
+    where = f"'{path}' is a diagnostics checkpoint ({FORMAT_TAG}) but"
+    if "model" not in obj:
+        raise DiagnosticsError(f"{where} has no 'model' entry (its weights); {fix}")
+    weights = obj["model"]
+    if not isinstance(weights, Mapping):
+        raise DiagnosticsError(f"{where} its 'model' entry is {_type_name(weights)}, not a dict of tensors; {fix}")
+    if not weights:
+        raise DiagnosticsError(f"{where} its 'model' entry holds no tensors; {fix}")
+    for key, value in weights.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise DiagnosticsError(
+                f"{where} its 'model' entry holds {_type_name(value)} under {str(key)[:80]!r} "
+                f"(weights must be tensors under string names); {fix}"
+            )
+    for name in ("metadata", "optimizer"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise DiagnosticsError(f"{where} its '{name}' entry is {_type_name(value)}, not a dict; {fix}")
+    meta = {str(k): v for k, v in (obj.get("metadata") or {}).items()}
+    optimizer = obj.get("optimizer")
+    return dict(weights), meta, None if optimizer is None else dict(optimizer)
+
+
 def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, dict | None]:
     """Split a dict checkpoint into (state_dict, metadata, optimizer_state)."""
     meta: dict[str, Any] = {}
     if obj.get("format") == FORMAT_TAG:
-        meta = dict(obj.get("metadata") or {})
-        return dict(obj["model"]), meta, obj.get("optimizer")
+        return _tagged_container(obj, path)
     weights = _container_weights(obj, path)
     step = _first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
     if step is not None:
@@ -503,6 +541,7 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
     for key, kinds in (("step", (int,)), ("lr", (int, float))):  # metadata is data: drop values of the wrong type
         if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
             meta.pop(key)
+    check_dense(state_dict, f"'{path}'")
     _step_from_name(meta, f"{path.parent.name}/{path.name}")
     return Checkpoint(path, state_dict, meta, optimizer_state, content.sha256)
 
@@ -607,6 +646,7 @@ def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
     if not isinstance(config, dict):
         raise DiagnosticsError(f"'{path / CONFIG_FILE}' is not a JSON object of model settings")
     state_dict = _folder_state_dict(path, files)
+    check_dense(state_dict, f"'{path}'")
     meta: dict[str, Any] = {}
     if TRAINER_STATE in files:
         meta.update(trainer_state_metadata(_json_file(files, TRAINER_STATE, path)))
@@ -616,10 +656,42 @@ def _load_model_folder(path: Path, content: FileBytes) -> Checkpoint:
     return Checkpoint(path, state_dict, meta, optimizer_state, content.sha256, model_config=config)
 
 
+def unsupported_tensor(t: torch.Tensor) -> str | None:
+    """What makes ``t`` unusable as a weight (None when it is a plain dense tensor with data).
+
+    Sparse (COO, CSR, ...), nested and meta tensors (shape only, no values) are refused rather than
+    converted: densifying a sparse tensor can need far more memory than the file suggests.
+    """
+    if t.is_meta:
+        return "a meta tensor (shape only, no values): save the real weights (e.g. after loading them)"
+    if t.is_nested:
+        return "a nested tensor: save dense tensors"
+    if t.layout != torch.strided:
+        layout = str(t.layout).replace("torch.", "")
+        return f"a {layout} tensor; only dense tensors are analysed: save it with .to_dense()"
+    return None
+
+
+def check_dense(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise, naming the first tensor, when any is sparse, nested or meta (:func:`unsupported_tensor`)."""
+    for key, t in state_dict.items():
+        why = unsupported_tensor(t)
+        if why is not None:
+            raise DiagnosticsError(f"{where}: tensor '{key}' is {why}")
+
+
+def _checkable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a float32 copy of a float8 tensor (most float8 formats have no ``isfinite``/``isnan`` kernels)."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def check_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise if any floating tensor has NaN or inf entries."""
+    """Raise if any tensor is sparse, nested or meta (:func:`check_dense`), or a floating one has NaN or
+    inf entries (float8 formats included)."""
+    check_dense(state_dict, where)
     for key, t in state_dict.items():
         if t.is_floating_point() or t.is_complex():
+            t = _checkable(t)
             bad = ~torch.isfinite(t)
             if bad.any():
                 n_nan = int(torch.isnan(t).sum())

@@ -45,7 +45,8 @@ from diagnostics.analyzers.hessian import SCALE_OPTIONS, HessianConfig, ScaleOpt
 from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
-from diagnostics.results import package_versions
+from diagnostics.options import DTYPES
+from diagnostics.results import finite_or_none, package_versions, strict_json
 from diagnostics.seeding import stream_generator
 from diagnostics.spec import check_config, option
 
@@ -259,7 +260,9 @@ def make_baseline(
         "notes": notes,
         "versions": package_versions(),
     }
-    doc = json.loads(json.dumps(doc))  # exactly what a reader of the file will see
+    # exactly what a reader of the file will see; strict JSON (a non-finite number, e.g. an infinite residual,
+    # is null) so that any JSON parser reads the baseline
+    doc = json.loads(strict_json(doc))
     doc["checksum"] = baseline_checksum(doc)
     return doc
 
@@ -269,18 +272,48 @@ def _bad(path: str, why: str) -> DiagnosticsError:
 
 
 def _check_replicates(reps: list[Any], settings: dict[str, Any], path: str) -> None:
-    """Each replicate: a finite sharpness, the seed the settings list for it and its data-subset hash."""
+    """Each replicate: a finite positive sharpness, the seed the settings list for it and its data-subset hash;
+    the seeds are ``seed, seed + 1, ...`` as :attr:`GateSettings.seeds` makes them."""
     seeds = settings.get("seeds")
     if not isinstance(seeds, list) or len(seeds) != len(reps) or len(reps) != settings.get("replicates"):
         raise _bad(path, "the seeds, replicates and their count disagree")
+    first = settings.get("seed", 0)
+    if isinstance(first, int) and not isinstance(first, bool) and seeds != [first + i for i in range(len(seeds))]:
+        raise _bad(path, f"settings.seeds {seeds[:4]} do not follow settings.seed {first} (seed, seed + 1, ...)")
     for i, r in enumerate(reps):
         if not isinstance(r, dict):
             raise _bad(path, f"replicate {i} is not an object")
         value = r.get("sharpness")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise _bad(path, f"replicate {i} has no finite 'sharpness'")
+        if value <= 0:
+            raise _bad(
+                path,
+                f"replicate {i} has sharpness {value:.6g} <= 0, which cannot anchor the log-ratio test; "
+                "measure the baseline on a trained checkpoint",
+            )
         if r.get("seed") != seeds[i] or not isinstance(r.get("subset_sha256"), str):
             raise _bad(path, f"replicate {i} lacks its seed or data-subset hash")
+
+
+def _check_sizes(doc: Mapping[str, Any], path: str) -> None:
+    """The analysis dtype is one diag runs in, and each replicate measured ``min(samples, available)`` samples."""
+    settings, data = doc["settings"], doc["data"]
+    dtype = settings.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise _bad(path, f"settings.dtype is {dtype!r}, expected one of {', '.join(DTYPES)}")
+    samples, available = settings.get("samples"), data.get("samples_available")
+    if not (isinstance(samples, int) and isinstance(available, int)) or isinstance(available, bool):
+        return
+    expected = min(samples, available)
+    for i, r in enumerate(doc["replicates"]):
+        got = r.get("samples")
+        if isinstance(got, int) and got != expected:
+            raise _bad(
+                path,
+                f"replicate {i} measured {got} samples, but settings.samples {samples} of "
+                f"{available} available means {expected}",
+            )
 
 
 def _check_parameters(params: dict[str, Any], path: str) -> None:
@@ -316,6 +349,7 @@ def validate_baseline(doc: Any, path: str = "baseline") -> dict[str, Any]:
     if not isinstance(doc.get("parameters"), dict) or not isinstance(doc.get("data"), dict):
         raise _bad(path, "no 'parameters' or 'data' section")
     _check_parameters(doc["parameters"], path)
+    _check_sizes(doc, path)
     return doc
 
 
@@ -409,7 +443,7 @@ class GateReport:
             rule=f"fail iff mean(d) - t_{{{self.confidence:g},K-1}} * sd(d)/sqrt(K) > log(1 + tolerance), "
             "d_i = log(candidate_i / baseline_i)",
         )
-        return out
+        return finite_or_none(out)  # strict JSON: a non-finite bound is null
 
     def headline(self) -> str:
         """One line: PASS or FAIL, the sharpness ratio, its lower bound and the allowed ratio ``1 + tolerance``."""
@@ -516,12 +550,15 @@ def decide(
         raise DiagnosticsError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     if not 0.5 <= confidence < 1:
         raise DiagnosticsError(f"--confidence must be in [0.5, 1), got {confidence}")
-    bad = [v for v in list(baseline) + list(candidate) if not (math.isfinite(v) and v > 0)]
-    if bad:
-        raise DiagnosticsError(
-            f"sharpness must be positive and finite for a log-ratio, got {bad[0]:.6g}; "
-            "the model is not near a minimum (lambda_max <= 0)"
-        )
+    for whose, values, fix in (
+        ("baseline", baseline, "the baseline is not usable: recreate it with 'diag baseline' on a trained checkpoint"),
+        ("candidate", candidate, "the candidate model is not near a minimum (lambda_max <= 0)"),
+    ):
+        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise DiagnosticsError(
+                f"sharpness must be positive and finite for a log-ratio, got {bad[0]:.6g} in the {whose}; {fix}"
+            )
     d = [math.log(c / b) for b, c in zip(baseline, candidate)]
     k = len(d)
     mean, sd = _mean_sd(d)

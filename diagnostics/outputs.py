@@ -13,6 +13,8 @@ line naming the option and the fix:
 * anything that is not a regular file, even with ``--force``: folders, FIFOs, sockets, device nodes
   (``/dev/null``), dangling symbolic links and links to any of those;
 * two outputs that resolve to the same file (``--out d.csv --density-out d``);
+* an output whose folder cannot be created or written to (a file in the way, a read-only folder);
+  missing folders are created when writing;
 * a resumable cache that exists but was not written by diag (it is neither read, overwritten nor deleted).
 
 Files are then written by :func:`atomic_write_bytes`: a unique temporary file (``tempfile.mkstemp``) in
@@ -104,6 +106,26 @@ def non_regular(path: Path) -> str | None:
         return None
     what = _kind(st.st_mode)
     return f"a symbolic link to {what}" if os.path.islink(path) else what
+
+
+def unwritable(path: Path) -> str | None:
+    """None when ``path`` (a file or folder to be written) can be created; else why not, as a phrase.
+
+    Its nearest existing ancestor must be a folder in which diag may create entries; missing folders in
+    between are created when writing. Writability is probed with a temporary folder made and removed at
+    once (permission bits alone miss read-only file systems, ``/proc`` and root squashing).
+    """
+    ancestor = next((p for p in Path(path).parents if os.path.lexists(p)), None)
+    if ancestor is None:
+        return None
+    if not ancestor.is_dir():
+        return f"'{ancestor}' is not a folder"
+    try:
+        probe = tempfile.mkdtemp(prefix=".diag-probe-", dir=ancestor)
+    except OSError as exc:
+        return f"cannot create files in '{ancestor}' ({exc.strerror or exc})"
+    os.rmdir(probe)
+    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -246,9 +268,9 @@ def _check_file(f: PlannedFile, inputs: Sequence[Path], force: bool, cache_tag: 
     for q in inputs:
         if q.exists() and (path.resolve() == q.resolve() or (path.exists() and _same_file(path, q))):
             raise DiagnosticsError(f"{label} is an input of this command ('{q}'); choose another path")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise DiagnosticsError(f"{label}: '{parent}' is not a folder")
+    why = unwritable(path)
+    if why is not None:
+        raise DiagnosticsError(f"{label}: {why}; choose a path in a folder you can write to")
     what = non_regular(path)
     if what is not None:
         raise DiagnosticsError(
@@ -293,13 +315,16 @@ def _check_folder(flag: str, folder: Path, inputs: Sequence[Path], force: bool, 
         if q.exists() and q.is_file() and folder.resolve() == q.resolve():
             raise DiagnosticsError(f"{flag} '{folder}' is an input file; choose another folder")
     if not os.path.lexists(folder):
-        parent = next((p for p in folder.parents if os.path.lexists(p)), None)
-        if parent is not None and not parent.is_dir():
-            raise DiagnosticsError(f"{flag} '{folder}': '{parent}' is not a folder")
+        why = unwritable(folder)
+        if why is not None:
+            raise DiagnosticsError(f"{flag} '{folder}': {why}; choose a folder you can write to")
         return
     if not folder.is_dir():
         what = non_regular(folder) or "a file"
         raise DiagnosticsError(f"{flag} '{folder}' is {what}; pass a folder")
+    why = unwritable(folder / "probe")
+    if why is not None:
+        raise DiagnosticsError(f"{flag} '{folder}': {why}; choose a folder you can write to")
     if owner is not None and any(folder.iterdir()) and not _is_diag_file(folder / owner[0], owner[1]) and not force:
         raise DiagnosticsError(
             f"'{folder}' is not empty and was not written by diag (no {owner[0]}); "
@@ -320,14 +345,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
     Raises:
         DiagnosticsError: ``path`` exists and is not a regular file (or a link to one): a folder, FIFO,
-            socket or device node is never replaced, whatever the caller checked before.
+            socket or device node is never replaced, whatever the caller checked before; or its folder
+            cannot be created or written to.
     """
     path = Path(path)
     what = non_regular(path)
     if what is not None:
         raise DiagnosticsError(f"'{path}' is {what}; diag writes only regular files: choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiagnosticsError(
+            f"cannot write '{path}': {exc.strerror or exc}; choose a path in a folder you can write to"
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import DiagnosticsError, one_line
 from diagnostics.lazy import lazy_import
 from diagnostics.outputs import RECORD_SUFFIXES, atomic_write_bytes
 
@@ -128,7 +128,7 @@ def frame_to_records(df: pd.DataFrame) -> list[Record]:
                 step=None if _none(d["step"]) is None else int(d["step"]),
                 analyzer=str(d["analyzer"]),
                 metric=str(d["metric"]),
-                value=float(d["value"]),
+                value=float("nan") if _none(d["value"]) is None else float(d["value"]),
                 stderr=None if _none(d["stderr"]) is None else float(d["stderr"]),
                 index=None if _none(d["index"]) is None else int(d["index"]),
                 group=None if _none(d["group"]) is None else str(d["group"]),
@@ -150,19 +150,47 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf, -inf) replaced by None, in nested dicts, lists and
+    tuples too: strict JSON has no such numbers (``NaN``/``Infinity`` tokens break most parsers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return finite_or_none(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
     return str(obj)
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes strict JSON: non-finite floats become null (:func:`finite_or_none`),
+    arrays become lists, other objects their ``str``; ``allow_nan=False`` catches anything that slips by."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, default=_json_default, **kwargs)
+
+
+def non_finite_values(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """``[{"record": i, "field": "value" | "stderr", "value": "inf" | "-inf"}]`` for each infinite number of
+    ``records`` (JSON writes them as null; NaN already means missing and is not listed)."""
+    out = []
+    for i, r in enumerate(records):
+        for name in ("value", "stderr"):
+            x = getattr(r, name)
+            if x is not None and math.isinf(float(x)):
+                out.append({"record": i, "field": name, "value": "inf" if float(x) > 0 else "-inf"})
+    return out
+
+
 def records_to_json(records: Sequence[Record], indent: int | None = 2) -> str:
-    """The JSON array printed by ``--format json``."""
-    return json.dumps([r.to_dict() for r in records], indent=indent, default=_json_default)
+    """The JSON array printed by ``--format json`` (strict JSON: a NaN or infinite value is null)."""
+    return strict_json([r.to_dict() for r in records], indent=indent)
 
 
 def format_table(records: Sequence[Record], metadata: dict[str, Any] | None = None) -> str:
@@ -235,29 +263,60 @@ def format_markdown(records: Sequence[Record], metadata: dict[str, Any] | None =
         lines.append("| " + " | ".join(cells) + " |")
     if metadata:
         lines += ["", "<details><summary>run metadata</summary>", "", "```json"]
-        lines.append(json.dumps(metadata, indent=2, default=_json_default))
+        lines.append(strict_json(metadata, indent=2))
         lines += ["```", "", "</details>"]
     return "\n".join(lines) + "\n"
 
 
+NON_FINITE_KEY = "non_finite_values"
+
+
 def result_json_bytes(result: Result) -> bytes:
-    """The ``.json`` form of a result: ``{"metadata": {...}, "records": [...]}``."""
-    payload = {
-        "metadata": json.loads(json.dumps(result.metadata, default=_json_default)),
-        "records": [r.to_dict() for r in result.records],
-    }
-    return json.dumps(payload, indent=2, default=_json_default).encode()
+    """The ``.json`` form of a result: ``{"metadata": {...}, "records": [...]}``, strict JSON.
+
+    A NaN or infinite number is written as null; each infinite record value or stderr is listed in
+    ``metadata["non_finite_values"]`` (:func:`non_finite_values`), so the file still says so and
+    :func:`result_from_json_bytes` restores it.
+    """
+    metadata = dict(result.metadata)
+    metadata.pop(NON_FINITE_KEY, None)
+    infinite = non_finite_values(result.records)
+    if infinite:
+        metadata[NON_FINITE_KEY] = infinite
+    payload = {"metadata": metadata, "records": [r.to_dict() for r in result.records]}
+    return strict_json(payload, indent=2).encode()
+
+
+def _restore_infinite(records: list[Record], listed: Any) -> list[Record]:
+    """``records`` with the infinite numbers that ``metadata["non_finite_values"]`` lists put back."""
+    from dataclasses import replace
+
+    if not isinstance(listed, list):
+        return records
+    for item in listed:
+        if not isinstance(item, Mapping) or item.get("value") not in ("inf", "-inf"):
+            continue
+        i, name = item.get("record"), item.get("field")
+        if isinstance(i, int) and 0 <= i < len(records) and name in ("value", "stderr"):
+            records[i] = replace(records[i], **{name: float(item["value"])})
+    return records
 
 
 def result_from_json_bytes(data: bytes, path: str | Path = "results") -> Result:
     """Inverse of :func:`result_json_bytes` (also a bare JSON array of records)."""
-    payload = json.loads(data)
+    try:
+        payload = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise DiagnosticsError(f"'{path}' is not valid JSON ({one_line(exc)}); write it again") from exc
     if isinstance(payload, list):
         payload = {"records": payload, "metadata": {}}
-    if not isinstance(payload, dict) or "records" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
         raise DiagnosticsError(f"'{path}' is not a diagnostics results file (no 'records')")
+    metadata = payload.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise DiagnosticsError(f"'{path}' is not a diagnostics results file ('metadata' is not an object)")
     df = pd.DataFrame(payload["records"], columns=COLUMNS)
-    return Result(frame_to_records(df), payload.get("metadata") or {})
+    return Result(_restore_infinite(frame_to_records(df), metadata.get(NON_FINITE_KEY)), metadata)
 
 
 def write_result(result: Result, path: str | Path) -> Path:
@@ -274,7 +333,7 @@ def write_result(result: Result, path: str | Path) -> Path:
         raise DiagnosticsError(
             f"cannot write '{path}': unknown suffix '{path.suffix}'; use one of {', '.join(OUTPUT_SUFFIXES)}"
         )
-    meta_json = json.dumps(result.metadata, indent=2, default=_json_default)
+    meta_json = strict_json(result.metadata, indent=2)
     if suffix == ".json":
         atomic_write_bytes(path, result_json_bytes(result))
     elif suffix == ".csv":

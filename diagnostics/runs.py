@@ -76,6 +76,7 @@ from diagnostics.results import (
     records_to_frame,
     result_from_json_bytes,
     result_json_bytes,
+    strict_json,
     write_result,
 )
 from diagnostics.settings import with_fields
@@ -250,12 +251,14 @@ def _metadata_step(content: FileBytes, cache_dir: Path | None, warn: Callable[[s
                 pass  # unreadable: parse the checkpoint again and rewrite it
     try:
         ck = load_checkpoint(content.path, content=content)
-    except DiagnosticsError:
-        return None  # unreadable: the sweep reports it for this checkpoint; the file name gives the step
+    except Exception:  # one bad file never aborts discovery
+        # unreadable or malformed: analysing it reports why, as a failure of this checkpoint (the sweep goes
+        # on, see SweepFailure); meanwhile the file name gives the step
+        return None
     step = None if ck.metadata.get("step_source") == "file name" else ck.step
     if cache_dir is not None:
         info = {"sha256": sha, "step": step, "lr": ck.lr, "keys": len(ck.state_dict)}
-        write_checked(_info_path(cache_dir, sha), json.dumps(info, indent=2).encode())
+        write_checked(_info_path(cache_dir, sha), strict_json(info, indent=2).encode())
     return step
 
 
@@ -539,7 +542,7 @@ def resolve_settings(
 
     Raises:
         DiagnosticsError: an analyzer's table that is not a table, an unknown or ill-typed option (naming
-            the file or ``--set``), or ``--set`` for an analyzer that is not run.
+            the file or ``--set``), ``--set`` for an analyzer that is not run, or a device this machine lacks.
         TypeError: a keyword that is neither an argument nor a field of :class:`BindingFlags`.
     """
     f = with_fields(BindingFlags, flags, flag_values, "resolve_settings")
@@ -563,6 +566,11 @@ def resolve_settings(
             resolve_config(cls, table=table, table_name=name, source=f"[{name}] in {cfg.get('_path', 'diag.toml')}")
             resolve_config(cls, table=given, table_name=name, source="--set")
         options[name] = {**dict(table), **given}
+    device = pick(f.device, "device")
+    if device is not None:  # once for the sweep, not once per checkpoint (each would fail the same way)
+        from diagnostics.context import resolve_device
+
+        resolve_device(str(device))
     stray = sorted(set(overrides or {}) - set(names))
     if stray:
         raise DiagnosticsError(
@@ -580,7 +588,7 @@ def resolve_settings(
         samples=pick(f.samples, "samples"),
         batch_size=pick(f.batch_size, "batch_size"),
         dtype=pick(f.dtype, "dtype"),
-        device=pick(f.device, "device"),
+        device=device,
         params=pick(f.params, "params"),
         pattern=pattern,
         replicates=int(pick(f.replicates, "replicates", 1)),
@@ -1241,9 +1249,16 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
 
     ``out`` must be absent, empty, or one of ours (or ``force``), never an input (``protected``: the run
     folder, diag.toml); the files a sweep and a report write there must be absent or regular files.
+    One of ours that holds another run's sweep and report (its manifest names a run folder that is not
+    among the ``protected`` folders) is not replaced without ``force`` either.
     Nothing is deleted: ``force`` only allows writing our files into a folder we did not create.
+
+    Raises:
+        DiagnosticsError: one line naming the folder and the fix.
     """
     out = Path(out)
+    if not force:
+        _refuse_other_run(out, protected)
     plan_outputs(
         inputs=protected,
         force=force,
@@ -1252,8 +1267,34 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
         folder_files=FOLDER_FILES,
         folder_dirs=(CACHE_DIR, "figures"),
     )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiagnosticsError(f"cannot create --out '{out}': {exc.strerror or exc}; choose another folder") from exc
     return out
+
+
+def _manifest_run(out: Path) -> Path | None:
+    """The run folder named by the manifest of ``out`` (None: no readable manifest of ours, or no run)."""
+    if not is_ours(out):
+        return None
+    try:
+        run = json.loads((out / MANIFEST_NAME).read_text()).get("run")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return Path(run) if isinstance(run, str) and run else None
+
+
+def _refuse_other_run(out: Path, protected: Sequence[Path]) -> None:
+    """Refuse ``out`` when it holds the sweep of a run folder other than the one(s) among ``protected``."""
+    runs = [Path(p).resolve() for p in protected if Path(p).is_dir()]
+    previous = _manifest_run(out)
+    if not runs or previous is None or not previous.is_dir() or previous.resolve() in runs:
+        return  # no run to compare, none recorded, or the recorded one is gone (moved, or relative elsewhere)
+    raise DiagnosticsError(
+        f"--out '{out}' holds the results and report of another run ('{previous}'); choose another --out, "
+        "or pass --force to write this run's there (the other run's files are replaced)"
+    )
 
 
 def read_manifest(out: str | Path) -> dict[str, Any] | None:
@@ -1292,7 +1333,7 @@ def start_manifest(
     if invocation is not None:
         meta["invocation"] = dict(invocation)
     path = Path(out) / MANIFEST_NAME
-    atomic_write_bytes(path, json.dumps(meta, indent=2, default=str).encode())
+    atomic_write_bytes(path, strict_json(meta, indent=2).encode())
     return path
 
 
@@ -1324,7 +1365,7 @@ def write_sweep(out: str | Path, result: SweepResult, invocation: Mapping[str, A
         paths["density"] = out / "hessian_density.csv"
         atomic_write_bytes(paths["density"], density.to_csv(index=False).encode())
     paths["manifest"] = out / MANIFEST_NAME
-    atomic_write_bytes(paths["manifest"], json.dumps(meta, indent=2, default=str).encode())
+    atomic_write_bytes(paths["manifest"], strict_json(meta, indent=2).encode())
     return paths
 
 

@@ -239,3 +239,81 @@ def test_nonfinite_weights_are_named() -> None:
     sd["2.weight"][1, 1] = float("inf")
     with pytest.raises(DiagnosticsError, match=r"'2.weight' has 1 NaN and 1 inf"):
         check_finite(sd, "checkpoint")
+
+
+# ------------------------------------------------------------------ malformed diagnostics containers
+def _tagged(tmp_path: Path, **entries) -> Path:
+    from diagnostics.checkpoint import FORMAT_TAG
+
+    path = tmp_path / "tagged.pt"
+    torch.save({"format": FORMAT_TAG, **entries}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"model": 5}, r"'model' entry is an int, not a dict of tensors"),
+        ({}, r"has no 'model' entry"),
+        ({"model": {}}, r"'model' entry holds no tensors"),
+        ({"model": {"w": torch.zeros(2), "b": "text"}}, r"'model' entry holds a str under 'b'"),
+        ({"model": {"w": torch.zeros(2), "n": [1, 2]}}, r"'model' entry holds a list under 'n'"),
+        ({"model": {"w": torch.zeros(2)}, "metadata": [1, 2]}, r"'metadata' entry is a list, not a dict"),
+        ({"model": {"w": torch.zeros(2)}, "metadata": "x"}, r"'metadata' entry is a str, not a dict"),
+        ({"model": {"w": torch.zeros(2)}, "optimizer": 3.5}, r"'optimizer' entry is a float, not a dict"),
+    ],
+)
+def test_malformed_diagnostics_container_names_file_and_field(tmp_path: Path, entries: dict, message: str) -> None:
+    path = _tagged(tmp_path, **entries)
+    with pytest.raises(DiagnosticsError, match=message) as info:
+        load_checkpoint(path)
+    text = str(info.value)
+    assert str(path) in text and "\n" not in text and "save_checkpoint" in text
+
+
+def test_diagnostics_container_without_metadata_still_loads(tmp_path: Path) -> None:
+    m = small_model()
+    ck = load_checkpoint(_tagged(tmp_path, model=m.state_dict(), metadata=None))
+    assert_same_weights(ck.state_dict, m)
+    assert ck.optimizer_state is None
+
+
+# ------------------------------------------------------------------ tensors that are not dense weights
+def _with(tmp_path: Path, name: str, tensor: torch.Tensor) -> Path:
+    sd = small_model().state_dict()
+    sd["0.weight"] = tensor
+    path = tmp_path / f"{name}.pt"
+    torch.save({"model": sd}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("coo", lambda w: w.to_sparse(), r"'0.weight' is a sparse_coo tensor.*to_dense"),
+        ("csr", lambda w: w.to_sparse_csr(), r"'0.weight' is a sparse_csr tensor.*to_dense"),
+        ("meta", lambda w: torch.empty_like(w, device="meta"), r"'0.weight' is a meta tensor \(shape only"),
+    ],
+)
+def test_sparse_and_meta_tensors_are_refused_by_name(tmp_path: Path, name: str, make, message: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR is "beta"
+        tensor = make(small_model().state_dict()["0.weight"])
+        path = _with(tmp_path, name, tensor)
+        with pytest.raises(DiagnosticsError, match=message):
+            load_checkpoint(path)
+        with pytest.raises(DiagnosticsError, match=message):
+            check_finite({"0.weight": tensor}, "checkpoint")
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_float8_weights_are_checked_for_finiteness(dtype: str) -> None:
+    if not hasattr(torch, dtype):
+        pytest.skip(f"torch has no {dtype}")
+    w = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    check_finite({"w": w.to(getattr(torch, dtype))}, "checkpoint")  # finite: fine
+    w[0, 0] = float("nan")
+    with pytest.raises(DiagnosticsError, match=r"'w' has 1 NaN"):
+        check_finite({"w": w.to(getattr(torch, dtype))}, "checkpoint")

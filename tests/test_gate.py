@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -209,3 +210,60 @@ def test_junit_and_github_annotation_formats(eos_pair, baseline_doc) -> None:
     assert ok.github_annotations().startswith("::notice title=Sharpness gate passed::")
     assert ET.fromstring(ok.junit_xml().split("\n", 1)[1]).get("failures") == "0"
     assert report.to_dict()["verdict"] == "fail" and ok.to_dict()["verdict"] == "pass"
+
+
+# ------------------------------------------------------- baselines edited with a recomputed checksum
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["replicates"][0].update(sharpness=0.0), r"replicate 0 has sharpness 0 <= 0"),
+        (lambda d: d["replicates"][1].update(sharpness=-1.0), r"replicate 1 has sharpness -1 <= 0"),
+        (lambda d: d["settings"].update(seed=-3), r"settings.seeds \[0, 1, 2\] do not follow settings.seed -3"),
+        (lambda d: d["settings"].update(samples=10**9), r"replicate 0 measured 300 samples.*means 1437"),
+        (lambda d: d["settings"].update(dtype="float16"), r"settings.dtype is 'float16'"),
+    ],
+)
+def test_forged_baselines_blame_the_baseline_file(tmp_path: Path, baseline_doc, edit, message) -> None:
+    from diagnostics.gate import baseline_checksum
+
+    doc = copy.deepcopy(baseline_doc)
+    edit(doc)
+    doc["checksum"] = baseline_checksum(doc)  # a consistent checksum: only the content gives it away
+    path = tmp_path / "forged.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DiagnosticsError, match=rf"'{path}' is not a valid sharpness baseline \(.*{message}"):
+        read_baseline(path)
+
+
+def test_decide_names_which_side_is_not_positive() -> None:
+    with pytest.raises(DiagnosticsError, match=r"got -1 in the baseline; the baseline is not usable"):
+        decide([1.0, -1.0], [1.0, 1.0], 0.1)
+    with pytest.raises(DiagnosticsError, match=r"got 0 in the candidate; the candidate model is not near"):
+        decide([1.0, 1.0], [1.0, 0.0], 0.1)
+
+
+def test_baseline_and_report_are_strict_json(eos_pair, baseline_doc) -> None:
+    def refuse(token: str):
+        raise ValueError(token)
+
+    doc = copy.deepcopy(baseline_doc)
+    doc["replicates"][0]["residual"] = float("inf")
+    assert validate_baseline(doc)  # a non-finite residual is not an error...
+    from diagnostics.results import strict_json
+
+    json.loads(strict_json(doc), parse_constant=refuse)  # ...and is written as null
+    report = check_against_baseline(context(eos_pair["lr2"]), baseline_doc)
+    report.upper_bound = float("inf")
+    json.loads(json.dumps(report.to_dict()), parse_constant=refuse)
+
+
+def test_old_baseline_with_nan_tokens_still_verifies(tmp_path: Path, baseline_doc) -> None:
+    from diagnostics.gate import baseline_checksum
+
+    doc = copy.deepcopy(baseline_doc)
+    doc["replicates"][0]["residual"] = float("nan")  # what an older diag could write (NaN token)
+    doc["checksum"] = baseline_checksum(doc)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    assert "NaN" in path.read_text()
+    assert read_baseline(path)["checksum"] == doc["checksum"]

@@ -169,3 +169,55 @@ def test_a_failed_write_removes_only_its_own_temporary_file(tmp_path: Path) -> N
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "f.json", object())  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".f.json.keep.tmp"]
+
+
+# ------------------------------------------------------------------ folders that cannot take the output
+def _blocked(tmp_path: Path) -> Path:
+    """A path whose parent cannot exist: a regular file sits where a folder would have to be."""
+    (tmp_path / "notes.txt").write_text("a user's file")
+    return tmp_path / "notes.txt" / "sub" / "r.json"
+
+
+def test_output_under_a_file_is_refused_when_planning(tmp_path: Path) -> None:
+    target = _blocked(tmp_path)
+    with pytest.raises(DiagnosticsError, match=r"--out .*'.*notes.txt' is not a folder; choose a path") as info:
+        plan_outputs(out=target)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DiagnosticsError, match=r"--density-out\).*notes.txt' is not a folder"):
+        plan_outputs(prefixes={"--density-out": (target.with_suffix(""), (".csv",))})
+    with pytest.raises(DiagnosticsError, match=r"--out '.*' is not a folder"):
+        plan_outputs(folder=("--out", target.parent), folder_owner=OWNER)
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+
+
+def test_missing_folders_of_a_writable_parent_are_fine(tmp_path: Path) -> None:
+    plan = plan_outputs(out=tmp_path / "new" / "deeper" / "r.json")
+    assert plan.path("--out") == tmp_path / "new" / "deeper" / "r.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created (the probe is removed)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_output_in_a_folder_that_refuses_files_is_refused_when_planning() -> None:
+    with pytest.raises(DiagnosticsError, match=r"--out '/proc/diag-test/r.json': cannot create files in '/proc'"):
+        plan_outputs(out=Path("/proc/diag-test/r.json"))
+    with pytest.raises(DiagnosticsError, match=r"--out '/proc/diag-test': cannot create files in '/proc'"):
+        plan_outputs(folder=("--out", Path("/proc/diag-test")), folder_owner=OWNER)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root writes anywhere")
+def test_read_only_folder_is_refused_when_planning(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(DiagnosticsError, match=r"cannot create files in"):
+            plan_outputs(out=ro / "r.json")
+        with pytest.raises(DiagnosticsError, match=r"cannot create files in"):
+            plan_outputs(folder=("--out", ro), folder_owner=OWNER)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_atomic_write_into_an_impossible_folder_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DiagnosticsError, match=r"cannot write '.*r.json': .*choose a path"):
+        atomic_write_bytes(_blocked(tmp_path), b"{}")

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -254,6 +255,15 @@ def test_overrides_and_settings_from_config() -> None:
         resolve_settings({}, analyzers="hessian", overrides={"rankme": {"layers": ["x"]}})
 
 
+@pytest.mark.parametrize("source", ["flag", "file"])
+def test_a_sweep_device_is_checked_once_before_any_checkpoint(source: str) -> None:
+    given = {"device": "meta"}
+    with pytest.raises(DiagnosticsError, match="--device 'meta'"):
+        resolve_settings(given if source == "file" else {}, **({} if source == "file" else given))
+    assert resolve_settings({}, device="cpu").device == "cpu"
+    assert resolve_settings({"device": "auto"}).device == "auto"
+
+
 # -------------------------------------------------------------------------------- output folders
 def test_output_folder_rules_and_files(run_copy: Path, tmp_path: Path) -> None:
     foreign = tmp_path / "theirs"
@@ -403,3 +413,41 @@ def test_warm_start_passes_the_previous_eigenvectors_and_keeps_the_answers(run_c
         if source:
             assert f"warm start from {source} (its eigenvectors start Lanczos)" in w.metadata["notes"]
         assert "tensor(" not in repr(w.metadata) and "tensor(" not in repr(w.records)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"model": 5}, r"'model' entry is an int"),
+        ({"metadata": [1, 2]}, r"'metadata' entry is a list"),
+        ({"model": {"w": "not a tensor"}}, r"'model' entry holds a str under 'w'"),
+        ({"model": {"w": torch.zeros(2, 2).to_sparse()}}, r"'w' is a sparse_coo tensor"),
+    ],
+)
+def test_malformed_diagnostics_checkpoint_fails_alone(run_copy: Path, payload: dict, message: str) -> None:
+    from diagnostics.checkpoint import FORMAT_TAG
+
+    good = torch.load(run_copy / "step_00100.pt", weights_only=True)
+    torch.save({**good, "format": FORMAT_TAG, **payload}, run_copy / "step_00150.pt")
+    res = sweep(run_copy, settings())
+    assert [(f.checkpoint, f.analyzer) for f in res.failures] == [("step_00150.pt", "hessian")]
+    assert "unexpected" not in res.failures[0].message
+    assert re.search(message, res.failures[0].message)
+    assert sorted(res.frame["checkpoint"].unique()) == ["step_00000.pt", "step_00100.pt", "step_00200.pt"]
+    with pytest.raises(DiagnosticsError, match=message):
+        sweep(run_copy, settings(), keep_going=False)
+
+
+def test_output_folder_of_another_run_needs_force(run_copy: Path, tmp_path: Path) -> None:
+    out = prepare_out_dir(tmp_path / "reports" / "run", protected=[run_copy])
+    res = sweep(run_copy, settings(), cache_dir=out / "cache", exclude=[out])
+    write_sweep(out, res)
+    before = (out / MANIFEST_NAME).read_bytes()
+    prepare_out_dir(out, protected=[run_copy])  # the same run again: resumes
+    other = tmp_path / "elsewhere" / "run"
+    other.mkdir(parents=True)
+    with pytest.raises(DiagnosticsError, match=r"holds the results and report of another run .*--force") as info:
+        prepare_out_dir(out, protected=[other])
+    assert str(run_copy) in str(info.value)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    prepare_out_dir(out, force=True, protected=[other])
