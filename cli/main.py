@@ -69,6 +69,30 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+def _stdout_file() -> tuple[int, int] | None:
+    """What stdout's file descriptor points at (device, inode); None without one."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pipe_status(code: int, stdout: object, stdout_file: tuple[int, int] | None) -> int:
+    """:data:`~diag_cli.errors.SIGPIPE_STATUS` when Typer or Rich met a closed stdout themselves
+    (``diag --help | true``), else ``code``.
+
+    Both exit 1 then (which in diag means "a gate failed"): Typer after swapping ``sys.stdout`` for a wrapper
+    that hides the EPIPE, Rich (printing --help) after pointing the descriptor at the null device.
+    """
+    from diag_cli.errors import SIGPIPE_STATUS, silence_stdout
+
+    if code != 1 or (sys.stdout is stdout and _stdout_file() == stdout_file):
+        return code
+    silence_stdout()
+    return SIGPIPE_STATUS
+
+
 def _flush_streams() -> int:
     """Flush stdout and stderr; 120 (Python's own status for it) if stdout was closed under us."""
     status = 0
@@ -97,10 +121,11 @@ def main() -> None:
         app()  # a profiler, debugger or coverage tool writes its results at the interpreter's exit
         return
     code = 0
+    stdout, stdout_file = sys.stdout, _stdout_file()
     try:
         app()
     except SystemExit as stop:
-        code = _exit_code(stop.code)
+        code = _pipe_status(_exit_code(stop.code), stdout, stdout_file)
     shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, stops thread pools
     if shutdown is not None:
         shutdown()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +35,25 @@ def print_records(records: list[Record], fmt: str, metadata: dict[str, Any] | No
 
 
 def emit(result: Result, fmt: str, out: Path | None, quiet: bool = False) -> None:
-    """Notes on stderr, the records on stdout in ``fmt``, and ``--out`` written by its suffix."""
+    """``--out`` written by its suffix, notes on stderr, then the records on stdout in ``fmt``.
+
+    The file first: it is the durable result, and stdout may be a pipe whose reader stops early
+    (``diag ... | head -1``), which ends the command at the first write that finds it gone.
+    """
     from diagnostics.results import write_result
 
+    if out is not None:
+        write_result(result, out)
     if not quiet:
         for note in result.metadata.get("notes", []):
             warn(note)
     print_records(result.records, fmt, result.metadata)
-    if out is not None:
-        write_result(result, out)
+
+
+def user_prints_to_stderr() -> AbstractContextManager[Any]:
+    """While the analysis runs, ``print`` in the user's code (a model's forward, a data generator) goes to
+    stderr: stdout carries the records only (``diag run -f json | jq``)."""
+    return redirect_stdout(sys.stderr)
 
 
 @contextmanager

@@ -176,10 +176,10 @@ def _finish(job: _Invocation, result: Any) -> None:
 
 def _run_pairs(job: _Invocation) -> None:
     """Two run folders: the analyzer on every pair of checkpoints of the same step."""
-    from diag_cli.output import progress_bar
+    from diag_cli.output import progress_bar, user_prints_to_stderr
     from diagnostics.runs import sweep_pairs
 
-    with progress_bar(job.out.quiet or not job.is_main) as progress:
+    with progress_bar(job.out.quiet or not job.is_main) as progress, user_prints_to_stderr():
         result = sweep_pairs(
             job.analyzer, job.config, job.inputs, job.binding, job.project.as_dict(), trust=job.trust, progress=progress
         )
@@ -188,17 +188,20 @@ def _run_pairs(job: _Invocation) -> None:
 
 def _run_checkpoints(job: _Invocation) -> None:
     """One checkpoint (plus the others the analyzer takes), resumable through the command's cache."""
-    from diag_cli.output import progress_bar
+    from diag_cli.output import progress_bar, user_prints_to_stderr
     from diag_cli.resume import resume_store
     from diagnostics.runner import open_context, run_analyzer
 
     a = job.analyzer
-    contexts = [
-        open_context(p, job.binding, job.project, trust=job.trust, need_targets=a.needs_targets, need_data=a.needs_data)
-        for p in job.inputs
-    ]
+    with user_prints_to_stderr():  # a print in the user's model, data or loss code must not reach stdout
+        contexts = [
+            open_context(
+                p, job.binding, job.project, trust=job.trust, need_targets=a.needs_targets, need_data=a.needs_data
+            )
+            for p in job.inputs
+        ]
     with resume_store(a, job.planned.cache, job.planned.cache_is_temporary, job.out.force) as resume:
-        with progress_bar(job.out.quiet or not job.is_main) as progress:
+        with progress_bar(job.out.quiet or not job.is_main) as progress, user_prints_to_stderr():
             result = run_analyzer(
                 a,
                 job.config,

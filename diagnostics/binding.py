@@ -40,12 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics.errors import DiagnosticsError
-from diagnostics.options import CONFIG_NAME, find_config
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from diagnostics.options import CONFIG_NAME, find_config, read_toml, unwrap_diag_table
 
 # The example factories a checkpoint may name without being trusted otherwise: an explicit list of the
 # model/data callables (never a prefix: the same modules also hold helpers such as train_gd that write files).
@@ -289,6 +284,31 @@ def cwd_searched_last() -> Iterator[None]:
         sys.path[:] = saved
 
 
+@contextlib.contextmanager
+def running_user_code(spec: str, what: str, doing: str) -> Iterator[None]:
+    """While a user's module is imported or its factory called: its ``print`` goes to stderr (stdout carries
+    only the records: ``diag ... -f json | jq``), and a ``sys.exit`` in it becomes a one-line
+    :class:`DiagnosticsError` instead of silently ending diag. ``KeyboardInterrupt`` still interrupts.
+
+    Args:
+        spec: the factory's spec, named in the error.
+        what: its role (``"model"``, ``"data"``, ``"loss"``, ...).
+        doing: ``"import"`` (the module at import time) or ``"call"`` (the factory itself).
+    """
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as exc:
+        code = " ".join(repr(exc.code).split())[:80]
+        fix = (
+            "put the script part of the module under \"if __name__ == '__main__':\""
+            if doing == "import"
+            else "a factory must return its object, or raise an exception to report a problem"
+        )
+        where = "importing it" if doing == "import" else "it"
+        raise DiagnosticsError(f"{what} '{spec}': {where} called sys.exit({code}); {fix}") from None
+
+
 def _import_file(file: Path, spec: str, what: str) -> Any:
     """Import a user's ``file.py`` once per resolved path (as module ``_diag_user_<hash>``)."""
     if not file.is_file():
@@ -300,7 +320,11 @@ def _import_file(file: Path, spec: str, what: str) -> Any:
     assert s is not None and s.loader is not None
     module = importlib.util.module_from_spec(s)
     sys.modules[mod_key] = module
-    s.loader.exec_module(module)
+    try:
+        s.loader.exec_module(module)
+    except BaseException:  # as importlib does: no half-run module for the next checkpoint to find
+        sys.modules.pop(mod_key, None)
+        raise
     return module
 
 
@@ -318,19 +342,21 @@ def import_callable(spec: str, what: str = "factory", *, from_checkpoint: bool =
         The imported callable.
 
     Raises:
-        DiagnosticsError: when the spec is malformed, the module cannot be imported or raises on import,
-            the attribute is missing or not callable, or (``from_checkpoint``) the object is defined elsewhere.
+        DiagnosticsError: when the spec is malformed, the module cannot be imported or raises (or calls
+            ``sys.exit``) on import, the attribute is missing or not callable, or (``from_checkpoint``) the
+            object is defined elsewhere.
     """
     if from_checkpoint:
         module_name, attr = check_checkpoint_spec(spec, what)
     else:
         module_name, attr = _split_spec(spec, what)
     try:
-        if module_name.endswith(".py"):
-            module = _import_file(Path(module_name), spec, what)
-        else:
-            with cwd_searched_last():
-                module = importlib.import_module(module_name)
+        with running_user_code(spec, what, "import"):
+            if module_name.endswith(".py"):
+                module = _import_file(Path(module_name), spec, what)
+            else:
+                with cwd_searched_last():
+                    module = importlib.import_module(module_name)
     except DiagnosticsError:
         raise
     except ModuleNotFoundError as exc:
@@ -405,12 +431,7 @@ def load_config(path: Path | None) -> dict[str, Any]:
     after analyzers (``[hessian]``) hold their defaults."""
     if path is None:
         return {}
-    try:
-        with open(path, "rb") as fh:
-            cfg = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise DiagnosticsError(f"config '{path}' is not valid TOML: {exc}") from exc
-    cfg = dict(cfg.get("diag", cfg))  # allow an optional [diag] table
+    cfg = unwrap_diag_table(read_toml(path), path)  # the same reading (and errors) as the CLI's parse_project
     cfg["_path"] = str(path)
     return cfg
 
@@ -577,13 +598,14 @@ def call_factory(spec: str, kwargs: Mapping[str, Any], what: str, *, from_checkp
     """Import and call a factory, turning any failure into a one-line :class:`DiagnosticsError`.
 
     The call runs with the working directory searched last (:func:`cwd_searched_last`), so imports
-    the factory makes lazily (e.g. scikit-learn inside a data function) find the installed packages.
+    the factory makes lazily (e.g. scikit-learn inside a data function) find the installed packages,
+    and inside :func:`running_user_code` (its prints go to stderr, a ``sys.exit`` is an error).
     """
     fn = import_callable(spec, what, from_checkpoint=from_checkpoint)
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise DiagnosticsError(f"{what} '{spec}': keyword arguments must be a table of names, got {kwargs!r:.80}")
     try:
-        with cwd_searched_last():
+        with cwd_searched_last(), running_user_code(spec, what, "call"):
             return fn(**dict(kwargs))
     except DiagnosticsError:
         raise

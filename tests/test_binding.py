@@ -63,6 +63,38 @@ def test_factory_that_raises() -> None:
         call_factory("math:sqrt", {"nonsense": 1}, "model factory")
 
 
+def test_factory_calling_sys_exit_is_a_one_line_error(tmp_path: Path) -> None:
+    # was: SystemExit went through, and diag ended with the factory's status and no word
+    write_module(tmp_path, "exits_c", "import sys\n\ndef build():\n    sys.exit('no GPU here')\n")
+    with pytest.raises(DiagnosticsError, match=r"model 'exits_c:build': it called sys.exit\('no GPU here'\)") as exc:
+        call_factory("exits_c:build", {}, "model")
+    assert "\n" not in str(exc.value) and "must return" in str(exc.value)
+
+
+@pytest.mark.parametrize("spec", ["exits_on_import_d:build", "exits_on_import_e.py:build"])
+def test_module_calling_sys_exit_on_import_is_a_one_line_error(spec: str, tmp_path: Path) -> None:
+    name = spec.split(":")[0].removesuffix(".py")
+    write_module(tmp_path, name, "import sys\n\ndef build():\n    return 1\n\nsys.exit(4)\n")
+    for _ in range(2):  # the half-run module is not kept: the second import says the same
+        with pytest.raises(DiagnosticsError, match=r"importing it called sys.exit\(4\); put the script part"):
+            call_factory(spec, {}, "data")
+
+
+def test_keyboard_interrupt_in_a_factory_still_interrupts(tmp_path: Path) -> None:
+    write_module(tmp_path, "ctrl_c_f", "def build():\n    raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        call_factory("ctrl_c_f:build", {}, "model")
+
+
+def test_factory_prints_go_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # was: on stdout, in the middle of --format json records
+    write_module(tmp_path, "noisy_g", "print('at import')\n\ndef build():\n    print('at call')\n    return 5\n")
+    assert call_factory("noisy_g:build", {}, "model") == 5
+    assert resolve_loss("noisy_g:build")[1] == "noisy_g:build"
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "at import\nat call\n"
+
+
 def test_losses() -> None:
     out = torch.randn(6, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -125,6 +157,22 @@ def test_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.toml")
     with pytest.raises(DiagnosticsError, match="no such config file"):
         find_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"model = '\xff'\n", "not UTF-8 text"),
+        (b'diag = "x"\n', "must be a table"),
+    ],
+)
+def test_config_file_errors_are_one_line(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "diag.toml"
+    path.write_bytes(content)
+    with pytest.raises(DiagnosticsError, match=match):
+        load_config(path)
+    with pytest.raises(DiagnosticsError, match="is a folder"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def baseline(values: dict[str, Any]) -> None:
     """``diag baseline`` with its parsed ``values``."""
     import json
 
-    from diag_cli.output import progress_bar
+    from diag_cli.output import progress_bar, user_prints_to_stderr
     from diagnostics.gate import make_baseline
     from diagnostics.outputs import atomic_write_bytes
 
@@ -107,7 +107,7 @@ def baseline(values: dict[str, Any]) -> None:
         settings = replace(settings, seed=binding.seed, samples=binding.samples, batch_size=binding.batch_size)
         _plan(values, project, binding, {"--out": out})
         ctx = _context(values, project, binding, trust)
-        with progress_bar(prints.quiet) as progress:
+        with progress_bar(prints.quiet) as progress, user_prints_to_stderr():
             doc = make_baseline(ctx, settings, progress, checkpoint_sha256=ctx.checkpoint_metadata.get("sha256"))
         atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
         _print_baseline(doc, settings, out, prints)
@@ -132,7 +132,7 @@ def _print_baseline(doc: dict[str, Any], settings: GateSettings, out: Path, prin
 
 def check(values: dict[str, Any]) -> None:
     """``diag check`` with its parsed ``values``."""
-    from diag_cli.output import progress_bar
+    from diag_cli.output import progress_bar, user_prints_to_stderr
     from diagnostics.gate import baseline_settings, check_against_baseline, read_baseline
 
     with cli_errors(bool(values.get("debug"))):
@@ -153,7 +153,7 @@ def check(values: dict[str, Any]) -> None:
             batch_size=settings.batch_size,
             dtype=doc["settings"].get("dtype") or binding.dtype,
         )
-        with progress_bar(prints.quiet) as progress:
+        with progress_bar(prints.quiet) as progress, user_prints_to_stderr():
             report = check_against_baseline(
                 ctx, doc, tolerance=opts.tolerance, confidence=opts.confidence, progress=progress
             )
@@ -165,27 +165,26 @@ def _report_check(report: Any, files: CheckFiles, prints: PrintOptions) -> None:
     import json
     import os
 
+    from diagnostics.gate import running_in_github_actions
     from diagnostics.outputs import atomic_write_bytes
 
     payload = report.to_dict()
-    if files.out is not None:
+    if files.out is not None:  # the files first: stdout may be a pipe whose reader stops early
         atomic_write_bytes(files.out, (json.dumps(payload, indent=2) + "\n").encode())
     if files.junit is not None:
         atomic_write_bytes(files.junit, report.junit_xml().encode())
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY") if running_in_github_actions() else None
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as fh:  # the runner's file, made for appending
+            fh.write(report.step_summary_markdown())
     typer.echo(
         json.dumps(payload, indent=2) if prints.format == "json" else report.summary(), nl=prints.format == "json"
     )
     if not prints.quiet:
         for note in report.notes:
             warn(note)
-    from diagnostics.gate import running_in_github_actions
-
     if running_in_github_actions():
         typer.echo(report.github_annotations(), nl=False)
-        summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary_file:
-            with open(summary_file, "a", encoding="utf-8") as fh:  # the runner's file, made for appending
-                fh.write(report.step_summary_markdown())
     if not report.passed:
         raise GateFailed(report.headline())
 

@@ -102,29 +102,49 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         raise typer.Exit(0)
     write_sweep(out, result, invocation=flags)
     if not quiet:
-        for line in [*result.warnings, *(f"{s.checkpoint} skipped: {s.reason}" for s in result.skipped)]:
+        skipped = (f"{s.checkpoint} skipped: {s.reason}" for s in result.skipped)
+        for line in [*sweep_notes(result), *result.warnings, *skipped]:
             warn(line)
         for f in result.failures:
             warn(f"{f.checkpoint} [{f.analyzer}] failed: {f.message}")
     return result
 
 
+def sweep_notes(result: SweepResult, shown: int = 3) -> list[str]:
+    """The notes of the sweep's results (``not converged: raise --max-iter``), each once, with the analyzer
+    and the checkpoints it holds for: ``step_0.pt, step_1.pt and 8 more [hessian]: NOTE``."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for rc in result.checkpoints:
+        for analyzer in result.settings.analyzers:
+            res = result.results.get((rc.name, analyzer))
+            for note in [] if res is None else res.metadata.get("notes") or []:
+                names = where.setdefault((analyzer, str(note)), [])
+                if rc.name not in names:
+                    names.append(rc.name)
+    lines = []
+    for (analyzer, note), names in where.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        lines.append(f"{', '.join(names[:shown])}{more} [{analyzer}]: {note}")
+    return lines
+
+
 def _sweep(run: Path, out: Path, settings: Any, fail_fast: bool, quiet: bool) -> SweepResult:
-    from diag_cli.output import progress_bar
+    from diag_cli.output import progress_bar, user_prints_to_stderr
     from diagnostics.runs import CACHE_DIR, sweep
 
     with progress_bar(quiet) as progress:
         log = None if quiet or progress is not None else (lambda line: typer.echo(f"diag: {line}", err=True))
         try:
-            return sweep(
-                run,
-                settings,
-                cache_dir=out / CACHE_DIR,
-                exclude=[out],
-                progress=progress,
-                keep_going=not fail_fast,
-                log=log,
-            )
+            with user_prints_to_stderr():
+                return sweep(
+                    run,
+                    settings,
+                    cache_dir=out / CACHE_DIR,
+                    exclude=[out],
+                    progress=progress,
+                    keep_going=not fail_fast,
+                    log=log,
+                )
         except KeyboardInterrupt:
             err(f"interrupted; finished results are kept in '{out / CACHE_DIR}': rerun the same command to resume")
             raise typer.Exit(130) from None
