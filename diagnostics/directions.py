@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diagnostics.binding import output_tensor
+from diagnostics.binding import IGNORE_INDEX, output_tensor
 from diagnostics.context import Batch, Context, batch_size
 from diagnostics.errors import DiagnosticsError, one_line
 from diagnostics.linalg.products import Layout
@@ -293,6 +293,13 @@ def _truth(targets: torch.Tensor, kind: str) -> torch.Tensor:
     return (targets.reshape(-1) > 0.5).long()
 
 
+def _scored(targets: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """``[n]`` bool: the samples accuracy counts (class labels other than cross-entropy's ignore_index -100)."""
+    if kind == "argmax":
+        return targets.reshape(-1) != IGNORE_INDEX
+    return torch.ones(targets.shape[0], dtype=torch.bool, device=targets.device)
+
+
 # ------------------------------------------------------------------------------------- evaluation
 @dataclass
 class PointStats:
@@ -300,7 +307,8 @@ class PointStats:
 
     Attributes:
         loss: ``[K]`` float64, the full-data loss (the sample-weighted mean of the scaled batch losses).
-        accuracy: ``[K]`` float64 fraction correct, or None when the task has no accuracy.
+        accuracy: ``[K]`` float64 fraction correct (of the labels the loss counts: -100 is not scored), or None
+            when the task has no accuracy.
         predictions: ``[K, N]`` int64 predicted labels over all samples in batch order, when asked.
     """
 
@@ -377,6 +385,11 @@ class PointEvaluator:
             with torch.no_grad():
                 out0, _ = ctx.raw_outputs_and_loss(ctx.params, ctx.batches[0])
             self.kind = accuracy_kind(out0, ctx.batches[0][1], ctx.loss_name)
+        # accuracy is over the counted labels: a -100 label (cross-entropy's ignore_index) is no sample to score
+        self.scored = sum(int(_scored(b[1], self.kind).sum()) for b in ctx.batches) if self.kind else 0
+        if self.kind and self.scored == 0:
+            self.notes.append("every label is -100 (ignored by the loss): no accuracy to report")
+            self.kind = None
 
     # -- one point / one chunk on one batch
     def _call(
@@ -418,11 +431,12 @@ class PointEvaluator:
             loss += lb * nb
             if self.kind:
                 truth = _truth(batch[1], self.kind)
-                correct += (pb == truth.unsqueeze(0)).sum(dim=1).to(torch.float64)
+                hits = (pb == truth.unsqueeze(0)) & _scored(batch[1], self.kind).unsqueeze(0)
+                correct += hits.sum(dim=1).to(torch.float64)
                 if want_pred:
                     preds.append(pb)
         pred = torch.cat(preds, dim=1) if want_pred and self.kind else None
-        return loss / self.n, (None if correct is None else correct / self.n), pred
+        return loss / self.n, (None if correct is None else correct / self.scored), pred
 
     def _recompute_bn(self, flat: torch.Tensor, buffers: Mapping[str, torch.Tensor]) -> Params:
         """Running statistics of every BatchNorm layer recomputed on the data at one point."""

@@ -140,6 +140,29 @@ def test_dict_batches_give_the_sample_mean_loss_and_accuracy(output: str, loss: 
     assert stats.loss[0] != stats.loss[1]
 
 
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_accuracy_leaves_out_ignored_labels(backend: str) -> None:
+    """A -100 label (cross-entropy's ignore_index) is not a sample to score: accuracy is over the others."""
+    batches = dict_batches()
+    batches[0][1][1] = -100
+    batches[1][1][0] = -100
+    ctx = dict_context(KwargClassifier(), batches, "cross_entropy")
+    stats = PointEvaluator(ctx, backend=backend).evaluate(points(ctx))
+    space = FlatSpace.of(ctx.params)
+    y = torch.cat([b[1] for b in batches])
+    for k in range(2):
+        logits = torch.cat([logits_by_hand(space.unflatten(points(ctx)[k]), x, False) for x, _ in batches])
+        scored = y != -100
+        expected = (logits.argmax(1)[scored] == y[scored]).double().mean()
+        assert float(stats.accuracy[k]) == pytest.approx(float(expected), rel=1e-15)
+
+
+def test_all_labels_ignored_means_no_accuracy() -> None:
+    batches = [(x, torch.full_like(y, -100)) for x, y in dict_batches()]
+    ev = PointEvaluator(dict_context(KwargClassifier(), batches, "cross_entropy"), backend="loop")
+    assert ev.kind is None and any("-100" in n for n in ev.notes)
+
+
 def test_bn_recompute_on_dict_batches_equals_cumulative_train_mode_passes() -> None:
     batches = dict_batches()
     model = KwargClassifier(batchnorm=True)
