@@ -78,6 +78,14 @@ def is_closed_stdout(exc: BaseException) -> bool:
     return epipe and stdout_reader_gone()
 
 
+def _bad_input(message: str, debug: bool) -> typer.Exit:
+    """Report ``message`` (after the traceback of the exception being handled, with ``--debug``); exit 2."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    err(message)
+    return typer.Exit(2)
+
+
 @contextmanager
 def cli_errors(debug: bool = False) -> Iterator[None]:
     """Turn any exception raised inside into one stderr line and ``typer.Exit`` with the right code."""
@@ -91,10 +99,13 @@ def cli_errors(debug: bool = False) -> Iterator[None]:
             typer.echo(f"diag: {exc}", err=True)
         raise typer.Exit(1) from None
     except DiagnosticsError as exc:
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        err(str(exc))
-        raise typer.Exit(2) from None
+        raise _bad_input(str(exc), debug) from None
+    except SystemExit as exc:  # diag itself exits through typer.Exit: this came from the user's code at work
+        code = " ".join(repr(exc.code).split())[:80]
+        message = f"the model, data or loss code called sys.exit({code}) during the analysis"
+        raise _bad_input(
+            f"{message}; raise an exception there to report a problem (--debug shows where)", debug
+        ) from None
     except KeyboardInterrupt:
         err("interrupted")
         raise typer.Exit(130) from None
@@ -105,10 +116,8 @@ def cli_errors(debug: bool = False) -> Iterator[None]:
         if is_closed_stdout(exc):  # the reader stopped reading: nothing to say, and stdout cannot say it
             silence_stdout()
             raise typer.Exit(SIGPIPE_STATUS) from None
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        err(f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
-        raise typer.Exit(2) from None
+        message = f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
+        raise _bad_input(message, debug) from None
 
 
 def handle_errors(fn: F) -> F:

@@ -48,6 +48,15 @@ class Loud(tinymodels.Tiny):
         return super().forward(x)
 
 
+class Quitter(tinymodels.Tiny):
+    def forward(self, x):
+        sys.exit(4)
+
+
+def quitter(**kw):
+    return Quitter()
+
+
 def loud(**kw):
     tinymodels.build_tiny()
     return Loud()
@@ -137,6 +146,12 @@ def test_module_calling_sys_exit_on_import_is_a_one_line_error(tiny_ckpt: Path, 
     script.write_text("import sys\n\ndef build():\n    pass\n\nsys.exit(0)\n")
     r = diag("hessian", tiny_ckpt, *DATA, "--model", f"{script}:build")
     one_line_error(r, "importing it called sys.exit(0)", "__name__ == '__main__'")
+
+
+def test_model_calling_sys_exit_during_the_analysis_is_a_one_line_error(tiny_ckpt: Path, user_code: Path) -> None:
+    r = diag("hessian", tiny_ckpt, *DATA, "--top-k", "2", "--model", f"{user_code}:quitter")
+    assert r.exit_code == 2
+    assert "called sys.exit(4) during the analysis" in one_line_error(r)
 
 
 def test_factory_prints_do_not_corrupt_json(tiny_ckpt: Path, user_code: Path) -> None:
