@@ -8,6 +8,7 @@ imported until the command runs.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -124,8 +125,34 @@ def sweep_notes(result: SweepResult, shown: int = 3) -> list[str]:
     lines = []
     for (analyzer, note), names in where.items():
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        lines.append(f"{', '.join(names[:shown])}{more} [{analyzer}]: {note}")
+        lines.append(f"{', '.join(names[:shown])}{more} [{analyzer}]: {as_sweep_hint(note, analyzer)}")
     return lines
+
+
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?:=(\S+?)|\s+([-+]?\d[\w.+-]*))?(?=[\s,;:)]|$)")
+
+
+def as_sweep_hint(note: str, analyzer: str) -> str:
+    """A note's fix in the words of a sweep: an analyzer's own option is set with ``--set`` there, so
+    ``raise --max-iter`` reads ``raise --set hessian.max_iter=N`` and ``use --tol 0.00012`` reads
+    ``use --set hessian.tol=0.00012``; the flags ``diag run`` itself takes (``--dtype``, ``--samples``) stay."""
+    from dataclasses import fields
+
+    from diagnostics.analyzers.registry import all_analyzers
+    from diagnostics.runs import BindingFlags
+
+    registered = all_analyzers().get(analyzer)
+    config = getattr(registered, "config", None)
+    own = {f.name for f in fields(config)} if config is not None else set()
+    sweep_flags = {f.name for f in fields(BindingFlags)}
+
+    def rewrite(m: re.Match[str]) -> str:
+        name = m.group(1).replace("-", "_")
+        if name not in own or name in sweep_flags:
+            return m.group(0)
+        return f"--set {analyzer}.{name}={m.group(2) or m.group(3) or 'N'}"
+
+    return _FLAG.sub(rewrite, note)
 
 
 def _sweep(run: Path, out: Path, settings: Any, fail_fast: bool, quiet: bool) -> SweepResult:

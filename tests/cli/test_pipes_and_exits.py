@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import tinymodels as tm
 from cliutils import one_line_error
-from diag_cli.commands.run import sweep_notes
+from diag_cli.commands.run import as_sweep_hint, sweep_notes
 from diag_cli.errors import SIGPIPE_STATUS, stdout_reader_gone
 from diag_cli.main import app
 from diagnostics.checkpoint import save_checkpoint
@@ -198,10 +198,29 @@ def test_sweep_notes_name_checkpoint_and_analyzer_once() -> None:
     notes[("step_2.pt", "rankme")] = ["few samples", "few samples"]
     lines = sweep_notes(_sweep_result(notes, names))
     assert lines == [
-        "step_0.pt, step_1.pt, step_2.pt and 2 more [hessian]: not converged: raise --max-iter",
+        "step_0.pt, step_1.pt, step_2.pt and 2 more [hessian]: not converged: raise --set hessian.max_iter=N",
         "step_2.pt [rankme]: few samples",
     ]
     assert sweep_notes(_sweep_result({}, names)) == []
+
+
+@pytest.mark.parametrize(
+    ("note", "hint"),
+    [
+        (
+            "stopped early: raise --max-iter (bounds in stderr)",
+            "stopped early: raise --set hessian.max_iter=N (bounds in stderr)",
+        ),
+        ("use --tol 0.00012 or --dtype float64", "use --set hessian.tol=0.00012 or --dtype float64"),
+        ("learning rate unknown: pass --lr", "learning rate unknown: pass --set hessian.lr=N"),
+        ("--samples 900 is more than the 23 samples", "--samples 900 is more than the 23 samples"),
+        ("no flag here", "no flag here"),
+    ],
+)
+def test_sweep_notes_give_fixes_as_sweep_flags(note: str, hint: str) -> None:
+    """In a sweep an analyzer's option is set with --set; diag run's own flags (--dtype, --samples) stay."""
+    assert as_sweep_hint(note, "hessian") == hint
+    assert as_sweep_hint(note, "no-such-analyzer") == note
 
 
 def test_run_repeats_result_notes_on_stderr(tmp_path: Path) -> None:
@@ -217,6 +236,7 @@ def test_run_repeats_result_notes_on_stderr(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "o" / "diag-run.json").read_text())
     assert len(noted) >= 1 and manifest["notes"], r.stderr
     assert len(noted) == len(set(noted))
+    assert all("--max-iter" not in ln for ln in noted) and any("--set hessian.max_iter=N" in ln for ln in noted)
     quiet = diag("run", run, *stuck, "--out", tmp_path / "o", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
