@@ -1279,9 +1279,10 @@ def _manifest_run(out: Path) -> Path | None:
     if not is_ours(out):
         return None
     try:
-        run = json.loads((out / MANIFEST_NAME).read_text()).get("run")
-    except (ValueError, OSError, AttributeError):
+        manifest = read_manifest(out)
+    except DiagnosticsError:  # unreadable: nothing to compare (writing there is judged by plan_outputs)
         return None
+    run = (manifest or {}).get("run")
     return Path(run) if isinstance(run, str) and run else None
 
 

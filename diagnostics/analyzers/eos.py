@@ -63,13 +63,23 @@ def invalid_lr_notes(lr: float | None) -> list[str]:
     return [str(lr_note(lr))]
 
 
+def lr_info(lr: float | None) -> dict[str, Any]:
+    """The ``eos`` metadata's start: the learning rate (a non-finite one as text, JSON has no such number) and,
+    when it gives no threshold, the :func:`lr_note` saying why."""
+    info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
+    note = lr_note(lr)
+    if note is not None:
+        info["note"] = note
+    return info
+
+
 def eos_threshold(lr: float | None, optimizer: Mapping[str, Any] | None = None) -> EosThreshold | None:
     """The stability threshold for the raw Hessian (GD / momentum), or Adam's preconditioned one.
 
     Returns None when the learning rate is unknown or not a step size (0, negative, NaN, inf; see
     :func:`lr_note`).
     """
-    if lr is None or not usable_lr(lr):
+    if not usable_lr(lr):
         return None
     optimizer = optimizer or {}
     name = str(optimizer.get("name") or "").lower()

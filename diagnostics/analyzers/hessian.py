@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_note
+from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_info
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -501,9 +501,7 @@ def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tup
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
-    if thr is None:
-        eos_info["note"] = lr_note(lr)
+    eos_info = lr_info(lr)
     if thr is not None and thr.kind != "adam_preconditioned" and config.top_k >= 1:
         lam0 = float(full.lanczos.eigenvalues[0])
         rows.append(("eos_threshold", thr.value, None, None, None))

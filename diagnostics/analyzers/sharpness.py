@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_note
+from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_info
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -521,9 +521,8 @@ def _edge_of_stability(
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
+    eos_info = lr_info(lr)
     if thr is None:
-        eos_info["note"] = lr_note(lr)
         notes += invalid_lr_notes(lr)
         return eos_info
     rows.append(("eos_threshold", thr.value))
