@@ -55,19 +55,74 @@ def lr_note(lr: float | None) -> str | None:
     return f"the checkpoint's learning rate is {lr} ({what}): no edge-of-stability threshold; pass --lr"
 
 
-def invalid_lr_notes(lr: float | None) -> list[str]:
-    """The :func:`lr_note` as a user-facing note when ``lr`` is corrupt (NaN, inf, negative); an unknown
-    learning rate or 0 (a schedule's end) is not news and stays in the ``eos`` metadata only."""
-    if lr is None or usable_lr(lr) or lr == 0:
+def _hyper(value: Any) -> float | None:
+    """A momentum coefficient read from optimizer metadata as a float, None when it is not a number in ``[0, 1)``
+    (corrupt metadata, or 1 and above: no stable step exists and the rules below divide by ``1 - beta``)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        beta = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return beta if 0.0 <= beta < 1.0 else None
+
+
+def _rule(lr: float, optimizer: Mapping[str, Any]) -> tuple[str, str, float | None, str]:
+    """``(kind, rule, value, momentum)`` of the optimizer's threshold (``value`` None when its momentum
+    coefficient is unusable; ``momentum`` names that coefficient as the metadata gave it)."""
+    name = str(optimizer.get("name") or "").lower()
+    hp = optimizer.get("hyperparameters") or {}
+    hp = hp if isinstance(hp, Mapping) else {}
+    if "adam" in name or "betas" in hp:
+        betas = hp.get("betas") or [0.9, 0.999]
+        first = betas[0] if isinstance(betas, (list, tuple)) and betas else betas
+        b1 = _hyper(first)
+        value = None if b1 is None else (2 + 2 * b1) / ((1 - b1) * lr)
+        return "adam_preconditioned", "(2+2*beta1)/((1-beta1)*lr)", value, f"beta1 = {first!r}"
+    raw = hp.get("momentum") or 0.0
+    beta = _hyper(raw)
+    if beta is None:
+        return "heavy_ball", "(2+2*beta)/lr", None, f"momentum = {raw!r}"
+    if beta > 0 and hp.get("nesterov"):
+        return "nesterov", "(2+2*beta)/((1+2*beta)*lr)", (2 + 2 * beta) / ((1 + 2 * beta) * lr), ""
+    if beta > 0:
+        return "heavy_ball", "(2+2*beta)/lr", (2 + 2 * beta) / lr, ""
+    return "gd", "2/lr", 2.0 / lr, ""
+
+
+def threshold_note(lr: float | None, optimizer: Mapping[str, Any] | None = None) -> str | None:
+    """Why a usable learning rate still gives no threshold (None when it gives one, or when ``lr`` itself
+    is the reason: see :func:`lr_note`): a momentum coefficient outside ``[0, 1)`` in the optimizer metadata,
+    or a learning rate so small that the threshold overflows (``2/lr`` is infinite for ``lr`` below ~1e-308)."""
+    if not usable_lr(lr) or eos_threshold(lr, optimizer) is not None:
+        return None
+    _, rule, value, momentum = _rule(float(lr), optimizer or {})  # type: ignore[arg-type]
+    if value is None:
+        return (
+            f"the checkpoint's optimizer metadata gives {momentum}, not a number in [0, 1): no edge-of-stability "
+            f"threshold ({rule})"
+        )
+    return (
+        f"learning rate {lr:g} is too small for a finite edge-of-stability threshold ({rule} = {value:g}): "
+        "no threshold (--lr sets the step size)"
+    )
+
+
+def eos_notes(lr: float | None, optimizer: Mapping[str, Any] | None = None) -> list[str]:
+    """User-facing notes on why there is no threshold when the metadata or ``--lr`` is unusable: a corrupt
+    learning rate (NaN, inf, negative; :func:`lr_note`) or the :func:`threshold_note`. An unknown learning
+    rate or 0 (a schedule's end) is not news and stays in the ``eos`` metadata only."""
+    if lr is None or lr == 0:
         return []
-    return [str(lr_note(lr))]
+    note = lr_note(lr) or threshold_note(lr, optimizer)
+    return [note] if note is not None else []
 
 
-def lr_info(lr: float | None) -> dict[str, Any]:
+def lr_info(lr: float | None, optimizer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``eos`` metadata's start: the learning rate (a non-finite one as text, JSON has no such number) and,
-    when it gives no threshold, the :func:`lr_note` saying why."""
+    when it gives no threshold, the note saying why (:func:`lr_note`, :func:`threshold_note`)."""
     info: dict[str, Any] = {"lr": lr if lr is None or math.isfinite(lr) else str(lr)}
-    note = lr_note(lr)
+    note = lr_note(lr) or threshold_note(lr, optimizer)
     if note is not None:
         info["note"] = note
     return info
@@ -77,20 +132,12 @@ def eos_threshold(lr: float | None, optimizer: Mapping[str, Any] | None = None) 
     """The stability threshold for the raw Hessian (GD / momentum), or Adam's preconditioned one.
 
     Returns None when the learning rate is unknown or not a step size (0, negative, NaN, inf; see
-    :func:`lr_note`).
+    :func:`lr_note`), when the optimizer's momentum coefficient (``momentum``, Adam's ``beta1``) is not a
+    number in ``[0, 1)``, or when the threshold is not a finite number (see :func:`threshold_note`).
     """
     if not usable_lr(lr):
         return None
-    optimizer = optimizer or {}
-    name = str(optimizer.get("name") or "").lower()
-    hp = optimizer.get("hyperparameters") or {}
-    if "adam" in name or "betas" in hp:
-        betas = hp.get("betas") or [0.9, 0.999]
-        b1 = float(betas[0])
-        return EosThreshold((2 + 2 * b1) / ((1 - b1) * lr), "adam_preconditioned", "(2+2*beta1)/((1-beta1)*lr)")
-    beta = float(hp.get("momentum") or 0.0)
-    if beta > 0 and hp.get("nesterov"):
-        return EosThreshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), "nesterov", "(2+2*beta)/((1+2*beta)*lr)")
-    if beta > 0:
-        return EosThreshold((2 + 2 * beta) / lr, "heavy_ball", "(2+2*beta)/lr")
-    return EosThreshold(2.0 / lr, "gd", "2/lr")
+    kind, rule, value, _ = _rule(float(lr), optimizer or {})  # type: ignore[arg-type]
+    if value is None or not math.isfinite(value):
+        return None
+    return EosThreshold(value, kind, rule)

@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_info
+from diagnostics.analyzers.eos import eos_notes, eos_threshold, lr_info
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -501,7 +501,7 @@ def _eos(config: HessianConfig, ctx: Context, full: _Spectrum) -> tuple[list[tup
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info = lr_info(lr)
+    eos_info = lr_info(lr, opt)
     if thr is not None and thr.kind != "adam_preconditioned" and config.top_k >= 1:
         lam0 = float(full.lanczos.eigenvalues[0])
         rows.append(("eos_threshold", thr.value, None, None, None))
@@ -614,7 +614,7 @@ def analyze_hessian(
     densities = [full.density] if full.density is not None else []
     eos_rows, info["eos"] = _eos(config, ctx, full)
     rows += eos_rows
-    notes += invalid_lr_notes(config.lr if config.lr is not None else ctx.lr)
+    notes += eos_notes(config.lr if config.lr is not None else ctx.lr, ctx.checkpoint_metadata.get("optimizer"))
     for section, group, where, stream, extra in _blocks(config, ctx):
         bop = build_operator(ctx, config, backend=op.backend, **where)
         spec = _spectrum(bop, config, ctx, group, stream, progress, warm)

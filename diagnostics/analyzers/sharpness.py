@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.analyzers.eos import eos_threshold, invalid_lr_notes, lr_info
+from diagnostics.analyzers.eos import eos_notes, eos_threshold, lr_info
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
@@ -465,6 +465,38 @@ def preconditioned_sharpness(
     return float(res.eigenvalues[0]), float(res.error_bounds[0]), info
 
 
+def rounding_note(label: str, value: float, base: float, dtype: torch.dtype, fix: str) -> list[str]:
+    """A note when a sharpness ``value`` is within the rounding of the loss ``base`` in ``dtype`` (``|value| <=
+    4 eps |base|``): the perturbation is too small to move the loss the analysis computes, so the figure (often
+    exactly 0) says nothing about the curvature."""
+    eps = torch.finfo(dtype).eps
+    level = 4 * eps * abs(base)
+    if not abs(value) <= level or base == 0.0:
+        return []
+    kind = str(dtype).removeprefix("torch.")
+    return [
+        f"{label} sharpness {value:.3g} is within the {kind} rounding of the loss ({level:.2g}): the perturbation "
+        f"barely moves the loss; {fix}" + ("" if dtype == torch.float64 else " or --dtype float64")
+    ]
+
+
+def adaptive_scale(w: torch.Tensor, eta: float) -> torch.Tensor:
+    """ASAM's ``T_w = |w| + eta`` (``[dim]``, the dtype of ``w``).
+
+    Raises:
+        DiagnosticsError: ``T_w`` is not finite in that dtype (an ``eta`` beyond its range, e.g. above ~3e38
+            in float32): every scaled point would be NaN and the loss at the checkpoint would look undefined.
+    """
+    scale = w.abs() + eta
+    if not bool(torch.isfinite(scale).all()):
+        top = torch.finfo(w.dtype).max
+        raise DiagnosticsError(
+            f"--adaptive-eta {eta:g} overflows {str(w.dtype).removeprefix('torch.')} in T_w = |w| + eta (largest "
+            f"{top:.3g}); use a smaller --adaptive-eta (or --dtype float64)"
+        )
+    return scale
+
+
 def _ascent(
     kind: str,
     config: SharpnessConfig,
@@ -482,7 +514,7 @@ def _ascent(
         The metadata of the ascent: ``rho`` (and ``eta``, the scaling for adaptive) and the runs.
     """
     adaptive = kind == "adaptive"
-    scale = space.flatten(ctx.params).abs() + config.adaptive_eta if adaptive else None
+    scale = adaptive_scale(space.flatten(ctx.params), config.adaptive_eta) if adaptive else None
     value, runs = worst_case_sharpness(
         ctx,
         config.rho,
@@ -494,8 +526,9 @@ def _ascent(
         progress=bind(progress, "adaptive ascent" if adaptive else "worst-case ascent"),
     )
     rows.append((f"sharpness_{kind}", value))
+    label = "adaptive" if adaptive else "worst-case"
+    notes += rounding_note(label, value, runs["loss"], ctx.dtype, "use a larger --rho")
     if not all(r["converged"] for r in runs["runs"]):
-        label = "adaptive" if adaptive else "worst-case"
         notes.append(f"{label} ascent hit --max-iter={config.max_iter} before converging; raise it")
     extra = {"eta": config.adaptive_eta, "scaling": "T_w = |w| + eta"} if adaptive else {}
     return {"rho": config.rho, **extra, **runs}
@@ -521,9 +554,9 @@ def _edge_of_stability(
     lr = config.lr if config.lr is not None else ctx.lr
     opt = ctx.checkpoint_metadata.get("optimizer") or {}
     thr = eos_threshold(lr, opt)
-    eos_info = lr_info(lr)
+    eos_info = lr_info(lr, opt)
     if thr is None:
-        notes += invalid_lr_notes(lr)
+        notes += eos_notes(lr, opt)
         return eos_info
     rows.append(("eos_threshold", thr.value))
     eos_info.update({"threshold": thr.value, "kind": thr.kind, "rule": thr.rule})
@@ -592,6 +625,7 @@ def analyze_sharpness(config: SharpnessConfig, ctx: Context, progress: ProgressF
             evaluator, sigma, config.draws, ctx.generator(30), progress=bind(progress, "gaussian draws")
         )
         rows.append(("sharpness_average", mean, se))
+        notes += rounding_note("average", mean, vinfo["loss"], ctx.dtype, "use a larger --sigma (or --rho)")
         info["average"] = {
             **vinfo,
             "sigma_rule": "given" if config.sigma is not None else "rho / sqrt(d)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from diagnostics.analyzers.sharpness import (
 from diagnostics.binding import resolve_binding
 from diagnostics.checkpoint import load_checkpoint, save_checkpoint
 from diagnostics.context import Context, build_context
+from diagnostics.errors import DiagnosticsError
 from diagnostics.examples.digits import build_mlp, train_data, train_gd
 from diagnostics.linalg.operator import DenseOperator, dense_hessian, preconditioned
 from diagnostics.operators import hessian_operator
@@ -152,6 +154,21 @@ def test_adaptive_sharpness_is_the_scaled_top_eigenvalue() -> None:
     assert res.metadata["adaptive"]["scaling"] == "T_w = |w| + eta"
 
 
+def test_an_adaptive_eta_beyond_the_dtype_is_blamed_on_the_option_not_the_checkpoint() -> None:
+    ctx, *_ = quadratic(seed=2)
+    ctx = replace(ctx, params={"v": ctx.params["v"].float()}, dtype=torch.float32)
+    with pytest.raises(DiagnosticsError) as err:  # |w| + 1e308 is inf in float32: every scaled point was NaN
+        analyze_sharpness(SharpnessConfig(kind="adaptive", rho=0.1, adaptive_eta=1e308, eos=False), ctx)
+    msg = str(err.value)
+    assert "--adaptive-eta 1e+308 overflows float32" in msg and "smaller --adaptive-eta" in msg
+    assert "checkpoint" not in msg and "\n" not in msg
+    ctx64, H, _, w, _ = quadratic(seed=2)  # the same eta in float64 is a number: the closed form holds
+    res = analyze_sharpness(SharpnessConfig(kind="adaptive", rho=1e-150, adaptive_eta=1e150, eos=False), ctx64)
+    Tn = torch.diag((w.abs() + 1e150) / 1e150)  # T_w / eta; rho * eta = 1
+    exact = 0.5 * float(torch.linalg.eigvalsh(Tn @ H @ Tn).max())
+    assert metric(res, "sharpness_adaptive").value == pytest.approx(exact, rel=1e-6)
+
+
 def test_adaptive_sharpness_is_invariant_to_rescaling_for_eta_zero() -> None:
     """ASAM's point: scaling coordinate i of the weights by a_i (and the loss accordingly) changes nothing."""
     ctx, H, c, w, _ = quadratic(seed=3)
@@ -236,14 +253,14 @@ def test_eos_threshold_for_gradient_descent_and_heavy_ball(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, -0.1, 0.0, None])
 def test_a_learning_rate_that_is_no_step_size_gives_no_threshold(lr) -> None:
-    from diagnostics.analyzers.eos import invalid_lr_notes, lr_note
+    from diagnostics.analyzers.eos import eos_notes, lr_note
 
     assert eos_threshold(lr, {}) is None
     assert eos_threshold(lr, {"name": "Adam", "hyperparameters": {"betas": [0.9, 0.999]}}) is None
     assert "pass --lr" in lr_note(lr) and "\n" not in lr_note(lr)
     corrupt = lr is not None and lr != 0
-    assert invalid_lr_notes(lr) == ([lr_note(lr)] if corrupt else [])
-    assert lr_note(0.1) is None and invalid_lr_notes(0.1) == []
+    assert eos_notes(lr) == ([lr_note(lr)] if corrupt else [])
+    assert lr_note(0.1) is None and eos_notes(0.1) == []
 
 
 @pytest.mark.parametrize("lr, word", [(math.nan, "not a finite number"), (-1.0, "negative")])
@@ -408,3 +425,17 @@ def test_bad_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
 def test_sharpness_is_registered_for_sweeps() -> None:
     spec = all_analyzers()["sharpness"]
     assert spec.make_config({"kind": "worst,average", "rho": 0.1}).kinds == ["worst", "average"]
+
+
+def test_a_ball_below_the_loss_rounding_is_noted() -> None:
+    ctx, *_ = quadratic(seed=4, offset=1.0)  # away from the minimum: L(w) ~ 1, so float32 rounds at ~1e-7
+    ctx32 = replace(ctx, params={"v": ctx.params["v"].float()}, dtype=torch.float32)
+    res = analyze_sharpness(SharpnessConfig(kind="all", rho=1e-12, draws=4, eos=False), ctx32)
+    notes = res.metadata["notes"]
+    for label in ("worst-case", "adaptive", "average"):
+        [note] = [n for n in notes if n.startswith(f"{label} sharpness")]
+        assert "within the float32 rounding of the loss" in note and "--dtype float64" in note
+    res = analyze_sharpness(SharpnessConfig(kind="all", rho=0.5, draws=4, eos=False), ctx32)
+    assert not [n for n in res.metadata["notes"] if "rounding" in n]
+    res = analyze_sharpness(SharpnessConfig(kind="worst", rho=1e-12, eos=False), ctx)  # float64 resolves it
+    assert metric(res, "sharpness_worst").value > 0 and not res.metadata["notes"]

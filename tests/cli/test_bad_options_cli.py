@@ -88,3 +88,27 @@ def test_more_samples_than_the_data_holds_is_noted(tiny: Path, tmp_path: Path) -
     meta = json.loads(out.read_text())["metadata"]
     assert meta["samples"] == 23
     assert any("--samples 1000" in n and "all 23 were used" in n for n in meta["notes"]), meta["notes"]
+
+
+def test_corrupt_optimizer_momentum_gives_a_note_not_a_crash(tmp_path: Path) -> None:
+    model = tm.build_tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    X, y = tm.tiny_data()
+    torch.nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "adam.pt", model, optimizer=opt, step=1)
+    container = torch.load(path, weights_only=True)
+    container["metadata"]["optimizer"]["hyperparameters"]["betas"] = [1.0, 0.999]  # (1 - beta1) = 0
+    torch.save(container, path)
+    for command in ("sharpness", "hessian"):
+        r = run(command, path, *TINY[:-1], "-f", "json")
+        assert r.exit_code == 0, r.output
+        assert "beta1 = 1.0, not a number in [0, 1)" in r.stderr
+        assert "eos_threshold" not in {rec["metric"] for rec in json.loads(r.stdout)}
+
+
+def test_a_learning_rate_too_small_for_a_threshold_gives_a_note_not_inf(tiny: Path) -> None:
+    r = run("hessian", tiny, "--lr", "1e-320", *TINY[:-1], "-f", "json")
+    assert r.exit_code == 0, r.output
+    assert "too small for a finite edge-of-stability threshold" in r.stderr
+    assert not {"eos_threshold", "eos_ratio"} & {rec["metric"] for rec in json.loads(r.stdout)}
