@@ -373,6 +373,49 @@ def nonfinite_note(loss: torch.Tensor, fix: str) -> list[str]:
     ]
 
 
+def span_precision_note(
+    config: LandscapeConfig,
+    grid: torch.Tensor,
+    build: Callable[[list[int]], tuple[torch.Tensor, Any]],
+    w: torch.Tensor,
+    loss: torch.Tensor,
+) -> list[str]:
+    """A note when ``--span`` is below the precision of the weights (or of the loss) in the analysis dtype.
+
+    The perturbed weights ``fl(w + fl(x d_1 [+ y d_2]))`` are monotone in each coordinate, so they equal ``w`` at
+    every grid point exactly when they do at the grid's corners (``|x| = |y| = span``): those 2 (or 4) points are
+    built as the grid builds them and compared with ``w``. When some weights do move but every grid point's
+    loss is the same finite number, the slice is flat too (the moves are below what the loss resolves, or
+    the loss does not depend on these directions).
+
+    Args:
+        config: the options (``span``).
+        grid: ``[points, dims]`` the grid's float64 coordinates.
+        build: the grid's point builder (``indices -> ([k, dim] flat weights, buffers)``).
+        w: ``[dim]`` the centre's flat weights.
+        loss: ``[points]`` the grid's losses.
+
+    Returns:
+        the note, or nothing.
+    """
+    name = str(w.dtype).replace("torch.", "")
+    fix = "use a larger --span" + ("" if w.dtype == torch.float64 else " or --dtype float64")
+    far = grid.abs()
+    corners = torch.nonzero((far == far.amax()).all(dim=1)).flatten().tolist()
+    if corners and bool((build(corners)[0] == w.unsqueeze(0)).all()):
+        return [
+            f"--span {config.span!r} is below the {name} precision of the weights: no grid point changes any "
+            f"weight, so every point's loss is the centre's; {fix}"
+        ]
+    first = float(loss[0])
+    if math.isfinite(first) and bool((loss == first).all()):
+        return [
+            f"every grid point has the same loss ({first:.6g}): --span {config.span!r} moves the weights by less "
+            f"than the {name} loss resolves, or the loss does not depend on these directions; {fix}"
+        ]
+    return []
+
+
 def _notes(evaluator: PointEvaluator, acc: torch.Tensor | None) -> list[str]:
     notes = list(evaluator.notes)
     if acc is None:
@@ -478,7 +521,9 @@ def analyze_landscape(
         **_evaluation_info(evaluator, config, resumed),
         "loss_centre": float(loss[centre[0]]) if len(centre) else None,
         "hvp_count": dir_info["hvps"],
-        "notes": _notes(evaluator, acc) + nonfinite_note(loss, "use a smaller --span"),
+        "notes": _notes(evaluator, acc)
+        + nonfinite_note(loss, "use a smaller --span")
+        + span_precision_note(config, grid, build, w, loss),
     }
     artifacts = {"grid": frame, "directions": dirs}
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, _grid_rows(loss, acc)), metadata, artifacts)

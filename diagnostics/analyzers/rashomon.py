@@ -492,6 +492,9 @@ class SubsetRun:
         final_states, final_losses: the replicates' draws of the last level (for pattern counts).
         stalled: True when the loss stopped decreasing from one level to the next (a plateau).
         capped_travel: the pilot's least :func:`chain_travel` at the largest thinning (inf if never capped).
+        no_level: True when the pilot's uniform draws had fewer than ``p0 n`` finite losses, so that no level
+            could be set: the loss is not finite on most of ``F`` and the replicates counted ``R`` among their
+            uniform draws.
     """
 
     log_p: np.ndarray
@@ -507,6 +510,7 @@ class SubsetRun:
     stalled: bool = False
     notes: list[str] = field(default_factory=list)
     capped_travel: float = math.inf
+    no_level: bool = False
 
 
 def _seed_count(n: int, level_fraction: float) -> int:
@@ -972,6 +976,8 @@ def subset_simulation(
         final_losses=torch.cat([rep.losses for rep in survivors]) if survivors else torch.zeros(0, dtype=torch.float64),
         stalled=bool(info["stalled"]) and bool(levels),
         capped_travel=float(info["capped_travel"]),
+        # the first level's threshold (a quantile of the pilot's uniform draws) stalls only when it is not finite
+        no_level=bool(info["stalled"]) and not levels,
     )
 
 
@@ -1143,13 +1149,18 @@ def subset_estimate(run: SubsetRun, confidence: float) -> RatioEstimate:
 
 
 def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
-    """Notes on the reliability of a subset-simulation interval (module docstring)."""
+    """Notes on the reliability of a subset-simulation interval (module docstring).
+
+    Too few draws in ``R`` ask for more ``--draws``, unless the loss is not finite on most of ``F``
+    (``run.no_level``): more draws land there just as often, a smaller ``F`` is the fix.
+    """
     notes: list[str] = []
+    fix = "lower --radius: the loss is not finite on most of F" if run.no_level else "raise --draws"
     dead = int(np.sum(~np.isfinite(run.log_p)))
     if dead:
         notes.append(
             f"subset simulation: {dead} of {run.log_p.size} subset runs lost all their draws at some level; the "
-            "interval is unreliable (raise --draws)"
+            f"interval is unreliable ({fix})"
         )
     worst = min(((lv.acceptance, j) for j, lv in enumerate(run.levels) if lv.acceptance is not None), default=None)
     if worst is not None and worst[0] < 0.02:
@@ -1166,7 +1177,7 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
     if run.finished and est.ess < 30:
         notes.append(
             f"subset simulation: only {est.ess:.3g} effective draws in the Rashomon set at the last level; the "
-            "interval is unreliable (raise --draws)"
+            f"interval is unreliable ({fix})"
         )
     finite = run.log_p[np.isfinite(run.log_p)]
     if finite.size >= 2:
@@ -1180,12 +1191,12 @@ def subset_notes(run: SubsetRun, est: RatioEstimate) -> list[str]:
             notes.append(
                 f"subset simulation: the subset runs scatter {s2 / predicted:.3g} times more than the Au-Beck "
                 "level-wise variance predicts (the chains mix slowly and stay correlated across levels); the "
-                f"interval rests on {finite.size} subset runs only and may be unreliable (raise --draws)"
+                f"interval rests on {finite.size} subset runs only and may be unreliable ({fix})"
             )
         if s2 > 1.0:
             notes.append(
                 f"subset simulation: the subset runs' log-ratios have standard deviation {math.sqrt(s2):.3g} > 1; "
-                "the log-normal interval is rough (raise --draws)"
+                f"the log-normal interval is rough ({fix})"
             )
     if run.stalled:
         notes.append(
@@ -1243,12 +1254,17 @@ def auto_choice(hits: int, draws: int) -> tuple[str, str]:
 
 @dataclass
 class RatioOutcome:
-    """What :func:`estimate_ratio` returns: the method used, the estimate, the subset run (or None), the note."""
+    """What :func:`estimate_ratio` returns: the method used, the estimate, the subset run (or None), the note.
+
+    ``nonfinite``: how many of the ``config.draws`` uniform draws of ``F`` have a non-finite loss (inf or NaN;
+    outside ``R``).
+    """
 
     method: str
     estimate: RatioEstimate
     run: SubsetRun | None
     choice: str
+    nonfinite: int = 0
 
 
 def estimate_ratio(
@@ -1287,11 +1303,12 @@ def estimate_ratio(
         uniform_loss or loss, config.draws, d, radius, geometry, generators[0], bind(progress, "models")
     )
     hits = losses <= target
+    nonfinite = int((~torch.isfinite(losses)).sum())
     method, choice = config.method, ""
     if method == "auto":
         method, choice = auto_choice(int(hits.sum()), config.draws)
     if method == "mc":
-        return RatioOutcome("mc", mc_estimate(hits, config.confidence), None, choice)
+        return RatioOutcome("mc", mc_estimate(hits, config.confidence), None, choice, nonfinite)
     n = config.draws // config.subset_runs
     run = subset_simulation(
         loss, d, radius, geometry, target, n=n, replicates=config.subset_runs, generator=generators[1],
@@ -1299,7 +1316,7 @@ def estimate_ratio(
         first=(U[: n * config.subset_runs], losses[: n * config.subset_runs]),
         progress=bind(progress, "subset simulation (loss evaluations)"),
     )  # fmt: skip
-    return RatioOutcome("subset", subset_estimate(run, config.confidence), run, choice)
+    return RatioOutcome("subset", subset_estimate(run, config.confidence), run, choice, nonfinite)
 
 
 def _pattern_key(row: torch.Tensor) -> bytes:
@@ -1409,6 +1426,27 @@ def setup_notes(config: RashomonConfig, pattern_capable: bool, scale: torch.Tens
             "in the filter geometry"
         )
     return notes
+
+
+def nonfinite_notes(nonfinite: int, config: RashomonConfig, dtype: torch.dtype) -> list[str]:
+    """A note when some uniform draws of ``F`` have a non-finite loss: ``F`` reaches where the loss overflows.
+
+    Args:
+        nonfinite: how many of the ``config.draws`` uniform draws have a loss that is inf or NaN.
+        config: the settings (``draws``, ``geometry``, ``radius``).
+        dtype: the dtype the weights are analysed in.
+
+    Returns:
+        the note, or nothing.
+    """
+    if not nonfinite:
+        return []
+    name = str(dtype).replace("torch.", "")
+    fix = "use a smaller --radius" + ("" if dtype == torch.float64 else " or --dtype float64")
+    return [
+        f"{nonfinite} of {config.draws} uniform draws in F ({config.geometry}, radius {config.radius:g}) have a "
+        f"non-finite loss (counted as outside the Rashomon set): F reaches where the {name} loss overflows; {fix}"
+    ]
 
 
 def outcome_notes(outcome: RatioOutcome, base: float, min_loss: float) -> list[str]:
@@ -1556,7 +1594,7 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
     )  # fmt: skip
     if want_patterns and outcome.run is not None and outcome.run.finished:  # the last level's draws in R
         model.count_last_level(outcome.run, config.draws)
-    notes += outcome_notes(outcome, base, model.min_loss)
+    notes += nonfinite_notes(outcome.nonfinite, config, w.dtype) + outcome_notes(outcome, base, model.min_loss)
     rows = ratio_rows(outcome.estimate, model.pattern_ratio() if want_patterns else None)
     metadata: dict[str, Any] = {
         "hypothesis_space": describe_space(config.geometry, config.radius, d),
@@ -1567,6 +1605,7 @@ def analyze_rashomon(config: RashomonConfig, ctx: Context, progress: ProgressFn 
         "method": outcome.method,
         "method_choice": outcome.choice,
         "estimate": estimate_metadata(outcome.estimate, config.confidence),
+        "nonfinite_draws": outcome.nonfinite,
         "subset_simulation": subset_metadata(outcome.run, config.level_fraction),
         "evaluations": evaluator.evaluations,
         "backend": evaluator.backend,

@@ -692,3 +692,74 @@ def test_slice_options_are_refused_on_the_line_between_two_checkpoints() -> None
         run_landscape(LandscapeConfig(dims=2), a, others=[b])
     line = run_landscape(LandscapeConfig(dims=1, steps=3), a, others=[b])  # dims 1 is the line itself
     assert line.metadata["grid"]["points"] == 3
+
+
+def tiny_classifier_context(dtype: torch.dtype) -> Context:
+    """The tiny classifier of ``tinymodels`` at its own weights, analysed in ``dtype``."""
+    import tinymodels as tm
+
+    model = tm.build_tiny().to(dtype).eval()
+    X, y = tm.tiny_data()
+    return Context(
+        model=model,
+        params={k: v.detach() for k, v in model.named_parameters()},
+        frozen={},
+        batches=[(X.to(dtype), y)],
+        loss_fn=LOSSES["cross_entropy"],
+        device=CPU,
+        dtype=dtype,
+        loss_name="cross_entropy",
+    )
+
+
+def precision_notes(res) -> list[str]:
+    return [n for n in res.metadata["notes"] if "--span" in n]
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("span", [1e-320, 1e-12])
+def test_a_span_below_the_float32_precision_of_the_weights_is_a_note(span: float, dims: int) -> None:
+    res = analyze_landscape(LandscapeConfig(span=span, steps=5, dims=dims), tiny_classifier_context(torch.float32))
+    losses = res.artifacts["grid"]["loss"]
+    assert (losses == res.metadata["loss_centre"]).all()
+    assert precision_notes(res) == [
+        f"--span {span!r} is below the float32 precision of the weights: no grid point changes any weight, so every "
+        "point's loss is the centre's; use a larger --span or --dtype float64"
+    ]
+
+
+def test_a_span_below_the_float64_precision_does_not_suggest_float64() -> None:
+    res = analyze_landscape(LandscapeConfig(span=1e-320, steps=3, dims=2), tiny_classifier_context(F64))
+    assert precision_notes(res) == [
+        "--span 1e-320 is below the float64 precision of the weights: no grid point changes any weight, so every "
+        "point's loss is the centre's; use a larger --span"
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_normal_span_has_no_precision_note(dtype: torch.dtype) -> None:
+    for dims in (1, 2):
+        res = analyze_landscape(LandscapeConfig(span=0.5, steps=5, dims=dims), tiny_classifier_context(dtype))
+        assert precision_notes(res) == []
+
+
+class Ignores(nn.Module):
+    """Constant logits: the loss does not depend on the parameter ``u`` at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 3, dtype=x.dtype)
+
+
+def test_weights_that_move_with_a_flat_loss_get_the_same_loss_note() -> None:
+    X = torch.zeros(4, 2, dtype=F64)
+    res = analyze_landscape(
+        LandscapeConfig(span=1.0, steps=3, dims=2), model_context(Ignores(), X, torch.zeros(4).long())
+    )
+    assert precision_notes(res) == [
+        f"every grid point has the same loss ({math.log(3):.6g}): --span 1.0 moves the weights by less than the "
+        "float64 loss resolves, or the loss does not depend on these directions; use a larger --span"
+    ]

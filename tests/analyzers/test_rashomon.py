@@ -717,3 +717,50 @@ def test_rashomon_is_declared_with_its_own_option_names() -> None:
             spec.make_config({legacy: 5})
     names = {m.name for m in spec.metrics}
     assert names == {"rashomon_ratio", "rashomon_log10_ratio", "rashomon_log10_interval", "rashomon_pattern_ratio"}
+
+
+def tiny_float32_context() -> Context:
+    """The float32 tiny classifier of ``tinymodels`` at its own weights (cross entropy)."""
+    import tinymodels as tm
+
+    model = tm.build_tiny().eval()
+    return Context(
+        model=model,
+        params={k: v.detach() for k, v in model.named_parameters()},
+        frozen={},
+        batches=[tm.tiny_data()],
+        loss_fn=LOSSES["cross_entropy"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        loss_name="cross_entropy",
+    )
+
+
+def test_a_ball_where_the_float32_loss_overflows_says_so_and_asks_for_a_smaller_radius() -> None:
+    """Every draw of a 1e300 ball overflows float32: a note counts them; more --draws is no fix."""
+    res = analyze_rashomon(RashomonConfig(radius=1e300, draws=1000), tiny_float32_context())
+    notes = res.metadata["notes"]
+    assert res.metadata["nonfinite_draws"] == 1000
+    assert [n for n in notes if "non-finite loss" in n] == [
+        "1000 of 1000 uniform draws in F (ball, radius 1e+300) have a non-finite loss (counted as outside the "
+        "Rashomon set): F reaches where the float32 loss overflows; use a smaller --radius or --dtype float64"
+    ]
+    assert not any("raise --draws" in n for n in notes)
+    assert any("effective draws" in n and "lower --radius" in n for n in notes)
+    assert res.records[0].metric == "rashomon_ratio" and res.records[0].value == 0.0
+
+
+def test_a_normal_radius_has_no_non_finite_note() -> None:
+    res = analyze_rashomon(RashomonConfig(radius=0.1, draws=1000), tiny_float32_context())
+    assert res.metadata["nonfinite_draws"] == 0
+    assert not any("non-finite" in n for n in res.metadata["notes"])
+
+
+def test_too_few_draws_in_r_ask_for_more_draws_unless_the_loss_is_not_finite_on_most_of_f() -> None:
+    run = _fake_run([-3.0, -math.inf, -2.9, -3.05])
+    est = replace(subset_estimate(run, 0.95), ess=3.0)
+    assert [n for n in subset_notes(run, est) if "unreliable (raise --draws)" in n] != []
+    notes = subset_notes(replace(run, no_level=True), est)
+    lost = [n for n in notes if "lost all their draws" in n or "effective draws" in n]
+    assert len(lost) == 2 and all(n.endswith("(lower --radius: the loss is not finite on most of F)") for n in lost)
+    assert not any("--draws" in n for n in notes) and len(notes) == len(subset_notes(run, est))

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import tinymodels as tm
 from diag_cli.main import app
+from diagnostics.checkpoint import save_checkpoint
 from diagnostics.examples.digits import train_gd
 
 runner = CliRunner()
@@ -153,3 +155,17 @@ def test_hessian_direction_slice_from_the_shell(digits_run: list[Path], tmp_path
     top = payload["metadata"]["directions"]["eigenvalues"][0]
     # the slice along the unit top eigenvector curves like the top eigenvalue
     assert (losses[0] - 2 * losses[1] + losses[2]) / 0.01**2 == pytest.approx(top, rel=1e-3)
+
+
+def test_a_span_below_the_weights_precision_warns_on_stderr(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "t.pt", tm.build_tiny(), step=3, lr=0.1)
+    tiny = ["--model", "tinymodels:build_tiny", "--data", "tinymodels:tiny_data", "--steps", "5"]
+    r = run("landscape", ckpt, "--span", "1e-320", *tiny)
+    assert r.exit_code == 0, r.output
+    assert (
+        "diag: warning: --span 1e-320 is below the float32 precision of the weights: no grid point changes any "
+        "weight, so every point's loss is the centre's; use a larger --span or --dtype float64"
+    ) in r.stderr
+    r = run("landscape", ckpt, "--span", "0.5", *tiny)
+    assert r.exit_code == 0, r.output
+    assert "--span" not in r.stderr

@@ -11,7 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import tinymodels as tm
 from diag_cli.main import app
+from diagnostics.checkpoint import save_checkpoint
 
 runner = CliRunner()
 
@@ -163,3 +165,16 @@ def test_bad_input_exits_2_with_one_line(digits_run: list[Path], args: list[str]
     r = run("rashomon", digits_run[-1], *args, "-q")
     assert r.exit_code == 2 and word in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_a_radius_where_the_float32_loss_overflows_warns_to_lower_it(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "t.pt", tm.build_tiny(), step=3, lr=0.1)
+    r = run("rashomon", ckpt, "--radius", "1e308", "--draws", "1000", "--model", "tinymodels:build_tiny",
+            "--data", "tinymodels:tiny_data")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (
+        "diag: warning: 1000 of 1000 uniform draws in F (ball, radius 1e+308) have a non-finite loss (counted as "
+        "outside the Rashomon set): F reaches where the float32 loss overflows; use a smaller --radius or --dtype "
+        "float64"
+    ) in r.stderr
+    assert "raise --draws" not in r.stderr and "(lower --radius: the loss is not finite on most of F)" in r.stderr
