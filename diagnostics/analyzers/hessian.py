@@ -67,8 +67,14 @@ parameter_groups, available_devices, check_device = lazy_from(
     "diagnostics.context", "parameter_groups", "available_devices", "check_device"
 )
 world = lazy_from("diagnostics.distributed", "world")
-default_grid, gaussian_density, negative_mass, quadrature_resolution, slq = lazy_from(
-    "diagnostics.linalg.density", "default_grid", "gaussian_density", "negative_mass", "quadrature_resolution", "slq"
+default_grid, gaussian_density, grid_mass, negative_mass, quadrature_resolution, slq = lazy_from(
+    "diagnostics.linalg.density",
+    "default_grid",
+    "gaussian_density",
+    "grid_mass",
+    "negative_mass",
+    "quadrature_resolution",
+    "slq",
 )
 lanczos, unconverged_fix = lazy_from("diagnostics.linalg.lanczos", "lanczos", "unconverged_fix")
 batch_size = lazy_from("diagnostics.batches", "batch_size")
@@ -391,6 +397,8 @@ def _density(
         "probes": config.density_probes,
         "steps": config.density_steps,
         "sigma": sigma,
+        "grid_mass": grid_mass(grid, values),
+        "grid_step": float(grid[1] - grid[0]),
         "negative_mass": {
             "delta": nm.delta,
             "interval": [nm.low, nm.high],
@@ -452,6 +460,26 @@ def _spectrum(
             op, config, res, ctx.generator(stream + 2), bind(progress, f"density{label}"), rows, group
         )
     return _Spectrum(rows, res, density, info)
+
+
+def density_notes(info: dict[str, Any], group: str | None) -> list[str]:
+    """A note when the smoothed density does not integrate to about 1 over its grid (off by more than 10%):
+    a ``--density-sigma`` below the grid spacing (the grid falls between the Gaussians' peaks) or so wide that
+    the mass spreads beyond the spectrum's range. The SLQ nodes and weights in the metadata are unaffected."""
+    dens = info.get("density")
+    if not dens or (math.isfinite(dens["grid_mass"]) and abs(dens["grid_mass"] - 1.0) <= 0.1):
+        return []
+    where = "" if group is None else f" of {group}"
+    sigma, step = dens["sigma"], dens["grid_step"]
+    cause = (
+        f"below the grid spacing {step:.3g} (use a larger --density-sigma or more --density-points)"
+        if sigma < step
+        else "wider than the spectrum (use a smaller --density-sigma, or leave it out for 1% of the range)"
+    )
+    return [
+        f"the smoothed density{where} integrates to {dens['grid_mass']:.3g} over its grid, not 1: --density-sigma "
+        f"{sigma:.3g} is {cause}"
+    ]
 
 
 def class_batches(batches: list[Batch]) -> dict[Any, list[Batch]]:
@@ -612,6 +640,7 @@ def analyze_hessian(
     if mc is not None:
         info["model"]["fisher_mc_stderr"] = {"top": mc[0], "bottom": mc[1]}
     densities = [full.density] if full.density is not None else []
+    notes += density_notes(full.info, None)
     eos_rows, info["eos"] = _eos(config, ctx, full)
     rows += eos_rows
     notes += eos_notes(config.lr if config.lr is not None else ctx.lr, ctx.checkpoint_metadata.get("optimizer"))
@@ -624,6 +653,7 @@ def analyze_hessian(
         info.setdefault(section, {})[group] = {**spec.info, **extra}
         if spec.density is not None:
             densities.append(spec.density)
+            notes += density_notes(spec.info, group)
     if full.info["lanczos"]["warm_start"]:
         notes.append(f"warm start from {full.info['lanczos']['warm_start']} (its eigenvectors start Lanczos)")
     if not full.lanczos.converged:

@@ -110,6 +110,13 @@ def gaussian_density(
     return total / len(nodes)
 
 
+def grid_mass(grid: torch.Tensor, values: torch.Tensor) -> float:
+    """The trapezoid integral of a smoothed density over its grid (1 up to the tails outside the grid and the
+    grid's resolution of the Gaussians: far from 1 when ``sigma`` is below the grid spacing, or so wide that
+    most of the mass lies outside the grid)."""
+    return float(torch.trapezoid(values.double(), grid.double()))
+
+
 def default_grid(nodes: list[torch.Tensor], points: int = 512, pad: float = 0.05) -> tuple[torch.Tensor, float]:
     """A grid over the spectrum (padded) and a smoothing width of 1% of its span."""
     lo = min(float(t.min()) for t in nodes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,27 @@ def test_negative_mass_against_exact_fraction(tmp_path: Path) -> None:
     dens = res.artifacts["density"]
     assert list(dens.columns) == ["group", "eigenvalue", "density"]
     assert abs(np.trapezoid(dens["density"], dens["eigenvalue"]) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("sigma, cause", [(1e-320, "below the grid spacing"), (1e-9, "below the grid spacing"),
+                                          (1e3, "wider than the spectrum"), (1e308, "wider than the spectrum")])  # fmt: skip
+def test_a_density_sigma_the_grid_cannot_resolve_is_noted(tmp_path: Path, sigma: float, cause: str) -> None:
+    ctx = tiny_ctx(tmp_path)
+    base = HessianConfig(density=True, density_probes=2, density_steps=10, per_layer=True)
+    res = analyze_hessian(base, ctx)  # default sigma: 1% of the range, the density integrates to ~1
+    assert not [n for n in res.metadata["notes"] if "smoothed density" in n]
+    assert abs(res.metadata["model"]["density"]["grid_mass"] - 1) < 1e-3
+    res = analyze_hessian(replace(base, density_sigma=sigma), ctx)
+    notes = [n for n in res.metadata["notes"] if "smoothed density" in n]
+    groups = list(res.metadata["per_layer"])
+    assert len(notes) == 1 + len(groups)  # the whole model's and each layer's
+    assert cause in notes[0] and "integrates to" in notes[0] and "--density-sigma" in notes[0]
+    assert any(f"density of {groups[0]} integrates" in n for n in notes)
+    mass = res.metadata["model"]["density"]["grid_mass"]
+    dens = res.artifacts["density"]
+    whole = dens[dens["group"] == ""]
+    assert abs(mass - 1) > 0.1 or not math.isfinite(mass)
+    assert mass == pytest.approx(np.trapezoid(whole["density"], whole["eigenvalue"]), nan_ok=True)
 
 
 def test_per_layer_spectra_are_the_diagonal_blocks(tmp_path: Path) -> None:

@@ -115,3 +115,13 @@ def test_negative_mass_interval_covers_the_exact_fraction_below_delta() -> None:
     assert covered >= 18
     with pytest.raises(ValueError):
         negative_mass(res.nodes, res.weights, -1.0)
+
+
+def test_grid_mass_is_one_for_a_resolved_density_and_not_for_an_unresolved_one() -> None:
+    from diagnostics.linalg.density import gaussian_density, grid_mass
+
+    nodes, weights = [torch.tensor([-1.0, 2.0])], [torch.tensor([0.25, 0.75])]
+    grid = torch.linspace(-3.0, 4.0, 2001, dtype=torch.float64)
+    assert grid_mass(grid, gaussian_density(nodes, weights, grid, 0.1)) == pytest.approx(1.0, abs=1e-9)
+    assert grid_mass(grid, gaussian_density(nodes, weights, grid, 1e-6)) < 0.5  # spikes between grid points
+    assert grid_mass(grid, gaussian_density(nodes, weights, grid, 100.0)) == pytest.approx(7 / (100 * 2.5066), rel=1e-3)
