@@ -96,7 +96,11 @@ def planned_files(
         for n, (fo, p) in asked.items()
         if fo.paths(p, config).keys() == {""}
     }
-    prefixes = {_flag(n): (p, tuple(fo.paths(p, config))) for n, (fo, p) in asked.items() if _flag(n) not in single}
+    prefixes = {
+        _flag(n): (fo.prefix(p, config), fo.suffix_list(config))
+        for n, (fo, p) in asked.items()
+        if _flag(n) not in single
+    }
     resumable = None
     if analyzer.resumable:
         base = next((p for p, _ in single.values()), None)

@@ -623,7 +623,7 @@ def compile_params(pattern: str) -> re.Pattern[str]:
     """``--params REGEX`` compiled, or a one-line error naming what is wrong with it."""
     try:
         return re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # 'a{99999999999}': OverflowError
         raise DiagnosticsError(
             f"--params '{pattern}' is not a valid regular expression ({exc}); e.g. --params '^fc' or 'layer[12]'"
         ) from exc

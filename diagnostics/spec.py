@@ -439,10 +439,30 @@ class FileOutput:
     require_suffix: str | None = None
     enables: str | None = None
 
+    def suffix_list(self, config: Any) -> tuple[str, ...]:
+        """The suffixes appended to the given path for ``config``."""
+        return tuple(self.suffixes(config) if callable(self.suffixes) else self.suffixes)
+
+    def prefix(self, given: Path, config: Any) -> Path:
+        """The path the suffixes are appended to: ``given``, less an extension the suffixes already end in
+        (``--plot a.png`` writes ``a.png`` and ``a_surface.png``, not ``a.png.png``).
+
+        Raises:
+            DiagnosticsError: ``given`` names no file (``''``, ``.``, ``..``).
+        """
+        suffixes = self.suffix_list(config)
+        flag = "--" + self.name.replace("_", "-")
+        if given.name in ("", ".", ".."):
+            example = "plots/run1" if suffixes != ("",) else f"results/out{self.require_suffix or ''}"
+            raise DiagnosticsError(f"{flag} '{given}' names no file; give a file path, e.g. {flag} {example}")
+        if suffixes != ("",) and given.suffix and any(s.endswith(given.suffix) for s in suffixes):
+            return given.with_name(given.name[: -len(given.suffix)])
+        return given
+
     def paths(self, given: Path, config: Any) -> dict[str, Path]:
-        """The files that may be written for ``--NAME given``, by suffix (the renderer's keys)."""
-        suffixes = self.suffixes(config) if callable(self.suffixes) else self.suffixes
-        return {s: given if not s else given.with_name(given.name + s) for s in suffixes}
+        """The files that may be written for ``--NAME given``, by suffix (the renderer's keys); see :meth:`prefix`."""
+        base = self.prefix(given, config)
+        return {s: base if not s else base.with_name(base.name + s) for s in self.suffix_list(config)}
 
 
 @dataclass(frozen=True)

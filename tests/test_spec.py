@@ -158,3 +158,15 @@ def test_extra_keys_of_the_right_shape_are_kept(tmp_path: Path) -> None:
         "trusted_factories": ["m:f"],
         "model_kwargs": {"width": 8},
     }
+
+
+def test_file_output_prefix_drops_an_extension_the_suffixes_write() -> None:
+    fo = FileOutput("plot", "a plot", "m:f", suffixes=(".png", "_surface.png"))
+    assert fo.paths(Path("d/a.png"), None) == {".png": Path("d/a.png"), "_surface.png": Path("d/a_surface.png")}
+    assert fo.paths(Path("d/a"), None) == {".png": Path("d/a.png"), "_surface.png": Path("d/a_surface.png")}
+    assert fo.paths(Path("d/a.pdf"), None)[".png"] == Path("d/a.pdf.png")
+    single = FileOutput("grid_out", "a grid", "m:f", require_suffix=".csv")
+    assert single.paths(Path("g.csv"), None) == {"": Path("g.csv")}  # a single file is taken as given
+    for bad in ("", ".", ".."):
+        with pytest.raises(DiagnosticsError, match="names no file"):
+            fo.paths(Path(bad), None)

@@ -181,3 +181,24 @@ def test_run_and_report_never_write_into_their_input(tmp_path: Path) -> None:
     torch.save(tm.build_tiny().state_dict(), run / "step_1.pt")
     assert_refused(diag("run", run, *TINY, "--out", run, "--force"), "input folder itself")
     assert_refused(diag("report", run, *TINY, "--out", run, "--force"), "input folder itself")
+
+
+def test_a_prefix_that_ends_in_the_written_extension_is_not_doubled(ckpt: Path, tmp_path: Path) -> None:
+    r = diag("landscape", ckpt, *TINY, "--steps", "5", "--dims", "2", "--plot", tmp_path / "land.png", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "land.png").exists() and (tmp_path / "land_surface.png").exists()
+    assert not (tmp_path / "land.png.png").exists()
+    r = diag("hessian", ckpt, *TINY, "--density-out", tmp_path / "dens.csv", "--density-steps", "10", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "dens.csv").read_text().startswith("group,eigenvalue,density")
+    assert (tmp_path / "dens.png").exists()
+    r = diag("hessian", ckpt, *TINY, "--density-out", tmp_path / "run.v2", "--density-steps", "10", "-q")
+    assert r.exit_code == 0 and (tmp_path / "run.v2.csv").exists()  # another extension stays part of the prefix
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--grid-out"])
+@pytest.mark.parametrize("value", ["", ".", ".."])
+def test_an_output_path_that_names_no_file_is_refused(ckpt: Path, flag: str, value: str) -> None:
+    assert_refused(diag("landscape", ckpt, *TINY, "--steps", "5", flag, value), f"{flag} '")
+    r = diag("landscape", ckpt, *TINY, "--steps", "5", flag, value)
+    assert "names no file" in r.stderr and f"e.g. {flag} " in r.stderr

@@ -153,6 +153,8 @@ def test_bad_losses_get_a_specific_line(ckpt: Path, bad: str, loss: str, fragmen
 def test_invalid_params_regex(ckpt: Path) -> None:
     assert_line(diag("hessian", ckpt, *TINY, "--params", "("), "--params '('", "not a valid regular expression")
     assert_line(diag("weights", ckpt, "--model", "tinymodels:build_tiny", "--params", "("), "--params '('")
+    huge = "a{99999999999}"  # re raises OverflowError, not re.error, for a repeat count beyond its range
+    assert_line(diag("hessian", ckpt, *TINY, "--params", huge), f"--params '{huge}'", "not a valid regular expression")
 
 
 def test_set_option_of_the_wrong_type(tmp_path: Path) -> None:
