@@ -59,7 +59,7 @@ class BatchLayout:
         inputs: dict keys (or tuple positions) passed to the model, in order; None: every part that is
             not the targets.
         targets: the dict key (or tuple position) of the targets; None: the first of :data:`TARGET_KEYS`
-            in a dict, the second item of a tuple.
+            in a dict, the second item of a tuple (with ``--inputs``: the second item unless it is an input, else the one item the inputs leave).
     """
 
     inputs: tuple[str, ...] | None = None
@@ -207,6 +207,9 @@ def _split_sequence(item: Sequence, layout: BatchLayout, where: str, notes: list
         t = None if layout.targets is None else _position(layout.targets, n, where, "--targets")
         if layout.inputs is not None:
             idx = [_position(k, n, where, "--inputs") for k in layout.inputs]
+            if t is None:  # the default targets, as without --inputs: the second item, else the one item left
+                rest = [i for i in range(n) if i not in idx]
+                t = 1 if 1 in rest else (rest[0] if len(rest) == 1 else None)
         else:
             idx = [0] if t != 0 else [1]
         inputs = item[idx[0]] if len(idx) == 1 else tuple(item[i] for i in idx)

@@ -298,3 +298,21 @@ def test_the_samples_note_reaches_the_context(tmp_path: Path) -> None:
     ctx = build_context(load_checkpoint(ckpt(tmp_path, tm.build_tiny())), binding(), samples=1000)
     assert ctx.n_samples == 23
     assert any("--samples 1000" in n and "all 23 were used" in n for n in ctx.notes), ctx.notes
+
+
+def test_tuple_targets_default_to_the_second_item_also_with_inputs_given() -> None:
+    from diagnostics.context import BatchLayout, split_item
+
+    x, y, i = torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.arange(3)
+    inputs, targets = split_item((x, y), BatchLayout.parse("0"), "data")
+    assert inputs is x and targets is y  # --inputs 0: the targets are still the second item (as --help says)
+    inputs, targets = split_item((x, y, i), BatchLayout.parse("0"), "data")
+    assert inputs is x and targets is y
+    inputs, targets = split_item((y, x), BatchLayout.parse("1"), "data")
+    assert inputs is x and targets is y  # a pair: the other item
+    inputs, targets = split_item((x, i, y), BatchLayout.parse("0,1"), "data")
+    assert inputs[0] is x and inputs[1] is i and targets is y  # the second item is an input: the one left
+    inputs, targets = split_item((x, i), BatchLayout.parse("0,1"), "data")
+    assert inputs[0] is x and inputs[1] is i and targets is None  # every item is an input
+    inputs, targets = split_item((x, y, i), BatchLayout.parse("0", "2"), "data")
+    assert inputs is x and targets is i  # --targets still picks
