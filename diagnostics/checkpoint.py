@@ -319,14 +319,63 @@ def _torch_load(data: bytes, path: Path) -> Any:
                 "tensors); checkpoints are read with weights_only=True so they cannot run code. "
                 "Save a plain state_dict or use diagnostics.save_checkpoint"
             ) from exc
+        kind = file_kind(data)
+        if kind is not None:
+            raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file") from exc
         raise DiagnosticsError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint at all)"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
+        kind = file_kind(data)
+        if kind is not None:
+            raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DiagnosticsError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt file?): {type(exc).__name__}: {first}"
         ) from exc
+
+
+_MAGIC = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5?)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "an executable"),
+    (b"ustar", "a tar archive"),
+)
+
+
+def file_kind(data: bytes) -> str | None:
+    """What a file that ``torch.load`` cannot read looks like, from its first bytes (None: it looks like a
+    damaged checkpoint, a pickle or a zip archive of torch.save's layout, so "truncated or corrupt" is the
+    likelier story)."""
+    for magic, kind in _MAGIC:
+        if data.startswith(magic) or (magic == b"ustar" and data[257:262] == magic):
+            return kind
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06"):
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError):
+            return None
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return None  # torch.save's layout: damaged inside
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"a zip archive without torch.save's data.pkl (it holds {shown or 'nothing'})"
+    if len(data) >= 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
+        return "a safetensors file under another suffix (rename it to .safetensors)"
+    head = data[:4096]
+    if not head:
+        return "empty"
+    if data[:1] != b"\x80":  # not a pickle (protocol 2+); a text file?
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if all(c.isprintable() or c.isspace() for c in text[:1024]):
+            return "a text file"
+    return None
 
 
 SAFETENSORS_MAX_HEADER = 100 << 20  # the limit of the safetensors format itself

@@ -317,3 +317,53 @@ def test_float8_weights_are_checked_for_finiteness(dtype: str) -> None:
     w[0, 0] = float("nan")
     with pytest.raises(DiagnosticsError, match=r"'w' has 1 NaN"):
         check_finite({"w": w.to(getattr(torch, dtype))}, "checkpoint")
+
+
+def _npy(path: Path) -> None:
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros(3))
+
+
+def _zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "x")
+
+
+def _safetensors(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+
+
+@pytest.mark.parametrize(
+    "write, kind",
+    [
+        (lambda p: p.write_text("epoch 3: loss 0.1\n"), "is a text file"),
+        (_zip, "is a zip archive without torch.save's data.pkl (it holds notes.txt)"),
+        (_npy, "is a NumPy .npy array"),
+        (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64)), "is an HDF5 file"),
+        (lambda p: p.write_bytes(__import__("gzip").compress(b"abc")), "is a gzip archive"),
+        (_safetensors, "is a safetensors file under another suffix (rename it to .safetensors)"),
+    ],
+)
+def test_a_file_of_another_kind_is_named_as_such(tmp_path: Path, write, kind: str) -> None:
+    path = tmp_path / "model.pt"
+    write(path)
+    with pytest.raises(DiagnosticsError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert kind in msg and "not a PyTorch checkpoint" in msg and "\n" not in msg
+    assert "Error:" not in msg and "enforce fail" not in msg  # no internal exception text
+
+
+def test_a_truncated_checkpoint_is_still_called_truncated(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(64)}, good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DiagnosticsError, match="truncated or corrupt"):
+        load_checkpoint(bad)
