@@ -854,7 +854,7 @@ def read_map_table(path: Path, value_column: str | None = None) -> dict[str, flo
     if not path.is_file():
         raise DiagnosticsError(f"no such mAP table: '{path}'")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])  # 'n/a' or 'NA' is shown as written
     except Exception as exc:
         raise DiagnosticsError(f"cannot read '{path}' as CSV: {exc}") from exc
     vcol = _column(df, _VALUE_COLUMNS, value_column, "mAP", path)
@@ -863,9 +863,19 @@ def read_map_table(path: Path, value_column: str | None = None) -> dict[str, flo
     if kcol is None:
         raise DiagnosticsError(f"'{path}' needs a column naming the test sets (e.g. 'set') next to '{vcol}'")
     values = pd.to_numeric(df[vcol], errors="coerce")
+    if values.isna().all():
+        raw = ", ".join(repr(str(v)) for v in df[vcol].tolist()[:3])
+        raise DiagnosticsError(
+            f"'{path}': column '{vcol}' holds no numbers ({raw or 'no rows'}); name the mAP column with "
+            f"--map-column (columns: {', '.join(map(str, df.columns))})"
+        )
     if values.isna().any():
-        bad = df.loc[values.isna(), kcol].astype(str).tolist()
-        raise DiagnosticsError(f"'{path}': column '{vcol}' is not a number for {bad[:5]}")
+        rows = df.loc[values.isna(), [kcol, vcol]].head(5)
+        bad = ", ".join(
+            f"{str(k).strip() if pd.notna(k) else '(no name)'}: {'empty' if pd.isna(v) else repr(str(v))}"
+            for k, v in rows.itertuples(index=False)
+        )
+        raise DiagnosticsError(f"'{path}': column '{vcol}' is not a number for {bad}; fix those rows")
     names = df[kcol].astype(str).str.strip()
     if names.duplicated().any():
         raise DiagnosticsError(f"'{path}': test sets listed twice: {sorted(set(names[names.duplicated()]))}")

@@ -514,3 +514,19 @@ def test_prediction_stability_on_dict_batches_and_output_objects_equals_the_hand
     assert res.metadata["prediction_agreement"]["per_pass"] == pytest.approx(agree, abs=1e-15)
     assert res.metadata["prediction_kl"]["per_pass"] == pytest.approx(kl, rel=1e-10)
     assert 0 < min(agree) < 1 and min(kl) > 0
+
+
+def test_map_table_errors_name_the_rows_and_the_column(tmp_path) -> None:
+    from diagnostics.analyzers.stability import read_map_table
+
+    table = tmp_path / "maps.csv"
+    table.write_text("set,map\na,0.9\nb,0.7\nc,0.4\n")
+    assert read_map_table(table) == {"a": 0.9, "b": 0.7, "c": 0.4}
+    with pytest.raises(DiagnosticsError) as err:  # the set names taken for the mAP column
+        read_map_table(table, "set")
+    msg = str(err.value)
+    assert "column 'set' holds no numbers ('a', 'b', 'c')" in msg and "--map-column" in msg and "set, map" in msg
+    table.write_text("set,map\na,0.9\nb,n/a\nc\n")  # a bad value and a short row
+    with pytest.raises(DiagnosticsError) as err:
+        read_map_table(table)
+    assert "column 'map' is not a number for b: 'n/a', c: empty; fix those rows" in str(err.value)
