@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import select
 import sys
 import traceback
@@ -33,6 +34,46 @@ def warn(message: str) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return one_line(exc, 300)
+
+
+# what the parser's value checks say, in diag's words: the pydantic error type's prefix -> the kind of value
+_VALUE_KINDS = {"int": "a valid integer", "float": "a valid number", "bool": "a boolean (true or false)"}
+
+
+def _bad_value(exc: Any) -> str | None:
+    """``'nan' is not a valid integer`` for a value that Typer's pydantic check refused (the message it
+    gives, "Input should be a valid integer, ...", does not name the value); None for anything else."""
+    errors = getattr(exc.__cause__, "errors", None)
+    try:
+        first = errors()[0] if callable(errors) else None
+        value, kind, msg = first["input"], str(first["type"]), str(first["msg"])
+    except Exception:  # not a pydantic error, or one of another shape: keep the parser's own message
+        return None
+    what = _VALUE_KINDS.get(kind.split("_", 1)[0])
+    return f"{value!r} is not {what}" if what else f"{value!r}: {msg[:1].lower()}{msg[1:]}"
+
+
+def usage_message(exc: Any, command_path: str) -> str:
+    """The one line (after ``diag: error: ``) for a usage error of the command-line parser (a click
+    ``UsageError``): its problem in diag's style - lower case, no full stop, a suggestion in parentheses -
+    and, as the fix, the help of ``command_path`` (``diag hessian``)."""
+    text = exc.format_message()
+    value = _bad_value(exc) if isinstance(exc, typer.BadParameter) else None
+    if value is not None and exc.message and text.endswith(exc.message):
+        text = text[: -len(exc.message)] + value
+    possibilities = sorted(getattr(exc, "possibilities", None) or ())
+    if possibilities and text.endswith(")"):  # NoSuchOption: "No such option: --sed (Possible options: --seed)"
+        text = exc.message + (
+            f" (did you mean {possibilities[0]}?)"
+            if len(possibilities) == 1
+            else f" (did you mean one of {', '.join(possibilities)}?)"
+        )
+    text = " ".join(text.split())
+    text = re.sub(r"\.? Did you mean (.+?)\??$", r" (did you mean \1?)", text)  # no such command 'x'. Did ...
+    text = text.rstrip(".")
+    if text[:2].istitle():  # "Invalid value" -> "invalid value", but not "CHECKPOINT ..."
+        text = text[0].lower() + text[1:]
+    return f"{text}; see '{command_path} --help'"
 
 
 # The status when the reader of stdout went away (``diag ... | head``): 128 + SIGPIPE, what the shell reports

@@ -11,12 +11,68 @@ import os
 import pkgutil
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+try:  # recent Typer vendors click (typer._click): its exceptions, not click's, are the ones raised
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older Typer on click
+    from click.exceptions import UsageError
 
 from diagnostics import __version__
 
+_COMMAND = "diag.command"  # ctx.meta key: the command being run (names it in a usage error without a context)
+
+
+@contextmanager
+def _usage_errors(ctx: Any) -> Iterator[None]:
+    """A usage error of the command-line parser inside (click's ``UsageError``: a value of the wrong type, an
+    unknown option or command, a missing argument or option value) becomes one ``diag: error`` line pointing
+    to the command's help, and exit 2; ``diag`` alone (``NoArgsIsHelpError``) still prints the help."""
+    try:
+        yield
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise
+        from diag_cli.errors import err, usage_message
+
+        names: list[str] = []
+        where = getattr(exc, "ctx", None)  # the context of the command (or of diag itself) being parsed
+        if where is None and ctx is not None and ctx.meta.get(_COMMAND):
+            names = [ctx.meta[_COMMAND]]  # the option parser leaves it out: the command resolved last
+        while where is not None and where.parent is not None:  # "diag", whatever the program's name
+            names.insert(0, where.info_name)
+            where = where.parent
+        err(usage_message(exc, " ".join(["diag", *names])))
+        raise typer.Exit(2) from None
+
+
+class _DiagGroup(TyperGroup):
+    """diag's command group: Typer's own report of a usage error is a "Usage: ... / Error" box of several
+    lines; diag's contract is one line on stderr and exit 2 (README "Exit codes"). The errors are caught where
+    they are raised (parsing diag's options, resolving the command, parsing and running the command), so the
+    console script and ``app`` called directly (``CliRunner``) give the same line."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _usage_errors(parent):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[_COMMAND] = name
+        return name, command, rest
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors(ctx):
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_DiagGroup,
     name="diag",
     help="Training-dynamics diagnostics for PyTorch checkpoints: Hessian spectra, sharpness, rank, "
     "collapse, landscapes, stability, sweeps, reports and a CI gate.",
