@@ -58,6 +58,7 @@ torch = lazy_import("torch")
 describe_context, prepare_batches = lazy_from("diagnostics.context", "describe_context", "prepare_batches")
 unconverged_fix = lazy_from("diagnostics.linalg.lanczos", "unconverged_fix")
 
+MAX_REPLICATES = 1000  # each replicate is a full Lanczos run; beyond this the t bound no longer narrows
 BASELINE_FORMAT = "diagnostics-sharpness-baseline/2"  # 2: data subsets hashed by diagnostics.batches.fingerprint
 METRIC = "eigenvalue_0 (lambda_max of the loss Hessian, Lanczos)"
 
@@ -72,7 +73,8 @@ class GateSettings(ScaleOptions):
     declarations). ``seed``, ``samples`` and ``batch_size`` come from the shared data options.
 
     Attributes:
-        replicates: ``K``, the number of seeded replicates (>= 2 for a confidence bound).
+        replicates: ``K``, the number of seeded replicates (>= 2 for a confidence bound, at most
+            :data:`MAX_REPLICATES`).
         tol: Lanczos relative tolerance on the eigenvalue error bound (as ``diag hessian --tol``).
         max_iter: Lanczos iteration cap.
         seed: replicate ``i`` uses seed ``seed + i``.
@@ -81,7 +83,7 @@ class GateSettings(ScaleOptions):
         batch_size: re-batch each subset (the Hessian does not depend on it; memory does).
     """
 
-    replicates: int = option(5, help="seeded sharpness replicates K", short="-K", min=2)
+    replicates: int = option(5, help="seeded sharpness replicates K", short="-K", min=2, max=MAX_REPLICATES)
     tol: float = option(
         1e-4, help="Lanczos tolerance of each replicate's lambda_max", min=0, max=1, min_open=True, max_open=True
     )
@@ -163,6 +165,40 @@ def replicate_batches(ctx: Context, seed: int, settings: GateSettings) -> list[B
     return prepared.batches
 
 
+def _comb_at_least(n: int, r: int, k: int) -> bool:
+    """Whether ``C(n, r) >= k``, without computing a huge binomial coefficient (stops once it reaches ``k``)."""
+    r = min(r, n - r)
+    c = 1
+    for i in range(r):
+        if c >= k:
+            return True
+        c = c * (n - i) // (i + 1)
+    return c >= k
+
+
+def check_replicates_fit(settings: GateSettings, n_samples: int) -> None:
+    """Refuse more replicates than there are distinct data subsets of ``settings.samples`` samples.
+
+    Each replicate draws its own seeded subset of ``samples`` of the ``n_samples`` samples (subsets of
+    different replicates may overlap; they need not be disjoint). With more replicates ``K`` than the
+    ``C(n, samples)`` distinct subsets, some subset is measured twice: a repeated measurement, not a new
+    replicate, which would make the check's confidence bound too narrow. With ``samples`` None or at least
+    ``n_samples`` every replicate measures all the data (only the Lanczos start vector varies): any ``K`` fits.
+
+    Raises:
+        DiagnosticsError: naming ``--replicates``, ``--samples``, the data size and the fix.
+    """
+    k, s, n = int(settings.replicates), settings.samples, int(n_samples)
+    if s is None or s >= n or _comb_at_least(n, s, k):
+        return
+    distinct = math.comb(n, s)  # < k <= MAX_REPLICATES: small
+    raise DiagnosticsError(
+        f"--replicates {k} with --samples {s} needs {k} different subsets of {s} sample{'s' if s != 1 else ''}, "
+        f"but the data has {n} samples and so only {distinct} such subsets; lower --replicates to at most "
+        f"{distinct} or raise --samples"
+    )
+
+
 def measure_sharpness(
     ctx: Context,
     settings: GateSettings,
@@ -226,8 +262,14 @@ def make_baseline(
     progress: ProgressFn | None = None,
     checkpoint_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Measure ``K`` replicates on the baseline model -> the baseline document (JSON-ready)."""
+    """Measure ``K`` replicates on the baseline model -> the baseline document (JSON-ready).
+
+    Raises:
+        DiagnosticsError: before any measurement, settings that do not fit the data (:func:`check_replicates_fit`).
+    """
     t0 = time.perf_counter()
+    check_config(settings)  # declared ranges too (--replicates at most MAX_REPLICATES), as flags would be
+    check_replicates_fit(settings, ctx.n_samples)
     reps = measure_sharpness(ctx, settings, progress)
     values = [r.sharpness for r in reps]
     mean, sd = _mean_sd(values)
@@ -576,6 +618,65 @@ def decide(
         "threshold": threshold,
         "log_ratios": d,
     }
+
+
+# the data options diag check takes from the baseline: {name: (flag, what None means in the baseline)}
+CHECK_REUSES = {
+    "samples": ("--samples", "all the data"),
+    "seed": ("--seed", None),
+    "batch_size": ("--batch-size", "the data's own batches"),
+    "dtype": ("--dtype", None),
+}
+
+
+def _effective_samples(samples: Any, available: Any) -> Any:
+    """What a replicate measures: all the data (None) when ``samples`` is None or at least the data's size."""
+    if samples is None or (isinstance(available, int) and isinstance(samples, int) and samples >= available):
+        return None
+    return samples
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def refuse_changed_settings(doc: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Refuse flags of ``diag check`` that ask for another measurement than the baseline's.
+
+    ``diag check`` re-measures with the seeds, samples, batch size and dtype stored in the baseline (the pairing
+    needs them). A flag among :data:`CHECK_REUSES` that is given (not None) and equal to the baseline's value is
+    accepted silently (``--samples`` counts as equal when both select all the data); different values are an
+    error (naming every one) instead of being ignored. A dtype the baseline does not record is the flag's to choose.
+
+    Args:
+        doc: a validated baseline document.
+        given: the flags as given on the command line (None: not given).
+
+    Raises:
+        DiagnosticsError: naming the flags, the baseline's values and the fix.
+    """
+    recorded = doc["settings"]
+    available = (doc.get("data") or {}).get("samples_available")
+    flags, bases = [], []
+    for name, (flag, none_means) in CHECK_REUSES.items():
+        value = given.get(name)
+        if value is None or (name == "dtype" and not recorded.get(name)):
+            continue
+        base = recorded.get(name)
+        if name == "samples":
+            same = _effective_samples(value, available) == _effective_samples(base, available)
+        else:
+            same = value == base
+        if not same:
+            flags.append(f"{flag} {value}")
+            bases.append(f"{name}={base}" + (f" ({none_means})" if base is None and none_means else ""))
+    if not flags:
+        return
+    verb, drop = ("differs", f"drop {flags[0].split()[0]}") if len(flags) == 1 else ("differ", "drop them")
+    raise DiagnosticsError(
+        f"{_and(flags)} {verb} from the baseline's {_and(bases)}, but diag check re-measures with the baseline's "
+        f"settings; {drop}, or make a new baseline with 'diag baseline ... {' '.join(flags)}'"
+    )
 
 
 def check_comparable(ctx: Context, doc: Mapping[str, Any], settings: GateSettings) -> None:

@@ -166,6 +166,11 @@ def disjoint_subsets(ctx: Context, k: int, samples: int | None) -> list[Context]
     from diagnostics.seeding import stream_generator
 
     n = ctx.n_samples
+    if samples is None and k > n:  # N // K samples each: fewer than one
+        raise DiagnosticsError(
+            f"--replicates {k} splits the data into {k} disjoint subsets of {n} // {k} samples each (no --samples "
+            f"given), which needs at least {k} samples but the data has {n}; lower --replicates to at most {n}"
+        )
     each = samples or n // k
     if each < 1 or k * each > n:
         raise DiagnosticsError(

@@ -50,7 +50,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
@@ -140,6 +140,35 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+def check_pattern(pattern: str | None) -> None:
+    """Refuse a ``--pattern`` that is not a glob of files inside the run folder, relative to it.
+
+    ``Path.glob`` raises on an absolute pattern (``/dev/null``), on ``**`` inside a name (``**.pt``) and on
+    ``.``; a ``..`` component would reach files outside the run folder (which discovery then skips, so nothing
+    matched). Each is one line naming the pattern and the fix. None (every checkpoint) is fine.
+
+    Raises:
+        DiagnosticsError: naming the pattern, why and an example of a valid one.
+    """
+    if pattern is None:
+        return
+    pure = PurePath(pattern)
+    if pure.is_absolute() or pure.drive or pure.root or pattern.startswith(("/", "\\")):
+        why = "is an absolute path"
+    elif ".." in pure.parts:
+        why = "leaves the run folder ('..')"
+    elif not pure.parts:
+        why = "names the run folder itself, not files in it"
+    elif any("**" in part and part != "**" for part in pure.parts):
+        why = "uses '**' inside a name ('**' matches whole folders only, as in '**/*.pt')"
+    else:
+        return
+    raise DiagnosticsError(
+        f"--pattern '{pattern}' {why}; pass a glob of checkpoint files relative to the run folder, "
+        "e.g. 'step_*.pt' or '**/*.ckpt'"
+    )
+
+
 def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: Sequence[Path] = ()) -> list[Path]:
     """Checkpoint files under ``run_dir`` (recursive; hidden folders and ``exclude`` skipped).
 
@@ -156,9 +185,11 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
         The files and model folders, in natural order of their run-relative paths.
 
     Raises:
-        DiagnosticsError: ``run_dir`` is missing or a file, or holds no checkpoint.
+        DiagnosticsError: ``run_dir`` is missing or a file, or holds no checkpoint; ``pattern`` is not a glob
+            inside the run folder (:func:`check_pattern`).
     """
     run = Path(run_dir)
+    check_pattern(pattern)
     if not run.exists():
         raise DiagnosticsError(f"no such run folder: '{run}'")
     if not run.is_dir():
@@ -542,10 +573,12 @@ def resolve_settings(
 
     Raises:
         DiagnosticsError: an analyzer's table that is not a table, an unknown or ill-typed option (naming
-            the file or ``--set``), ``--set`` for an analyzer that is not run, or a device this machine lacks.
+            the file or ``--set``), ``--set`` for an analyzer that is not run, a device this machine lacks,
+            or a ``pattern`` that is not a glob inside the run folder (:func:`check_pattern`).
         TypeError: a keyword that is neither an argument nor a field of :class:`BindingFlags`.
     """
     f = with_fields(BindingFlags, flags, flag_values, "resolve_settings")
+    check_pattern(pattern)
     cfg = dict(config or {})
 
     def pick(flag: Any, key: str, default: Any = None) -> Any:
@@ -1252,11 +1285,14 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
     One of ours that holds another run's sweep and report (its manifest names a run folder that is not
     among the ``protected`` folders) is not replaced without ``force`` either.
     Nothing is deleted: ``force`` only allows writing our files into a folder we did not create.
+    An ``out`` that contains a protected folder (``--out .`` for the run ``./run``) is refused, even with
+    ``force``: a sweep skips its output folder when it looks for checkpoints, so it would find none there.
 
     Raises:
         DiagnosticsError: one line naming the folder and the fix.
     """
     out = Path(out)
+    _refuse_run_inside(out, protected)
     if not force:
         _refuse_other_run(out, protected)
     plan_outputs(
@@ -1272,6 +1308,17 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
     except OSError as exc:
         raise DiagnosticsError(f"cannot create --out '{out}': {exc.strerror or exc}; choose another folder") from exc
     return out
+
+
+def _refuse_run_inside(out: Path, protected: Sequence[Path]) -> None:
+    """Refuse ``out`` when a protected folder (the run) lies inside it: the sweep excludes ``out`` from the
+    search for checkpoints, so it would find none (``out`` equal to the run is refused by plan_outputs)."""
+    for run in (Path(p) for p in protected):
+        if run.is_dir() and out.resolve() != run.resolve() and _inside(run, out):
+            raise DiagnosticsError(
+                f"--out '{out}' contains the run folder '{run}', and a sweep never looks for checkpoints in its "
+                "output folder; choose an --out outside the run folder"
+            )
 
 
 def _manifest_run(out: Path) -> Path | None:

@@ -17,11 +17,14 @@ from diagnostics.checkpoint import load_checkpoint
 from diagnostics.context import build_context
 from diagnostics.errors import DiagnosticsError
 from diagnostics.gate import (
+    MAX_REPLICATES,
     GateSettings,
     check_against_baseline,
+    check_replicates_fit,
     decide,
     make_baseline,
     read_baseline,
+    refuse_changed_settings,
     t_quantile,
     validate_baseline,
 )
@@ -172,7 +175,7 @@ def test_mismatched_baselines_are_refused(eos_pair, baseline_doc, digits_run) ->
         (lambda d: d["replicates"][0].update(sharpness=float("nan")), "no finite 'sharpness'"),
         (
             lambda d: d["settings"].update(replicates=1, seeds=[0]) or d["replicates"].__delitem__(slice(1, None)),
-            "settings.replicates must be >= 2",
+            r"settings.replicates must be in \[2, 1000\], got 1",
         ),
     ],
 )
@@ -267,3 +270,95 @@ def test_old_baseline_with_nan_tokens_still_verifies(tmp_path: Path, baseline_do
     path.write_text(json.dumps(doc))
     assert "NaN" in path.read_text()
     assert read_baseline(path)["checksum"] == doc["checksum"]
+
+
+# ------------------------------------------------------------- replicates that the data cannot hold
+def tiny_context(tmp_path: Path):
+    """The tiny model over all 23 samples of tiny_data (cheap: the refusals come before any Lanczos run)."""
+    import tinymodels as tm
+    from diagnostics.binding import Binding
+    from diagnostics.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "t.pt", tm.build_tiny(), step=3, lr=0.1)
+    return build_context(load_checkpoint(path), Binding(model="tinymodels:build_tiny", data="tinymodels:tiny_data"))
+
+
+def test_baseline_refuses_more_replicates_than_distinct_subsets_before_measuring(tmp_path: Path, monkeypatch) -> None:
+    """Fuzzer A: --replicates 100000 --samples 1 on 23 samples ran on (replicates draw subsets of --samples
+    samples, possibly overlapping: more of them than there are distinct subsets repeats a measurement)."""
+    import diagnostics.gate as gate
+
+    ctx = tiny_context(tmp_path)
+
+    def no_lanczos(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(gate, "run_lanczos", no_lanczos)
+    with pytest.raises(DiagnosticsError) as err:
+        make_baseline(ctx, GateSettings(replicates=24, samples=1))
+    assert str(err.value) == (
+        "--replicates 24 with --samples 1 needs 24 different subsets of 1 sample, but the data has 23 samples and "
+        "so only 23 such subsets; lower --replicates to at most 23 or raise --samples"
+    )
+    with pytest.raises(DiagnosticsError, match=r"only 23 such subsets; lower --replicates to at most 23"):
+        make_baseline(ctx, GateSettings(replicates=30, samples=22))  # C(23, 22) = 23
+    with pytest.raises(DiagnosticsError, match=rf"^--replicates must be in \[2, {MAX_REPLICATES}\], got 10000"):
+        make_baseline(ctx, GateSettings(replicates=10**20))  # all the data: only the cap bounds K
+    # what fits is accepted: at most C(n, samples) subsets, or any K (up to the cap) over all the data
+    for settings in (
+        GateSettings(replicates=23, samples=1),
+        GateSettings(replicates=253, samples=2),  # C(23, 2) = 253
+        GateSettings(replicates=MAX_REPLICATES),
+        GateSettings(replicates=MAX_REPLICATES, samples=23),
+        GateSettings(replicates=MAX_REPLICATES, samples=500),
+    ):
+        check_replicates_fit(settings, 23)
+    with pytest.raises(DiagnosticsError, match="only 253 such subsets"):
+        check_replicates_fit(GateSettings(replicates=254, samples=2), 23)
+    check_replicates_fit(GateSettings(replicates=MAX_REPLICATES, samples=300), 10**6)  # C is huge, computed lazily
+
+
+def test_baseline_replicates_are_capped_in_baseline_files(baseline_doc) -> None:
+    doc = copy.deepcopy(baseline_doc)
+    k = MAX_REPLICATES + 1
+    doc["settings"].update(replicates=k, seeds=list(range(k)))
+    doc["replicates"] = [dict(doc["replicates"][0], seed=i) for i in range(k)]
+    with pytest.raises(DiagnosticsError, match=rf"settings.replicates must be in \[2, {MAX_REPLICATES}\]"):
+        validate_baseline(doc, "b.json")
+
+
+# ------------------------------------------------------- check flags that differ from the baseline's
+def test_check_flags_equal_to_the_baseline_are_accepted(baseline_doc) -> None:
+    refuse_changed_settings(baseline_doc, {})
+    refuse_changed_settings(baseline_doc, {"samples": None, "seed": None, "batch_size": None, "dtype": None})
+    refuse_changed_settings(baseline_doc, {"samples": 300, "seed": 0, "dtype": "float32"})
+    everything = copy.deepcopy(baseline_doc)
+    everything["settings"]["samples"] = None  # all 1437 samples: --samples 1437 or more selects the same
+    refuse_changed_settings(everything, {"samples": 1437})
+    refuse_changed_settings(everything, {"samples": 5000})
+    old = copy.deepcopy(baseline_doc)
+    old["settings"].pop("dtype")  # a baseline without a dtype: the flag chooses it (checked against the data)
+    refuse_changed_settings(old, {"dtype": "float64"})
+
+
+def test_check_flags_that_differ_from_the_baseline_are_refused(baseline_doc) -> None:
+    """Fuzzer E1: diag check --samples 5 --seed 7 --dtype float64 ignored the flags and passed."""
+    with pytest.raises(DiagnosticsError) as err:
+        refuse_changed_settings(baseline_doc, {"samples": 5})
+    assert str(err.value) == (
+        "--samples 5 differs from the baseline's samples=300, but diag check re-measures with the baseline's "
+        "settings; drop --samples, or make a new baseline with 'diag baseline ... --samples 5'"
+    )
+    with pytest.raises(DiagnosticsError) as err:
+        refuse_changed_settings(baseline_doc, {"samples": 5, "seed": 7, "dtype": "float64"})
+    assert str(err.value) == (
+        "--samples 5, --seed 7 and --dtype float64 differ from the baseline's samples=300, seed=0 and "
+        "dtype=float32, but diag check re-measures with the baseline's settings; drop them, or make a new "
+        "baseline with 'diag baseline ... --samples 5 --seed 7 --dtype float64'"
+    )
+    with pytest.raises(DiagnosticsError, match=r"^--batch-size 64 differs from the baseline's batch_size=None "):
+        refuse_changed_settings(baseline_doc, {"batch_size": 64})
+    everything = copy.deepcopy(baseline_doc)
+    everything["settings"]["samples"] = None
+    with pytest.raises(DiagnosticsError, match=r"samples=None \(all the data\), but diag check"):
+        refuse_changed_settings(everything, {"samples": 1436})

@@ -24,6 +24,7 @@ from diagnostics.runs import (
     SweepSettings,
     cache_inputs,
     cache_key,
+    check_pattern,
     discover_checkpoints,
     is_ours,
     parse_overrides,
@@ -225,10 +226,10 @@ def test_bad_checkpoint_is_reported_and_others_analysed(run_copy: Path, tmp_path
     (run_copy / "step_00300.pt").write_bytes(b"not a checkpoint at all")
     res = sweep(run_copy, settings(), cache_dir=tmp_path / "c")
     assert [(f.checkpoint, f.analyzer) for f in res.failures] == [("step_00300.pt", "hessian")]
-    assert "not a readable PyTorch checkpoint" in res.failures[0].message
+    assert "is a text file, not a PyTorch checkpoint" in res.failures[0].message
     assert sorted(res.frame["checkpoint"].unique()) == ["step_00000.pt", "step_00100.pt", "step_00200.pt"]
     assert res.metadata()["checkpoints"][-1]["status"] == {"hessian": "failed"}
-    with pytest.raises(DiagnosticsError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(DiagnosticsError, match="is a text file, not a PyTorch checkpoint"):
         sweep(run_copy, settings(), cache_dir=tmp_path / "c", keep_going=False)
 
 
@@ -451,3 +452,57 @@ def test_output_folder_of_another_run_needs_force(run_copy: Path, tmp_path: Path
     assert str(run_copy) in str(info.value)
     assert (out / MANIFEST_NAME).read_bytes() == before
     prepare_out_dir(out, force=True, protected=[other])
+
+
+# --------------------------------------------------------------------------- fuzzer findings
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("/dev/null", "is an absolute path"),
+        ("/tmp/*.pt", "is an absolute path"),
+        ("../*.pt", r"leaves the run folder \('..'\)"),
+        ("sub/../step_*.pt", r"leaves the run folder \('..'\)"),
+        (".", "names the run folder itself, not files in it"),
+        ("**.pt", r"uses '\*\*' inside a name \('\*\*' matches whole folders only, as in '\*\*/\*.pt'\)"),
+    ],
+)
+def test_a_pattern_outside_the_run_folder_is_one_line(run_copy: Path, pattern: str, why: str) -> None:
+    """Fuzzer B: --pattern /dev/null raised NotImplementedError from Path.glob ('.' an IndexError, '**.pt' a
+    ValueError), and '../*.pt' matched files outside the run that were then skipped: 'no checkpoint files'."""
+    message = (
+        rf"^--pattern '{re.escape(pattern)}' {why}; pass a glob of checkpoint files relative to the run folder, "
+        r"e.g. 'step_\*.pt' or '\*\*/\*.ckpt'$"
+    )
+    with pytest.raises(DiagnosticsError, match=message):
+        discover_checkpoints(run_copy, pattern=pattern)
+    with pytest.raises(DiagnosticsError, match=message):
+        resolve_settings({}, pattern=pattern)
+    with pytest.raises(DiagnosticsError, match=message):
+        sweep(run_copy, SweepSettings(pattern=pattern))
+
+
+def test_relative_patterns_are_accepted(run_copy: Path) -> None:
+    for pattern in (None, "step_*.pt", "./step_*.pt", "**/*.pt", "step_00100.pt"):
+        check_pattern(pattern)
+    assert [c.name for c in discover_checkpoints(run_copy, pattern="**/step_001*.pt")] == ["step_00100.pt"]
+
+
+def test_an_output_folder_that_contains_the_run_is_refused_even_with_force(run_copy: Path, tmp_path: Path) -> None:
+    """Fuzzer C1: --out . (or RUN/..) --force wrote its manifest there and then found no checkpoints in RUN,
+    because the sweep skips its output folder, which held the run."""
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    for out in (tmp_path, run_copy / "..", Path(".")):  # the tests run in tmp_path
+        for force in (False, True):
+            with pytest.raises(DiagnosticsError) as info:
+                prepare_out_dir(out, force=force, protected=[run_copy])
+            assert str(info.value) == (
+                f"--out '{out}' contains the run folder '{run_copy}', and a sweep never looks for checkpoints in its "
+                "output folder; choose an --out outside the run folder"
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+    with pytest.raises(DiagnosticsError, match="input folder itself"):  # the run folder itself: as before
+        prepare_out_dir(run_copy, force=True, protected=[run_copy])
+    inside = prepare_out_dir(run_copy / "reports", protected=[run_copy])  # inside the run: skipped by the sweep
+    res = sweep(run_copy, settings(), cache_dir=inside / "cache", exclude=[inside])
+    assert [c.name for c in res.checkpoints] == ["step_00000.pt", "step_00100.pt", "step_00200.pt"]

@@ -133,7 +133,13 @@ def _print_baseline(doc: dict[str, Any], settings: GateSettings, out: Path, prin
 def check(values: dict[str, Any]) -> None:
     """``diag check`` with its parsed ``values``."""
     from diag_cli.output import progress_bar, user_prints_to_stderr
-    from diagnostics.gate import baseline_settings, check_against_baseline, read_baseline
+    from diagnostics.gate import (
+        CHECK_REUSES,
+        baseline_settings,
+        check_against_baseline,
+        read_baseline,
+        refuse_changed_settings,
+    )
 
     with cli_errors(bool(values.get("debug"))):
         prints, project, binding, trust = _setup(values)
@@ -143,6 +149,7 @@ def check(values: dict[str, Any]) -> None:
         opts = _gate_options(CheckOptions, values, project)
         _plan(values, project, binding, {"--out": files.out, "--junit": files.junit}, files.baseline)
         doc = read_baseline(files.baseline)
+        refuse_changed_settings(doc, {name: values.get(name) for name in CHECK_REUSES})  # flags as given
         settings = baseline_settings(doc)
         ctx = _context(
             values,
@@ -216,5 +223,6 @@ CHECK_HELP = """Exit 1 when CHECKPOINT is measurably sharper than the baseline (
 The baseline's seeds and settings (data subsets, dtype, Lanczos tolerance) are reused, so each replicate
 compares the two models on the same data: d_i = log(new_i / base_i). The check fails iff
 mean(d) - t_{conf,K-1} sd(d)/sqrt(K) > log(1 + tolerance). Under GitHub Actions it also prints ::error/::notice
-annotations and appends to the job summary.
+annotations and appends to the job summary. --seed, --samples, --batch-size and --dtype may be left out; given,
+they must equal the baseline's (another value is an error, not ignored).
 """

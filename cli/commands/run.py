@@ -86,10 +86,11 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     from diag_cli.run_command import load_project
     from diagnostics import distributed
     from diagnostics.binding import input_files
-    from diagnostics.runs import prepare_out_dir, start_manifest, write_sweep
+    from diagnostics.runs import check_pattern, prepare_out_dir, start_manifest, write_sweep
 
     if not run.is_dir():
         raise DiagnosticsError(f"no such run folder: '{run}'" if not run.exists() else f"'{run}' is not a folder")
+    check_pattern(flags.get("pattern"))  # before the output folder is made
     project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)
     inputs = input_files(project_opts.config, flags.get("model"), flags.get("data"), flags.get("loss"))

@@ -39,7 +39,7 @@ def test_baseline_refuses_to_overwrite(models, baseline_file: Path) -> None:
     assert r.exit_code == 2 and "exists; pass --force" in r.stderr
     assert baseline_file.read_bytes() == before
     bad = diag("baseline", models["base"], "--replicates", "1", "--out", baseline_file.with_name("k1.json"))
-    assert bad.exit_code == 2 and "--replicates must be >= 2, got 1" in bad.stderr
+    assert bad.exit_code == 2 and "--replicates must be in [2, 1000], got 1" in bad.stderr
 
 
 def test_same_model_passes(models, baseline_file: Path, tmp_path: Path) -> None:
@@ -90,3 +90,56 @@ def test_corrupt_or_mismatched_baseline_is_exit_2(models, baseline_file: Path, t
     assert missing.exit_code == 2 and "no such baseline file" in missing.stderr
     neg = diag("check", models["sharp"], "-b", baseline_file, "--tolerance", "-0.5")
     assert neg.exit_code == 2 and "--tolerance" in neg.stderr
+
+
+# ------------------------------------------------------------------------- fuzzer findings (tiny model)
+TINY = ["--model", "tinymodels:build_tiny", "--data", "tinymodels:tiny_data"]  # 23 samples
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    import tinymodels as tm
+    from diagnostics.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "t.pt", tm.build_tiny(), step=3, lr=0.1)
+
+
+def test_baseline_refuses_replicates_beyond_the_cap_or_the_data_at_once(tiny: Path, tmp_path: Path) -> None:
+    """Fuzzer A: --replicates 99999999999999999999 hung, and so did --replicates 100000 --samples 1 on 23 samples."""
+    from cliutils import one_line_error
+
+    out = tmp_path / "nb.json"
+    huge = diag("baseline", tiny, *TINY, "--replicates", "99999999999999999999", "--out", out)
+    one_line_error(huge, "diag: error: --replicates must be in [2, 1000], got 99999999999999999999")
+    many = diag("baseline", tiny, *TINY, "--replicates", "100000", "--samples", "1", "--out", out)
+    one_line_error(many, "--replicates must be in [2, 1000], got 100000")
+    subsets = diag("baseline", tiny, *TINY, "--replicates", "30", "--samples", "1", "--out", out)
+    one_line_error(
+        subsets,
+        "diag: error: --replicates 30 with --samples 1 needs 30 different subsets of 1 sample, but the data has 23 "
+        "samples and so only 23 such subsets; lower --replicates to at most 23 or raise --samples",
+    )
+    assert not out.exists()
+
+
+def test_check_refuses_flags_that_differ_from_the_baseline(tiny: Path, tmp_path: Path) -> None:
+    """Fuzzer E1: --samples 5 --seed 7 --dtype float64 were silently replaced by the baseline's settings."""
+    from cliutils import one_line_error
+
+    base = tmp_path / "base.json"
+    made = diag("baseline", tiny, *TINY, "--replicates", "3", "--samples", "10", "--out", base, "-q")
+    assert made.exit_code == 0, made.output
+    before = base.read_bytes()
+    r = diag("check", tiny, *TINY, "-b", base, "--samples", "5", "--seed", "7", "--dtype", "float64")
+    one_line_error(
+        r,
+        "diag: error: --samples 5, --seed 7 and --dtype float64 differ from the baseline's samples=10, seed=0 and "
+        "dtype=float32, but diag check re-measures with the baseline's settings; drop them, or make a new baseline "
+        "with 'diag baseline ... --samples 5 --seed 7 --dtype float64'",
+    )
+    one_line_error(diag("check", tiny, *TINY, "-b", base, "--batch-size", "4"), "--batch-size 4 differs")
+    assert base.read_bytes() == before
+    same = diag("check", tiny, *TINY, "-b", base, "--samples", "10", "--seed", "0", "--dtype", "float32", "-q")
+    assert same.exit_code == 0 and same.stdout.startswith("sharpness gate PASS") and same.stderr == "", same.output
+    plain = diag("check", tiny, *TINY, "-b", base, "-q")  # no flag: the baseline's settings, as before
+    assert plain.exit_code == 0 and plain.stdout.startswith("sharpness gate PASS"), plain.output

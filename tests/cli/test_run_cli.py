@@ -170,3 +170,55 @@ def test_hand_edited_cache_is_recomputed_and_said(run_dir: Path, tmp_path: Path)
     assert r.exit_code == 0, r.output
     assert all(x["value"] != 123.456 for x in json.loads(r.stdout))
     assert "checksum" in r.stderr and entry.name in r.stderr
+
+
+# --------------------------------------------------------------------------------- fuzzer findings
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_an_absolute_pattern_is_one_line_before_anything_is_written(run_dir: Path, tmp_path: Path, command) -> None:
+    """Fuzzer B: 'unexpected NotImplementedError: Non-relative patterns are unsupported', after the output
+    folder and its manifest were written."""
+    from cliutils import one_line_error
+
+    out = tmp_path / "o"
+    r = diag(command, run_dir, "--pattern", "/dev/null", "--out", out, *FAST)
+    one_line_error(
+        r,
+        "diag: error: --pattern '/dev/null' is an absolute path; pass a glob of checkpoint files relative to the run "
+        "folder, e.g. 'step_*.pt' or '**/*.ckpt'",
+    )
+    assert not out.exists()
+    up = diag(command, run_dir, "--pattern", "../*.pt", "--out", out, *FAST)
+    one_line_error(up, "--pattern '../*.pt' leaves the run folder")
+
+
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_an_output_folder_holding_the_run_is_one_line_and_writes_nothing(
+    run_dir: Path, tmp_path: Path, command
+) -> None:
+    """Fuzzer C1: --out . --force said 'no checkpoint files' in a run of 3 (the sweep skips its output folder)
+    after writing diag-run.json into ."""
+    from cliutils import one_line_error
+
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert Path.cwd() == tmp_path == run_dir.parent
+    for out in (".", f"{run_dir}/..", tmp_path):
+        r = diag(command, run_dir, "--out", out, "--force", *FAST)
+        one_line_error(
+            r,
+            f"diag: error: --out '{out}' contains the run folder '{run_dir}', and a sweep never looks for "
+            "checkpoints in its output folder; choose an --out outside the run folder",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_too_many_replicates_without_samples_says_what_they_need(run_dir: Path, tmp_path: Path) -> None:
+    """Fuzzer C2: '--replicates K with --samples 0 needs 0 samples' although --samples was never given."""
+    from cliutils import one_line_error
+
+    k = "99999999999999999999"
+    r = diag("run", run_dir, "--replicates", k, "--out", tmp_path / "o", "-q")
+    line = one_line_error(
+        r, f"--replicates {k} splits the data into {k} disjoint subsets", f"which needs at least {k} samples"
+    )
+    assert "--samples 0" not in line and "needs 0 samples" not in line
