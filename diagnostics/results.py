@@ -355,11 +355,25 @@ def write_result(result: Result, path: str | Path) -> Path:
     return path
 
 
+def check_input_file(path: Path, what: str, fix: str) -> None:
+    """Refuse an input path that is not a regular file, saying what it is instead (missing, a folder, a device or
+    pipe) and what to pass (``fix``).
+
+    Raises:
+        DiagnosticsError: one line naming the path.
+    """
+    if path.is_file():
+        return
+    if not path.exists():
+        raise DiagnosticsError(f"no such {what}: '{path}'; pass {fix}")
+    kind = "a folder" if path.is_dir() else "not a regular file"
+    raise DiagnosticsError(f"'{path}' is {kind}, not a {what}; pass {fix}")
+
+
 def read_result(path: str | Path) -> Result:
     """Read what :func:`write_result` wrote (also a bare JSON array of records)."""
     path = Path(path)
-    if not path.is_file():
-        raise DiagnosticsError(f"no such results file: '{path}'")
+    check_input_file(path, "results file", "a file diag wrote with --out (.json, .csv or .parquet)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":

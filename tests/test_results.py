@@ -86,3 +86,18 @@ def test_metadata_of_every_format_is_strict_json(tmp_path: Path, suffix: str) ->
         _strict_loads(block)
     if suffix != ".md":
         assert read_result(path).records[3].value == 2.5
+
+
+def test_an_input_that_is_not_a_regular_file_is_named_as_such(tmp_path) -> None:
+    from diagnostics.errors import DiagnosticsError
+    from diagnostics.results import read_result
+
+    cases = {
+        tmp_path / "missing.json": "no such results file: '",
+        tmp_path: "is a folder, not a results file",
+        Path("/dev/null"): "is not a regular file, not a results file",
+    }
+    for path, fragment in cases.items():
+        with pytest.raises(DiagnosticsError) as err:
+            read_result(path)
+        assert fragment in str(err.value) and "; pass a file diag wrote with --out" in str(err.value)

@@ -775,7 +775,10 @@ def correlate_bos(
         raise DiagnosticsError("BoS and mAP values must be finite numbers")
     for label, v in (("BoS", x), ("mAP", y)):
         if np.ptp(v) == 0:
-            raise DiagnosticsError(f"all {label} values are equal ({v[0]:g}): the correlation is undefined")
+            raise DiagnosticsError(
+                f"all {label} values are equal ({v[0]:g}): the correlation is undefined; give test sets whose "
+                f"{label} differs"
+            )
     pear = stats.pearsonr(x, y)
     spear = stats.spearmanr(x, y)
     fit = stats.linregress(x, y)
@@ -851,8 +854,9 @@ def read_map_table(path: Path, value_column: str | None = None) -> dict[str, flo
     Raises:
         DiagnosticsError: a missing or unreadable file, no name or mAP column, a non-number, a name twice.
     """
-    if not path.is_file():
-        raise DiagnosticsError(f"no such mAP table: '{path}'")
+    from diagnostics.results import check_input_file
+
+    check_input_file(path, "mAP table", "a CSV of test sets and their mAP (columns such as 'set' and 'map')")
     try:
         df = pd.read_csv(path, keep_default_na=False, na_values=[""])  # 'n/a' or 'NA' is shown as written
     except Exception as exc:

@@ -530,3 +530,10 @@ def test_map_table_errors_name_the_rows_and_the_column(tmp_path) -> None:
     with pytest.raises(DiagnosticsError) as err:
         read_map_table(table)
     assert "column 'map' is not a number for b: 'n/a', c: empty; fix those rows" in str(err.value)
+
+
+def test_map_table_that_is_a_folder_is_named_as_such(tmp_path) -> None:
+    from diagnostics.analyzers.stability import read_map_table
+
+    with pytest.raises(DiagnosticsError, match="is a folder, not a mAP table; pass a CSV of test sets"):
+        read_map_table(tmp_path)
