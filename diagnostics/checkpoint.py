@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -46,6 +47,21 @@ _STEP_IN_NAME = re.compile(
     r"(?:(?<=[_\-.=\s])|^)(?:(?:global_step|step|iteration|iter)[_=\-]?(\d+)|checkpoint-(\d+))(?![0-9A-Za-z])",
     re.IGNORECASE,
 )
+
+
+STEP_MAX = 2**63 - 1  # steps are stored as int64 (record tables, Parquet)
+
+
+def whole_step(value: Any) -> int | None:
+    """``value`` as a training step: a whole number in ``0..2**63-1`` (an int, or a float with no fraction);
+    None for anything else (NaN, 1.5, negative, beyond int64, a bool or a string: the step is then unknown,
+    and a file name that states one gives it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    step = int(value)
+    return step if 0 <= step <= STEP_MAX else None
 
 
 @dataclass
@@ -81,8 +97,7 @@ class Checkpoint:
     @property
     def step(self) -> int | None:
         """The training step from the metadata (saved, or guessed from the file name); None when unknown."""
-        step = self.metadata.get("step")
-        return None if step is None else int(step)
+        return whole_step(self.metadata.get("step"))
 
     @property
     def lr(self) -> float | None:
@@ -259,7 +274,7 @@ def step_from_name(name: str) -> int | None:
         return None
     last = parts[-1]
     for part in (last.rsplit(".", 1)[0] if "." in last else last, *reversed(parts[:-1])):
-        found = [int(a or b) for a, b in _STEP_IN_NAME.findall(part)]
+        found = [n for a, b in _STEP_IN_NAME.findall(part) if (n := int(a or b)) <= STEP_MAX]
         if found:
             return found[-1]
     return None
@@ -525,9 +540,9 @@ def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, di
     if obj.get("format") == FORMAT_TAG:
         return _tagged_container(obj, path)
     weights = _container_weights(obj, path)
-    step = _first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    step = whole_step(_first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)))
     if step is not None:
-        meta["step"] = int(step)
+        meta["step"] = step
     optimizer_state = _first_present(obj, ("optimizer", "optimizer_state_dict", "optimizer_state"), _is_mapping)
     if optimizer_state is None and isinstance(obj.get("optimizer_states"), (list, tuple)) and obj["optimizer_states"]:
         optimizer_state = obj["optimizer_states"][0]  # Lightning
@@ -587,9 +602,10 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
             raise DiagnosticsError(
                 f"'{path}' holds a {type(obj).__name__}, not a state_dict; save model.state_dict() instead"
             )
-    for key, kinds in (("step", (int,)), ("lr", (int, float))):  # metadata is data: drop values of the wrong type
-        if key in meta and (not isinstance(meta[key], kinds) or isinstance(meta[key], bool)):
-            meta.pop(key)
+    if "step" in meta and whole_step(meta["step"]) is None:  # metadata is data: drop values of the wrong type
+        meta.pop("step")
+    if "lr" in meta and (not isinstance(meta["lr"], (int, float)) or isinstance(meta["lr"], bool)):
+        meta.pop("lr")
     check_dense(state_dict, f"'{path}'")
     _step_from_name(meta, f"{path.parent.name}/{path.name}")
     return Checkpoint(path, state_dict, meta, optimizer_state, content.sha256)
@@ -615,7 +631,7 @@ def trainer_state_metadata(state: Any) -> dict[str, Any]:
     if not isinstance(state, Mapping):
         return meta
     step = state.get("global_step")
-    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+    if isinstance(step, int) and whole_step(step) is not None:
         meta["step"] = step
     best = None
     for entry in state.get("log_history") or []:

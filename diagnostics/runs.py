@@ -133,9 +133,10 @@ def _sort_key(rc: RunCheckpoint) -> tuple:
 
 
 def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` once links are followed (a symlink loop lies nowhere)."""
     try:
         path.resolve().relative_to(folder.resolve())
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
     return True
 
@@ -191,7 +192,7 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
     run = Path(run_dir)
     check_pattern(pattern)
     if not run.exists():
-        raise DiagnosticsError(f"no such run folder: '{run}'")
+        raise DiagnosticsError(f"no such run folder: '{run}'; pass the folder that holds the run's checkpoints")
     if not run.is_dir():
         raise DiagnosticsError(f"'{run}' is a file; pass the folder that holds the run's checkpoints")
 
@@ -223,7 +224,10 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
         files += folders
     if not files:
         what = f"matching '{pattern}'" if pattern else f"({', '.join(CHECKPOINT_SUFFIXES)} or model folders)"
-        raise DiagnosticsError(f"no checkpoint files {what} in '{run}'")
+        fix = (
+            "check the glob (it is matched inside the run folder)" if pattern else "pass --pattern GLOB for other names"
+        )
+        raise DiagnosticsError(f"no checkpoint files {what} in '{run}'; {fix}")
     return sorted(set(files), key=lambda p: _natural_key(p.relative_to(run).as_posix()))
 
 
@@ -911,6 +915,12 @@ class _Tally:
         self.failures += other.failures
         self.skipped += [x for x in other.skipped if x not in self.skipped]
         self.warnings += [x for x in other.warnings if x not in self.warnings]
+
+
+def check_settings(settings: SweepSettings, specs: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before anything is written, settings a sweep would refuse: no or unknown analyzers, options for
+    analyzers that are not run, ill-typed options (:func:`_choose`)."""
+    _choose(settings, specs)
 
 
 def _choose(settings: SweepSettings, specs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:

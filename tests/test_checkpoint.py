@@ -367,3 +367,20 @@ def test_a_truncated_checkpoint_is_still_called_truncated(tmp_path: Path) -> Non
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(DiagnosticsError, match="truncated or corrupt"):
         load_checkpoint(bad)
+
+
+def test_steps_that_are_not_whole_int64_numbers_are_unknown(tmp_path: Path) -> None:
+    from diagnostics.checkpoint import STEP_MAX, whole_step
+
+    assert [whole_step(v) for v in (0, 7, 7.0, STEP_MAX)] == [0, 7, 7, STEP_MAX]
+    for bad in (float("nan"), float("inf"), 1.5, -1, STEP_MAX + 1, 10**30, True, "7", None):
+        assert whole_step(bad) is None
+    sd = nn.Linear(2, 2).state_dict()
+    for value in (float("nan"), 1.5, 2**70):  # int(nan) raised ValueError; 1.5 became 1; 2**70 broke int64 tables
+        torch.save({"model": sd, "step": value}, tmp_path / "c.pt")
+        assert load_checkpoint(tmp_path / "c.pt").step is None
+    torch.save({"model": sd, "step": 12.0}, tmp_path / "c.pt")
+    assert load_checkpoint(tmp_path / "c.pt").step == 12
+    assert step_from_name(f"step_{10**30}.pt") is None and step_from_name(f"step_{STEP_MAX}.pt") == STEP_MAX
+    torch.save(sd, tmp_path / f"step_{10**30}.pt")
+    assert load_checkpoint(tmp_path / f"step_{10**30}.pt").step is None

@@ -86,17 +86,32 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     from diag_cli.run_command import load_project
     from diagnostics import distributed
     from diagnostics.binding import input_files
-    from diagnostics.runs import check_pattern, prepare_out_dir, start_manifest, write_sweep
+    from diagnostics.runs import (
+        check_pattern,
+        check_settings,
+        checkpoint_files,
+        prepare_out_dir,
+        start_manifest,
+        write_sweep,
+    )
 
     if not run.is_dir():
-        raise DiagnosticsError(f"no such run folder: '{run}'" if not run.exists() else f"'{run}' is not a folder")
+        raise DiagnosticsError(
+            f"no such run folder: '{run}'; pass the folder that holds the run's checkpoints"
+            if not run.exists()
+            else f"'{run}' is a file; pass the folder that holds the run's checkpoints"
+        )
     check_pattern(flags.get("pattern"))  # before the output folder is made
     project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)
     inputs = input_files(project_opts.config, flags.get("model"), flags.get("data"), flags.get("loss"))
-    prepare_out_dir(out, force=force, protected=[run, *inputs])
-    distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
     settings = settings_from(flags, project)
+    # what would stop the sweep before its first checkpoint stops it before the output folder and its manifest
+    # are touched: a rerun with a typo keeps the last sweep's manifest (diag report reruns from it)
+    check_settings(settings)
+    prepare_out_dir(out, force=force, protected=[run, *inputs])
+    checkpoint_files(run, settings.pattern, exclude=[out])
+    distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
     if distributed.is_main():  # before the first result: a killed first sweep resumes with the same command
         start_manifest(out, run, settings, invocation=flags)
     result = _sweep(run, out, settings, bool(flags.get("fail_fast")), quiet)

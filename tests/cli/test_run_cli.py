@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diag_cli.main import app
@@ -222,3 +224,32 @@ def test_too_many_replicates_without_samples_says_what_they_need(run_dir: Path, 
         r, f"--replicates {k} splits the data into {k} disjoint subsets", f"which needs at least {k} samples"
     )
     assert "--samples 0" not in line and "needs 0 samples" not in line
+
+
+def test_a_rerun_refused_before_its_first_checkpoint_keeps_the_last_manifest(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q").exit_code == 0
+    before = (out / "diag-run.json").read_bytes()
+    for bad in (["--analyzers", "nope"], ["--set", "hessian.top_k=2"], ["--pattern", "nothing_*.pt"]):
+        r = diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q", *bad)
+        assert r.exit_code == 2 and r.stderr.startswith("diag: error: "), r.output
+        assert (out / "diag-run.json").read_bytes() == before  # 'diag report' still reruns the last sweep
+    assert diag("report", run_dir, "--out", out, "-q").exit_code == 0
+
+
+def test_odd_steps_and_symlink_loops_do_not_stop_a_sweep(tmp_path: Path) -> None:
+    import tinymodels as tm
+    from diagnostics.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / f"step_{10**30}.pt", tm.build_tiny(), lr=0.1)  # beyond int64: the step is unknown
+    save_checkpoint(run / "step_5.pt", tm.build_tiny(seed=1), lr=0.1)
+    torch.save({"model": tm.build_tiny(seed=2).state_dict(), "step": float("nan")}, run / "nan_step.pt")
+    (run / "loop_a.pt").symlink_to(run / "loop_b.pt")
+    (run / "loop_b.pt").symlink_to(run / "loop_a.pt")
+    r = diag("run", run, "--analyzers", "weights", "--model", "tinymodels:build_tiny", "--out", tmp_path / "o", "-q")
+    assert r.exit_code == 0, r.output  # it was 'unexpected OverflowError' after every checkpoint was done
+    frame = pd.read_csv(tmp_path / "o" / "records.csv")
+    steps = frame.groupby("checkpoint")["step"].first()
+    assert steps["step_5.pt"] == 5 and steps.drop("step_5.pt").isna().all() and len(steps) == 3
