@@ -163,10 +163,20 @@ _STEP_LABEL = "training step"
 _ORDER_LABEL = "checkpoint (in order)"
 
 
+def steps_usable(frame: pd.DataFrame) -> bool:
+    """Whether the steps can be the x axis: every checkpoint has one, and no two checkpoints share one (two
+    seeds' ``step_1.pt`` would be drawn as one line that jumps between them)."""
+    if not len(frame) or not frame["step"].notna().all():
+        return False
+    per = frame.drop_duplicates("checkpoint")["step"]
+    return not per.duplicated().any()
+
+
 def _with_x(frame: pd.DataFrame, order: list[str] | None = None) -> tuple[pd.DataFrame, str]:
-    """``frame`` plus an ``_x`` column: the step, or the checkpoint's position when a step is missing."""
+    """``frame`` plus an ``_x`` column: the step, or the checkpoint's position when a step is missing or shared
+    (:func:`steps_usable`)."""
     df = frame.copy()
-    if len(df) and df["step"].notna().all():
+    if steps_usable(df):
         df["_x"] = df["step"].astype("float64")
         return df, _STEP_LABEL
     names = list(dict.fromkeys(list(order or []) + list(df["checkpoint"])))

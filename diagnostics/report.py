@@ -822,6 +822,24 @@ def _subtitle(data: RunData, version: str) -> str:
     )
 
 
+def shared_step_notes(frame: pd.DataFrame, shown: int = 3) -> list[str]:
+    """A note when checkpoints share a step (two seeds' ``step_1.pt``, a renamed copy): the figures then plot
+    the checkpoints in order instead of against the step."""
+    per = frame.drop_duplicates("checkpoint")[["checkpoint", "step"]].dropna()
+    shared = per[per["step"].duplicated(keep=False)]
+    if shared.empty:
+        return []
+    groups = [
+        f"{', '.join(map(str, g['checkpoint'].tolist()[:shown]))} at step {int(step)}"
+        for step, g in shared.groupby("step", sort=True)
+    ]
+    more = f" and {len(groups) - shown} more steps" if len(groups) > shown else ""
+    return [
+        f"checkpoints share a step ({'; '.join(groups[:shown])}{more}): the figures plot the checkpoints in order, "
+        "not against the step; analyse each run folder (e.g. each seed) on its own to compare steps"
+    ]
+
+
 def render_report(data: RunData, title: str | None = None) -> Report:
     """A :class:`RunData` -> :class:`Report` (HTML, Markdown, PNG figures)."""
     from diagnostics import __version__
@@ -831,6 +849,7 @@ def render_report(data: RunData, title: str | None = None) -> Report:
     figures, fig_notes = report_figures(data)
     summary = summary_table(data.frame, data.analyzers)
     notes = [f"{f.checkpoint} [{f.analyzer}] failed: {f.message}" for f in m.failures] + m.notes + fig_notes
+    notes += shared_step_notes(data.frame)
     page = _Page(
         title=title,
         subtitle=_subtitle(data, __version__),

@@ -424,3 +424,27 @@ def test_report_renders_in_a_headless_browser(digits_run: list[Path], tmp_path: 
     assert pixels.shape[:2] == (2000, 1280)
     assert float(pixels[..., :3].std()) > 0.05, "the screenshot is blank"
     print(f"\nreport screenshot: {shot}")
+
+
+def test_checkpoints_that_share_a_step_are_plotted_in_order_with_a_note() -> None:
+    from diagnostics.plots import _with_x, steps_usable
+    from diagnostics.report import shared_step_notes
+
+    frame = pd.DataFrame(
+        {
+            "checkpoint": ["seed0/step_1.pt", "seed0/step_2.pt", "seed1/step_1.pt"],
+            "step": pd.array([1, 2, 1], dtype="Int64"),
+            "metric": "eigenvalue",
+            "value": [1.0, 2.0, 3.0],
+        }
+    )
+    assert not steps_usable(frame)
+    df, label = _with_x(frame, list(frame["checkpoint"]))
+    assert label == "checkpoint (in order)" and df["_x"].tolist() == [0.0, 1.0, 2.0]
+    [note] = shared_step_notes(frame)
+    assert "seed0/step_1.pt, seed1/step_1.pt at step 1" in note and "in order" in note
+    unique = frame.assign(step=pd.array([1, 2, 3], dtype="Int64"))
+    assert steps_usable(unique) and shared_step_notes(unique) == []
+    assert _with_x(unique)[1] == "training step"
+    repeated = pd.concat([unique, unique.assign(metric="trace")])  # many records per checkpoint: one step each
+    assert steps_usable(repeated) and shared_step_notes(repeated) == []
