@@ -787,8 +787,14 @@ def _html(p: _Page, version: str) -> str:
     return "\n".join(h) + "\n"
 
 
+def _md_text(text: str) -> str:
+    """User text (a title, a note) for Markdown: ``<``, ``>`` and ``&`` as entities, so a title such as
+    ``<script>`` shows as written instead of being taken as HTML by a Markdown viewer."""
+    return html.escape(" ".join(str(text).split()), quote=False)
+
+
 def _markdown(p: _Page) -> str:
-    m: list[str] = [f"# {p.title}", "", p.subtitle, "", "## Summary", ""]
+    m: list[str] = [f"# {_md_text(p.title)}", "", _md_text(p.subtitle), "", "## Summary", ""]
     if p.failures:
         m += [f"> **{p.failures} result(s) could not be computed**; see the notes below.", ""]
     if len(p.overview):
@@ -798,7 +804,7 @@ def _markdown(p: _Page) -> str:
     for f in p.figures:
         m += [f"## {f.title}", "", f"![{f.title}](figures/{f.key}.png)", "", f.caption, ""]
     if p.notes:
-        m += ["## Warnings and notes", ""] + [f"- {n}" for n in p.notes] + [""]
+        m += ["## Warnings and notes", ""] + [f"- {_md_text(n)}" for n in p.notes] + [""]
     m += ["## Run metadata", ""] + [f"- **{k}**: {v}" for k, v in p.items] + [""]
     if len(p.checkpoints):
         m += ["### Checkpoints", "", _md_table(p.checkpoints), ""]

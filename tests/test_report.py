@@ -448,3 +448,12 @@ def test_checkpoints_that_share_a_step_are_plotted_in_order_with_a_note() -> Non
     assert _with_x(unique)[1] == "training step"
     repeated = pd.concat([unique, unique.assign(metric="trace")])  # many records per checkpoint: one step each
     assert steps_usable(repeated) and shared_step_notes(repeated) == []
+
+
+def test_user_text_is_escaped_in_the_markdown_too() -> None:
+    frame, _ = synthetic_run(with_all=False)
+    meta = {"notes": ["loss < 1 & <b>bold</b>"]}
+    report = build_report(frame[frame["metric"] == "eigenvalue"], meta, title="<script>alert(1)</script>")
+    assert "<script>" not in report.markdown and "# &lt;script&gt;alert(1)&lt;/script&gt;" in report.markdown
+    assert "- loss &lt; 1 &amp; &lt;b&gt;bold&lt;/b&gt;" in report.markdown
+    assert "<script>" not in report.html
