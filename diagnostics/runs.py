@@ -1038,7 +1038,7 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
         return []
     except Exception as exc:
         if not job.keep_going:
-            raise
+            _stop(rc, None, exc)
         tally.failures += [SweepFailure(rc.name, a, _one_line(exc)) for a in missing]
         return []
     done = []
@@ -1060,7 +1060,7 @@ def _analyze(i: int, missing: list[str], job: _Job, tally: _Tally, progress: Pro
             )
         except Exception as exc:
             if not job.keep_going:
-                raise
+                _stop(rc, a, exc)
             tally.failures.append(SweepFailure(rc.name, a, _one_line(exc)))
             continue
         if a in job.warm:
@@ -1105,6 +1105,19 @@ def _one_checkpoint(
     if any(s.checkpoint == rc.name for s in tally.skipped):
         parts.append("skipped (changed while reading; analysed next run)")
     log(f"{label} {rc.name} (step {rc.step}): {'; '.join(parts)}")
+
+
+def _stop(rc: RunCheckpoint, analyzer: str | None, exc: Exception) -> None:
+    """``--fail-fast``: stop the sweep at its first failure, saying where, that the results finished before it
+    are cached, and how to go on. A user's own exception (not a :class:`DiagnosticsError`) is passed on as it is
+    (``--debug`` shows its traceback)."""
+    if not isinstance(exc, DiagnosticsError):
+        raise exc
+    where = rc.name + (f" [{analyzer}]" if analyzer else "")
+    raise DiagnosticsError(
+        f"the sweep stopped at {where} (--fail-fast): {exc}; the results finished before it are cached, so a "
+        "rerun without --fail-fast goes on from there"
+    ) from exc
 
 
 def _sweep_checkpoints(

@@ -253,3 +253,14 @@ def test_odd_steps_and_symlink_loops_do_not_stop_a_sweep(tmp_path: Path) -> None
     frame = pd.read_csv(tmp_path / "o" / "records.csv")
     steps = frame.groupby("checkpoint")["step"].first()
     assert steps["step_5.pt"] == 5 and steps.drop("step_5.pt").isna().all() and len(steps) == 3
+
+
+def test_fail_fast_says_where_it_stopped_and_that_finished_results_are_kept(run_dir: Path, tmp_path: Path) -> None:
+    (run_dir / "step_00300.pt").write_bytes(b"")  # the last checkpoint is empty
+    out = tmp_path / "o"
+    r = diag("run", run_dir, "--analyzers", "weights", "--out", out, "--fail-fast", "-q")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("diag: error: the sweep stopped at step_00300.pt (--fail-fast): ")
+    assert "is empty (0 bytes)" in r.stderr and "rerun without --fail-fast" in r.stderr
+    again = diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q")
+    assert again.exit_code == 0 and "3 from cache" in again.stdout, again.output
