@@ -215,7 +215,8 @@ def checkpoint_files(run_dir: str | Path, pattern: str | None = None, exclude: S
         if p in folders:
             files.append(p)  # a model folder matched by the pattern
             continue
-        if not p.is_file() or any(_inside(p, f) for f in folders):
+        dangling = p.is_symlink() and not p.exists()  # a broken link or a loop: fails alone, with the reason
+        if not (p.is_file() or dangling) or any(_inside(p, f) for f in folders):
             continue
         if pattern is None and p.suffix.lower() not in CHECKPOINT_SUFFIXES:
             continue

@@ -506,3 +506,14 @@ def test_an_output_folder_that_contains_the_run_is_refused_even_with_force(run_c
     inside = prepare_out_dir(run_copy / "reports", protected=[run_copy])  # inside the run: skipped by the sweep
     res = sweep(run_copy, settings(), cache_dir=inside / "cache", exclude=[inside])
     assert [c.name for c in res.checkpoints] == ["step_00000.pt", "step_00100.pt", "step_00200.pt"]
+
+
+def test_a_dangling_link_named_like_a_checkpoint_fails_alone_with_its_reason(run_copy: Path, tmp_path: Path) -> None:
+    (run_copy / "step_00300.pt").symlink_to(tmp_path / "gone.pt")  # the target was deleted
+    (run_copy / "loop_a.pt").symlink_to(run_copy / "loop_b.pt")
+    (run_copy / "loop_b.pt").symlink_to(run_copy / "loop_a.pt")
+    res = sweep(run_copy, SweepSettings(analyzers=["weights"]))
+    failed = {f.checkpoint: f.message for f in res.failures}
+    assert set(failed) == {"step_00300.pt", "loop_a.pt", "loop_b.pt"}  # named, not silently skipped
+    assert "no such checkpoint" in failed["step_00300.pt"] and "symbolic links" in failed["loop_a.pt"]
+    assert len({r for r in res.frame["checkpoint"]}) == 3  # the real checkpoints were analysed
