@@ -1357,6 +1357,24 @@ def _manifest_run(out: Path) -> Path | None:
     return Path(run) if isinstance(run, str) and run else None
 
 
+def refuse_output_as_run(run: Path) -> None:
+    """Refuse a run folder that is a folder diag wrote (a sweep's or report's ``--out``, with its manifest):
+    it holds results, not checkpoints. The message names the run its manifest records.
+
+    Raises:
+        DiagnosticsError: naming the folder, the run it was made from (when recorded) and the fix.
+    """
+    if not is_ours(run):
+        return
+    source = _manifest_run(run)
+    made = f" from the run '{source}'" if source is not None else ""
+    example = f"'{source}'" if source is not None else "the run folder"
+    raise DiagnosticsError(
+        f"'{run}' is an output folder diag wrote{made}, not a run of checkpoints; pass {example} as the run and "
+        f"'{run}' as --out"
+    )
+
+
 def _refuse_other_run(out: Path, protected: Sequence[Path]) -> None:
     """Refuse ``out`` when it holds the sweep of a run folder other than the one(s) among ``protected``."""
     runs = [Path(p).resolve() for p in protected if Path(p).is_dir()]

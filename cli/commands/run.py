@@ -91,6 +91,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         check_settings,
         checkpoint_files,
         prepare_out_dir,
+        refuse_output_as_run,
         start_manifest,
         write_sweep,
     )
@@ -101,6 +102,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
             if not run.exists()
             else f"'{run}' is a file; pass the folder that holds the run's checkpoints"
         )
+    refuse_output_as_run(run)
     check_pattern(flags.get("pattern"))  # before the output folder is made
     project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)

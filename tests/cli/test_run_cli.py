@@ -264,3 +264,14 @@ def test_fail_fast_says_where_it_stopped_and_that_finished_results_are_kept(run_
     assert "is empty (0 bytes)" in r.stderr and "rerun without --fail-fast" in r.stderr
     again = diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q")
     assert again.exit_code == 0 and "3 from cache" in again.stdout, again.output
+
+
+def test_an_output_folder_given_as_the_run_names_its_run(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q").exit_code == 0
+    for command in ("run", "report"):
+        r = diag(command, out, "--out", tmp_path / "o2", "-q")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+        assert f"'{out}' is an output folder diag wrote from the run '{run_dir}'" in r.stderr
+        assert f"pass '{run_dir}' as the run" in r.stderr
+        assert not (tmp_path / "o2").exists()
