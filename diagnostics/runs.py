@@ -48,7 +48,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
@@ -1425,6 +1425,31 @@ def start_manifest(
     path = Path(out) / MANIFEST_NAME
     atomic_write_bytes(path, strict_json(meta, indent=2).encode())
     return path
+
+
+@contextlib.contextmanager
+def last_manifest_kept(out: str | Path) -> Iterator[None]:
+    """Put back the manifest ``out`` held before a sweep (``diag-run.json``) if the sweep raises.
+
+    :func:`start_manifest` replaces a finished sweep's manifest before the first result; a rerun that then
+    fails as a whole (every checkpoint failed, ``--fail-fast``, Ctrl-C) would leave that ``"in progress"``
+    manifest beside the last sweep's tables, and ``diag report`` would rerun the failing command. With the
+    last manifest back, the folder stays the last finished sweep's; the new results already computed are in
+    the cache for the rerun. A folder with no manifest before (a first sweep) keeps ``"in progress"``, so
+    that the same command resumes it.
+    """
+    path = Path(out) / MANIFEST_NAME
+    try:
+        previous = path.read_bytes() if path.is_file() else None
+    except OSError:
+        previous = None
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            with contextlib.suppress(OSError):  # the sweep's own error is the one to show
+                atomic_write_bytes(path, previous)
+        raise
 
 
 def write_sweep(out: str | Path, result: SweepResult, invocation: Mapping[str, Any] | None = None) -> dict[str, Path]:

@@ -27,6 +27,7 @@ from diagnostics.runs import (
     check_pattern,
     discover_checkpoints,
     is_ours,
+    last_manifest_kept,
     parse_overrides,
     prepare_out_dir,
     resolve_settings,
@@ -517,3 +518,20 @@ def test_a_dangling_link_named_like_a_checkpoint_fails_alone_with_its_reason(run
     assert set(failed) == {"step_00300.pt", "loop_a.pt", "loop_b.pt"}  # named, not silently skipped
     assert "no such checkpoint" in failed["step_00300.pt"] and "symbolic links" in failed["loop_a.pt"]
     assert len({r for r in res.frame["checkpoint"]}) == 3  # the real checkpoints were analysed
+
+
+def test_last_manifest_kept_puts_the_manifest_back_only_when_the_block_raises(tmp_path: Path) -> None:
+    path = tmp_path / MANIFEST_NAME
+    path.write_text('{"status": "complete"}')
+    with pytest.raises(KeyboardInterrupt), last_manifest_kept(tmp_path):
+        path.write_text('{"status": "in progress"}')
+        raise KeyboardInterrupt
+    assert path.read_text() == '{"status": "complete"}'
+    with last_manifest_kept(tmp_path):
+        path.write_text('{"status": "in progress"}')
+    assert path.read_text() == '{"status": "in progress"}'  # a sweep that ends normally writes its own
+    path.unlink()
+    with pytest.raises(RuntimeError), last_manifest_kept(tmp_path):
+        path.write_text('{"status": "in progress"}')
+        raise RuntimeError("every checkpoint failed")
+    assert path.read_text() == '{"status": "in progress"}'  # no manifest before: a first sweep resumes

@@ -7,6 +7,7 @@ imported until the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from pathlib import Path
@@ -90,6 +91,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         check_pattern,
         check_settings,
         checkpoint_files,
+        last_manifest_kept,
         prepare_out_dir,
         refuse_output_as_run,
         start_manifest,
@@ -114,9 +116,12 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     prepare_out_dir(out, force=force, protected=[run, *inputs])
     checkpoint_files(run, settings.pattern, exclude=[out])
     distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
-    if distributed.is_main():  # before the first result: a killed first sweep resumes with the same command
-        start_manifest(out, run, settings, invocation=flags)
-    result = _sweep(run, out, settings, bool(flags.get("fail_fast")), quiet)
+    main = distributed.is_main()
+    # a rerun that fails as a whole puts the last finished sweep's manifest back (its tables stay current)
+    with last_manifest_kept(out) if main else contextlib.nullcontext():
+        if main:  # before the first result: a killed first sweep resumes with the same command
+            start_manifest(out, run, settings, invocation=flags)
+        result = _sweep(run, out, settings, bool(flags.get("fail_fast")), quiet)
     if not distributed.is_main():  # every rank holds the whole sweep; rank 0 alone writes and prints
         raise typer.Exit(0)
     write_sweep(out, result, invocation=flags)

@@ -275,3 +275,26 @@ def test_an_output_folder_given_as_the_run_names_its_run(run_dir: Path, tmp_path
         assert f"'{out}' is an output folder diag wrote from the run '{run_dir}'" in r.stderr
         assert f"pass '{run_dir}' as the run" in r.stderr
         assert not (tmp_path / "o2").exists()
+
+
+def test_a_rerun_that_fails_at_every_checkpoint_keeps_the_last_manifest(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q").exit_code == 0
+    before = (out / "diag-run.json").read_bytes()
+    # a factory whose model fits none of the checkpoints: discovered, started, then every checkpoint fails
+    r = diag("run", run_dir, "--analyzers", "weights", "--model", "tinymodels:build_tiny", "--out", out, "-q")
+    assert r.exit_code == 2 and r.stderr.startswith("diag: error: every checkpoint failed"), r.output
+    assert (out / "diag-run.json").read_bytes() == before  # it read "in progress" with the failing command
+    (run_dir / "step_00300.pt").write_bytes(b"")
+    stopped = diag("run", run_dir, "--analyzers", "weights", "--out", out, "-q", "--fail-fast")
+    assert stopped.exit_code == 2 and "(--fail-fast)" in stopped.stderr, stopped.output
+    assert (out / "diag-run.json").read_bytes() == before
+    report = diag("report", run_dir, "--out", out, "-q")  # reruns the last finished sweep's command
+    assert report.exit_code == 0, report.output
+
+
+def test_a_first_sweep_that_fails_keeps_its_manifest_in_progress(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = diag("run", run_dir, "--analyzers", "weights", "--model", "tinymodels:build_tiny", "--out", out, "-q")
+    assert r.exit_code == 2, r.output
+    assert json.loads((out / "diag-run.json").read_text())["status"] == "in progress"
