@@ -194,12 +194,12 @@ def read_model_folder(path: str | Path) -> FileBytes:
     files: dict[str, bytes] = {}
     index = None
     if (folder / SAFE_INDEX).is_file() and not (folder / SAFE_WEIGHTS).is_file():
-        index = read_checkpoint_file(folder / SAFE_INDEX).data
+        index = read_checkpoint_file(folder / SAFE_INDEX, sniff=False).data
         files[SAFE_INDEX] = index
     names = [CONFIG_FILE, *_folder_weight_files(folder, index)]
     names += [n for n in (TRAINER_STATE, OPTIMIZER_FILE) if (folder / n).is_file()]
     for name in names:
-        files[name] = read_checkpoint_file(folder / name).data
+        files[name] = read_checkpoint_file(folder / name, sniff=name not in (CONFIG_FILE, TRAINER_STATE)).data
     h = hashlib.sha256(b"diagnostics-model-folder/1\n")
     for name in sorted(files):
         h.update(f"{name}\0{len(files[name])}\0".encode())
@@ -207,8 +207,13 @@ def read_model_folder(path: str | Path) -> FileBytes:
     return FileBytes(path=folder, data=b"", sha256=h.hexdigest(), files=files)
 
 
-def read_checkpoint_file(path: str | Path) -> FileBytes:
+def read_checkpoint_file(path: str | Path, *, sniff: bool = True) -> FileBytes:
     """Read a regular file once into memory, refusing one that changes while it is read.
+
+    With ``sniff``, a file whose first bytes already say it is no checkpoint (:func:`head_kind`: text, an
+    image, an HDF5 or NumPy file, an archive, ...) is refused before the rest is read or hashed (a
+    multi-gigabyte log named ``step_5.pt`` costs one 4 KiB read). Model folders read their JSON files
+    without it.
 
     The file's size and modification time (``fstat`` of the open file) are compared before and after the
     read, and the number of bytes read with the size: a trainer writing the file in place, or appending to
@@ -238,6 +243,10 @@ def read_checkpoint_file(path: str | Path) -> FileBytes:
     try:
         with open(path, "rb") as fh:
             before = os.fstat(fh.fileno())
+            kind = head_kind(fh.read(HEAD_BYTES)) if sniff else None
+            if kind is not None:
+                raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file")
+            fh.seek(0)
             data = fh.read()
             after = os.fstat(fh.fileno())
     except OSError as exc:
@@ -362,13 +371,36 @@ _MAGIC = (
 )
 
 
+HEAD_BYTES = 4096
+
+
+def head_kind(head: bytes) -> str | None:
+    """What a file is, when its first bytes (``head``, up to :data:`HEAD_BYTES`) settle that it is no
+    checkpoint: one of :data:`_MAGIC`'s formats, or printable text. None when they do not (a pickle, a zip
+    archive, a safetensors header, binary data): only the whole file can tell those apart."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
+            return kind
+    if not head or head[:1] == b"\x80":  # a pickle (protocol 2+)
+        return None
+    try:
+        text = head[:HEAD_BYTES].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(head) < HEAD_BYTES or exc.start < HEAD_BYTES - 3:  # not a character cut at the head's end
+            return None
+        text = head[: exc.start].decode("utf-8")
+    return "a text file" if text and all(c.isprintable() or c.isspace() for c in text[:1024]) else None
+
+
 def file_kind(data: bytes) -> str | None:
     """What a file that ``torch.load`` cannot read looks like, from its first bytes (None: it looks like a
     damaged checkpoint, a pickle or a zip archive of torch.save's layout, so "truncated or corrupt" is the
     likelier story)."""
-    for magic, kind in _MAGIC:
-        if data.startswith(magic) or (magic == b"ustar" and data[257:262] == magic):
-            return kind
+    if not data:
+        return "empty"
+    kind = head_kind(data[:HEAD_BYTES])
+    if kind is not None:
+        return kind
     if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06"):
         try:
             names = zipfile.ZipFile(io.BytesIO(data)).namelist()
@@ -380,16 +412,6 @@ def file_kind(data: bytes) -> str | None:
         return f"a zip archive without torch.save's data.pkl (it holds {shown or 'nothing'})"
     if len(data) >= 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
         return "a safetensors file under another suffix (rename it to .safetensors)"
-    head = data[:4096]
-    if not head:
-        return "empty"
-    if data[:1] != b"\x80":  # not a pickle (protocol 2+); a text file?
-        try:
-            text = head.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if all(c.isprintable() or c.isspace() for c in text[:1024]):
-            return "a text file"
     return None
 
 

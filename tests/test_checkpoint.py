@@ -384,3 +384,32 @@ def test_steps_that_are_not_whole_int64_numbers_are_unknown(tmp_path: Path) -> N
     assert step_from_name(f"step_{10**30}.pt") is None and step_from_name(f"step_{STEP_MAX}.pt") == STEP_MAX
     torch.save(sd, tmp_path / f"step_{10**30}.pt")
     assert load_checkpoint(tmp_path / f"step_{10**30}.pt").step is None
+
+
+@pytest.mark.parametrize("head", [b"2026-12-03 epoch 3: loss 0.1\n", b"%PDF-1.7\n", b"\x89PNG\r\n\x1a\n"])
+def test_a_large_file_of_another_kind_is_refused_from_its_first_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: bytes
+) -> None:
+    import diagnostics.checkpoint as ck
+
+    path = tmp_path / "step_5.pt"
+    with open(path, "wb") as fh:
+        fh.write(head * 200)  # a log fills its first 4 KiB with text
+        fh.truncate(64 << 20)  # sparse: 64 MiB that the refusal never reads
+    monkeypatch.setattr(ck.hashlib, "sha256", lambda *a: pytest.fail("the whole file was read and hashed"))
+    with pytest.raises(DiagnosticsError, match="not a PyTorch checkpoint; pass the checkpoint file"):
+        ck.read_checkpoint_file(path)
+
+
+def test_head_kind_leaves_checkpoint_layouts_to_the_whole_file(tmp_path: Path) -> None:
+    from diagnostics.checkpoint import HEAD_BYTES, head_kind
+
+    torch.save({"w": torch.zeros(4)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.zeros(4)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _safetensors(tmp_path / "w.safetensors")
+    for name in ("zip.pt", "legacy.pt", "w.safetensors"):
+        assert head_kind((tmp_path / name).read_bytes()[:HEAD_BYTES]) is None, name
+    assert head_kind(b"") is None and head_kind(bytes(range(256))) is None
+    # a multi-byte character cut by the 4 KiB head is still text
+    assert head_kind(("x" * (HEAD_BYTES - 1) + "é").encode()[:HEAD_BYTES]) == "a text file"
+    assert head_kind(b"loss \xff\xfe 0.1") is None
