@@ -717,6 +717,35 @@ def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str)
     return state
 
 
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each shared tensor once; a ``meta`` module's too)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(id(t), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def check_model_fits(model: nn.Module, what: str) -> None:
+    """Refuse (one line) to build ``model`` (given as a ``meta`` skeleton) when it would not fit in free memory."""
+    from diagnostics.linalg.memory import Requirement, check_fits
+
+    check_fits(
+        [Requirement(torch.device("cpu"), module_bytes(model), what)],
+        "pass the folder of the model you trained (its config.json and weights), or --model to build it yourself",
+    )
+
+
+def _meta_model(binding: Binding) -> nn.Module | None:
+    """The factory's model built under the ``meta`` device (shapes without memory), or None when the factory
+    cannot build one there (the real call then reports any error)."""
+    try:
+        with torch.device("meta"):
+            model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=True)
+    except DiagnosticsError:  # call_factory turns every failure into one
+        return None
+    return model if isinstance(model, nn.Module) else None
+
+
 def build_model(
     checkpoint: Checkpoint, binding: Binding, device: torch.device, dtype: torch.dtype, notes: list[str] | None = None
 ) -> nn.Module:
@@ -731,11 +760,23 @@ def build_model(
             raise DiagnosticsError(
                 f"'{checkpoint.name}' is not a transformers model folder; pass --model package.module:callable"
             )
+        # config.json is data from the folder: its shapes are checked against the weights (and the model's size
+        # against free memory) on a model of shapes alone, before one that allocates and initialises is built
+        skeleton, _ = build_from_config(checkpoint.model_config, f"'{checkpoint.name}'", device="meta")
+        _fit_state_dict(skeleton, checkpoint.state_dict, binding.model)
+        check_model_fits(skeleton, f"the model config.json of '{checkpoint.name}' describes")
+        del skeleton
         model, built_notes = build_from_config(checkpoint.model_config, f"'{checkpoint.name}'")
         if notes is not None:
             notes.extend(built_notes)
     else:
         from_ck = binding.sources.get("model") == "checkpoint"
+        if from_ck:  # the keyword arguments are data from the checkpoint: check what they build first
+            skeleton = _meta_model(binding)
+            if skeleton is not None:
+                _fit_state_dict(skeleton, checkpoint.state_dict, binding.model)
+                check_model_fits(skeleton, f"the model the checkpoint's arguments give '{binding.model}'")
+                del skeleton
         model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=from_ck)
     if not isinstance(model, nn.Module):
         raise DiagnosticsError(

@@ -58,12 +58,16 @@ def _auto_class_for(transformers: Any, model_type: str, arch: str | None) -> tup
     )
 
 
-def build_from_config(config: Mapping[str, Any], where: str = "the model folder") -> tuple[Any, list[str]]:
+def build_from_config(
+    config: Mapping[str, Any], where: str = "the model folder", *, device: str | None = None
+) -> tuple[Any, list[str]]:
     """``config.json`` -> (model in eval mode, notes), with transformers' own classes only.
 
     Args:
         config: the parsed ``config.json``.
         where: the folder, for messages.
+        device: build under this default device; ``"meta"`` gives the model's shapes without allocating or
+            initialising any weight (a config.json naming a huge model is checked before memory is used).
 
     Returns:
         The module and notes for the user (e.g. that ``auto_map`` was ignored).
@@ -100,7 +104,13 @@ def build_from_config(config: Mapping[str, Any], where: str = "the model folder"
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
         hf_config.use_cache = False
-        model = auto.from_config(hf_config, attn_implementation="eager")
+        if device is None:
+            model = auto.from_config(hf_config, attn_implementation="eager")
+        else:
+            import torch
+
+            with torch.device(device):
+                model = auto.from_config(hf_config, attn_implementation="eager")
     except DiagnosticsError:
         raise
     except Exception as exc:

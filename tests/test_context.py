@@ -316,3 +316,38 @@ def test_tuple_targets_default_to_the_second_item_also_with_inputs_given() -> No
     assert inputs[0] is x and inputs[1] is i and targets is None  # every item is an input
     inputs, targets = split_item((x, y, i), BatchLayout.parse("0", "2"), "data")
     assert inputs is x and targets is i  # --targets still picks
+
+
+def test_checkpoint_arguments_naming_a_huge_model_are_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diagnostics.examples.digits as digits
+
+    devices = []
+    real = digits.build_mlp
+
+    def recording(**kwargs):
+        devices.append(torch.get_default_device().type)
+        return real(**kwargs)
+
+    recording.__module__, recording.__qualname__ = real.__module__, real.__qualname__  # passes the origin check
+    monkeypatch.setattr(digits, "build_mlp", recording)
+    path = save_checkpoint(
+        tmp_path / "bomb.pt",
+        real(width=8, depth=2),
+        model_factory="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 8192, "depth": 2},  # 268 MB, initialised, for weights of a few kilobytes
+    )
+    ck = load_checkpoint(path)
+    bound = Binding(
+        model="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 8192, "depth": 2},  # as resolve_binding takes them from the checkpoint
+        data="tinymodels:tiny_data",
+        loss="cross_entropy",
+        sources={"model": "checkpoint"},
+    )
+    with pytest.raises(
+        DiagnosticsError, match=r"'features.0.weight' has shape \(8, 64\) in the checkpoint but \(8192, 64\)"
+    ):
+        build_context(ck, bound)
+    assert devices == ["meta"]

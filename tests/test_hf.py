@@ -520,3 +520,32 @@ def test_folder_reading_hashes_what_it_reads(folder: Path) -> None:
     assert read_checkpoint_file(folder).sha256 != a.sha256
     with pytest.raises(DiagnosticsError, match="model folder needs config.json"):
         read_checkpoint_file(folder.parent)
+
+
+def test_a_config_json_naming_a_huge_model_is_refused_before_it_is_built(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diagnostics.hf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(n_embd=1024, n_layer=2)  # ~100 MB here, any size in a hostile folder; its weights hold kilobytes
+    (folder / "config.json").write_text(json.dumps(cfg))
+    built = []
+    real = diagnostics.hf.build_from_config
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diagnostics.hf, "build_from_config", recording)
+    res = diag("hessian", folder, "--data", "hfmodels:gpt_batches")
+    one_line_error(res, "does not fit the model", "missing", "transformer.h.1.")
+    assert built == ["meta"]  # only the shapes were built: no weight was allocated or initialised
+
+
+def test_a_model_folder_too_large_for_free_memory_is_one_line(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diagnostics.linalg.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    res = diag("hessian", folder, "--data", "hfmodels:gpt_batches")
+    one_line_error(res, "not enough memory on cpu", "the model config.json of 'gpt' describes", "only 1000 B")
