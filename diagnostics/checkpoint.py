@@ -636,8 +636,13 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
 def _json_file(files: Mapping[str, bytes], name: str, path: Path) -> Any:
     try:
         return json.loads(files[name])
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise DiagnosticsError(f"'{path / name}' is not valid JSON; save the folder again") from exc
+    except RecursionError as exc:
+        raise DiagnosticsError(
+            f"'{path / name}' nests its JSON too deeply to read (no file transformers writes does); save the folder "
+            "again"
+        ) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DiagnosticsError(f"'{path / name}' is not valid JSON ({one_line(exc)}); save the folder again") from exc
 
 
 def trainer_state_metadata(state: Any) -> dict[str, Any]:

@@ -549,3 +549,16 @@ def test_a_model_folder_too_large_for_free_memory_is_one_line(folder: Path, monk
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     res = diag("hessian", folder, "--data", "hfmodels:gpt_batches")
     one_line_error(res, "not enough memory on cpu", "the model config.json of 'gpt' describes", "only 1000 B")
+
+
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("config.json", '{"model_type": "gpt2",', ["config.json' is not valid JSON (", "save the folder again"]),
+        ("config.json", '{"a":' * 100_000 + "1" + "}" * 100_000, ["config.json' nests its JSON too deeply"]),
+        ("trainer_state.json", "[" * 200_000 + "]" * 200_000, ["trainer_state.json' nests its JSON too deeply"]),
+    ],
+)
+def test_unreadable_folder_json_says_why(folder: Path, name: str, text: str, words: list[str]) -> None:
+    (folder / name).write_text(text)
+    one_line_error(diag("hessian", folder, "--data", "hfmodels:gpt_batches"), *words)
