@@ -245,7 +245,7 @@ def read_checkpoint_file(path: str | Path, *, sniff: bool = True) -> FileBytes:
             before = os.fstat(fh.fileno())
             kind = head_kind(fh.read(HEAD_BYTES)) if sniff else None
             if kind is not None:
-                raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file")
+                raise _other_kind(path, kind)
             fh.seek(0)
             data = fh.read()
             after = os.fstat(fh.fileno())
@@ -345,18 +345,23 @@ def _torch_load(data: bytes, path: Path) -> Any:
             ) from exc
         kind = file_kind(data)
         if kind is not None:
-            raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file") from exc
+            raise _other_kind(path, kind) from exc
         raise DiagnosticsError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint at all)"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
         kind = file_kind(data)
         if kind is not None:
-            raise DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file") from exc
+            raise _other_kind(path, kind) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DiagnosticsError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt file?): {type(exc).__name__}: {first}"
         ) from exc
+
+
+def _other_kind(path: Path, kind: str) -> DiagnosticsError:
+    """The error for a file that is ``kind`` (:func:`head_kind`, :func:`file_kind`), not a checkpoint."""
+    return DiagnosticsError(f"'{path}' is {kind}, not a PyTorch checkpoint; pass the checkpoint file")
 
 
 _MAGIC = (

@@ -735,6 +735,13 @@ def check_model_fits(model: nn.Module, what: str) -> None:
     )
 
 
+def _check_skeleton(skeleton: nn.Module, checkpoint: Checkpoint, binding: Binding, what: str) -> None:
+    """Before a model is built from data a checkpoint carries (config.json, factory arguments): its ``meta``
+    ``skeleton`` must fit the checkpoint's weights (keys, shapes) and, as ``what``, the free memory."""
+    _fit_state_dict(skeleton, checkpoint.state_dict, binding.model)
+    check_model_fits(skeleton, what)
+
+
 def _meta_model(binding: Binding) -> nn.Module | None:
     """The factory's model built under the ``meta`` device (shapes without memory), or None when the factory
     cannot build one there (the real call then reports any error)."""
@@ -763,9 +770,7 @@ def build_model(
         # config.json is data from the folder: its shapes are checked against the weights (and the model's size
         # against free memory) on a model of shapes alone, before one that allocates and initialises is built
         skeleton, _ = build_from_config(checkpoint.model_config, f"'{checkpoint.name}'", device="meta")
-        _fit_state_dict(skeleton, checkpoint.state_dict, binding.model)
-        check_model_fits(skeleton, f"the model config.json of '{checkpoint.name}' describes")
-        del skeleton
+        _check_skeleton(skeleton, checkpoint, binding, f"the model config.json of '{checkpoint.name}' describes")
         model, built_notes = build_from_config(checkpoint.model_config, f"'{checkpoint.name}'")
         if notes is not None:
             notes.extend(built_notes)
@@ -774,9 +779,9 @@ def build_model(
         if from_ck:  # the keyword arguments are data from the checkpoint: check what they build first
             skeleton = _meta_model(binding)
             if skeleton is not None:
-                _fit_state_dict(skeleton, checkpoint.state_dict, binding.model)
-                check_model_fits(skeleton, f"the model the checkpoint's arguments give '{binding.model}'")
-                del skeleton
+                _check_skeleton(
+                    skeleton, checkpoint, binding, f"the model the checkpoint's arguments give '{binding.model}'"
+                )
         model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=from_ck)
     if not isinstance(model, nn.Module):
         raise DiagnosticsError(

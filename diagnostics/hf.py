@@ -18,6 +18,7 @@ transformers is an optional dependency: ``pip install 'training-diagnostics[hf]'
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -77,6 +78,7 @@ def build_from_config(
             that transformers cannot replace, or an architecture outside transformers' mappings.
     """
     transformers = require_transformers()
+    import torch
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     notes: list[str] = []
@@ -104,13 +106,8 @@ def build_from_config(
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
         hf_config.use_cache = False
-        if device is None:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = auto.from_config(hf_config, attn_implementation="eager")
-        else:
-            import torch
-
-            with torch.device(device):
-                model = auto.from_config(hf_config, attn_implementation="eager")
     except DiagnosticsError:
         raise
     except Exception as exc:

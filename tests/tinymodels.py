@@ -176,13 +176,15 @@ def model_context(model: nn.Module, X: torch.Tensor, y: torch.Tensor | None, nam
     )
 
 
-def tiny_context(batches, loss="cross_entropy", model: nn.Module | None = None, seed: int = 0):
-    """A float64 :class:`~diagnostics.context.Context` of :class:`Tiny` (or ``model``) on ``batches``;
+def tiny_context(
+    batches, loss="cross_entropy", model: nn.Module | None = None, seed: int = 0, dtype: torch.dtype = torch.float64
+):
+    """A :class:`~diagnostics.context.Context` of :class:`Tiny` (or ``model``) in ``dtype`` on ``batches``;
     ``loss`` is a name of ``LOSSES`` or a callable ``fn(outputs, targets)`` (named ``custom``)."""
     from diagnostics.binding import LOSSES
     from diagnostics.context import Context
 
-    model = (model or build_tiny()).double().eval()
+    model = (model or build_tiny()).to(dtype).eval()
     return Context(
         model=model,
         params={n: p.detach() for n, p in model.named_parameters()},
@@ -190,7 +192,7 @@ def tiny_context(batches, loss="cross_entropy", model: nn.Module | None = None, 
         batches=batches,
         loss_fn=LOSSES[loss] if isinstance(loss, str) else loss,
         device=torch.device("cpu"),
-        dtype=torch.float64,
+        dtype=dtype,
         loss_name=loss if isinstance(loss, str) else "custom",
         seed=seed,
     )

@@ -16,6 +16,7 @@ from diag_cli.commands.run import (
     merge_invocation,
     run_argument,
     run_sweep,
+    sweep_notes,
     sweep_parameters,
     sweep_summary,
 )
@@ -52,8 +53,6 @@ def check_format(fmt: str) -> None:
 
 def report_summary(result: SweepResult, out: Path, written: dict[str, Path], rendered: Report) -> dict[str, Any]:
     """What ``diag report --format json`` prints: the files written, the figures and the sweep's counts."""
-    from diag_cli.commands.run import sweep_notes
-
     return {
         "out": str(out),
         "title": rendered.title,

@@ -88,7 +88,6 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     from diagnostics import distributed
     from diagnostics.binding import input_files
     from diagnostics.runs import (
-        check_pattern,
         check_settings,
         checkpoint_files,
         last_manifest_kept,
@@ -105,11 +104,10 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
             else f"'{run}' is a file; pass the folder that holds the run's checkpoints"
         )
     refuse_output_as_run(run)
-    check_pattern(flags.get("pattern"))  # before the output folder is made
     project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)
     inputs = input_files(project_opts.config, flags.get("model"), flags.get("data"), flags.get("loss"))
-    settings = settings_from(flags, project)
+    settings = settings_from(flags, project)  # checks --pattern (resolve_settings), before --out is made
     # what would stop the sweep before its first checkpoint stops it before the output folder and its manifest
     # are touched: a rerun with a typo keeps the last sweep's manifest (diag report reruns from it)
     check_settings(settings)
@@ -122,7 +120,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         if main:  # before the first result: a killed first sweep resumes with the same command
             start_manifest(out, run, settings, invocation=flags)
         result = _sweep(run, out, settings, bool(flags.get("fail_fast")), quiet)
-    if not distributed.is_main():  # every rank holds the whole sweep; rank 0 alone writes and prints
+    if not main:  # every rank holds the whole sweep; rank 0 alone writes and prints
         raise typer.Exit(0)
     write_sweep(out, result, invocation=flags)
     if not quiet:

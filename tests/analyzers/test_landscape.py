@@ -698,18 +698,8 @@ def tiny_classifier_context(dtype: torch.dtype) -> Context:
     """The tiny classifier of ``tinymodels`` at its own weights, analysed in ``dtype``."""
     import tinymodels as tm
 
-    model = tm.build_tiny().to(dtype).eval()
     X, y = tm.tiny_data()
-    return Context(
-        model=model,
-        params={k: v.detach() for k, v in model.named_parameters()},
-        frozen={},
-        batches=[(X.to(dtype), y)],
-        loss_fn=LOSSES["cross_entropy"],
-        device=CPU,
-        dtype=dtype,
-        loss_name="cross_entropy",
-    )
+    return tm.tiny_context([(X.to(dtype), y)], dtype=dtype)
 
 
 def precision_notes(res) -> list[str]:
