@@ -446,6 +446,7 @@ def _spectrum(
         "check_hvps": res.check_matvecs,
         "rounding": res.rounding,
         "floor_tol": res.floor_tol,
+        "basis_rows": res.basis_rows,
         "warm_start": warm.get("source") if vectors is not None and warm is not None else None,
     }
     for i, (lam, e) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist())):

@@ -56,7 +56,11 @@ are the Ritz values, ``lambda_1 >= ...`` the eigenvalues.
    Ritz values stay below ``a`` the certificate stands (and is returned as it was); otherwise the
    missing direction is kept, both chains continue as one block until the bounds certify again, and
    another check follows. Each found direction widens the block by one, so an exact ``m``-fold
-   eigenvalue costs ``m - 1`` extra checks.
+   eigenvalue costs ``m - 1`` extra checks. Before a check the multiplied rows are replaced by the Ritz
+   vectors it needs (:func:`_kept_pairs`: the certificate's group, the pair that sets its level, the two
+   outermost pairs), a thick restart (Wu & Simon 2000) that keeps ``A Q_done = Q H[:, done]`` exact: the
+   check's rows reuse the memory of the rest, so the basis peaks at the main chain's length rather than
+   at that plus the check's (21 rows instead of 30 on the 1.13M-parameter benchmark), for the same products.
 
 Stopping: every wanted ``e_j <= tol * max(|theta_j|, 1e-3 ||A||)`` (the floor keeps eigenvalues near 0
 from demanding an unreachable relative accuracy), the check passed, and with ``vectors_tol`` also the
@@ -76,7 +80,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -157,6 +161,7 @@ class KrylovSpace:
         self._anomaly_sq = 0.0
         self._anomaly_count = 0
         self.lost = 0.0  # norm of remainders dropped as numerically zero (added to every residual)
+        self.peak_rows = 0  # most rows held at once
 
     # ------------------------------------------------------------------ storage
     def _reserve(self, extra: int) -> None:
@@ -182,8 +187,46 @@ class KrylovSpace:
         self.Q[self.size : self.size + k] = rows
         idx = list(range(self.size, self.size + k))
         self.size += k
+        self.peak_rows = max(self.peak_rows, self.size)
         self.pending.extend(idx)
         return idx
+
+    def compress(self, S: torch.Tensor) -> None:
+        """Replace the multiplied rows by the Ritz vectors ``Y = Q_done^T S`` (``S [m_done, j]``, orthonormal
+        columns of eigenvectors of ``H[done, done]``): a thick restart (Wu & Simon 2000).
+
+        The new basis is ``[Y; Q_pending]`` (the pending rows in their old order), with ``H[Y, Y] = S^T H_dd S``
+        and ``H[pending, Y] = H[pending, done] S``, so ``A Q_done = Q H[:, done]`` holds in it as before: a
+        Ritz vector's residual lies in the pending rows. Directions of the discarded Ritz vectors leave the
+        basis. ``Y`` is written over the basis a column block at a time, so no ``[j, n]`` temporary is made.
+        """
+        rows = self.done_index
+        pend = sorted(self.pending)
+        j, p, old = int(S.shape[1]), len(pend), self.size
+        pidx = torch.tensor(pend, dtype=torch.long)
+        H_yy = S.T @ self.H[rows[:, None], rows[None, :]] @ S
+        H_py = self.H[pidx[:, None], rows[None, :]] @ S
+        kept = self.Q[pidx.to(self.device)].clone() if p else None
+        Sd = S.to(dtype=self.dtype, device=self.device)
+        m = rows.numel()
+        first = int(rows[0]) if m else 0
+        consecutive = m < 2 or bool((rows.diff() == 1).all())
+        rows_dev = rows.to(self.device)
+        step = max(1024, (1 << 20) // max(j, m, 1))
+        for c in range(0, self.n, step):
+            src = self.Q[first : first + m, c : c + step] if consecutive else self.Q[rows_dev, c : c + step]
+            self.Q[:j, c : c + step] = Sd.T @ src
+        if kept is not None:
+            self.Q[j : j + p] = kept
+        self.H[:old, :old] = 0
+        self.done[:old] = False
+        self.H[:j, :j] = 0.5 * (H_yy + H_yy.T)
+        self.H[j : j + p, :j] = H_py
+        self.H[:j, j : j + p] = H_py.T
+        self.done[:j] = True
+        where = {i: j + n for n, i in enumerate(pend)}
+        self.pending = [where[i] for i in self.pending]
+        self.size = j + p
 
     # ----------------------------------------------------------- orthogonality
     def _rows(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
@@ -591,6 +634,8 @@ class LanczosResult:
             iterations cannot help; ``converged`` is False): the relative tolerance it allows,
             ``2 eps_T / min_j max(|theta_j|, 1e-3 ||A||)`` (``2 phi / ...`` for residuals; the larger where
             both), at which the bounds (residuals) were certified instead. 0.0 otherwise.
+        basis_rows: the most basis vectors held at once (the basis memory is this many ``[n]`` vectors;
+            a restart check reuses the rows of the Ritz vectors it does not need).
     """
 
     eigenvalues: torch.Tensor
@@ -612,6 +657,7 @@ class LanczosResult:
     rounding: float = 0.0
     vectors_tol: float | None = None
     floor_tol: float = 0.0
+    basis_rows: int = 0
 
 
 def check_basis_memory(op: LinearOperator, columns: int, basis_device: torch.device, extra_vectors: int = 0) -> None:
@@ -840,7 +886,7 @@ class _Run:
             first = kr.matvecs if first is None else first
             if self.worth_waiting(cert, steps, width, first):
                 continue
-            found, _ = self.restart_check(cert, steps)
+            found, cert = self.restart_check(cert, steps)
             if not found:  # the certificate stands: its hypothesis has been checked
                 return self.finish(cert)
         cert = self.certify()
@@ -871,11 +917,13 @@ class _Run:
     def restart_check(self, cert: _Certificate, steps: int) -> tuple[bool, _Certificate]:
         """A fresh random direction's own chain for ``steps`` products, then one more step of every
         other pending vector (an eigenvector half discovered sits in them); ``found`` when more Ritz
-        values lie beyond the certificate's levels than before."""
+        values lie beyond the certificate's levels than before. Returns ``found`` and ``cert`` in the
+        (compressed, :meth:`compress`) basis the check ran in."""
         kr = self.kr
         self.checks += 1
         self.restarts += 1
         before = kr.matvecs
+        cert = self.compress(cert, steps)
         chain = self.random(1)
         for _ in range(steps):
             if not chain:
@@ -887,7 +935,25 @@ class _Run:
         found = _grew(after, cert, self.k_top, self.k_bottom)
         # found: the missing direction's chain joins the main one (otherwise the run ends here)
         self.active = others + chain if found else others
-        return found, after
+        return found, cert
+
+    def compress(self, cert: _Certificate, steps: int) -> _Certificate:
+        """Before a restart check: keep only the Ritz pairs the certificate and the check need
+        (:func:`_kept_pairs`) and drop the rest of the multiplied rows (:meth:`KrylovSpace.compress`), so the
+        check's rows reuse their memory; returns ``cert`` in the new basis (same values, bounds and levels).
+
+        Skipped when it would free fewer than two rows, or when the space is small enough that the check could
+        exhaust it (the whole-space exact bounds need every direction kept)."""
+        kr = self.kr
+        keep = _kept_pairs(cert, self.k_top, self.k_bottom)
+        freed = cert.theta.numel() - keep.numel()
+        if freed < 2 or 2 * (kr.size + steps + 2) > kr.n:
+            return cert
+        kr.compress(cert.S[:, keep])
+        j = keep.numel()
+        S = torch.eye(j, dtype=cert.S.dtype)
+        rows = torch.arange(j, dtype=torch.long)
+        return replace(cert, theta=cert.theta[keep], S=S, G=cert.G[:, keep], rows=rows)
 
     def finish(self, cert: _Certificate) -> _Certificate:
         self.converged = self.floor_tol == 0.0
@@ -1023,6 +1089,7 @@ def lanczos(
         criterion,
     )
     res.floor_tol = run.floor_tol
+    res.basis_rows = kr.peak_rows
     return res
 
 
@@ -1075,6 +1142,25 @@ def _check_floor(cert: _Certificate, k_top: int, k_bottom: int, dim: int, oversa
                 best = min(best, check_length(x + 0.9 * (top - x), x, low, dim))
         steps = max(steps, 0 if best == math.inf else best)
     return steps
+
+
+def _kept_pairs(cert: _Certificate, k_top: int, k_bottom: int) -> torch.Tensor:
+    """Indices (ascending) of the Ritz pairs a restart check needs: at each wanted end the certificate's group
+    and the pair whose interval sets its level (what the check compares against), and the outermost pair at
+    both ends (``low`` of :func:`check_length` and the norm estimate)."""
+    m = cert.theta.numel()
+    r = cert.G.norm(dim=0) + cert.phi
+    keep = {0, m - 1}
+    ends = ((k_top, cert.top, 1.0, torch.arange(m - 1, -1, -1)), (k_bottom, cert.bottom, -1.0, torch.arange(m)))
+    for k, bounds, sign, order in ends:
+        if not k:
+            continue
+        p = bounds.group
+        keep.update(int(i) for i in order[:p])
+        if p < m:
+            rest = order[p:]
+            keep.add(int(rest[int(torch.argmax(sign * cert.theta[rest] + r[rest]))]))
+    return torch.tensor(sorted(keep), dtype=torch.long)
 
 
 def _count_above(cert: _Certificate, level: float, top: bool) -> int:

@@ -4,12 +4,16 @@ below the top, negative bottoms, float32 rounding), warm starts and eigenvector 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from diagnostics.linalg import DenseOperator, lanczos
-from diagnostics.linalg.lanczos import lehmann_upper, transposed
+from diagnostics.linalg.lanczos import KrylovSpace, _Run, lehmann_upper, transposed
 from tinymodels import spectrum_matrix
+
+lanczos_module = importlib.import_module("diagnostics.linalg.lanczos")
 
 
 def test_top_and_bottom_of_a_known_spectrum() -> None:
@@ -125,3 +129,95 @@ def test_transposed_is_a_view_with_row_major_strides_for_vectors() -> None:
     assert back.shape == (6, 1) and back.stride() == (1, 1)
     M = torch.arange(12.0).reshape(4, 3)
     assert torch.equal(transposed(M), M.T) and transposed(M).data_ptr() == M.data_ptr()
+
+
+def _outliers_over_a_bulk(n: int = 800) -> torch.Tensor:
+    """Nine outliers over a bulk with a negative part and two negative outliers (a classifier's Hessian)."""
+    bulk = -0.3 + 1.1 * torch.rand(n - 11, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return torch.cat([torch.linspace(5.6, 3.5, 9, dtype=torch.float64), bulk, torch.tensor([-1.5, -1.2]).double()])
+
+
+def test_compressing_the_basis_keeps_the_krylov_relation() -> None:
+    # a thick restart: the multiplied rows become Ritz vectors, A Q_done = Q H[:, done] still holds exactly
+    eigs = _outliers_over_a_bulk(300)
+    A = spectrum_matrix(eigs, seed=3)
+    kr = KrylovSpace(DenseOperator(A), capacity=40)
+    chain = kr.add(torch.randn(300, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for _ in range(15):
+        chain = kr.multiply(chain)
+    theta, S, _, _ = kr.ritz()
+    keep = torch.tensor([0, 9, 11, 12, 13, 14])
+    pending = kr.Q[kr.pending].clone()
+    kr.compress(S[:, keep])
+    assert kr.size == 7 and kr.pending == [6] and kr.done_index.tolist() == list(range(6))
+    Q = kr.Q[: kr.size]
+    assert torch.allclose(Q @ Q.T, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(Q[6], pending[0])
+    done = kr.done_index
+    assert torch.allclose(A @ Q[done].T, Q.T @ kr.H[: kr.size, done], atol=1e-11)
+    assert torch.allclose(kr.H[done[:, None], done[None, :]], torch.diag(theta[keep]), atol=1e-12)
+    # and the chain goes on from the kept pending row: still a valid Krylov decomposition
+    chain = list(kr.pending)
+    for _ in range(5):
+        chain = kr.multiply(chain)
+    Q, done = kr.Q[: kr.size], kr.done_index
+    assert torch.allclose(Q @ Q.T, torch.eye(kr.size, dtype=torch.float64), atol=1e-11)
+    assert torch.allclose(A @ Q[done].T, Q.T @ kr.H[: kr.size, done], atol=1e-10)
+
+
+@pytest.mark.parametrize("k_top,k_bottom", [(5, 0), (3, 2)])
+def test_restart_check_reuses_the_rows_of_ritz_vectors_it_does_not_need(monkeypatch, k_top: int, k_bottom: int) -> None:
+    # the same products, eigenvalues, bounds and vectors as a run that keeps every row, with fewer rows held
+    eigs = _outliers_over_a_bulk()
+    A = spectrum_matrix(eigs, seed=1)
+    exact = torch.sort(eigs, descending=True).values
+    runs = {}
+    for compress in (True, False):
+        if not compress:
+            monkeypatch.setattr(_Run, "compress", lambda self, cert, steps: cert)
+        runs[compress] = lanczos(
+            DenseOperator(A), k_top=k_top, k_bottom=k_bottom, tol=1e-6, generator=torch.Generator().manual_seed(0)
+        )
+    lean, full = runs[True], runs[False]
+    assert lean.converged and full.converged and lean.checks == full.checks >= 1
+    assert lean.iterations == full.iterations
+    assert lean.basis_rows <= full.basis_rows - 8
+    assert torch.allclose(lean.eigenvalues, full.eigenvalues, rtol=1e-12)
+    assert torch.allclose(lean.error_bounds, full.error_bounds, rtol=1e-6)
+    assert (abs(lean.eigenvalues - exact[:k_top]) <= lean.error_bounds).all()
+    assert (abs(lean.bottom_eigenvalues - exact.flip(0)[:k_bottom]) <= lean.bottom_error_bounds).all()
+    for lam, v, r in zip(lean.eigenvalues, lean.eigenvectors.T, lean.residuals):
+        assert float((A @ v - lam * v).norm()) == pytest.approx(float(r), rel=1e-6, abs=1e-12)
+    assert torch.allclose(
+        (lean.eigenvectors.T @ full.eigenvectors).abs().diagonal(), torch.ones(k_top, dtype=torch.float64), atol=1e-9
+    )
+
+
+def test_missing_eigenvalues_are_still_found_after_a_compressed_check(monkeypatch) -> None:
+    # a triple top eigenvalue: the first check runs on a compressed basis and must still find the copies
+    eigs = torch.cat([torch.tensor([6.0, 6.0, 6.0, 4.0], dtype=torch.float64), _outliers_over_a_bulk(600)[9:-2] * 0.5])
+    compressed = []
+    orig = KrylovSpace.compress
+
+    def spy(self, S):
+        compressed.append(self.size - S.shape[1] - len(self.pending))
+        return orig(self, S)
+
+    monkeypatch.setattr(KrylovSpace, "compress", spy)
+    # a diagonal operator and a start vector without the 2nd and 3rd copies: every vector of the main chain has
+    # exact zeros there, so only the restart checks (fresh Gaussian vectors) can find them
+    draw = lanczos_module.gaussian_block
+    calls = []
+
+    def start_without_copies(*args, **kwargs):
+        X = draw(*args, **kwargs)
+        if not calls:
+            X[1:3] = 0
+        calls.append(1)
+        return X
+
+    monkeypatch.setattr(lanczos_module, "gaussian_block", start_without_copies)
+    res = lanczos(DenseOperator(torch.diag(eigs)), k_top=4, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    # the first check finds the missing copies, the second (again on a compressed basis) passes
+    assert res.converged and res.checks >= 2 and len(compressed) == res.checks and min(compressed) >= 2
+    assert torch.allclose(res.eigenvalues, torch.tensor([6.0, 6.0, 6.0, 4.0], dtype=torch.float64), rtol=1e-8)
