@@ -744,9 +744,21 @@ def _check_skeleton(skeleton: nn.Module, checkpoint: Checkpoint, binding: Bindin
 
 def _meta_model(binding: Binding) -> nn.Module | None:
     """The factory's model built under the ``meta`` device (shapes without memory), or None when the factory
-    cannot build one there (the real call then reports any error)."""
+    cannot build one there (the real call then reports any error).
+
+    A dry run: what the factory prints or warns is dropped here (the real call, which follows, says it once).
+    """
+    import contextlib
+    import io
+    import warnings
+
     try:
-        with torch.device("meta"):
+        with contextlib.ExitStack() as quiet:
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            quiet.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            quiet.enter_context(torch.device("meta"))
             model = call_factory(binding.model, binding.model_kwargs, "model factory", from_checkpoint=True)
     except DiagnosticsError:  # call_factory turns every failure into one
         return None

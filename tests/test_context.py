@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,47 @@ def test_checkpoint_arguments_naming_a_huge_model_are_refused_before_it_is_built
     ):
         build_context(ck, bound)
     assert devices == ["meta"]
+
+
+def test_a_checkpoint_named_factory_speaks_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the meta-device dry run before the real build must not repeat the factory's prints or warnings
+    import warnings
+
+    import diagnostics.examples.digits as digits
+
+    real = digits.build_mlp
+
+    def chatty(**kwargs):
+        print("building the MLP")
+        print("factory note", file=sys.stderr)
+        warnings.warn("width is small", UserWarning, stacklevel=1)
+        return real(**kwargs)
+
+    chatty.__module__, chatty.__qualname__ = real.__module__, real.__qualname__  # passes the origin check
+    monkeypatch.setattr(digits, "build_mlp", chatty)
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        real(width=8, depth=2),
+        model_factory="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 8, "depth": 2},
+    )
+    (tmp_path / "digits_like.py").write_text(
+        "import torch\n\ndef data():\n    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.rand(12, 64, generator=g), torch.arange(12) % 10\n"
+    )
+    bound = Binding(
+        model="diagnostics.examples.digits:build_mlp",
+        model_kwargs={"width": 8, "depth": 2},
+        data=f"{tmp_path / 'digits_like.py'}:data",
+        loss="cross_entropy",
+        sources={"model": "checkpoint"},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        build_context(load_checkpoint(path), bound)
+    out, err = capsys.readouterr()
+    assert out == ""  # user code prints to stderr (stdout is for results)
+    assert err.count("building the MLP") == 1 and err.count("factory note") == 1
+    assert [str(w.message) for w in caught].count("width is small") == 1
