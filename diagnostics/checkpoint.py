@@ -52,6 +52,33 @@ _STEP_IN_NAME = re.compile(
 STEP_MAX = 2**63 - 1  # steps are stored as int64 (record tables, Parquet)
 
 
+def shown_value(value: Any) -> str:
+    """A stored metadata value as a note shows it: scalars as written (long strings and integers shortened),
+    anything else by its type (never the repr of a structure, which can be enormous or deeply nested)."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:30] + ("..." if len(value) > 30 else ""))
+    return f"a {type(value).__name__}"
+
+
+def unusable_step_note(checkpoint: Checkpoint) -> str | None:
+    """Why a checkpoint's stored step was not used (None when it was, or none was stored)."""
+    if "step_unusable" not in checkpoint.metadata:
+        return None
+    then = (
+        f"step {checkpoint.step} is taken from the file name"
+        if checkpoint.metadata.get("step_source") == "file name"
+        else "the step is unknown (tables show it empty, plots and reports place it after the known steps)"
+    )
+    return (
+        f"the stored step {checkpoint.metadata['step_unusable']} is not a whole number in 0..2**63-1, so {then}; "
+        "save the step as an integer"
+    )
+
+
 def whole_step(value: Any) -> int | None:
     """``value`` as a training step: a whole number in ``0..2**63-1`` (an int, or a float with no fraction);
     None for anything else (NaN, 1.5, negative, beyond int64, a bool or a string: the step is then unknown,
@@ -567,9 +594,12 @@ def _parse_container(obj: Mapping[str, Any], path: Path) -> tuple[dict, dict, di
     if obj.get("format") == FORMAT_TAG:
         return _tagged_container(obj, path)
     weights = _container_weights(obj, path)
-    step = whole_step(_first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)))
+    raw = _first_present(obj, STEP_KEYS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    step = whole_step(raw)
     if step is not None:
         meta["step"] = step
+    elif raw is not None:
+        meta["step_unusable"] = shown_value(raw)
     optimizer_state = _first_present(obj, ("optimizer", "optimizer_state_dict", "optimizer_state"), _is_mapping)
     if optimizer_state is None and isinstance(obj.get("optimizer_states"), (list, tuple)) and obj["optimizer_states"]:
         optimizer_state = obj["optimizer_states"][0]  # Lightning
@@ -630,7 +660,7 @@ def load_checkpoint(path: str | Path, *, content: FileBytes | None = None) -> Ch
                 f"'{path}' holds a {type(obj).__name__}, not a state_dict; save model.state_dict() instead"
             )
     if "step" in meta and whole_step(meta["step"]) is None:  # metadata is data: drop values of the wrong type
-        meta.pop("step")
+        meta["step_unusable"] = shown_value(meta.pop("step"))
     if "lr" in meta and (not isinstance(meta["lr"], (int, float)) or isinstance(meta["lr"], bool)):
         meta.pop("lr")
     check_dense(state_dict, f"'{path}'")
@@ -663,8 +693,10 @@ def trainer_state_metadata(state: Any) -> dict[str, Any]:
     if not isinstance(state, Mapping):
         return meta
     step = state.get("global_step")
-    if isinstance(step, int) and whole_step(step) is not None:
-        meta["step"] = step
+    if whole_step(step) is not None:
+        meta["step"] = whole_step(step)
+    elif step is not None:
+        meta["step_unusable"] = shown_value(step)
     best = None
     for entry in state.get("log_history") or []:
         if not isinstance(entry, Mapping):

@@ -1123,9 +1123,14 @@ def _checkpoint_metadata(
     How Adam's state was matched to names goes to the metadata (``optimizer_matching``), not to the notes;
     a failed match is a note.
     """
+    from diagnostics.checkpoint import unusable_step_note
+
     meta = dict(checkpoint.metadata)
     meta["samples_available"] = available
     meta["sha256"] = checkpoint.sha256
+    step_note = unusable_step_note(checkpoint)
+    if step_note:
+        notes.append(step_note)
     if meta.get("optimizer_note"):
         notes.append(str(meta["optimizer_note"]))
     optimizer_state, opt_note = align_optimizer_state(model, checkpoint.optimizer_state)

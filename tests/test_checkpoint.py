@@ -386,6 +386,38 @@ def test_steps_that_are_not_whole_int64_numbers_are_unknown(tmp_path: Path) -> N
     assert load_checkpoint(tmp_path / f"step_{10**30}.pt").step is None
 
 
+@pytest.mark.parametrize(
+    "value,shown",
+    [(float("nan"), "nan"), (1e30, "1e+30"), (-3, "-3"), (2.5, "2.5"), (2**70, "an integer of 71 bits")],
+)
+def test_an_unusable_stored_step_says_why_and_what_was_used(tmp_path: Path, value: object, shown: str) -> None:
+    from diagnostics.checkpoint import unusable_step_note
+
+    sd = nn.Linear(2, 2).state_dict()
+    torch.save({"model": sd, "step": value}, tmp_path / "last.pt")
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck.step is None and ck.metadata["step_unusable"] == shown
+    note = unusable_step_note(ck)
+    assert note is not None and f"the stored step {shown} is not a whole number" in note
+    assert "the step is unknown" in note and note.endswith("save the step as an integer")
+    torch.save({"model": sd, "global_step": value}, tmp_path / "step_40.pt")  # the name still gives one
+    ck = load_checkpoint(tmp_path / "step_40.pt")
+    assert ck.step == 40 and "so step 40 is taken from the file name" in str(unusable_step_note(ck))
+    torch.save({"model": sd, "step": 7}, tmp_path / "ok.pt")
+    assert unusable_step_note(load_checkpoint(tmp_path / "ok.pt")) is None
+
+
+def test_stored_values_are_shown_without_their_repr() -> None:
+    from diagnostics.checkpoint import shown_value
+
+    nested: list = []
+    for _ in range(60):
+        nested = [nested, nested]  # its repr would take 2**60 steps
+    assert shown_value(nested) == "a list" and shown_value({"a": 1}) == "a dict"
+    assert shown_value("x" * 1000) == repr("x" * 30 + "...") and shown_value(10**5000) == "an integer of 16610 bits"
+    assert shown_value(None) == "None" and shown_value(True) == "True"
+
+
 @pytest.mark.parametrize("head", [b"2026-12-03 epoch 3: loss 0.1\n", b"%PDF-1.7\n", b"\x89PNG\r\n\x1a\n"])
 def test_a_large_file_of_another_kind_is_refused_from_its_first_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: bytes
@@ -413,3 +445,14 @@ def test_head_kind_leaves_checkpoint_layouts_to_the_whole_file(tmp_path: Path) -
     # a multi-byte character cut by the 4 KiB head is still text
     assert head_kind(("x" * (HEAD_BYTES - 1) + "é").encode()[:HEAD_BYTES]) == "a text file"
     assert head_kind(b"loss \xff\xfe 0.1") is None
+
+
+def test_trainer_state_steps_are_whole_numbers_or_say_why() -> None:
+    from diagnostics.checkpoint import trainer_state_metadata
+
+    assert trainer_state_metadata({"global_step": 5})["step"] == 5
+    assert trainer_state_metadata({"global_step": 5.0})["step"] == 5  # JSON writers may give 5.0
+    for value, shown in ((1.5, "1.5"), (-2, "-2"), ("12", "'12'"), ([3], "a list")):
+        meta = trainer_state_metadata({"global_step": value})
+        assert "step" not in meta and meta["step_unusable"] == shown
+    assert trainer_state_metadata({}) == {}

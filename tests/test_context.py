@@ -396,3 +396,14 @@ def test_a_checkpoint_named_factory_speaks_once(
     assert out == ""  # user code prints to stderr (stdout is for results)
     assert err.count("building the MLP") == 1 and err.count("factory note") == 1
     assert [str(w.message) for w in caught].count("width is small") == 1
+
+
+def test_a_checkpoint_with_an_unusable_step_gets_a_note(tmp_path: Path) -> None:
+    model = tm.build_tiny()
+    torch.save({"model": model.state_dict(), "step": float("nan")}, tmp_path / "final.pt")
+    bound = Binding(model="tinymodels:build_tiny", data="tinymodels:tiny_data", loss="cross_entropy")
+    ctx = build_context(load_checkpoint(tmp_path / "final.pt"), bound)
+    assert ctx.step is None
+    assert any("the stored step nan is not a whole number" in n and "the step is unknown" in n for n in ctx.notes)
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "good.pt")
+    assert not any("stored step" in n for n in build_context(load_checkpoint(tmp_path / "good.pt"), bound).notes)
