@@ -193,9 +193,19 @@ class Param:
         try:
             out = self._convert(value)
         except (TypeError, ValueError):
-            raise DiagnosticsError(f"{where} must be {self.type_name}, got {value!r}") from None
+            raise DiagnosticsError(
+                f"{where} must be {self.type_name}, got {_shown(value)}{self.default_hint()}"
+            ) from None
         self.check(out, where)
         return out
+
+    def default_hint(self) -> str:
+        """The fix clause of a range or type error: ``; drop it to use the default, 0.001`` (empty without a
+        default, e.g. for an optional option that is off unless given)."""
+        text = self.default_text()
+        if not text or isinstance(self.default, bool):
+            return ""
+        return f"; drop it to use the default, {text}"
 
     def _convert(self, value: Any) -> Any:
         if self.kind is list:
@@ -218,7 +228,7 @@ class Param:
             low_bad = info.min is not None and (value <= info.min if info.min_open else value < info.min)
             high_bad = info.max is not None and (value >= info.max if info.max_open else value > info.max)
             if low_bad or high_bad:
-                raise DiagnosticsError(f"{where} must be {self.range_text()}, got {value}")
+                raise DiagnosticsError(f"{where} must be {self.range_text()}, got {value}{self.default_hint()}")
 
     def range_text(self) -> str:
         """The allowed range in words, e.g. ``in (0, 1)`` or ``>= 1``."""
@@ -238,6 +248,12 @@ class Param:
         if isinstance(d, bool):
             return "on" if d else "off"
         return _num(d) if isinstance(d, float) else str(d)
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``repr(value)``, shortened to ``width`` characters with ``...``."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _num(x: float) -> str:

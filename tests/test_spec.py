@@ -51,10 +51,18 @@ def test_table_values_are_coerced_and_checked_with_the_option_name() -> None:
         resolve_config(ToyConfig, table={"top_k": "abc"}, table_name="toy")
     with pytest.raises(DiagnosticsError, match=r"toy.top_k must be an integer, got 2.5"):
         resolve_config(ToyConfig, table={"top_k": 2.5}, table_name="toy")
-    with pytest.raises(DiagnosticsError, match=r"--tol must be in \(0, 1\), got 1.0"):
+    with pytest.raises(
+        DiagnosticsError, match=r"--tol must be in \(0, 1\), got 1.0; drop it to use the default, 0.001$"
+    ):
         resolve_config(ToyConfig, flags={"tol": 1.0})
-    with pytest.raises(DiagnosticsError, match=r"--top-k must be >= 1, got 0"):
+    with pytest.raises(DiagnosticsError, match=r"--top-k must be >= 1, got 0; drop it to use the default, 1$"):
         resolve_config(ToyConfig, flags={"top_k": 0})
+    with pytest.raises(DiagnosticsError, match=r"--lr must be > 0, got -1.0$"):  # no default to suggest
+        resolve_config(ToyConfig, flags={"lr": -1.0})
+    with pytest.raises(
+        DiagnosticsError, match=r"toy.tol must be a finite number, got 'x{56}\.\.\.; drop it to use the default, 0.001$"
+    ):
+        resolve_config(ToyConfig, table={"tol": "x" * 60 + "y" * 1000}, table_name="toy")
     with pytest.raises(
         DiagnosticsError, match=r"--method must be one of auto, exact, not 'exakt'; did you mean 'exact'\?"
     ):
