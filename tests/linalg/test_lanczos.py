@@ -221,3 +221,25 @@ def test_missing_eigenvalues_are_still_found_after_a_compressed_check(monkeypatc
     # the first check finds the missing copies, the second (again on a compressed basis) passes
     assert res.converged and res.checks >= 2 and len(compressed) == res.checks and min(compressed) >= 2
     assert torch.allclose(res.eigenvalues, torch.tensor([6.0, 6.0, 6.0, 4.0], dtype=torch.float64), rtol=1e-8)
+
+
+def test_compressing_a_basis_with_a_parked_row_in_the_middle() -> None:
+    # multiplied rows that are not consecutive (a fresh vector was added mid-chain and left pending)
+    A = spectrum_matrix(_outliers_over_a_bulk(300), seed=3)
+    kr = KrylovSpace(DenseOperator(A), capacity=60)
+    g = torch.Generator().manual_seed(0)
+    chain = kr.add(torch.randn(300, 1, generator=g, dtype=torch.float64))
+    for _ in range(6):
+        chain = kr.multiply(chain)
+    kr.add(torch.randn(300, 1, generator=g, dtype=torch.float64))
+    for _ in range(6):
+        chain = kr.multiply(chain)
+    assert kr.pending == [7, 13] and kr.done_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+    _, S, _, _ = kr.ritz()
+    kr.compress(S[:, torch.tensor([0, 8, 9, 10, 11])])
+    assert kr.size == 7 and kr.pending == [5, 6]  # the pending rows keep their order
+    for _ in range(4):
+        kr.multiply(list(kr.pending))
+    Q, done = kr.Q[: kr.size], kr.done_index
+    assert torch.allclose(Q @ Q.T, torch.eye(kr.size, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(A @ Q[done].T, Q.T @ kr.H[: kr.size, done], atol=1e-12)
