@@ -692,11 +692,12 @@ def trainer_state_metadata(state: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if not isinstance(state, Mapping):
         return meta
-    step = state.get("global_step")
-    if whole_step(step) is not None:
-        meta["step"] = whole_step(step)
-    elif step is not None:
-        meta["step_unusable"] = shown_value(step)
+    raw = state.get("global_step")
+    step = whole_step(raw)
+    if step is not None:
+        meta["step"] = step
+    elif raw is not None:
+        meta["step_unusable"] = shown_value(raw)
     best = None
     for entry in state.get("log_history") or []:
         if not isinstance(entry, Mapping):
