@@ -319,34 +319,40 @@ def test_tuple_targets_default_to_the_second_item_also_with_inputs_given() -> No
     assert inputs is x and targets is i  # --targets still picks
 
 
+def _checkpoint_naming_build_mlp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, around, model_kwargs: dict, data: str = "tinymodels:tiny_data"
+) -> tuple:
+    """A checkpoint of a width-8 digits MLP that names ``build_mlp`` with ``model_kwargs``, and the binding
+    ``resolve_binding`` takes from it; ``build_mlp`` is replaced by ``around(real_build_mlp, **kwargs)`` (named as
+    the real one, so it passes the origin check)."""
+    import diagnostics.examples.digits as digits
+
+    real = digits.build_mlp
+
+    def wrapped(**kwargs):
+        return around(real, **kwargs)
+
+    wrapped.__module__, wrapped.__qualname__ = real.__module__, real.__qualname__
+    monkeypatch.setattr(digits, "build_mlp", wrapped)
+    factory = "diagnostics.examples.digits:build_mlp"
+    path = save_checkpoint(tmp_path / "m.pt", real(width=8, depth=2), model_factory=factory, model_kwargs=model_kwargs)
+    bound = Binding(
+        model=factory, model_kwargs=model_kwargs, data=data, loss="cross_entropy", sources={"model": "checkpoint"}
+    )
+    return load_checkpoint(path), bound
+
+
 def test_checkpoint_arguments_naming_a_huge_model_are_refused_before_it_is_built(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import diagnostics.examples.digits as digits
-
     devices = []
-    real = digits.build_mlp
 
-    def recording(**kwargs):
+    def recording(real, **kwargs):
         devices.append(torch.get_default_device().type)
         return real(**kwargs)
 
-    recording.__module__, recording.__qualname__ = real.__module__, real.__qualname__  # passes the origin check
-    monkeypatch.setattr(digits, "build_mlp", recording)
-    path = save_checkpoint(
-        tmp_path / "bomb.pt",
-        real(width=8, depth=2),
-        model_factory="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 8192, "depth": 2},  # 268 MB, initialised, for weights of a few kilobytes
-    )
-    ck = load_checkpoint(path)
-    bound = Binding(
-        model="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 8192, "depth": 2},  # as resolve_binding takes them from the checkpoint
-        data="tinymodels:tiny_data",
-        loss="cross_entropy",
-        sources={"model": "checkpoint"},
-    )
+    # 268 MB, initialised, for weights of a few kilobytes
+    ck, bound = _checkpoint_naming_build_mlp(tmp_path, monkeypatch, recording, {"width": 8192, "depth": 2})
     with pytest.raises(
         DiagnosticsError, match=r"'features.0.weight' has shape \(8, 64\) in the checkpoint but \(8192, 64\)"
     ):
@@ -360,38 +366,21 @@ def test_a_checkpoint_named_factory_speaks_once(
     # the meta-device dry run before the real build must not repeat the factory's prints or warnings
     import warnings
 
-    import diagnostics.examples.digits as digits
-
-    real = digits.build_mlp
-
-    def chatty(**kwargs):
+    def chatty(real, **kwargs):
         print("building the MLP")
         print("factory note", file=sys.stderr)
         warnings.warn("width is small", UserWarning, stacklevel=1)
         return real(**kwargs)
 
-    chatty.__module__, chatty.__qualname__ = real.__module__, real.__qualname__  # passes the origin check
-    monkeypatch.setattr(digits, "build_mlp", chatty)
-    path = save_checkpoint(
-        tmp_path / "m.pt",
-        real(width=8, depth=2),
-        model_factory="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 8, "depth": 2},
-    )
     (tmp_path / "digits_like.py").write_text(
         "import torch\n\ndef data():\n    g = torch.Generator().manual_seed(0)\n"
         "    return torch.rand(12, 64, generator=g), torch.arange(12) % 10\n"
     )
-    bound = Binding(
-        model="diagnostics.examples.digits:build_mlp",
-        model_kwargs={"width": 8, "depth": 2},
-        data=f"{tmp_path / 'digits_like.py'}:data",
-        loss="cross_entropy",
-        sources={"model": "checkpoint"},
-    )
+    data = f"{tmp_path / 'digits_like.py'}:data"
+    ck, bound = _checkpoint_naming_build_mlp(tmp_path, monkeypatch, chatty, {"width": 8, "depth": 2}, data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        build_context(load_checkpoint(path), bound)
+        build_context(ck, bound)
     out, err = capsys.readouterr()
     assert out == ""  # user code prints to stderr (stdout is for results)
     assert err.count("building the MLP") == 1 and err.count("factory note") == 1
