@@ -5,12 +5,14 @@ Imported only when a command runs (never for ``--help``), so it may import the n
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diag_cli.errors import cli_errors
 from diag_cli.factory import options_from, split_values
+from diagnostics.binding import missing_factory_file
 from diagnostics.errors import DiagnosticsError
 from diagnostics.options import BindingOptions, OutputOptions, Project, ProjectOptions, find_config, parse_project
 from diagnostics.spec import Analyzer, FileOutput, load_callable, resolve_config
@@ -38,7 +40,11 @@ def checkpoint_list(analyzer: Analyzer, given: Any) -> list[Path]:
     if not lo <= len(paths) <= hi:
         want = f"{lo}" if lo == hi else f"{lo} to {hi}"
         raise DiagnosticsError(f"diag {analyzer.name} takes {want} checkpoint(s), got {len(paths)}")
-    return [Path(p) for p in paths]
+    found = [Path(p) for p in paths]
+    for path in found:  # before torch is imported: a typo costs no second of start-up
+        if not os.path.lexists(path):
+            raise DiagnosticsError(f"no such checkpoint: '{path}'")
+    return found
 
 
 def requested_files(analyzer: Analyzer, values: dict[str, Any]) -> dict[str, tuple[FileOutput, Path]]:
@@ -150,14 +156,15 @@ class _Invocation:
 
 
 def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None:
-    from diagnostics import distributed
-
     project_opts = options_from(ProjectOptions, values)
     project = load_project(project_opts.config)
     binding = project.binding(split_values(values, BindingOptions))
     config = analyzer_config(analyzer, values, project)
     inputs = checkpoint_list(analyzer, values["checkpoints"])
+    missing_factory_file(model=binding.model, data=binding.data, loss=binding.loss)
     planned = planned_files(analyzer, values, config, inputs, out, project_opts, binding)
+    from diagnostics import distributed  # torch: only once the arguments are known to be good
+
     is_main = distributed.init_from_env().is_main
     job = _Invocation(
         analyzer, config, inputs, binding, project, project_opts.trust_checkpoint_factories, out, planned, is_main

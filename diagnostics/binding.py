@@ -36,11 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from diagnostics.errors import DiagnosticsError
+from diagnostics.lazy import lazy_import
 from diagnostics.options import CONFIG_NAME, find_config, read_toml, unwrap_diag_table
+
+# imported on first use: the command line checks its arguments (input_files, missing_factory_file) before
+# torch is loaded
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 # The example factories a checkpoint may name without being trusted otherwise: an explicit list of the
 # model/data callables (never a prefix: the same modules also hold helpers such as train_gd that write files).
@@ -455,6 +458,27 @@ def input_files(config: str | Path | None = None, *specs: str | None) -> list[Pa
             if module.endswith(".py"):
                 found.append(Path(module))
     return found
+
+
+FACTORY_ROLES = {"model": "model factory", "data": "data factory", "loss": "loss"}
+
+
+def missing_factory_file(**specs: str | None) -> None:
+    """Refuse a ``file.py:callable`` spec given on the command line whose file does not exist, before any
+    checkpoint is read (the same message the import would give).
+
+    Args:
+        specs: ``model=``, ``data=``, ``loss=``: the ``--model``/``--data``/``--loss`` flags (``diag.toml``'s
+            specs are checked when they are used: a flag or the checkpoint may override them).
+
+    Raises:
+        DiagnosticsError: ``data factory 'x.py:data': no such file 'x.py'``.
+    """
+    for role, spec in specs.items():
+        if isinstance(spec, str) and ":" in spec:
+            module = spec.rpartition(":")[0]
+            if module.endswith(".py") and not Path(module).is_file():
+                raise DiagnosticsError(f"{FACTORY_ROLES[role]} '{spec}': no such file '{module}'")
 
 
 # ------------------------------------------------------------------------------------- binding

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-
 from diagnostics.errors import DiagnosticsError, one_line
+from diagnostics.lazy import lazy_import
+
+torch = lazy_import("torch")  # on first use: a sweep checks its arguments before torch is loaded
 
 FORMAT_TAG = "diagnostics-checkpoint/1"
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module")

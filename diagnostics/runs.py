@@ -53,9 +53,6 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
 
-import pandas as pd
-
-from diagnostics import distributed
 from diagnostics.checkpoint import (
     CheckpointChanged,
     FileBytes,
@@ -65,6 +62,7 @@ from diagnostics.checkpoint import (
     step_from_name,
 )
 from diagnostics.errors import DiagnosticsError
+from diagnostics.lazy import lazy_import
 from diagnostics.options import BindingOptions
 from diagnostics.outputs import plan_outputs
 from diagnostics.progress import ProgressFn
@@ -81,6 +79,10 @@ from diagnostics.results import (
 )
 from diagnostics.settings import with_fields
 from diagnostics.spec import Analyzer, did_you_mean, resolve_config
+
+# on first use: 'diag run' checks its arguments (the run folder, --set, the analyzers) before they are loaded
+pd = lazy_import("pandas")
+distributed = lazy_import("diagnostics.distributed")
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 MANIFEST_NAME = "diag-run.json"
@@ -1316,6 +1318,17 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
         DiagnosticsError: one line naming the folder and the fix.
     """
     out = Path(out)
+    check_out_dir(out, force, protected)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiagnosticsError(f"cannot create --out '{out}': {exc.strerror or exc}; choose another folder") from exc
+    return out
+
+
+def check_out_dir(out: Path, force: bool = False, protected: Sequence[Path] = ()) -> None:
+    """The checks of :func:`prepare_out_dir`, without creating ``out`` (a command that may still refuse its
+    arguments leaves no empty folder behind)."""
     _refuse_run_inside(out, protected)
     if not force:
         _refuse_other_run(out, protected)
@@ -1327,11 +1340,6 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
         folder_files=FOLDER_FILES,
         folder_dirs=(CACHE_DIR, "figures"),
     )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DiagnosticsError(f"cannot create --out '{out}': {exc.strerror or exc}; choose another folder") from exc
-    return out
 
 
 def _refuse_run_inside(out: Path, protected: Sequence[Path]) -> None:

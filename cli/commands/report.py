@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from diag_cli.commands.run import (
+    check_run_folder,
     default_out,
     invocation,
     merge_invocation,
@@ -75,13 +76,14 @@ def report_summary(result: SweepResult, out: Path, written: dict[str, Path], ren
 
 def report(values: dict[str, Any]) -> None:
     """``diag report`` with its parsed ``values``."""
-    from diagnostics.report import report_from_sweep
-    from diagnostics.runs import read_manifest, write_report
-
     with cli_errors(bool(values.get("debug"))):
         opts = options_from(FolderOptions, values)
         check_format(opts.format)
         run_dir = Path(values["run"])
+        check_run_folder(run_dir)
+        from diagnostics.report import report_from_sweep
+        from diagnostics.runs import read_manifest, write_report
+
         out = opts.out or default_out(run_dir)
         flags = invocation(values)
         manifest = read_manifest(out) if out.is_dir() else None

@@ -82,12 +82,24 @@ def settings_from(flags: dict[str, Any], project: Any) -> Any:
     )
 
 
+def check_run_folder(run: Path) -> None:
+    """Refuse a RUN that is no folder, before the numerical stack is imported (a typo costs no second of
+    start-up)."""
+    if not run.is_dir():
+        raise DiagnosticsError(
+            f"no such run folder: '{run}'; pass the folder that holds the run's checkpoints"
+            if not run.exists()
+            else f"'{run}' is a file; pass the folder that holds the run's checkpoints"
+        )
+
+
 def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet: bool) -> SweepResult:
     """Check the output folder, sweep (cached, resumable) and write the table and the manifest."""
+    check_run_folder(run)
     from diag_cli.run_command import load_project
-    from diagnostics import distributed
-    from diagnostics.binding import input_files
+    from diagnostics.binding import input_files, missing_factory_file
     from diagnostics.runs import (
+        check_out_dir,
         check_settings,
         checkpoint_files,
         last_manifest_kept,
@@ -97,12 +109,6 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         write_sweep,
     )
 
-    if not run.is_dir():
-        raise DiagnosticsError(
-            f"no such run folder: '{run}'; pass the folder that holds the run's checkpoints"
-            if not run.exists()
-            else f"'{run}' is a file; pass the folder that holds the run's checkpoints"
-        )
     refuse_output_as_run(run)
     project_opts = options_from(ProjectOptions, flags)
     project = load_project(project_opts.config)
@@ -111,8 +117,12 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     # what would stop the sweep before its first checkpoint stops it before the output folder and its manifest
     # are touched: a rerun with a typo keeps the last sweep's manifest (diag report reruns from it)
     check_settings(settings)
+    missing_factory_file(model=settings.model, data=settings.data, loss=settings.loss)
+    check_out_dir(out, force=force, protected=[run, *inputs])
+    checkpoint_files(run, settings.pattern, exclude=[out])  # a run with no checkpoints leaves no empty --out
     prepare_out_dir(out, force=force, protected=[run, *inputs])
-    checkpoint_files(run, settings.pattern, exclude=[out])
+    from diagnostics import distributed  # torch: only once the arguments are known to be good
+
     distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
     main = distributed.is_main()
     # a rerun that fails as a whole puts the last finished sweep's manifest back (its tables stay current)

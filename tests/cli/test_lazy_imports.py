@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,12 +24,19 @@ print("LOADED", sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stder
 """
 
 
-def loaded_after(*args: str) -> tuple[int, list[str]]:
+def probe(*args: str, cwd: Path | None = None) -> tuple[int, list[str], str]:
+    """``diag ARGS`` in a fresh interpreter -> (exit code, heavy modules loaded, what it wrote to stderr)."""
     code = PROBE.format(args=list(args), heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
     lines = dict(line.split(" ", 1) for line in proc.stderr.splitlines() if line.startswith(("EXIT", "LOADED")))
     assert "LOADED" in lines, proc.stderr
-    return int(lines["EXIT"]), eval(lines["LOADED"])
+    said = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith(("EXIT", "LOADED")))
+    return int(lines["EXIT"]), eval(lines["LOADED"]), said
+
+
+def loaded_after(*args: str) -> tuple[int, list[str]]:
+    code, loaded, _ = probe(*args)
+    return code, loaded
 
 
 def commands() -> list[str]:
@@ -63,3 +71,33 @@ def test_command_help_imports_nothing_heavy(command: str) -> None:
 def test_argument_errors_import_nothing_heavy(args: tuple[str, ...]) -> None:
     code, loaded = loaded_after(*args)
     assert code == 2 and loaded == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("hessian", "ck.pt", "--tol", "5"), "--tol must be in (0, 1), got 5.0; drop it to use the default, 0.001"),
+        (("hessian", "gone.pt"), "no such checkpoint: 'gone.pt'"),
+        (("compare", "ck.pt", "gone.pt"), "no such checkpoint: 'gone.pt'"),
+        (("hessian", "ck.pt", "--data", "gone.py:data"), "data factory 'gone.py:data': no such file 'gone.py'"),
+        (("hessian", "ck.pt", "--loss", "gone.py:loss"), "loss 'gone.py:loss': no such file 'gone.py'"),
+        (("run", "gone"), "no such run folder: 'gone'"),
+        (("report", "ck.pt"), "'ck.pt' is a file; pass the folder that holds the run's checkpoints"),
+        (("run", "run", "--out", "out", "--set", "hessian.tol=abc"), "hessian.tol must be a finite number, got 'abc'"),
+        (("report", "run", "--out", "out", "--set", "hessian.tol=5"), "hessian.tol must be in (0, 1), got 5.0"),
+        (("run", "run", "--out", "out", "--analyzers", "nope"), "unknown analyzer 'nope'"),
+        (("run", "run", "--out", "out", "--data", "gone.py:data"), "no such file 'gone.py'"),
+        (("run", "run", "--out", "out", "--pattern", "*.nothing"), "no checkpoint files matching '*.nothing'"),
+        (("run", "run", "--out", "run"), "is the input folder itself"),
+    ],
+)
+def test_value_and_file_errors_import_nothing_heavy(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    """Errors in what the arguments say (a range, a missing file or folder, a --set value, an unknown analyzer)
+    are found before torch and pandas load: one line, exit 2, and no --out folder made."""
+    (tmp_path / "ck.pt").write_bytes(b"not read: the arguments are refused first")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "step_1.pt").write_bytes(b"not read either")
+    code, loaded, said = probe(*args, cwd=tmp_path)
+    assert (code, loaded) == (2, []), said
+    assert said.startswith("diag: error: ") and said.count("\n") == 1 and message in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "run"]

@@ -214,6 +214,27 @@ def test_an_output_folder_holding_the_run_is_one_line_and_writes_nothing(
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("command", ["run", "report"])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--pattern", "nothing_*.pt"], "diag: error: no checkpoint files matching 'nothing_*.pt' in '{run}'"),
+        (["--data", "gone.py:data"], "diag: error: data factory 'gone.py:data': no such file 'gone.py'"),
+        (["--model", "gone.py:build"], "diag: error: model factory 'gone.py:build': no such file 'gone.py'"),
+    ],
+)
+def test_a_sweep_refused_before_its_first_checkpoint_leaves_no_output_folder(
+    run_dir: Path, tmp_path: Path, command: str, bad: list[str], message: str
+) -> None:
+    """A glob that matches nothing left an empty --out behind; a missing factory file made the folder and its
+    manifest, then failed at every checkpoint."""
+    from cliutils import one_line_error
+
+    out = tmp_path / "o"
+    one_line_error(diag(command, run_dir, *bad, "--out", out, *FAST), message.format(run=run_dir))
+    assert not out.exists()
+
+
 def test_too_many_replicates_without_samples_says_what_they_need(run_dir: Path, tmp_path: Path) -> None:
     """Fuzzer C2: '--replicates K with --samples 0 needs 0 samples' although --samples was never given."""
     from cliutils import one_line_error
