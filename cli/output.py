@@ -27,7 +27,7 @@ def print_records(records: list[Record], fmt: str, metadata: dict[str, Any] | No
     if fmt == "json":
         typer.echo(results.records_to_json(records))
     elif fmt == "csv":
-        typer.echo(results.records_to_frame(records).to_csv(index=False), nl=False)
+        typer.echo(results.records_to_csv(records), nl=False)
     elif fmt == "md":
         typer.echo(results.format_markdown(records), nl=False)
     else:

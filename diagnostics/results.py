@@ -12,6 +12,8 @@ metadata (seed, sample count, tolerances, HVP count, seconds, package versions) 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import platform
@@ -109,6 +111,19 @@ def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
     return df
 
 
+def records_to_csv(records: Sequence[Record]) -> str:
+    """The records as CSV with the :data:`COLUMNS` header: floats in their shortest round-trip form, missing
+    values empty, fields quoted only where needed; the text ``records_to_frame(records).to_csv(index=False)``
+    writes, without importing pandas."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in records:
+        d = r.to_dict()
+        writer.writerow(["" if d[c] is None else repr(d[c]) if isinstance(d[c], float) else str(d[c]) for c in COLUMNS])
+    return buf.getvalue()
+
+
 def _none(x: Any) -> Any:
     """None for the missing-value markers a table may hold (None, NaN, pd.NA)."""
     return None if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)) else x
@@ -194,34 +209,48 @@ def records_to_json(records: Sequence[Record], indent: int | None = 2) -> str:
 
 
 def format_table(records: Sequence[Record], metadata: dict[str, Any] | None = None) -> str:
-    """A readable fixed-width table for the terminal, grouped by checkpoint."""
+    """A readable fixed-width table for the terminal, grouped by checkpoint (in order of appearance).
+
+    Each column is right-justified to its widest cell, one space apart, as ``DataFrame.to_string(index=False)``
+    lays it out, without importing pandas (printing a few records must not cost its import); ``index``,
+    ``group`` and ``stderr`` are left out of a checkpoint's table where every cell is empty.
+    """
     if not records:
         return "(no records)"
-    df = records_to_frame(records)
+    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+    for r in records:
+        d = r.to_dict()
+        groups.setdefault((d["checkpoint"], d["step"]), []).append(d)
     lines: list[str] = []
-    for (ckpt, step), sub in df.groupby(["checkpoint", "step"], dropna=False, sort=False):
-        header = f"{ckpt}" + ("" if pd.isna(step) else f"  (step {int(step)})")
-        lines.append(header)
-        show = pd.DataFrame(
-            {
-                "analyzer": sub["analyzer"],
-                "metric": sub["metric"],
-                "index": sub["index"].map(lambda x: "" if pd.isna(x) else str(int(x))),
-                "group": sub["group"].map(lambda x: "" if x is None or pd.isna(x) else str(x)),
-                "value": sub["value"].map(_fmt_num),
-                "stderr": sub["stderr"].map(lambda x: "" if pd.isna(x) else _fmt_num(x)),
-            }
-        )
-        for col in ("index", "group", "stderr"):
-            if (show[col] == "").all():
-                show = show.drop(columns=col)
-        lines.append(show.to_string(index=False))
+    for (ckpt, step), rows in groups.items():
+        lines.append(f"{ckpt}" + ("" if step is None else f"  (step {int(step)})"))
+        columns = {
+            "analyzer": [str(d["analyzer"]) for d in rows],
+            "metric": [str(d["metric"]) for d in rows],
+            "index": ["" if d["index"] is None else str(int(d["index"])) for d in rows],
+            "group": ["" if d["group"] is None else str(d["group"]) for d in rows],
+            "value": [_fmt_num(d["value"]) for d in rows],
+            "stderr": ["" if d["stderr"] is None else _fmt_num(d["stderr"]) for d in rows],
+        }
+        shown = {k: v for k, v in columns.items() if k not in ("index", "group", "stderr") or any(v)}
+        lines.append(fixed_width(shown))
         lines.append("")
     if metadata:
         keys = [k for k in ("hvp_count", "seconds", "seed", "samples", "dtype", "device") if k in metadata]
         if keys:
             lines.append("# " + "  ".join(f"{k}={_fmt_meta(metadata[k])}" for k in keys))
     return "\n".join(lines).rstrip() + "\n"
+
+
+_ESCAPED = str.maketrans({"\t": "\\t", "\r": "\\r", "\n": "\\n"})
+
+
+def fixed_width(columns: Mapping[str, Sequence[str]]) -> str:
+    """``{header: cells}`` as lines of right-justified columns one space apart (tabs and line breaks in a
+    cell shown escaped, so every row stays one line)."""
+    cols = [[h.translate(_ESCAPED), *(c.translate(_ESCAPED) for c in cells)] for h, cells in columns.items()]
+    widths = [max(len(c) for c in col) for col in cols]
+    return "\n".join(" ".join(col[i].rjust(w) for col, w in zip(cols, widths)) for i in range(len(cols[0])))
 
 
 def _fmt_num(x: float) -> str:
@@ -249,12 +278,12 @@ def format_markdown(records: Sequence[Record], metadata: dict[str, Any] | None =
     Returns:
         The Markdown text, ending in a newline.
     """
-    df = records_to_frame(records)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in df.itertuples(index=False):
+    for r in records:
+        d = r.to_dict()
         cells = []
-        for v in row:
-            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        for v in (d[c] for c in COLUMNS):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append("")
             elif isinstance(v, float):
                 cells.append(_fmt_num(v))
@@ -337,11 +366,9 @@ def write_result(result: Result, path: str | Path) -> Path:
     if suffix == ".json":
         atomic_write_bytes(path, result_json_bytes(result))
     elif suffix == ".csv":
-        atomic_write_bytes(path, result.frame().to_csv(index=False).encode())
+        atomic_write_bytes(path, records_to_csv(result.records).encode())
         atomic_write_bytes(path.with_name(path.name + ".meta.json"), meta_json.encode())
     elif suffix == ".parquet":
-        import io
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -101,3 +101,115 @@ def test_an_input_that_is_not_a_regular_file_is_named_as_such(tmp_path) -> None:
         with pytest.raises(DiagnosticsError) as err:
             read_result(path)
         assert fragment in str(err.value) and "; pass a file diag wrote with --out" in str(err.value)
+
+
+# ----------------------------------------------------------------- printed formats without pandas (issue 13)
+def _pandas_table(records: list[Record], metadata: dict | None = None) -> str:
+    """The table as the pandas implementation printed it (the reference the pandas-free one must match)."""
+    import pandas as pd
+
+    from diagnostics.results import _fmt_meta, _fmt_num, records_to_frame
+
+    df = records_to_frame(records)
+    lines: list[str] = []
+    for (ckpt, step), sub in df.groupby(["checkpoint", "step"], dropna=False, sort=False):
+        lines.append(f"{ckpt}" + ("" if pd.isna(step) else f"  (step {int(step)})"))
+        show = pd.DataFrame(
+            {
+                "analyzer": sub["analyzer"],
+                "metric": sub["metric"],
+                "index": sub["index"].map(lambda x: "" if pd.isna(x) else str(int(x))),
+                "group": sub["group"].map(lambda x: "" if x is None or pd.isna(x) else str(x)),
+                "value": sub["value"].map(_fmt_num),
+                "stderr": sub["stderr"].map(lambda x: "" if pd.isna(x) else _fmt_num(x)),
+            }
+        )
+        for col in ("index", "group", "stderr"):
+            if (show[col] == "").all():
+                show = show.drop(columns=col)
+        lines.append(show.to_string(index=False))
+        lines.append("")
+    if metadata:
+        keys = [k for k in ("hvp_count", "seconds", "seed", "samples", "dtype", "device") if k in metadata]
+        if keys:
+            lines.append("# " + "  ".join(f"{k}={_fmt_meta(metadata[k])}" for k in keys))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pandas_markdown(records: list[Record]) -> str:
+    import pandas as pd
+
+    from diagnostics.results import COLUMNS, _fmt_num, records_to_frame
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in records_to_frame(records).itertuples(index=False):
+        cells = []
+        for v in row:
+            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+                cells.append("")
+            elif isinstance(v, float):
+                cells.append(_fmt_num(v))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+EDGE_VALUES = [0.0, -0.0, 1.0, 1e16, 1e15, 1e-4, 1e-5, 5e-324, 0.1 + 0.2, 123456789.123, 2.0**70, -7.25e-9]
+EDGE_VALUES += [math.inf, -math.inf, math.nan, 999999.5, 1e6, 0.001, 0.000999]
+
+
+def _mixed_records(seed: int) -> list[Record]:
+    """Records of two checkpoints (one without a step) with edge floats, missing cells and awkward names."""
+    rng = np.random.default_rng(seed)
+    names = ["eigenvalue", "trace", "a,comma", 'q"uote', "tab\there", "nl\nname", "ünï", "x" * 40]
+    out = []
+    for i in range(30):
+        value = (
+            EDGE_VALUES[i % len(EDGE_VALUES)]
+            if i < len(EDGE_VALUES)
+            else float(rng.standard_normal() * 10.0 ** rng.integers(-8, 9))
+        )
+        out.append(
+            Record(
+                checkpoint=["step_5.pt", "odd name, with comma.pt"][i % 2],
+                step=[5, None][i % 2],
+                analyzer=["hessian", "rankme"][int(rng.integers(2))],
+                metric=names[int(rng.integers(len(names)))],
+                value=value,
+                stderr=None if rng.random() < 0.4 else float(rng.random()),
+                index=None if rng.random() < 0.5 else int(rng.integers(-3, 200)),
+                group=None if rng.random() < 0.5 else names[int(rng.integers(len(names)))],
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_printed_formats_match_the_pandas_ones_without_importing_pandas(seed: int) -> None:
+    from diagnostics.results import format_markdown, format_table, records_to_csv, records_to_frame
+
+    records = _mixed_records(seed)
+    meta = {"hvp_count": 28, "seconds": 1.23456, "seed": 0, "dtype": "float32"}
+    assert format_table(records, meta) == _pandas_table(records, meta)
+    assert format_markdown(records) == _pandas_markdown(records)
+    assert records_to_csv(records) == records_to_frame(records).to_csv(index=False)
+    one = [r for r in records if r.step == 5][:3]  # only some columns filled: the empty ones are left out alike
+    bare = [Record(r.checkpoint, r.step, r.analyzer, r.metric, r.value) for r in one]
+    assert format_table(bare) == _pandas_table(bare)
+
+
+def test_printing_records_imports_no_pandas() -> None:
+    """``diag NAME`` prints its records as a table, CSV or Markdown without loading pandas (~0.3 s, ~65 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from diagnostics.results import Record, format_table, format_markdown, records_to_csv\n"
+        "r = [Record('a.pt', 1, 'hessian', 'eigenvalue', 2.5, 0.1, 0, None)]\n"
+        "format_table(r, {'hvp_count': 3}); format_markdown(r, {'seed': 0}); records_to_csv(r)\n"
+        "print(sorted(m for m in ('pandas', 'pyarrow', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
