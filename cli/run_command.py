@@ -40,11 +40,16 @@ def checkpoint_list(analyzer: Analyzer, given: Any) -> list[Path]:
     if not lo <= len(paths) <= hi:
         want = f"{lo}" if lo == hi else f"{lo} to {hi}"
         raise DiagnosticsError(f"diag {analyzer.name} takes {want} checkpoint(s), got {len(paths)}")
-    found = [Path(p) for p in paths]
-    for path in found:  # before torch is imported: a typo costs no second of start-up
+    return [Path(p) for p in paths]
+
+
+def refuse_missing_inputs(checkpoints: list[Path], binding: BindingOptions) -> None:
+    """A checkpoint, or a ``file.py`` factory of ``binding``, that does not exist: one line before torch is
+    imported (a typo costs no second of start-up), with the message reading it would give."""
+    for path in checkpoints:
         if not os.path.lexists(path):
             raise DiagnosticsError(f"no such checkpoint: '{path}'")
-    return found
+    missing_factory_file(model=binding.model, data=binding.data, loss=binding.loss)
 
 
 def requested_files(analyzer: Analyzer, values: dict[str, Any]) -> dict[str, tuple[FileOutput, Path]]:
@@ -161,7 +166,7 @@ def _run(analyzer: Analyzer, values: dict[str, Any], out: OutputOptions) -> None
     binding = project.binding(split_values(values, BindingOptions))
     config = analyzer_config(analyzer, values, project)
     inputs = checkpoint_list(analyzer, values["checkpoints"])
-    missing_factory_file(model=binding.model, data=binding.data, loss=binding.loss)
+    refuse_missing_inputs(inputs, binding)
     planned = planned_files(analyzer, values, config, inputs, out, project_opts, binding)
     from diagnostics import distributed  # torch: only once the arguments are known to be good
 

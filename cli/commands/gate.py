@@ -82,9 +82,11 @@ def _context(values: dict[str, Any], project: Any, binding: BindingOptions, trus
 def _plan(
     values: dict[str, Any], project: Any, binding: BindingOptions, files: dict[str, Path | None], *more: Path
 ) -> None:
+    from diag_cli.run_command import refuse_missing_inputs
     from diagnostics.binding import input_files
     from diagnostics.outputs import plan_outputs
 
+    refuse_missing_inputs([Path(values["checkpoint"])], binding)
     inputs = [Path(values["checkpoint"]), *more, *input_files(project.path, binding.model, binding.data, binding.loss)]
     force = options_from(Overwrite, values).force
     plan_outputs(inputs=inputs, force=force, files={k: (v, ()) for k, v in files.items()})
