@@ -464,12 +464,12 @@ FACTORY_ROLES = {"model": "model factory", "data": "data factory", "loss": "loss
 
 
 def missing_factory_file(**specs: str | None) -> None:
-    """Refuse a ``file.py:callable`` spec given on the command line whose file does not exist, before any
-    checkpoint is read (the same message the import would give).
+    """Refuse a ``file.py:callable`` spec whose file does not exist, before any checkpoint is read or torch is
+    imported (the same message the import would give).
 
     Args:
-        specs: ``model=``, ``data=``, ``loss=``: the ``--model``/``--data``/``--loss`` flags (``diag.toml``'s
-            specs are checked when they are used: a flag or the checkpoint may override them).
+        specs: ``model=``, ``data=``, ``loss=``: the specs a command will use, a flag or else diag.toml's (both
+            win over a checkpoint's own, so each named file is imported once the command runs).
 
     Raises:
         DiagnosticsError: ``data factory 'x.py:data': no such file 'x.py'``.
