@@ -17,8 +17,9 @@ import io
 import json
 import math
 import platform
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,70 @@ class Record:
         return out
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """An artifact built on first use: ``build()`` returns it (e.g. a DataFrame, so that a command whose
+    result nobody tabulates never imports pandas)."""
+
+    build: Callable[[], Any]
+
+
+class Artifacts(MutableMapping[str, Any]):
+    """A result's named artifacts; a :class:`Deferred` value is built the first time it is read (``[]``,
+    ``get``, ``items``, ``values``) and kept."""
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        # a plain dict is held, not copied: the caller's dict and the result see the same artifacts
+        self._items: dict[str, Any] = items if isinstance(items, dict) else dict(items or {})
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._items[name]
+        if isinstance(value, Deferred):
+            value = self._items[name] = value.build()
+        return value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._items[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items  # (the Mapping default reads the value, which would build it)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        shown = {k: "<deferred>" if isinstance(v, Deferred) else type(v).__name__ for k, v in self._items.items()}
+        return f"Artifacts({shown})"
+
+
+def concat_later(parts: Sequence[Mapping[str, Any]]) -> Deferred:
+    """A table built on first use: one DataFrame per part (``{column: values}``, a scalar repeated down the
+    part's rows), concatenated with a fresh ``0..`` index. The values are held until then (arrays, not copies)."""
+    return Deferred(partial(_concat_parts, [dict(p) for p in parts]))
+
+
+def _concat_parts(parts: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(p) for p in parts], ignore_index=True)
+
+
 @dataclass
 class Result:
-    """Records plus the metadata that travels with them and optional named artifacts."""
+    """Records plus the metadata that travels with them and optional named artifacts (:class:`Artifacts`:
+    a :class:`Deferred` value is built on first use)."""
 
     records: list[Record]
     metadata: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    artifacts: MutableMapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.artifacts, Artifacts):
+            self.artifacts = Artifacts(self.artifacts)
 
     def frame(self) -> pd.DataFrame:
         """The records as a DataFrame with exactly :data:`COLUMNS` (:func:`records_to_frame`)."""

@@ -213,3 +213,42 @@ def test_printing_records_imports_no_pandas() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------- deferred artifacts
+def test_a_deferred_artifact_is_built_once_on_first_read_and_shared_with_the_callers_dict() -> None:
+    from diagnostics.results import Artifacts, Deferred
+
+    built = []
+
+    def build() -> list[int]:
+        built.append(1)
+        return [1, 2, 3]
+
+    given = {"table": Deferred(build), "plain": 7}
+    res = Result([], {}, given)
+    assert isinstance(res.artifacts, Artifacts) and list(res.artifacts) == ["table", "plain"] and built == []
+    assert "table" in res.artifacts and len(res.artifacts) == 2 and built == []  # keys alone build nothing
+    assert res.artifacts["table"] == [1, 2, 3] and built == [1]
+    assert dict(res.artifacts.items()) == {"table": [1, 2, 3], "plain": 7} and built == [1]  # kept, not rebuilt
+    assert given["table"] == [1, 2, 3]  # the caller's dict is the result's, as before
+    again = Result([], {}, res.artifacts)
+    assert again.artifacts is res.artifacts
+    lazy = Result([], {}, {"t": Deferred(build)})
+    assert lazy.artifacts.get("t") == [1, 2, 3] and list(lazy.artifacts.values()) == [[1, 2, 3]] and built == [1, 1]
+    assert lazy.artifacts.get("missing") is None and "missing" not in lazy.artifacts
+
+
+def test_concat_later_builds_the_frame_pandas_concat_would() -> None:
+    import pandas as pd
+
+    from diagnostics.results import concat_later
+
+    parts = [
+        {"group": "fc1", "k": range(1, 4), "singular_value": np.array([3.0, 2.0, 1.0])},
+        {"group": "fc2", "k": range(1, 3), "singular_value": np.array([5.0, np.nan])},
+    ]
+    want = pd.concat([pd.DataFrame(p) for p in parts], ignore_index=True)
+    got = Result([], {}, {"spectrum": concat_later(parts)}).artifacts["spectrum"]
+    pd.testing.assert_frame_equal(got, want)
+    assert list(got.index) == [0, 1, 2, 3, 4] and got["group"].tolist() == ["fc1"] * 3 + ["fc2"] * 2

@@ -53,7 +53,7 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.options import FeatureOptions
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
 if TYPE_CHECKING:
@@ -670,16 +670,19 @@ def _within_class_pass(
 def cosine_frame(summary: CollapseSummary, group: str) -> pd.DataFrame:
     """The ``C x C`` cosines between centred class means of one layer as a tidy frame
     ``group, class, other, cosine`` (``diagnostics.plots.cosine_matrices`` turns it back into matrices)."""
+    return pd.DataFrame(cosine_columns(summary, group))
+
+
+def cosine_columns(summary: CollapseSummary, group: str) -> dict[str, Any]:
+    """The columns of :func:`cosine_frame`, without pandas."""
     labels = [int(c) for c in summary.classes.tolist()]
     c = len(labels)
-    return pd.DataFrame(
-        {
-            "group": group,
-            "class": [a for a in labels for _ in range(c)],
-            "other": labels * c,
-            "cosine": summary.cosine.reshape(-1).tolist(),
-        }
-    )
+    return {
+        "group": group,
+        "class": [a for a in labels for _ in range(c)],
+        "other": labels * c,
+        "cosine": summary.cosine.reshape(-1).tolist(),
+    }
 
 
 def _layer_info(summary: CollapseSummary, classifier: str | None) -> dict[str, Any]:
@@ -731,7 +734,7 @@ def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn 
         summary = summarize(means[name], within[name], bases[name][1], weight, config.imbalance_ratio)
         rows += summary_rows(summary, name, config.per_class)
         notes += [f"layer '{name}': {note}" for note in summary.notes]
-        cosines.append(cosine_frame(summary, name))
+        cosines.append(cosine_columns(summary, name))
         per_layer[name] = _layer_info(summary, classifier if weight is not None else None)
     metadata = {
         "layers": plan.analysed,
@@ -740,7 +743,7 @@ def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn 
         "per_layer": per_layer,
         "notes": notes,
     }
-    artifacts = {"cosine": pd.concat(cosines, ignore_index=True)}
+    artifacts = {"cosine": concat_later(cosines)}  # a DataFrame once read: pandas only when it is tabulated
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 

@@ -48,7 +48,7 @@ from diagnostics.batches import fingerprint
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, config_values, option
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 directions = lazy_import("diagnostics.directions")
 
 NAME = "landscape"
@@ -510,9 +509,8 @@ def analyze_landscape(
 
     loss, acc, resumed = _run_grid(grid.shape[0], build, evaluator, done, on_points, progress)
     names = ["x", "y"][: config.slice_dims]
-    frame = pd.DataFrame(grid.numpy(), columns=names)
-    frame["loss"] = loss.numpy()
-    frame["accuracy"] = acc.numpy() if acc is not None else math.nan
+    columns = {name: grid[:, i].numpy() for i, name in enumerate(names)}
+    columns |= {"loss": loss.numpy(), "accuracy": acc.numpy() if acc is not None else math.nan}
     centre = torch.nonzero((grid.abs() <= 1e-12).all(dim=1)).flatten()
     metadata: dict[str, Any] = {
         "mode": "slice",
@@ -525,7 +523,7 @@ def analyze_landscape(
         + nonfinite_note(loss, "use a smaller --span")
         + span_precision_note(config, grid, build, w, loss),
     }
-    artifacts = {"grid": frame, "directions": dirs}
+    artifacts = {"grid": concat_later([columns]), "directions": dirs}  # a DataFrame once read
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, _grid_rows(loss, acc)), metadata, artifacts)
 
 
@@ -662,9 +660,11 @@ def analyze_interpolation(
 
     barrier = _barrier(alphas, loss, gap, config.refine_steps)
     rows = [*_grid_rows(loss, acc), ("barrier", barrier["value"], None, None, None)]
-    frame = pd.DataFrame({"alpha": alphas.numpy(), "loss": loss.numpy()})
-    frame["accuracy"] = acc.numpy() if acc is not None else math.nan
-    frame["chord"] = ((1 - alphas) * l0 + alphas * l1).numpy()
+    columns = {"alpha": alphas.numpy(), "loss": loss.numpy()}
+    columns |= {
+        "accuracy": acc.numpy() if acc is not None else math.nan,
+        "chord": ((1 - alphas) * l0 + alphas * l1).numpy(),
+    }
     metadata: dict[str, Any] = {
         "mode": "interpolation",
         "checkpoints": [ctx_a.checkpoint, ctx_b.checkpoint],
@@ -679,7 +679,7 @@ def analyze_interpolation(
         **_evaluation_info(evaluator, config, resumed),
         "notes": _notes(evaluator, acc) + nonfinite_note(loss, "narrow --alpha-min/--alpha-max"),
     }
-    return Result(make_records(ctx_a.checkpoint, ctx_a.step, NAME, rows), metadata, {"grid": frame})
+    return Result(make_records(ctx_a.checkpoint, ctx_a.step, NAME, rows), metadata, {"grid": concat_later([columns])})
 
 
 # --------------------------------------------------------------------------------------- resuming

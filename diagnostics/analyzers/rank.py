@@ -32,7 +32,7 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.options import FeatureOptions
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 features = lazy_import("diagnostics.features")
 
 NAME = "rankme"
@@ -286,14 +285,12 @@ def analyze_rank(config: RankConfig, ctx: Context, progress: ProgressFn | None =
         per_layer[name] = linfo
         k = len(spec.singular_values)
         frames.append(
-            pd.DataFrame(
-                {
-                    "group": name,
-                    "k": range(1, k + 1),
-                    "singular_value": spec.singular_values.numpy(),
-                    "covariance_eigenvalue": spec.covariance_eigenvalues.numpy(),
-                }
-            )
+            {
+                "group": name,
+                "k": range(1, k + 1),
+                "singular_value": spec.singular_values.numpy(),
+                "covariance_eigenvalue": spec.covariance_eigenvalues.numpy(),
+            }
         )
     metadata: dict[str, Any] = {**info, "samples": info["samples_used"], "per_layer": per_layer, "notes": notes}
     if info["samples_total"] > info["samples_used"]:
@@ -301,7 +298,7 @@ def analyze_rank(config: RankConfig, ctx: Context, progress: ProgressFn | None =
             f"{info['samples_used']} of {info['samples_total']} rows, drawn without replacement with seed "
             f"{ctx.seed} (stream {SUBSAMPLE_STREAM})"
         )
-    artifacts = {"spectrum": pd.concat(frames, ignore_index=True)}
+    artifacts = {"spectrum": concat_later(frames)}  # a DataFrame once read: pandas only when it is tabulated
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 

@@ -31,7 +31,7 @@ from diagnostics.analyzers.rank import entropy_effective_rank
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 
 NAME = "weights"
 METRICS = ("spectral_norm", "stable_rank", "effective_rank", "alpha")
@@ -225,7 +224,7 @@ def analyze_weights(
                 f"layer '{group}': fewer than {config.min_evals} non-zero eigenvalues ({min(w.shape)} at most), "
                 "no alpha"
             )
-        frames.append(pd.DataFrame({"group": group, "k": range(1, len(s) + 1), "singular_value": s.numpy()}))
+        frames.append({"group": group, "k": range(1, len(s) + 1), "singular_value": s.numpy()})
         tick(i + 1, len(mats))
     metadata: dict[str, Any] = {
         "layers": list(mats),
@@ -233,7 +232,7 @@ def analyze_weights(
         "conv_reshape": "a kernel [out, in, *k] is read as the matrix [out, in * prod(k)]",
         "notes": notes,
     }
-    artifacts = {"spectrum": pd.concat(frames, ignore_index=True)}
+    artifacts = {"spectrum": concat_later(frames)}  # a DataFrame once read: pandas only when it is tabulated
     return Result(make_records(checkpoint, step, NAME, rows), metadata, artifacts)
 
 

@@ -1,8 +1,9 @@
-"""``diag --help``, ``diag COMMAND --help`` and argument errors never import the numerical stack (issue 13): the
-module set is asserted in a fresh interpreter, not a time."""
+"""``diag --help``, ``diag COMMAND --help`` and argument errors never import the numerical stack, and a command
+imports only what it uses (issue 13): the module set is asserted in a fresh interpreter, not a time."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,12 @@ print("LOADED", sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stder
 """
 
 
-def probe(*args: str, cwd: Path | None = None) -> tuple[int, list[str], str]:
-    """``diag ARGS`` in a fresh interpreter -> (exit code, heavy modules loaded, what it wrote to stderr)."""
-    code = PROBE.format(args=list(args), heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
+def probe(
+    *args: str, cwd: Path | None = None, heavy: tuple[str, ...] = HEAVY, env: dict[str, str] | None = None
+) -> tuple[int, list[str], str]:
+    """``diag ARGS`` in a fresh interpreter -> (exit code, which of ``heavy`` it loaded, what it wrote to stderr)."""
+    code = PROBE.format(args=list(args), heavy=heavy)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     lines = dict(line.split(" ", 1) for line in proc.stderr.splitlines() if line.startswith(("EXIT", "LOADED")))
     assert "LOADED" in lines, proc.stderr
     said = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith(("EXIT", "LOADED")))
@@ -104,3 +107,48 @@ def test_value_and_file_errors_import_nothing_heavy(tmp_path: Path, args: tuple[
     assert (code, loaded) == (2, []), said
     assert said.startswith("diag: error: ") and said.count("\n") == 1 and message in said, said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "run"]
+
+
+TESTS = Path(__file__).resolve().parents[1]
+TINY = ("--model", "tinymodels:build_tiny", "--data", "tinymodels:tiny_data", "-q")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("hessian", "a.pt", "--top-k", "2"),
+        ("hessian", "a.pt", "--top-k", "2", "-f", "table"),
+        ("hessian", "a.pt", "--top-k", "2", "-f", "csv"),
+        ("hessian", "a.pt", "--top-k", "2", "-f", "md", "--out", "r.csv"),
+        ("weights", "a.pt", "-f", "json"),
+        ("rankme", "a.pt", "-f", "json"),
+        ("collapse", "a.pt", "-f", "json"),
+        ("landscape", "a.pt", "--steps", "3", "-f", "json"),
+        ("sharpness", "a.pt", "-f", "json"),
+    ],
+)
+def test_a_command_that_only_prints_records_imports_no_pandas_or_matplotlib(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Printing records (any format) or writing them as .csv needs neither pandas nor matplotlib; the table
+    artifacts of weights, rankme, collapse and landscape are built only when something reads them."""
+    import tinymodels as tm
+    from diagnostics.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "a.pt", tm.build_tiny(), step=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code, loaded, said = probe(*args, *TINY, cwd=tmp_path, heavy=("pandas", "pyarrow", "matplotlib"), env=env)
+    assert (code, loaded) == (0, []), said
+
+
+def test_a_plot_or_a_table_file_still_loads_what_it_needs(tmp_path: Path) -> None:
+    """The deferred tables are built when asked for: a spectrum plot loads matplotlib and pandas and is written."""
+    import tinymodels as tm
+    from diagnostics.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "a.pt", tm.build_tiny(), step=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    args = ("weights", "a.pt", "--plot", "w.png", *TINY)
+    code, loaded, said = probe(*args, cwd=tmp_path, heavy=("pandas", "matplotlib"), env=env)
+    assert (code, loaded) == (0, ["matplotlib", "pandas"]), said
+    assert (tmp_path / "w.spectrum.png").stat().st_size > 1000
