@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 features = lazy_import("diagnostics.features")
 
 NAME = "collapse"
@@ -667,14 +666,9 @@ def _within_class_pass(
     return {name: acc.finalize() for name, acc in within.items()}
 
 
-def cosine_frame(summary: CollapseSummary, group: str) -> pd.DataFrame:
-    """The ``C x C`` cosines between centred class means of one layer as a tidy frame
-    ``group, class, other, cosine`` (``diagnostics.plots.cosine_matrices`` turns it back into matrices)."""
-    return pd.DataFrame(cosine_columns(summary, group))
-
-
 def cosine_columns(summary: CollapseSummary, group: str) -> dict[str, Any]:
-    """The columns of :func:`cosine_frame`, without pandas."""
+    """The ``C x C`` cosines between centred class means of one layer as the columns of a tidy frame
+    ``group, class, other, cosine`` (``diagnostics.plots.cosine_matrices`` turns it back into matrices)."""
     labels = [int(c) for c in summary.classes.tolist()]
     c = len(labels)
     return {
@@ -715,7 +709,7 @@ def analyze_collapse(config: CollapseConfig, ctx: Context, progress: ProgressFn 
     Returns:
         Records ``group = layer`` (per class: ``group = '<layer>/class=<c>'``, ``index = c``); metadata
         ``layers``, ``classifier``, ``global_mean``, ``per_layer``, ``notes``; artifact ``cosine``, the tidy
-        frame of :func:`cosine_frame` for every layer.
+        frame of :func:`cosine_columns` for every layer (built when read).
     """
     check_config(config)
     notes: list[str] = []
