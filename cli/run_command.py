@@ -46,9 +46,11 @@ def checkpoint_list(analyzer: Analyzer, given: Any) -> list[Path]:
 def refuse_missing_inputs(checkpoints: list[Path], binding: BindingOptions) -> None:
     """A checkpoint, or a ``file.py`` factory of ``binding``, that does not exist: one line before torch is
     imported (a typo costs no second of start-up), with the message reading it would give."""
+    from diagnostics.checkpoint import no_such_checkpoint
+
     for path in checkpoints:
         if not os.path.lexists(path):
-            raise DiagnosticsError(f"no such checkpoint: '{path}'")
+            raise no_such_checkpoint(path)
     missing_factory_file(model=binding.model, data=binding.data, loss=binding.loss)
 
 

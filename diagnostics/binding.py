@@ -315,7 +315,7 @@ def running_user_code(spec: str, what: str, doing: str) -> Iterator[None]:
 def _import_file(file: Path, spec: str, what: str) -> Any:
     """Import a user's ``file.py`` once per resolved path (as module ``_diag_user_<hash>``)."""
     if not file.is_file():
-        raise DiagnosticsError(f"{what} '{spec}': no such file '{file}'")
+        raise _no_such_file(what, spec, file)
     mod_key = f"_diag_user_{abs(hash(str(file.resolve())))}"
     if mod_key in sys.modules:
         return sys.modules[mod_key]
@@ -453,11 +453,23 @@ def input_files(config: str | Path | None = None, *specs: str | None) -> list[Pa
     cfg = load_config(path) if path is not None else {}
     found = [path] if path is not None else []
     for spec in (*specs, cfg.get("model"), cfg.get("data"), cfg.get("loss")):
-        if isinstance(spec, str) and ":" in spec:
-            module = spec.rpartition(":")[0]
-            if module.endswith(".py"):
-                found.append(Path(module))
+        file = factory_file(spec)
+        if file is not None:
+            found.append(file)
     return found
+
+
+def factory_file(spec: Any) -> Path | None:
+    """The file of a ``path/file.py:callable`` spec (None for a module name, a loss name or no spec)."""
+    if isinstance(spec, str) and ":" in spec:
+        module = spec.rpartition(":")[0]
+        if module.endswith(".py"):
+            return Path(module)
+    return None
+
+
+def _no_such_file(what: str, spec: str, file: Path) -> DiagnosticsError:
+    return DiagnosticsError(f"{what} '{spec}': no such file '{file}'")
 
 
 FACTORY_ROLES = {"model": "model factory", "data": "data factory", "loss": "loss"}
@@ -475,10 +487,9 @@ def missing_factory_file(**specs: str | None) -> None:
         DiagnosticsError: ``data factory 'x.py:data': no such file 'x.py'``.
     """
     for role, spec in specs.items():
-        if isinstance(spec, str) and ":" in spec:
-            module = spec.rpartition(":")[0]
-            if module.endswith(".py") and not Path(module).is_file():
-                raise DiagnosticsError(f"{FACTORY_ROLES[role]} '{spec}': no such file '{module}'")
+        file = factory_file(spec)
+        if file is not None and not file.is_file():
+            raise _no_such_file(FACTORY_ROLES[role], str(spec), file)
 
 
 # ------------------------------------------------------------------------------------- binding

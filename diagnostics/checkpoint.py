@@ -53,6 +53,12 @@ _STEP_IN_NAME = re.compile(
 STEP_MAX = 2**63 - 1  # steps are stored as int64 (record tables, Parquet)
 
 
+def no_such_checkpoint(path: str | Path) -> DiagnosticsError:
+    """The error for a checkpoint path that does not exist (raised by the reader, and by the command line
+    before anything is imported)."""
+    return DiagnosticsError(f"no such checkpoint: '{path}'")
+
+
 def shown_value(value: Any) -> str:
     """A stored metadata value as a note shows it: scalars as written (long strings and integers shortened),
     anything else by its type (never the repr of a structure, which can be enormous or deeply nested)."""
@@ -256,7 +262,7 @@ def read_checkpoint_file(path: str | Path, *, sniff: bool = True) -> FileBytes:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise DiagnosticsError(f"no such checkpoint: '{path}'") from None
+        raise no_such_checkpoint(path) from None
     except OSError as exc:
         raise DiagnosticsError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     if stat.S_ISDIR(st.st_mode):

@@ -1319,6 +1319,11 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
     """
     out = Path(out)
     check_out_dir(out, force, protected)
+    return create_out_dir(out)
+
+
+def create_out_dir(out: Path) -> Path:
+    """Create ``out`` (and its parents) once :func:`check_out_dir` has passed."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1328,7 +1333,7 @@ def prepare_out_dir(out: str | Path, force: bool = False, protected: Sequence[Pa
 
 def check_out_dir(out: Path, force: bool = False, protected: Sequence[Path] = ()) -> None:
     """The checks of :func:`prepare_out_dir`, without creating ``out`` (a command that may still refuse its
-    arguments leaves no empty folder behind)."""
+    arguments leaves no empty folder behind; :func:`create_out_dir` then makes it)."""
     _refuse_run_inside(out, protected)
     if not force:
         _refuse_other_run(out, protected)

@@ -102,8 +102,8 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
         check_out_dir,
         check_settings,
         checkpoint_files,
+        create_out_dir,
         last_manifest_kept,
-        prepare_out_dir,
         refuse_output_as_run,
         start_manifest,
         write_sweep,
@@ -120,7 +120,7 @@ def run_sweep(run: Path, out: Path, flags: dict[str, Any], *, force: bool, quiet
     missing_factory_file(model=settings.model, data=settings.data, loss=settings.loss)
     check_out_dir(out, force=force, protected=[run, *inputs])
     checkpoint_files(run, settings.pattern, exclude=[out])  # a run with no checkpoints leaves no empty --out
-    prepare_out_dir(out, force=force, protected=[run, *inputs])
+    create_out_dir(out)
     from diagnostics import distributed  # torch: only once the arguments are known to be good
 
     distributed.init_from_env()  # under torchrun: checkpoints are spread over the ranks
