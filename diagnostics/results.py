@@ -62,6 +62,14 @@ class Deferred:
     build: Callable[[], Any]
 
 
+@dataclass(frozen=True)
+class DeferredTable(Deferred):
+    """A table (:func:`concat_later`) built on first use, whose ``parts`` (``{column: values}`` each) can be read
+    as plain columns without building it (:meth:`Artifacts.table_parts`, :func:`table_column`)."""
+
+    parts: tuple[dict[str, Any], ...] = ()
+
+
 class Artifacts(MutableMapping[str, Any]):
     """A result's named artifacts; a :class:`Deferred` value is built the first time it is read (``[]``,
     ``get``, ``items``, ``values``) and kept."""
@@ -91,15 +99,40 @@ class Artifacts(MutableMapping[str, Any]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def table_parts(self, name: str) -> list[dict[str, Any]]:
+        """The table ``name`` as ``{column: values}`` parts, without building a deferred one (and so without
+        pandas); a table already built is one part of its columns (as NumPy arrays)."""
+        value = self._items[name]
+        if isinstance(value, DeferredTable):
+            return [dict(p) for p in value.parts]
+        value = self[name]
+        return [{str(c): value[c].to_numpy() for c in value.columns}]
+
     def __repr__(self) -> str:
         shown = {k: "<deferred>" if isinstance(v, Deferred) else type(v).__name__ for k, v in self._items.items()}
         return f"Artifacts({shown})"
 
 
-def concat_later(parts: Sequence[Mapping[str, Any]]) -> Deferred:
+def concat_later(parts: Sequence[Mapping[str, Any]]) -> DeferredTable:
     """A table built on first use: one DataFrame per part (``{column: values}``, a scalar repeated down the
     part's rows), concatenated with a fresh ``0..`` index. The values are held until then (arrays, not copies)."""
-    return Deferred(partial(_concat_parts, [dict(p) for p in parts]))
+    held = [dict(p) for p in parts]
+    return DeferredTable(partial(_concat_parts, held), tuple(held))
+
+
+def table_column(parts: Sequence[Mapping[str, Any]], name: str) -> Any:
+    """Column ``name`` of the table the ``parts`` make (:func:`concat_later`) as one NumPy array, without pandas:
+    a scalar in a part is repeated down that part's rows, as the DataFrame would."""
+    import numpy as np
+
+    pieces = []
+    for part in parts:
+        rows = next((len(v) for v in part.values() if np.ndim(v) > 0), None)
+        if rows is None:
+            raise ValueError("a table part needs at least one column of values, not only scalars")
+        value = part[name]
+        pieces.append(np.asarray(value) if np.ndim(value) > 0 else np.full(rows, value))
+    return np.concatenate(pieces) if pieces else np.empty(0)
 
 
 def _concat_parts(parts: list[dict[str, Any]]) -> pd.DataFrame:

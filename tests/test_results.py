@@ -252,3 +252,32 @@ def test_concat_later_builds_the_frame_pandas_concat_would() -> None:
     got = Result([], {}, {"spectrum": concat_later(parts)}).artifacts["spectrum"]
     pd.testing.assert_frame_equal(got, want)
     assert list(got.index) == [0, 1, 2, 3, 4] and got["group"].tolist() == ["fc1"] * 3 + ["fc2"] * 2
+
+
+def test_a_deferred_tables_columns_are_read_without_building_it() -> None:
+    """``table_parts``/``table_column`` give the columns the DataFrame would hold (a scalar repeated down its
+    part) without building it; once built, the parts are the frame's own columns."""
+    from diagnostics.results import concat_later, table_column
+
+    parts = [
+        {"group": "fc1", "k": range(1, 4), "value": np.array([3.0, 2.0, 1.0]), "acc": math.nan, "aligned": True},
+        {"group": "fc2", "k": range(1, 3), "value": np.array([5.0, np.nan]), "acc": 0.5, "aligned": False},
+    ]
+    res = Result([], {}, {"t": concat_later(parts)})
+    read = res.artifacts.table_parts("t")
+    assert "<deferred>" in repr(res.artifacts)  # reading the parts built nothing
+    frame = res.artifacts["t"]
+
+    def same(xs: list, ys: list) -> bool:  # equal, NaN included
+        return len(xs) == len(ys) and all(x == y or (x != x and y != y) for x, y in zip(xs, ys))
+
+    for column in ("group", "k", "value", "acc", "aligned"):
+        got = table_column(read, column)
+        assert got.shape == (5,) and same(got.tolist(), frame[column].tolist()), column
+        assert same(table_column(res.artifacts.table_parts("t"), column).tolist(), frame[column].tolist()), column
+    assert table_column(read, "aligned").tolist() == [True] * 3 + [False] * 2
+    with pytest.raises(KeyError):
+        table_column(read, "missing")
+    with pytest.raises(ValueError, match="at least one column of values"):
+        table_column([{"only": 1.0}], "only")
+    assert table_column([], "anything").shape == (0,)

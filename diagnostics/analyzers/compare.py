@@ -64,7 +64,7 @@ from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.options import LAYERS_FLAGS, FeatureOptions
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records, table_column
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 features = lazy_import("diagnostics.features")
 alignment = lazy_import("diagnostics.alignment")
 
@@ -440,16 +439,17 @@ def interpolation(
     """The line ``(1 - alpha) w_A + alpha w_B`` computed by ``diag landscape``'s functions.
 
     Returns:
-        (barrier info: the landscape's ``barrier`` dict plus ``accuracy``, the grid DataFrame, notes).
+        (barrier info: the landscape's ``barrier`` dict plus ``accuracy``, the grid as table parts (read as
+        plain columns, so no DataFrame is built unless the table is asked for), notes).
     """
     from diagnostics.analyzers.landscape import LandscapeConfig, analyze_interpolation
 
     lc = LandscapeConfig(dims=1, steps=config.steps, refine_steps=config.refine_steps, bn_recompute=config.bn_recompute)
     res = analyze_interpolation(lc, ctx_a, ctx_b, _prefixed(progress, label))
     info = dict(res.metadata["barrier"])
-    grid = res.artifacts["grid"]
-    alphas = torch.tensor(grid["alpha"].to_numpy(), dtype=torch.float64)
-    acc = torch.tensor(grid["accuracy"].to_numpy(), dtype=torch.float64)
+    grid = res.artifacts.table_parts("grid")
+    alphas = torch.tensor(table_column(grid, "alpha"), dtype=torch.float64)
+    acc = torch.tensor(table_column(grid, "accuracy"), dtype=torch.float64)
     if bool(torch.isfinite(acc).all()):
         value, at = accuracy_barrier(alphas, acc)
         info["accuracy"] = {
@@ -680,7 +680,7 @@ def _barrier_part(
     versions: Sequence[tuple[str, Context]],
     progress: ProgressFn | None,
     notes_before: Sequence[str] = (),
-) -> tuple[_Part, list[Any]]:
+) -> tuple[_Part, list[dict[str, Any]]]:
     """``barrier`` and ``accuracy_barrier`` along the line from A to every B (as ``diag landscape``).
 
     Args:
@@ -691,11 +691,12 @@ def _barrier_part(
         notes_before: notes already made (the landscape's notes are not repeated).
 
     Returns:
-        (the records, ``barrier<suffix>`` metadata and new notes; the grid DataFrame of each B).
+        (the records, ``barrier<suffix>`` metadata and new notes; the grid of each B as table parts, with its
+        ``aligned`` column).
     """
     _needs_targets(ctx_a, "barrier")
     part = _Part()
-    frames = []
+    frames: list[dict[str, Any]] = []
     for suffix, b in versions:
         info, grid, grid_notes = interpolation(config, ctx_a, b, progress, "barrier" + suffix.replace("_", " "))
         part.rows.append(("barrier" + suffix, info["value"], None, None, None))
@@ -704,7 +705,7 @@ def _barrier_part(
         part.meta["barrier" + suffix] = info
         seen = [*notes_before, *part.notes]
         part.notes += [n for n in grid_notes if n not in seen]
-        frames.append(grid.assign(aligned=bool(len(versions) > 1 and not suffix)))
+        frames += [{**p, "aligned": bool(len(versions) > 1 and not suffix)} for p in grid]
     part.meta["barrier_definition"] = (
         "barrier = max over alpha in [0, 1] of L((1-alpha) w_a + alpha w_b) - [(1-alpha) L(w_a) + alpha L(w_b)]"
     )
@@ -777,7 +778,7 @@ def analyze_compare(
         before = [n for p in parts for n in p.notes]
         part, frames = _barrier_part(config, ctx_a, versions, progress, before)
         parts.append(part)
-        artifacts["interpolation"] = pd.concat(frames, ignore_index=True)
+        artifacts["interpolation"] = concat_later(frames)  # a DataFrame once read
     if config.keep_aligned and aligned is not None:
         artifacts["aligned_checkpoint"] = _aligned_checkpoint(ctx_a, ctx_b, aligned.ctx_b)
     for p in parts:

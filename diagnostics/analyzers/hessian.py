@@ -43,7 +43,7 @@ from diagnostics.analyzers.eos import eos_notes, eos_threshold, lr_info
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_from, lazy_import
 from diagnostics.progress import bind
-from diagnostics.results import Result, make_records
+from diagnostics.results import Result, concat_later, make_records
 from diagnostics.spec import (
     PANEL_SCALE,
     Analyzer,
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from diagnostics.progress import ProgressFn
 
 torch = lazy_import("torch")
-pd = lazy_import("pandas")
 parameter_groups, available_devices, check_device = lazy_from(
     "diagnostics.context", "parameter_groups", "available_devices", "check_device"
 )
@@ -331,7 +330,7 @@ def run_lanczos(
 class _Spectrum:
     rows: list[tuple]
     lanczos: LanczosResult | None
-    density: pd.DataFrame | None
+    density: dict[str, Any] | None  # the density table's columns (``group, eigenvalue, density``)
     info: dict[str, Any]
 
 
@@ -367,7 +366,7 @@ def _density(
     rows: list[tuple],
     group: str | None,
 ) -> tuple[Any, dict[str, Any]]:
-    """SLQ spectral density of ``op`` and the ``negative_mass`` row -> (density table, metadata).
+    """SLQ spectral density of ``op`` and the ``negative_mass`` row -> (density table's columns, metadata).
 
     ``delta = max(negative_tol |lambda_max|, quadrature resolution)``; ``lambda_max`` from the Lanczos
     result, else from the quadrature nodes.
@@ -391,7 +390,7 @@ def _density(
     if config.density_sigma:
         sigma = config.density_sigma
     values = gaussian_density(q.nodes, q.weights, grid, sigma)
-    density = pd.DataFrame({"group": group or "", "eigenvalue": grid.numpy(), "density": values.numpy()})
+    density = {"group": group or "", "eigenvalue": grid.numpy(), "density": values.numpy()}
     info = {
         "hvps": op.hvp_count - start,
         "probes": config.density_probes,
@@ -679,7 +678,7 @@ def analyze_hessian(
     }
     artifacts: dict[str, Any] = {"lanczos": full.lanczos}
     if densities:
-        artifacts["density"] = pd.concat(densities, ignore_index=True)
+        artifacts["density"] = concat_later(densities)  # a DataFrame once read
     return Result(make_records(ctx.checkpoint, ctx.step, NAME, rows), metadata, artifacts)
 
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from diagnostics.errors import DiagnosticsError
 from diagnostics.lazy import lazy_import
 from diagnostics.progress import null_progress
-from diagnostics.results import Result, make_records
+from diagnostics.results import Deferred, Result, make_records
 from diagnostics.spec import Analyzer, FileOutput, Metric, Section, check_config, option
 
 if TYPE_CHECKING:
@@ -599,7 +599,8 @@ def _bos_result(
     }
     if config.label is not None:
         metadata["label"] = config.label
-    artifacts = {"per_image": pd.DataFrame(passes.rows)}
+    per_image = passes.rows
+    artifacts = {"per_image": Deferred(lambda: pd.DataFrame(per_image))}  # a DataFrame once read
     return Result(make_records(ctx.checkpoint, ctx.step, BOS, rows), metadata, artifacts)
 
 

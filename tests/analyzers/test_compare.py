@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,6 +307,13 @@ def test_barrier_is_diag_landscapes_barrier(trained) -> None:
     ref = analyze_interpolation(LandscapeConfig(dims=1, steps=9, refine_steps=10), ctx_a, ctx_b)
     assert values(res, "barrier")[None] == next(r.value for r in ref.records if r.metric == "barrier")
     assert "barrier_unaligned" not in {r.metric for r in res.records}
+    # the accuracy barrier and the interpolation table come from the landscape's grid, read as plain columns
+    grid = ref.artifacts["grid"]
+    alphas, acc = (torch.tensor(grid[c].to_numpy(), dtype=torch.float64) for c in ("alpha", "accuracy"))
+    assert values(res, "accuracy_barrier")[None] == accuracy_barrier(alphas, acc)[0]
+    table = res.artifacts["interpolation"]
+    assert list(table.columns) == [*grid.columns, "aligned"] and not table["aligned"].any()
+    pd.testing.assert_frame_equal(table.drop(columns="aligned"), grid)
 
 
 def test_distances_overall_and_per_layer() -> None:

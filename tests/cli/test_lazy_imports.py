@@ -125,30 +125,67 @@ TINY = ("--model", "tinymodels:build_tiny", "--data", "tinymodels:tiny_data", "-
         ("collapse", "a.pt", "-f", "json"),
         ("landscape", "a.pt", "--steps", "3", "-f", "json"),
         ("sharpness", "a.pt", "-f", "json"),
+        ("hessian", "a.pt", "--top-k", "2", "--density", "-f", "json"),
+        ("compare", "a.pt", "b.pt", "--steps", "3", "-f", "json"),
+        ("compare", "a.pt", "b.pt", "--metrics", "barrier", "--steps", "3", "-f", "csv"),
+        ("gradnoise", "a.pt", "-f", "json"),
+        ("dynamics", "a.pt", "-f", "json"),
     ],
 )
 def test_a_command_that_only_prints_records_imports_no_pandas_or_matplotlib(
     tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     """Printing records (any format) or writing them as .csv needs neither pandas nor matplotlib; the table
-    artifacts of weights, rankme, collapse and landscape are built only when something reads them."""
+    artifacts of weights, rankme, collapse, landscape, the Hessian's density and compare's interpolation line
+    are built only when something reads them."""
     import tinymodels as tm
     from diagnostics.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "a.pt", tm.build_tiny(), step=1)
+    save_checkpoint(tmp_path / "b.pt", tm.build_tiny(seed=1), step=2)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     code, loaded, said = probe(*args, *TINY, cwd=tmp_path, heavy=("pandas", "pyarrow", "matplotlib"), env=env)
     assert (code, loaded) == (0, []), said
 
 
-def test_a_plot_or_a_table_file_still_loads_what_it_needs(tmp_path: Path) -> None:
-    """The deferred tables are built when asked for: a spectrum plot loads matplotlib and pandas and is written."""
+@pytest.mark.parametrize(
+    ("args", "written"),
+    [
+        (("weights", "a.pt", "--plot", "w.png"), ["w.spectrum.png"]),
+        (("hessian", "a.pt", "--top-k", "2", "--density-out", "d"), ["d.csv", "d.png"]),
+        (("compare", "a.pt", "b.pt", "--metrics", "barrier", "--steps", "3", "--plot", "c.png"), ["c.png"]),
+    ],
+)
+def test_a_plot_or_a_table_file_still_loads_what_it_needs(
+    tmp_path: Path, args: tuple[str, ...], written: list[str]
+) -> None:
+    """The deferred tables are built when asked for: a plot or a table file loads matplotlib and pandas and
+    is written."""
     import tinymodels as tm
     from diagnostics.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "a.pt", tm.build_tiny(), step=1)
+    save_checkpoint(tmp_path / "b.pt", tm.build_tiny(seed=1), step=2)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    args = ("weights", "a.pt", "--plot", "w.png", *TINY)
-    code, loaded, said = probe(*args, cwd=tmp_path, heavy=("pandas", "matplotlib"), env=env)
+    code, loaded, said = probe(*args, *TINY, cwd=tmp_path, heavy=("pandas", "matplotlib"), env=env)
     assert (code, loaded) == (0, ["matplotlib", "pandas"]), said
-    assert (tmp_path / "w.spectrum.png").stat().st_size > 1000
+    for name in written:
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_bos_prints_its_records_without_pandas_or_matplotlib(tmp_path: Path) -> None:
+    """``diag bos``'s per-image table is deferred too: printing the records loads neither; ``--per-image``
+    builds it."""
+    from test_stability_cli import TOY
+
+    from diagnostics.binding import import_callable
+    from diagnostics.checkpoint import save_checkpoint
+
+    (tmp_path / "toydet.py").write_text(TOY)
+    save_checkpoint(tmp_path / "det.pt", import_callable(f"{tmp_path / 'toydet.py'}:build")())
+    args = ("bos", "det.pt", "--model", "toydet.py:build", "--data", "toydet.py:two_images", "-m", "backbone.0", "-q")
+    code, loaded, said = probe(*args, "-f", "json", cwd=tmp_path, heavy=("pandas", "pyarrow", "matplotlib"))
+    assert (code, loaded) == (0, []), said
+    code, loaded, said = probe(*args, "--per-image", "p.csv", cwd=tmp_path, heavy=("pandas",))
+    assert (code, loaded) == (0, ["pandas"]), said
+    assert (tmp_path / "p.csv").read_text().count("\n") > 2
