@@ -145,16 +145,24 @@ class DataLoop:
         """
         acc = self.accumulate_dtype or dtype
         size = math.prod(shape)
-        flat = torch.zeros(size + (1 if self.sharded else 0), dtype=acc, device=device)
+        flat = torch.empty(size + (1 if self.sharded else 0), dtype=acc, device=device)
         out = flat[:size].view(*shape)
         error: Exception | None = None
+        written = False  # the first term is written over the uninitialised sum, the others added in place
         try:
             for batch, w in zip(self.batches, self.weights):
-                out += w * fn(batch).to(acc)
+                term = fn(batch).to(acc)  # weighted in the accumulation dtype, as it is summed
+                if written:
+                    out.add_(term, alpha=w)
+                else:
+                    torch.mul(term, w, out=out)
+                    written = True
         except Exception as exc:  # re-raised below, after every process has voted
             if self.reduce is None:
                 raise
             error = exc
+        if not written:  # no batch here (a process without data), or the first one failed
+            out.zero_()
         if self.reduce is None:
             return out
         flat[size] = 1.0 if error is not None else 0.0

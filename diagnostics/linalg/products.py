@@ -203,12 +203,13 @@ def _backward_products(
 ) -> torch.Tensor:
     """``[n, k]``: one backward pass per column of ``V`` through the gradient graph ``grads(leaves)``.
 
-    Each column's product is written straight into the ``[n, k]`` result (no per-column copies).
+    Each column's product is written straight into the ``[n, k]`` result (no per-column copies); only the
+    slots of parameters the product does not reach are zero-filled.
     """
     used = [i for i, g in enumerate(grads) if g is not None]
-    out = torch.zeros(V.shape, dtype=V.dtype, device=V.device)
     if not used:
-        return out
+        return torch.zeros(V.shape, dtype=V.dtype, device=V.device)
+    out = torch.empty(V.shape, dtype=V.dtype, device=V.device)
     numels = [t.numel() for t in leaves]
     k = V.shape[1]
     for j in range(k):
@@ -218,7 +219,9 @@ def _backward_products(
         )
         hv = torch.autograd.grad(scalar, leaves, retain_graph=retain or j < k - 1, allow_unused=True)
         for h, dest in zip(hv, torch.split(out[:, j], numels)):
-            if h is not None:
+            if h is None:
+                dest.zero_()
+            else:
                 dest.copy_(h.detach().reshape(-1))
     return out
 

@@ -9,8 +9,9 @@ import importlib
 import pytest
 import torch
 
+from diagnostics.errors import DiagnosticsError
 from diagnostics.linalg import DenseOperator, lanczos
-from diagnostics.linalg.lanczos import KrylovSpace, _Run, lehmann_upper, transposed
+from diagnostics.linalg.lanczos import KrylovSpace, _Run, consecutive_runs, lehmann_upper, transposed
 from tinymodels import spectrum_matrix
 
 lanczos_module = importlib.import_module("diagnostics.linalg.lanczos")
@@ -129,6 +130,72 @@ def test_transposed_is_a_view_with_row_major_strides_for_vectors() -> None:
     assert back.shape == (6, 1) and back.stride() == (1, 1)
     M = torch.arange(12.0).reshape(4, 3)
     assert torch.equal(transposed(M), M.T) and transposed(M).data_ptr() == M.data_ptr()
+
+
+def test_consecutive_runs_keep_the_given_order() -> None:
+    assert consecutive_runs([3, 4, 5, 9, 2]) == [(3, 6), (9, 10), (2, 3)]
+    assert consecutive_runs(torch.tensor([11, 17, 18])) == [(11, 12), (17, 19)]
+    assert consecutive_runs([]) == []
+
+
+def _space_with_rows(n: int = 50, rows: int = 8) -> KrylovSpace:
+    kr = KrylovSpace(DenseOperator(torch.eye(n, dtype=torch.float64)), capacity=rows)
+    Q, _ = torch.linalg.qr(torch.randn(n, rows, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    kr.Q[:rows] = Q.T
+    kr.size = rows
+    return kr
+
+
+def test_projecting_out_scattered_rows_equals_projecting_out_their_gather() -> None:
+    # e.g. a restart check's step: its last two rows and the main chain's pending row further up
+    kr = _space_with_rows()
+    W = torch.randn(50, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    idx = [6, 1, 2, 4]
+    G = kr.Q[torch.tensor(idx)]
+    out, C = kr._project_out(W, torch.tensor(idx))
+    assert torch.allclose(C, G @ W, atol=1e-14)  # coefficients in the order of the rows given
+    assert torch.allclose(out, W - G.T @ (G @ W), atol=1e-14)
+    assert torch.allclose(G @ out, torch.zeros(4, 2, dtype=torch.float64), atol=1e-14)
+    assert torch.equal(W, torch.randn(50, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    whole, C_all = kr._project_out(W)
+    assert torch.allclose(C_all, kr.Q[:8] @ W, atol=1e-14)
+    assert torch.allclose(whole, W - kr.Q[:8].T @ (kr.Q[:8] @ W), atol=1e-14)
+
+
+def test_one_column_is_normalised_like_its_qr() -> None:
+    kr = _space_with_rows()
+    w = torch.randn(50, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows, B = kr._orthonormal(w, 1.0)
+    assert rows.shape == (1, 50) and B.shape == (1, 1) and B.dtype == torch.float64
+    assert torch.allclose(rows.T @ B, w, atol=1e-14) and abs(float(rows.norm()) - 1.0) < 1e-14
+    rows2, B2 = kr._orthonormal(torch.cat([w, w.roll(1, 0)], 1), 1.0)  # the QR path: same first column
+    assert torch.allclose(rows2.T @ B2[:, :1], w, atol=1e-13)
+    tiny = 1e-20 * w  # numerically zero against the reference: no row, its norm counted as lost
+    rows, B = kr._orthonormal(tiny, 1.0)
+    assert rows.shape == (0, 50) and B.shape == (0, 1)
+    assert kr.lost == pytest.approx(float(tiny.norm()), rel=1e-12)
+
+
+def test_a_long_float32_column_is_normalised_to_working_precision() -> None:
+    # float32 sums over ~1e6 entries lose ~1e-5 (torch's norm: 1.3e-5, LAPACK's Householder QR: 5e-6), which
+    # the rounding estimate then charges to every bound; the norm is taken in float64
+    kr = KrylovSpace(DenseOperator(torch.eye(3, dtype=torch.float32)), capacity=1)
+    kr.n = 1_000_000
+    w = 0.37 * torch.randn(kr.n, 1, generator=torch.Generator().manual_seed(4))
+    rows, B = kr._orthonormal(w, 1.0)
+    exact = float(w.double().norm())
+    assert abs(float(B) - exact) <= 1e-12 * exact
+    assert abs(float(rows.double().norm()) - 1.0) < 1e-7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_product_stops_with_a_one_line_error(bad: float) -> None:
+    A = torch.diag(torch.linspace(0.0, 1.0, 30, dtype=torch.float64))
+    A[3, 3] = bad
+    with pytest.raises(DiagnosticsError, match="NaN or Inf after 1 product"):
+        lanczos(DenseOperator(A), k_top=2, tol=1e-6)
+    with pytest.raises(DiagnosticsError, match="NaN or Inf"):  # and the block path (QR of several columns)
+        lanczos(DenseOperator(A), k_top=2, tol=1e-6, block_size=2)
 
 
 def _outliers_over_a_bulk(n: int = 800) -> torch.Tensor:
