@@ -22,6 +22,22 @@ def build_tiny(hidden: int = 5, seed: int = 0) -> Tiny:
     return Tiny(hidden=hidden)
 
 
+class SqrtAtZero(Tiny):
+    """Tiny with ``sqrt(offset)`` added to the logits, ``offset = 0``: the loss is finite, its derivatives are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.sqrt(self.offset)
+
+
+def build_sqrt_at_zero() -> SqrtAtZero:
+    torch.manual_seed(0)
+    return SqrtAtZero()
+
+
 def tiny_data(n: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     X = torch.randn(n, 4, generator=g)

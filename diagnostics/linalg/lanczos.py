@@ -310,12 +310,14 @@ class KrylovSpace:
 
             dtype = str(self.dtype).removeprefix("torch.")
             fix = (
-                "check the model's forward and the checkpoint's weights for values that overflow"
+                "check the model's forward and the checkpoint's weights"
                 if self.dtype == torch.float64
-                else "run with --dtype float64 (and without --autocast), or check the checkpoint's weights"
+                else "run with --dtype float64 (and without --autocast), or check the model's forward and the "
+                "checkpoint's weights"
             )
             raise DiagnosticsError(
-                f"a product of the operator returned NaN or Inf after {self.matvecs} product(s) in {dtype}: {fix}"
+                f"a product of the operator returned NaN or Inf after {self.matvecs} product(s) in {dtype}: the "
+                f"second derivative is infinite or undefined at this point (e.g. sqrt or log at 0) or overflows; {fix}"
             )
 
     def _normalised(self, w: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,6 +196,23 @@ def test_bad_inputs_exit_2_with_one_line(tiny_ckpt: Path, tmp_path: Path) -> Non
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("dtype,fix", [("float32", "run with --dtype float64"), ("float64", "check the model's")])
+def test_an_infinite_second_derivative_stops_with_one_line(tmp_path: Path, dtype: str, fix: str) -> None:
+    ck = save_checkpoint(tmp_path / "sqrt.pt", tm.build_sqrt_at_zero())
+    r = run(
+        "hessian",
+        str(ck),
+        "--model",
+        "tinymodels:build_sqrt_at_zero",
+        "--data",
+        "tinymodels:tiny_data",
+        "--dtype",
+        dtype,
+    )
+    assert_usage_error(r, "returned NaN or Inf after 1 product(s)")
+    assert fix in r.stderr
+
+
 def test_unknown_option_is_a_usage_error(tiny_ckpt: Path) -> None:
     r = run("hessian", str(tiny_ckpt), "--no-such-flag")
     assert r.exit_code == 2 and "Traceback" not in r.output
