@@ -235,7 +235,7 @@ class KrylovSpace:
         Sd = S.to(dtype=self.dtype, device=self.device)
         m = rows.numel()
         first = int(rows[0]) if m else 0
-        consecutive = m < 2 or bool((rows.diff() == 1).all())
+        consecutive = len(consecutive_runs(rows)) <= 1
         rows_dev = rows.to(self.device)
         step = max(1024, (1 << 20) // max(j, m, 1))
         for c in range(0, self.n, step):
@@ -256,10 +256,10 @@ class KrylovSpace:
     # ----------------------------------------------------------- orthogonality
     def _rows(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
         """``Q[rows]``: a view when the rows are consecutive (the usual case: a chain's block), else a copy."""
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        if idx.numel() and bool((idx.diff() == 1).all()):
-            return self.Q[int(idx[0]) : int(idx[-1]) + 1]
-        return self.Q[idx.to(self.device)]
+        spans = consecutive_runs(rows)
+        if len(spans) == 1:
+            return self.Q[spans[0][0] : spans[0][1]]
+        return self.Q[torch.as_tensor(rows, dtype=torch.long).to(self.device)]
 
     def _project_out(self, W: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One classical Gram-Schmidt pass of ``W [n, b]`` against ``Q[rows]`` (all rows if None).
