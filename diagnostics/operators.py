@@ -106,7 +106,8 @@ def hessian_operator(
         batches: use these batches instead of ``ctx.batches`` (e.g. one class's samples).
         shard: shard the data over the process group (see :func:`data_loop`).
         **options: ``weights``, ``micro_batch``, ``accumulate_dtype`` (the data loop) and ``backend``,
-            ``max_vectors``, ``autocast``, ``compile``, ``memory_check`` (the operator).
+            ``max_vectors``, ``autocast``, ``compile``, ``memory_check``, ``split`` (the operator; ``split``
+            defaults to True for a built-in loss without ``micro_batch``).
 
     Returns:
         The :class:`HessianOperator`.
@@ -118,6 +119,9 @@ def hessian_operator(
     loop_keys = ("weights", "micro_batch", "accumulate_dtype")
     loop_options = {k: options.pop(k) for k in loop_keys if k in options}
     loop = data_loop(list(batches if batches is not None else sub.batches), shard=shard, **loop_options)
+    # a built-in loss is a per-sample (or counted-token) mean: its one batch may be cut into micro-batches on
+    # the CPU (HessianOperator._split checks the loss values agree first); a custom loss is left as batched
+    options.setdefault("split", loop_options.get("micro_batch") is None and sub.loss_name in LOSS_NAMES)
     return HessianOperator(sub.batch_loss, sub.params, loop, **options)
 
 

@@ -114,7 +114,10 @@ class ScaleOptions:
         None, help="keep the Lanczos basis here, e.g. cpu (saves GPU memory)", panel=PANEL_SCALE
     )
     micro_batch: int | None = option(
-        None, help="split batches into micro-batches of this size (exact accumulation)", min=1, panel=PANEL_SCALE
+        None,
+        help="split batches into micro-batches of this size (exact accumulation; default: on the CPU one batch of a built-in loss is cut to save memory)",
+        min=1,
+        panel=PANEL_SCALE,
     )
     autocast: str | None = option(
         None, help="mixed-precision forward", choices=("bfloat16", "float16"), panel=PANEL_SCALE
@@ -670,6 +673,7 @@ def analyze_hessian(
     info.update(beyond.info)
     metadata = {
         "backend": op.backend,
+        "micro_batch_auto": op.auto_micro_batch,
         "hvp_count": total_hvps,
         "processes": world().size,
         "sharded": op.loop.sharded,

@@ -273,7 +273,16 @@ class FunctionalHessianOperator(SumOperator):
         super().__init__([hessian, ggn], [1.0, -1.0])
         self.hessian = hessian
         self.ggn = ggn
-        self.loop = hessian.loop
+
+    @property
+    def loop(self) -> DataLoop:
+        """The Hessian's data loop (micro-batches included, once it has cut its batch)."""
+        return self.hessian.loop
+
+    @property
+    def auto_micro_batch(self) -> int | None:
+        """The micro-batch size the Hessian chose itself (None: the batches as given)."""
+        return self.hessian.auto_micro_batch
 
     @property
     def hvp_count(self) -> int:

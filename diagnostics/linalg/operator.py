@@ -23,6 +23,7 @@ Composition (each result is an operator; the inner one keeps counting its own pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -298,6 +299,8 @@ class DataOperator(LinearOperator):
 
     #: what the operator is (``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``)
     kind = "operator"
+    #: the micro-batch size the operator chose itself (:meth:`HessianOperator._split`); None: as given
+    auto_micro_batch: int | None = None
 
     def __init__(
         self,
@@ -453,6 +456,10 @@ class HessianOperator(DataOperator):
         data: a :class:`DataLoop`, or the batches.
         backend: ``"auto"``, ``"cached"``, ``"forward"`` or ``"reverse"`` (see ``Product``).
         compile: ``torch.compile`` the per-batch product (falls back to eager with a note in ``notes``).
+        split: on the CPU, let the cached-graph products of a single batch run over micro-batches
+            (:meth:`_split`; the loss must be a per-sample mean: pass it only for one). Not with
+            ``micro_batch``, sharded data, ``autocast`` or another backend; ``auto_micro_batch`` is the
+            size chosen, None if the batch was left whole.
         **options: ``max_vectors``, ``autocast``, ``memory_check`` and the loop options of
             :class:`DataOperator`.
     """
@@ -467,10 +474,21 @@ class HessianOperator(DataOperator):
         *,
         backend: str = "auto",
         compile: bool = False,
+        split: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(batch_loss, params, data, **options)
         self.product = Product(backend, n_batches=len(self.loop.batches), compile=compile)
+        loop = self.loop
+        self._split_pending = (
+            bool(split)
+            and self.product.backend == "cached"
+            and self.device.type == "cpu"
+            and self.autocast is None
+            and not loop.sharded
+            and loop.micro_batch is None
+            and len(loop.batches) == 1
+        )
 
     @property
     def backend(self) -> str:
@@ -484,6 +502,77 @@ class HessianOperator(DataOperator):
 
     def _batch_product(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         return self.product(self.batch_loss, self.params, batch, V, autocast=self.autocast)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._split_pending:
+            self._split_pending = False
+            self._split()
+        return super()._matmat(V)
+
+    def _split(self) -> None:
+        """Before the first product: cut the one batch into :func:`split_pieces` micro-batches when the loss
+        over them, weighted ``n_piece / n``, equals the loss of the whole batch (:func:`separable`).
+
+        On the CPU an HVP through a kept graph makes temporaries of ~4-5 times the saved activations; cut
+        into pieces they shrink with the piece, while each piece's graph keeps its own gradient (one more
+        parameter-sized vector per piece). The product is the same sum (``H = sum_p (n_p / n) H_p`` for a
+        per-sample mean loss), in the same kept-graph backend.
+        """
+        batch, weight = self.loop.batches[0], self.loop.weights[0]
+        n = batch_size(batch)
+        if not weight > 0:
+            return
+        pieces = split_pieces(self.activation_bytes(), self.dim * self.dtype.itemsize, n)
+        if pieces < 2:
+            return
+        size = -(-n // pieces)
+        loop = DataLoop([batch], [weight], micro_batch=size, accumulate_dtype=self.loop.accumulate_dtype)
+        with math_attention():
+            ok = separable(self.batch_loss, self.params, batch, loop.batches, [w / weight for w in loop.weights])
+        if ok:
+            self.loop, self.auto_micro_batch = loop, size
+
+
+#: samples a micro-batch of :func:`split_pieces` holds at least (smaller matrix products lose efficiency)
+MIN_PIECE = 64
+
+
+def split_pieces(activation_bytes: int, param_bytes: int, samples: int) -> int:
+    """How many micro-batches the products of one batch on the CPU are cut into: ``floor(sqrt(A / P))``.
+
+    Per product, pieces hold ``k P + c A / k`` bytes (``A`` the saved activations of the whole batch, ``P``
+    one parameter-sized vector, ``c ~ 4.5`` the HVP's temporaries per saved byte on the issue-13 MLP), least
+    at ``k = sqrt(c A / P)``; half of that keeps the pieces large (fewer, wider matrix products, less fixed
+    cost per piece). 1 (no split) when the activations are under four parameter vectors, and never pieces
+    of fewer than :data:`MIN_PIECE` samples.
+    """
+    if param_bytes <= 0 or activation_bytes <= 0:
+        return 1
+    k = math.isqrt(int(activation_bytes) // int(param_bytes))
+    return max(1, min(k, int(samples) // MIN_PIECE))
+
+
+def separable(
+    batch_loss: LossFn,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    pieces: Sequence[Batch],
+    fractions: Sequence[float],
+) -> bool:
+    """Whether ``sum_p f_p L(piece_p)`` equals ``L(batch)`` to ``sqrt(u)`` of the losses' size (``u`` the unit
+    roundoff of the parameters' dtype): a per-sample mean loss of a model that treats samples independently.
+
+    A loss or model that couples the samples of a batch (a batch-level term, batch statistics) fails, and its
+    batch is then left whole. Two forwards without a graph.
+    """
+    with torch.no_grad():
+        whole = float(evaluate_loss(batch_loss, params, batch))
+        parts = [float(evaluate_loss(batch_loss, params, b)) for b in pieces]
+    total = math.fsum(f * v for f, v in zip(fractions, parts))
+    scale = abs(whole) + math.fsum(f * abs(v) for f, v in zip(fractions, parts))
+    dtype = next(iter(params.values())).dtype
+    tol = math.sqrt(torch.finfo(dtype).eps / 2) * scale
+    return math.isfinite(whole) and math.isfinite(total) and abs(whole - total) <= tol
 
 
 def dense_hessian(op: LinearOperator) -> torch.Tensor:

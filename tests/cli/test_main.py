@@ -4,6 +4,7 @@ written to stdout and stderr (also through a pipe), files closed, and the exit h
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,69 @@ def test_a_profiler_still_gets_to_write_its_results(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("diag ")
     assert out.stat().st_size > 0
+
+
+# a fresh interpreter: tune (or not), then malloc and free an 8 MiB block, and report where glibc put it
+ALLOCATOR_PROBE = """
+import ctypes, os, sys
+from diag_cli.main import tune_allocator
+tuned = tune_allocator() if sys.argv[1] == "tune" else None
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+before = libc.mallinfo2().hblks
+block = libc.malloc(8 << 20)
+mapped = libc.mallinfo2().hblks - before  # 1 when the block got its own mapping
+libc.free(block)
+print(tuned, mapped)
+"""
+
+
+def _glibc_with_mallinfo2() -> bool:
+    import ctypes
+    import os
+
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc") and hasattr(ctypes.CDLL(None), "mallinfo2")
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc 2.33+ only")
+def test_the_console_script_fixes_the_malloc_thresholds() -> None:
+    def probe(mode: str, **env: str) -> list[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        proc = subprocess.run(
+            [sys.executable, "-c", ALLOCATOR_PROBE, mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**clean, **env},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()
+
+    # glibc's default: a first 8 MiB block is above its starting 128 KiB threshold and gets its own mapping
+    assert probe("plain") == ["None", "1"]
+    # fixed at 32 MiB: the block comes from the heap, and freeing it does not give the pages back
+    assert probe("tune") == ["True", "0"]
+    # the user's own allocator settings win
+    assert probe("tune", MALLOC_ARENA_MAX="2") == ["False", "1"]
+    assert probe("tune", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072") == ["False", "1"]
+
+
+def test_main_tunes_the_allocator_before_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diag_cli import main as cli_main
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli_main, "tune_allocator", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(cli_main, "app", lambda: calls.append("app"))
+    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(f"exit {code}"))
+    monkeypatch.setattr(cli_main.atexit, "_run_exitfuncs", lambda: None)
+    # main() joins threads and stops thread pools as the interpreter's exit would: not in the test's process
+    monkeypatch.setattr(cli_main.threading, "_shutdown", lambda: None)
+    cli_main.main()
+    assert calls[:2] == ["tuned", "app"]  # (under a tracer such as coverage main returns without os._exit)

@@ -157,6 +157,103 @@ def test_wrong_shapes_are_refused(data) -> None:
     assert op.hvp_count == 0
 
 
+# ------------------------------------------------------------- micro-batches chosen by the operator
+class BatchCentred(tm.Tiny):
+    """Tiny whose logits are centred over the batch: its outputs depend on which samples share a batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().forward(x)
+        return z - z.mean(0, keepdim=True)
+
+
+def test_split_pieces_rule() -> None:
+    from diagnostics.linalg.operator import MIN_PIECE, split_pieces
+
+    assert split_pieces(3 * 100, 100, 10_000) == 1  # activations under four parameter vectors: left whole
+    assert split_pieces(4 * 100, 100, 10_000) == 2
+    assert split_pieces(19_502_580, 4_505_640, 1797) == 2  # the issue-13 MLP over 1,797 digits: pieces of 899
+    assert split_pieces(100 * 100, 100, 10_000) == 10
+    assert split_pieces(100 * 100, 100, 3 * MIN_PIECE + 1) == 3  # never pieces under MIN_PIECE samples
+    assert split_pieces(100 * 100, 100, MIN_PIECE) == 1
+    assert split_pieces(0, 100, 10_000) == split_pieces(100, 0, 10_000) == 1
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_one_batch_is_cut_into_pieces_with_the_same_products(loss: str) -> None:
+    X, y = tm.tiny_data(300)
+    X = X.double()
+    ctx = make_ctx([(X, y)], loss=loss)
+    op = hessian_operator(ctx)
+    V = torch.randn(op.dim, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    out = op.matmat(V)
+    # 43 float64 parameters (344 bytes) against ~tens of KB of activations: as many pieces as MIN_PIECE allows
+    assert op.auto_micro_batch == 75 and len(op.loop.batches) == 4 and op.product.cached_graphs == 4
+    assert [len(b[1]) for b in op.loop.batches] == [75, 75, 75, 75]
+    assert torch.allclose(out, exact(ctx, X, y) @ V, rtol=1e-12, atol=1e-13)
+    assert op.backend == "cached" and op.hvp_count == 3
+
+
+def test_a_ragged_last_piece_keeps_the_sample_weights() -> None:
+    X, y = tm.tiny_data(203)
+    X = X.double()
+    ctx = make_ctx([(X, y)])
+    op = hessian_operator(ctx)
+    V = torch.randn(op.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(op.matmat(V), exact(ctx, X, y) @ V, rtol=1e-12, atol=1e-13)
+    assert op.auto_micro_batch == 68 and [len(b[1]) for b in op.loop.batches] == [68, 68, 67]
+
+
+def test_batches_left_whole() -> None:
+    X, y = tm.tiny_data(300)
+    X = X.double()
+    V = torch.randn(43, 1, dtype=F64, generator=torch.Generator().manual_seed(3))
+    cases = {
+        # a custom loss may not be a per-sample mean: never cut
+        "custom loss": hessian_operator(
+            make_ctx([(X, y)], loss=lambda out, t: torch.nn.functional.cross_entropy(out, t))
+        ),
+        # the user's micro-batches stand
+        "micro_batch": hessian_operator(make_ctx([(X, y)]), micro_batch=100),
+        # several batches stream through forward-over-reverse: nothing is kept to cut
+        "two batches": hessian_operator(make_ctx([(X[:150], y[:150]), (X[150:], y[150:])])),
+        # another backend than the kept graph
+        "reverse": hessian_operator(make_ctx([(X, y)]), backend="reverse"),
+        # asked not to
+        "split=False": hessian_operator(make_ctx([(X, y)]), split=False),
+        # the loss of the pieces is not the loss of the batch: the model couples its samples
+        "coupled": hessian_operator(make_ctx([(X, y)], model=BatchCentred())),
+    }
+    for name, op in cases.items():
+        batches = len(op.loop.batches)
+        op.matmat(V)
+        assert op.auto_micro_batch is None, name
+        assert len(op.loop.batches) == batches, name
+    assert len(cases["micro_batch"].loop.batches) == 3
+
+
+def test_separable_tells_a_per_sample_mean_from_a_coupled_loss() -> None:
+    from diagnostics.linalg.operator import separable
+
+    X, y = tm.tiny_data(100)
+    X = X.double()
+    pieces, fractions = [(X[:60], y[:60]), (X[60:], y[60:])], [0.6, 0.4]
+    mean = make_ctx([(X, y)])
+    assert separable(mean.batch_loss, mean.params, (X, y), pieces, fractions)
+    summed = make_ctx([(X, y)], loss=lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="sum"))
+    assert not separable(summed.batch_loss, summed.params, (X, y), pieces, fractions)
+    coupled = make_ctx([(X, y)], model=BatchCentred())
+    assert not separable(coupled.batch_loss, coupled.params, (X, y), pieces, fractions)
+    # rounding is not coupling: float32 sums over different pieces differ by far less than sqrt(u)
+    single = make_ctx([(X.float(), y)], dtype=torch.float32)
+    assert separable(
+        single.batch_loss,
+        single.params,
+        (X.float(), y),
+        [(X[:60].float(), y[:60]), (X[60:].float(), y[60:])],
+        fractions,
+    )
+
+
 # --------------------------------------------------------------------- per-batch products
 @pytest.mark.parametrize(
     "product", [products.forward_over_reverse, products.reverse_over_reverse, products.CachedGraph()]
