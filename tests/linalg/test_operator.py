@@ -166,20 +166,31 @@ class BatchCentred(tm.Tiny):
         return z - z.mean(0, keepdim=True)
 
 
-def test_split_pieces_rule() -> None:
-    from diagnostics.linalg.operator import MIN_PIECE, split_pieces
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the tiny models' few KB of activations be cut (the real floor is MIN_PIECE_BYTES per piece)."""
+    from diagnostics.linalg import operator
 
-    assert split_pieces(3 * 100, 100, 10_000) == 1  # activations under four parameter vectors: left whole
-    assert split_pieces(4 * 100, 100, 10_000) == 2
+    monkeypatch.setattr(operator, "MIN_PIECE_BYTES", 1)
+
+
+def test_split_pieces_rule() -> None:
+    from diagnostics.linalg.operator import MIN_PIECE, MIN_PIECE_BYTES, split_pieces
+
+    MB = MIN_PIECE_BYTES
+    assert split_pieces(3 * MB, MB, 10_000) == 1  # activations under four parameter vectors: left whole
+    assert split_pieces(4 * MB, MB, 10_000) == 2
     assert split_pieces(19_502_580, 4_505_640, 1797) == 2  # the issue-13 MLP over 1,797 digits: pieces of 899
-    assert split_pieces(100 * 100, 100, 10_000) == 10
-    assert split_pieces(100 * 100, 100, 3 * MIN_PIECE + 1) == 3  # never pieces under MIN_PIECE samples
-    assert split_pieces(100 * 100, 100, MIN_PIECE) == 1
+    assert split_pieces(798_600, 13_864, 1437) == 1  # the demo's small MLP: 0.8 MB of activations, left whole
+    assert split_pieces(100 * MB, MB, 10_000) == 10
+    assert split_pieces(100 * MB, MB, 3 * MIN_PIECE + 1) == 3  # never pieces under MIN_PIECE samples
+    assert split_pieces(100 * MB, MB, MIN_PIECE) == 1
+    assert split_pieces(5 * MB, MB // 100, 10_000) == 5  # nor under MIN_PIECE_BYTES of activations
     assert split_pieces(0, 100, 10_000) == split_pieces(100, 0, 10_000) == 1
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_one_batch_is_cut_into_pieces_with_the_same_products(loss: str) -> None:
+def test_one_batch_is_cut_into_pieces_with_the_same_products(loss: str, small_pieces: None) -> None:
     X, y = tm.tiny_data(300)
     X = X.double()
     ctx = make_ctx([(X, y)], loss=loss)
@@ -193,7 +204,7 @@ def test_one_batch_is_cut_into_pieces_with_the_same_products(loss: str) -> None:
     assert op.backend == "cached" and op.hvp_count == 3
 
 
-def test_a_ragged_last_piece_keeps_the_sample_weights() -> None:
+def test_a_ragged_last_piece_keeps_the_sample_weights(small_pieces: None) -> None:
     X, y = tm.tiny_data(203)
     X = X.double()
     ctx = make_ctx([(X, y)])
@@ -203,7 +214,7 @@ def test_a_ragged_last_piece_keeps_the_sample_weights() -> None:
     assert op.auto_micro_batch == 68 and [len(b[1]) for b in op.loop.batches] == [68, 68, 67]
 
 
-def test_batches_left_whole() -> None:
+def test_batches_left_whole(small_pieces: None) -> None:
     X, y = tm.tiny_data(300)
     X = X.double()
     V = torch.randn(43, 1, dtype=F64, generator=torch.Generator().manual_seed(3))
@@ -229,6 +240,14 @@ def test_batches_left_whole() -> None:
         assert op.auto_micro_batch is None, name
         assert len(op.loop.batches) == batches, name
     assert len(cases["micro_batch"].loop.batches) == 3
+
+
+def test_small_activations_are_left_whole() -> None:
+    # the tiny model's few KB of activations are far under MIN_PIECE_BYTES: cutting would only add fixed costs
+    X, y = tm.tiny_data(300)
+    op = hessian_operator(make_ctx([(X.double(), y)]))
+    op.matvec(torch.ones(op.dim, dtype=F64))
+    assert op.auto_micro_batch is None and len(op.loop.batches) == 1 and op.product.cached_graphs == 1
 
 
 def test_separable_tells_a_per_sample_mean_from_a_coupled_loss() -> None:
