@@ -522,7 +522,11 @@ class HessianOperator(DataOperator):
         n = batch_size(batch)
         if not weight > 0:
             return
-        pieces = split_pieces(self.activation_bytes(), self.dim * self.dtype.itemsize, n)
+        try:
+            activations = self.activation_bytes()
+        except Exception:  # the probe only informs the cut here; the memory check, when on, reports its failure
+            return
+        pieces = split_pieces(activations, self.dim * self.dtype.itemsize, n)
         if pieces < 2:
             return
         size = -(-n // pieces)
@@ -567,11 +571,15 @@ def separable(
     roundoff of the parameters' dtype): a per-sample mean loss of a model that treats samples independently.
 
     A loss or model that couples the samples of a batch (a batch-level term, batch statistics) fails, and its
-    batch is then left whole. Two forwards without a graph.
+    batch is then left whole; so does a batch whose pieces the model cannot take (a leaf that is not per-sample,
+    cut all the same). Two forwards without a graph.
     """
     with torch.no_grad():
         whole = float(evaluate_loss(batch_loss, params, batch))
-        parts = [float(evaluate_loss(batch_loss, params, b)) for b in pieces]
+        try:
+            parts = [float(evaluate_loss(batch_loss, params, b)) for b in pieces]
+        except Exception:  # any failure of the user's forward or loss on a piece: the batch stays as given
+            return False
     total = math.fsum(f * v for f, v in zip(fractions, parts))
     scale = abs(whole) + math.fsum(f * abs(v) for f, v in zip(fractions, parts))
     dtype = next(iter(params.values())).dtype

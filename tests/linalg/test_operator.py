@@ -262,6 +262,13 @@ def test_separable_tells_a_per_sample_mean_from_a_coupled_loss() -> None:
     assert not separable(summed.batch_loss, summed.params, (X, y), pieces, fractions)
     coupled = make_ctx([(X, y)], model=BatchCentred())
     assert not separable(coupled.batch_loss, coupled.params, (X, y), pieces, fractions)
+
+    def whole_batches_only(params, batch):  # e.g. a leaf that is not per-sample, cut all the same
+        if len(batch[1]) != 100:
+            raise RuntimeError("shape '[100, 4]' is invalid for input of size 240")
+        return mean.batch_loss(params, batch)
+
+    assert not separable(whole_batches_only, mean.params, (X, y), pieces, fractions)
     # rounding is not coupling: float32 sums over different pieces differ by far less than sqrt(u)
     single = make_ctx([(X.float(), y)], dtype=torch.float32)
     assert separable(
