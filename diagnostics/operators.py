@@ -107,7 +107,7 @@ def hessian_operator(
         shard: shard the data over the process group (see :func:`data_loop`).
         **options: ``weights``, ``micro_batch``, ``accumulate_dtype`` (the data loop) and ``backend``,
             ``max_vectors``, ``autocast``, ``compile``, ``memory_check``, ``split`` (the operator; ``split``
-            defaults to True for a built-in loss without ``micro_batch``).
+            defaults to True for a built-in loss).
 
     Returns:
         The :class:`HessianOperator`.
@@ -120,8 +120,9 @@ def hessian_operator(
     loop_options = {k: options.pop(k) for k in loop_keys if k in options}
     loop = data_loop(list(batches if batches is not None else sub.batches), shard=shard, **loop_options)
     # a built-in loss is a per-sample (or counted-token) mean: its one batch may be cut into micro-batches on
-    # the CPU (HessianOperator._split checks the loss values agree first); a custom loss is left as batched
-    options.setdefault("split", loop_options.get("micro_batch") is None and sub.loss_name in LOSS_NAMES)
+    # the CPU (HessianOperator._split checks the loss values agree first, and never cuts given micro-batches);
+    # a custom loss is left as batched
+    options.setdefault("split", sub.loss_name in LOSS_NAMES)
     return HessianOperator(sub.batch_loss, sub.params, loop, **options)
 
 

@@ -87,6 +87,7 @@ import torch
 
 from diagnostics.linalg.memory import Requirement, check_fits, lanczos_basis_bytes
 from diagnostics.linalg.operator import LinearOperator
+from diagnostics.linalg.products import unit_roundoff
 from diagnostics.settings import with_fields
 
 Progress = Callable[[int, int], None]
@@ -94,11 +95,6 @@ MISS_PROBABILITY = 1e-3  # delta of the restart check
 DGKS = 1.0 / math.sqrt(2.0)
 RELATIVE_FLOOR = 1e-3  # tolerances are relative to max(|theta|, RELATIVE_FLOOR * ||A||)
 CRITERIA = ("bound", "residual")
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """``u = eps / 2`` of a floating dtype."""
-    return float(torch.finfo(dtype).eps) / 2
 
 
 def random_unit(dim: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

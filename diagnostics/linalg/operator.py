@@ -41,6 +41,7 @@ from diagnostics.linalg.products import (
     batch_gradient,
     evaluate_loss,
     math_attention,
+    unit_roundoff,
 )
 
 __all__ = [
@@ -582,8 +583,7 @@ def separable(
             return False
     total = math.fsum(f * v for f, v in zip(fractions, parts))
     scale = abs(whole) + math.fsum(f * abs(v) for f, v in zip(fractions, parts))
-    dtype = next(iter(params.values())).dtype
-    tol = math.sqrt(torch.finfo(dtype).eps / 2) * scale
+    tol = math.sqrt(unit_roundoff(next(iter(params.values())).dtype)) * scale
     return math.isfinite(whole) and math.isfinite(total) and abs(whole - total) <= tol
 
 

@@ -49,6 +49,11 @@ _DTYPE_NAMES = {
 }
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2`` of a floating dtype."""
+    return float(torch.finfo(dtype).eps) / 2
+
+
 def as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     """``"bfloat16" -> torch.bfloat16`` (``None`` and dtypes pass through).
 
