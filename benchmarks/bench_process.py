@@ -7,6 +7,12 @@ scikit-learn digits, float32, cross-entropy, top-5 eigenvalues at tolerance 1e-3
 resident memory (``ru_maxrss`` from ``os.wait4``) are recorded; runs alternate A, B, A, B, ... and the medians and
 their ratios are printed (and written as CSV with ``--csv``).
 
+A third process, ``floor``, does only what both must do before any product: import torch and the user's factories,
+build the data and load the model from the checkpoint. After the timed rounds, one untimed run of each counts its
+HVPs (diag's from its result file, PyHessian's by wrapping ``pyhessian.hessian.hessian_vector_product``). With
+``h = (PyHessian - floor) / its HVPs``, the time of one PyHessian HVP and its loop, the script prints the ceiling
+``PyHessian / (floor + diag's HVPs * h)``: the speed-up of a diag that spent nothing beyond the floor and its HVPs.
+
     .venv/bin/python benchmarks/bench_process.py [--repeats 5] [--csv benchmarks/results/process.csv]
 """
 
@@ -51,6 +57,39 @@ torch.manual_seed(0)
 h = hessian(model, torch.nn.CrossEntropyLoss(), data=(X, y), cuda=False)
 eig, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=5)
 print(json.dumps(sorted(eig, reverse=True)))
+"""
+
+# the floor: what diag and the PyHessian script both do before their first product
+FLOOR = """
+import sys
+import torch
+sys.path.insert(0, {folder!r})
+from factories import data
+from diagnostics.examples.digits import build_mlp
+
+model = build_mlp(width=1024, depth=2)
+model.load_state_dict(torch.load({ckpt!r}, weights_only=True)["model"])
+X, y = data()
+"""
+
+# the PyHessian script once more, counting its products (untimed)
+PH_COUNT = """
+import importlib, json
+
+H = importlib.import_module("pyhessian.hessian")  # the module: the package's name "hessian" is its class
+
+calls = [0]
+product = H.hessian_vector_product
+
+
+def counted(*args, **kwargs):
+    calls[0] += 1
+    return product(*args, **kwargs)
+
+
+H.hessian_vector_product = counted
+exec(open({script!r}).read())
+print(json.dumps({{"hvps": calls[0]}}))
 """
 
 
@@ -100,6 +139,16 @@ def rss_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, maxrss_kb / 1024, b"".join(chunks).decode()
 
 
+def count_hvps(diag: list[str], ph_count: list[str], folder: Path) -> dict[str, int]:
+    """HVPs of one untimed run of each: diag's from its result file's metadata, PyHessian's by the counting
+    wrapper."""
+    result = folder / "hvps.json"
+    rss_of([*diag, "-o", str(result), "--force"], folder)
+    meta = json.loads(result.read_text())["metadata"]
+    _, _, out = rss_of(ph_count, folder)
+    return {"diag hessian": int(meta["hvp_count"]), "pyhessian": int(json.loads(out.splitlines()[-1])["hvps"])}
+
+
 def issue_model(X: Any, y: Any) -> Any:
     """The issue's 1.13M-parameter MLP (64-1024-1024-10, tanh): seeded init, 50 SGD steps at lr 0.05 on ``(X, y)``."""
     import torch
@@ -147,6 +196,8 @@ def main() -> None:
         folder = Path(tmp)
         ckpt = prepare(folder)
         (folder / "ph.py").write_text(PYHESSIAN.format(folder=str(folder), ckpt=str(ckpt)))
+        (folder / "floor.py").write_text(FLOOR.format(folder=str(folder), ckpt=str(ckpt)))
+        (folder / "ph_count.py").write_text(PH_COUNT.format(script=str(folder / "ph.py")))
         cases = {
             "diag hessian": [
                 py,
@@ -163,6 +214,7 @@ def main() -> None:
                 "json",
             ],
             "pyhessian": [py, "ph.py"],
+            "floor": [py, "floor.py"],
             "diag --help": [py, "-m", "diag_cli.main", "--help"],
             "import torch": [py, "-c", "import torch"],
         }
@@ -173,6 +225,7 @@ def main() -> None:
                 rows.append({"repeat": rep, "case": name, "seconds": wall, "peak_rss_mb": rss})
                 answers.setdefault(name, out)
                 print(f"  [{rep}] {name:<13} {wall:7.2f} s  {rss:7.0f} MB", flush=True)
+        hvps = count_hvps(cases["diag hessian"], [py, "ph_count.py"], folder)
     ours = [r["value"] for r in json.loads(answers["diag hessian"]) if r["metric"] == "eigenvalue"]
     print("top-5 eigenvalues, diag:     ", " ".join(f"{v:.6g}" for v in ours))
     print("top-5 eigenvalues, PyHessian:", " ".join(f"{v:.6g}" for v in json.loads(answers["pyhessian"])))
@@ -184,6 +237,13 @@ def main() -> None:
     print(f"speed-up diag vs PyHessian: {med['pyhessian'][0] / med['diag hessian'][0]:.2f}x; "
           f"peak RSS ratio diag/PyHessian: {med['diag hessian'][1] / med['pyhessian'][1]:.2f}; "
           f"diag --help / import torch: {med['diag --help'][0] / med['import torch'][0]:.2f}")  # fmt: skip
+    floor, ph = med["floor"][0], med["pyhessian"][0]
+    h = (ph - floor) / hvps["pyhessian"]
+    print(f"HVPs: diag {hvps['diag hessian']}, PyHessian {hvps['pyhessian']} ({h:.3f} s each with its loop); "
+          f"the floor (imports, data, model) {floor:.2f} s, {med['floor'][1]:.0f} MB")  # fmt: skip
+    print(f"ceiling: a diag spending only the floor and its {hvps['diag hessian']} HVPs would be "
+          f"{ph / (floor + hvps['diag hessian'] * h):.2f}x faster than PyHessian; 3x needs at most "
+          f"{(ph / 3 - floor) / h:.1f} HVPs and nothing else")  # fmt: skip
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as fh:
