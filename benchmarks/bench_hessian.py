@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import torch
+from pyhessian_products import counted_products
 
 from diagnostics.binding import LOSSES
 from diagnostics.context import Context
@@ -56,29 +57,20 @@ def run_pyhessian(model, X, y, top_n: int, tol: float, seed: int):
     import pyhessian  # noqa: F401  (the package re-exports the class under the module's name)
 
     ph = sys.modules["pyhessian.hessian"]
-
-    calls = {"n": 0}
-    original = ph.hessian_vector_product
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    ph.hessian_vector_product = counted
     try:
-        torch.manual_seed(seed)  # PyHessian draws from the global RNG
-        t0 = time.perf_counter()
-        h = ph.hessian(model, torch.nn.CrossEntropyLoss(), data=(X, y), cuda=False)
-        eig, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=top_n)
-        t_eig = time.perf_counter() - t0
-        n_eig = calls["n"]
-        calls["n"] = 0
-        t0 = time.perf_counter()
-        samples = h.trace(maxIter=100, tol=tol)
-        t_tr = time.perf_counter() - t0
-        n_tr = calls["n"]
+        with counted_products() as calls:
+            torch.manual_seed(seed)  # PyHessian draws from the global RNG
+            t0 = time.perf_counter()
+            h = ph.hessian(model, torch.nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+            eig, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=top_n)
+            t_eig = time.perf_counter() - t0
+            n_eig = calls["n"]
+            calls["n"] = 0
+            t0 = time.perf_counter()
+            samples = h.trace(maxIter=100, tol=tol)
+            t_tr = time.perf_counter() - t0
+            n_tr = calls["n"]
     finally:
-        ph.hessian_vector_product = original
         model.zero_grad(set_to_none=True)
     return np.array(eig), n_eig, t_eig, float(np.mean(samples)), n_tr, t_tr, len(samples)
 

@@ -74,22 +74,13 @@ X, y = data()
 
 # the PyHessian script once more, counting its products (untimed)
 PH_COUNT = """
-import importlib, json
+import json, sys
+sys.path.insert(0, {benchmarks!r})
+from pyhessian_products import counted_products
 
-H = importlib.import_module("pyhessian.hessian")  # the module: the package's name "hessian" is its class
-
-calls = [0]
-product = H.hessian_vector_product
-
-
-def counted(*args, **kwargs):
-    calls[0] += 1
-    return product(*args, **kwargs)
-
-
-H.hessian_vector_product = counted
-exec(open({script!r}).read())
-print(json.dumps({{"hvps": calls[0]}}))
+with counted_products() as calls:
+    exec(open({script!r}).read())
+print(json.dumps({{"hvps": calls["n"]}}))
 """
 
 
@@ -197,7 +188,8 @@ def main() -> None:
         ckpt = prepare(folder)
         (folder / "ph.py").write_text(PYHESSIAN.format(folder=str(folder), ckpt=str(ckpt)))
         (folder / "floor.py").write_text(FLOOR.format(folder=str(folder), ckpt=str(ckpt)))
-        (folder / "ph_count.py").write_text(PH_COUNT.format(script=str(folder / "ph.py")))
+        bench = str(Path(__file__).resolve().parent)
+        (folder / "ph_count.py").write_text(PH_COUNT.format(benchmarks=bench, script=str(folder / "ph.py")))
         cases = {
             "diag hessian": [
                 py,

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from pyhessian_products import counted_products
 from torch import nn
 from torch.func import functional_call
 
@@ -79,22 +80,13 @@ def run_pyhessian(model: nn.Module, k: int, tol: float, seed: int) -> tuple[torc
     import importlib
 
     ph = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports a class of that name)
-
-    counter = {"n": 0}
-    original = ph.hessian_vector_product
-
-    def counted(gradsH, params, v):
-        counter["n"] += 1
-        return original(gradsH, params, v)
-
-    ph.hessian_vector_product = counted
     try:
-        torch.manual_seed(seed)
-        X, y = train_data()
-        h = ph.hessian(model, LOSSES["mse"], data=(X, y), cuda=False)
-        vals, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=k)
+        with counted_products() as counter:
+            torch.manual_seed(seed)
+            X, y = train_data()
+            h = ph.hessian(model, LOSSES["mse"], data=(X, y), cuda=False)
+            vals, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=k)
     finally:
-        ph.hessian_vector_product = original
         model.zero_grad(set_to_none=True)
     return torch.tensor(sorted(vals, reverse=True), dtype=torch.float64), counter["n"]
 
